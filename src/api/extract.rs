@@ -1,0 +1,74 @@
+//! Extractors whose rejections use the API's own `{"error"}` shape.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// A JSON body of any content type; malformed → 400, over 1 MiB → 413.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::BadRequest(format!("could not read the request body: {}", rejection.body_text()))
+            }
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::BadRequest("request body is empty; expected a JSON object".into()));
+        }
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// The `{id}` path segment, whatever bytes it holds.
+pub struct IdPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(id)| IdPath(id))
+            .map_err(|_| ApiError::BadRequest("the id in the path is not valid UTF-8".into()))
+    }
+}
+
+/// Longest name (tier, key, consumer, feature, secret) accepted, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
+/// Longest description accepted, in characters.
+pub const MAX_DESCRIPTION_CHARS: usize = 2000;
+
+/// A name must be non-blank, at most `MAX_NAME_CHARS`, free of control characters; any script is fine.
+pub fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.trim().is_empty() {
+        return Err(ApiError::BadRequest(format!("{field} must not be empty")));
+    }
+    if value.chars().count() > MAX_NAME_CHARS {
+        return Err(ApiError::BadRequest(format!("{field} must be at most {MAX_NAME_CHARS} characters")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(format!("{field} must not contain control characters")));
+    }
+    Ok(())
+}
+
+pub fn check_description(value: &str) -> Result<(), ApiError> {
+    if value.chars().count() > MAX_DESCRIPTION_CHARS {
+        return Err(ApiError::BadRequest(format!(
+            "description must be at most {MAX_DESCRIPTION_CHARS} characters"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,64 @@
+//! `GET /key?feature=X`: authenticate → draw → commit usage + audit → respond (SPEC §7).
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Query, State};
+use axum::http::Uri;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::SharedState;
+use crate::error::ApiError;
+use crate::pool::{Caller, Draw};
+
+#[derive(Deserialize)]
+struct FeatureQuery {
+    feature: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Served<'a> {
+    key_id: &'a str,
+    value: &'a str,
+    metadata: &'a serde_json::Map<String, serde_json::Value>,
+    secrets: BTreeMap<&'a str, &'a str>,
+}
+
+pub async fn draw_key(caller: Caller, State(state): State<SharedState>, uri: Uri) -> Result<Response, ApiError> {
+    let feature = Query::<FeatureQuery>::try_from_uri(&uri)
+        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?
+        .0
+        .feature
+        .filter(|f| !f.is_empty())
+        .ok_or_else(|| ApiError::BadRequest("query parameter `feature` is required, e.g. /key?feature=scrape".into()))?;
+
+    let ledger = &state.ledger;
+    match state.pool.draw(&caller, &feature, chrono::Utc::now(), |r| ledger.submit(r)) {
+        Draw::Served(pending) => {
+            let key = pending.committed().await.map_err(|_| {
+                ApiError::Unavailable("usage could not be recorded, so no key was served; try again".into())
+            })?;
+            let material = key.material.as_ref().map_err(|_| ApiError::Internal)?;
+            Ok(Json(Served {
+                key_id: &key.id,
+                value: material.value.expose(),
+                metadata: &key.metadata,
+                secrets: material.secrets.iter().map(|(n, v)| (n.as_str(), v.expose())).collect(),
+            })
+            .into_response())
+        }
+        Draw::UnknownFeature => Err(ApiError::NotFound(format!("no tier lists feature '{feature}'"))),
+        Draw::OutOfScope => Err(ApiError::Forbidden(format!(
+            "feature '{feature}' is not in the tiers this consumer may use"
+        ))),
+        Draw::Exhausted { retry_after } => Err(ApiError::TooManyRequests {
+            message: match retry_after {
+                Some(_) => format!("every key for feature '{feature}' is at its limit; retry later"),
+                None => format!("no key for feature '{feature}' can serve: budgets spent, expired or inactive"),
+            },
+            // Whole seconds, rounded up, never 0.
+            retry_after_seconds: retry_after.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)).map(|s| s.max(1)),
+        }),
+    }
+}

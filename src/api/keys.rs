@@ -1,0 +1,188 @@
+//! `/admin/keys`: list (never values or secrets), add, delete.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::auth::Admin;
+use super::extract::{check_name, IdPath, JsonBody};
+use super::SharedState;
+use crate::error::ApiError;
+use crate::model::KeyRecord;
+use crate::pool::PoolKey;
+use crate::secret::Secret;
+use crate::store::StoreError;
+use crate::timestamp::{self, Timestamp};
+
+const MAX_USAGE_LIMIT: i64 = 1_000_000_000_000;
+const MAX_WINDOW_SECONDS: i64 = 315_360_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyBody {
+    name: String,
+    key: String,
+    tier: String,
+    expires_at: Option<String>,
+    usage_limit: Option<i64>,
+    usage_window_seconds: Option<i64>,
+    metadata: Option<Value>,
+    secrets: Option<BTreeMap<String, String>>,
+}
+
+fn api_time(t: Option<Timestamp>) -> Value {
+    t.map(|t| Value::String(timestamp::to_api(t))).unwrap_or(Value::Null)
+}
+
+pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Value> {
+    let now = Utc::now();
+    let mut keys = state.pool.keys();
+    keys.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
+    let tiers: BTreeMap<String, _> = state.pool.tiers().into_iter().map(|t| (t.record.id.clone(), t.record)).collect();
+    Json(keys.iter().map(|k| key_json(k, tiers.get(&*k.tier_id), now)).collect())
+}
+
+fn key_json(key: &PoolKey, tier: Option<&crate::model::TierRecord>, now: Timestamp) -> Value {
+    let usage_state = key.usage(now);
+    let usage: serde_json::Map<String, Value> = tier
+        .map(|t| {
+            t.features
+                .iter()
+                .map(|(f, limit)| {
+                    let used = key.rate_used(f, *limit, now);
+                    (f.clone(), json!({ "used": used, "limit": limit.rate_limit, "window_seconds": limit.window_seconds }))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = json!({
+        "id": key.id.as_ref(),
+        "name": key.name,
+        "tier_id": key.tier_id.as_ref(),
+        "tier": tier.map(|t| t.name.clone()),
+        "is_active": key.is_active,
+        "expires_at": api_time(key.expires_at),
+        "usage_limit": key.budget.usage_limit,
+        "usage_count": usage_state.count,
+        "usage_window_seconds": key.budget.usage_window_seconds,
+        "usage_window_start": api_time(usage_state.window_start),
+        "metadata": key.metadata,
+        "secret_names": key.secret_names,
+        "usage": usage,
+        "readable": key.material.is_ok(),
+    });
+    if let (Err(e), Some(map)) = (&key.material, out.as_object_mut()) {
+        map.insert("error".into(), Value::String(format!("value cannot be served: {e}")));
+    }
+    out
+}
+
+pub async fn create(
+    _: Admin,
+    State(state): State<SharedState>,
+    JsonBody(body): JsonBody<KeyBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    check_name("name", &body.name)?;
+    if body.key.is_empty() {
+        return Err(ApiError::BadRequest("key must not be empty".into()));
+    }
+    check_name("tier", &body.tier)?;
+    let now = Utc::now();
+    let expires_at = match &body.expires_at {
+        None => None,
+        Some(raw) => {
+            let t = timestamp::parse_rfc3339(raw).ok_or_else(|| {
+                ApiError::BadRequest("expires_at must be an RFC 3339 time, e.g. 2027-01-31T00:00:00Z".into())
+            })?;
+            if t <= now {
+                return Err(ApiError::BadRequest("expires_at is in the past".into()));
+            }
+            Some(t)
+        }
+    };
+    if let Some(limit) = body.usage_limit {
+        if !(1..=MAX_USAGE_LIMIT).contains(&limit) {
+            return Err(ApiError::BadRequest(format!(
+                "usage_limit must be from 1 to {MAX_USAGE_LIMIT}; omit it for no cap"
+            )));
+        }
+    }
+    if let Some(window) = body.usage_window_seconds {
+        if body.usage_limit.is_none() {
+            return Err(ApiError::BadRequest("usage_window_seconds needs a usage_limit".into()));
+        }
+        if !(1..=MAX_WINDOW_SECONDS).contains(&window) {
+            return Err(ApiError::BadRequest(format!(
+                "usage_window_seconds must be from 1 to {MAX_WINDOW_SECONDS}; omit it for a lifetime cap"
+            )));
+        }
+    }
+    let metadata = match body.metadata {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(map)) => map,
+        Some(_) => return Err(ApiError::BadRequest("metadata must be a JSON object".into())),
+    };
+    let secrets = body.secrets.unwrap_or_default();
+    for (name, value) in &secrets {
+        check_name("secret name", name)?;
+        if value.is_empty() {
+            return Err(ApiError::BadRequest(format!("secret '{name}' must not be empty")));
+        }
+    }
+
+    let seal = |v: &str| state.sealer.seal(&Secret::new(v)).map_err(|_| ApiError::Internal);
+    let _guard = state.admin_writes.lock().await;
+    let tier = state
+        .pool
+        .tier_by_name(&body.tier)
+        .ok_or_else(|| ApiError::NotFound(format!("no tier named '{}'", body.tier)))?;
+    let record = KeyRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: body.name,
+        sealed_value: seal(&body.key)?,
+        tier_id: tier.id.clone(),
+        is_active: true,
+        expires_at,
+        usage_limit: body.usage_limit,
+        usage_count: 0,
+        usage_window_seconds: body.usage_window_seconds,
+        usage_window_start: None,
+        metadata_json: Value::Object(metadata.clone()).to_string(),
+        created_at: Some(now),
+        secrets: secrets
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), seal(v)?)))
+            .collect::<Result<_, ApiError>>()?,
+    };
+    state.db.create_key(&record).await?;
+    let key = PoolKey::from_record(record, &state.sealer);
+    let response = json!({
+        "id": key.id.as_ref(),
+        "name": key.name,
+        "tier": tier.name,
+        "expires_at": api_time(key.expires_at),
+        "usage_limit": key.budget.usage_limit,
+        "usage_window_seconds": key.budget.usage_window_seconds,
+        "metadata": metadata,
+        "secret_names": key.secret_names,
+    });
+    tracing::info!(key_id = %key.id, tier_id = %key.tier_id, "key added");
+    state.pool.add_key(key);
+    Ok((StatusCode::CREATED, Json(response)))
+}
+
+pub async fn remove(_: Admin, State(state): State<SharedState>, IdPath(id): IdPath) -> Result<Json<Value>, ApiError> {
+    let _guard = state.admin_writes.lock().await;
+    state.db.delete_key(&id).await.map_err(|e| match e {
+        StoreError::NotFound => ApiError::NotFound("no key with that id".into()),
+        other => other.into(),
+    })?;
+    state.pool.remove_key(&id);
+    tracing::info!(key_id = %id, "key deleted");
+    Ok(Json(json!({ "status": "deleted" })))
+}

@@ -1,0 +1,113 @@
+//! The HTTP surface: one shared state, one router, one file per resource.
+
+mod auth;
+mod consumers;
+mod extract;
+mod health;
+mod key;
+mod keys;
+mod tiers;
+mod usage;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use tower_http::timeout::RequestBodyTimeoutLayer;
+
+use crate::crypto::Sealer;
+use crate::error::ApiError;
+use crate::ledger::Ledger;
+use crate::pool::Pool;
+use crate::secret::Secret;
+use crate::store::Db;
+
+/// Request bodies above this answer 413.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// Everything a handler may use.
+pub struct AppState {
+    pub pool: Arc<Pool>,
+    pub db: Db,
+    pub ledger: Ledger,
+    pub sealer: Sealer,
+    /// sha256 of the admin token, compared in constant time.
+    pub admin_token_hash: [u8; 32],
+    /// Serialises admin writes so the database and the pool change in the same order.
+    pub admin_writes: tokio::sync::Mutex<()>,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    pub fn new(pool: Pool, db: Db, ledger: Ledger, sealer: Sealer, admin_token: &Secret) -> AppState {
+        AppState {
+            pool: Arc::new(pool),
+            db,
+            ledger,
+            sealer,
+            admin_token_hash: crate::pool::token_hash(admin_token.expose()),
+            admin_writes: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+/// HTTP-level settings that shape the router.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpSettings {
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub log_requests: bool,
+}
+
+/// The whole API.
+pub fn router(state: SharedState, settings: HttpSettings) -> Router {
+    let write_timeout = settings.write_timeout;
+    let mut router = Router::new()
+        .route("/health", get(health::health))
+        .route("/key", get(key::draw_key))
+        .route("/admin/health", get(health::admin_health))
+        .route("/admin/tiers", get(tiers::list).post(tiers::create).patch(tiers::update))
+        .route("/admin/keys", get(keys::list).post(keys::create))
+        .route("/admin/keys/{id}", delete(keys::remove))
+        .route("/admin/consumers", get(consumers::list).post(consumers::create))
+        .route("/admin/consumers/{id}", delete(consumers::remove))
+        .route("/admin/consumers/{id}/scopes", post(consumers::grant_scope))
+        .route("/admin/usage", get(usage::list))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(RequestBodyTimeoutLayer::new(settings.read_timeout))
+        .layer(middleware::from_fn(move |req: Request, next: Next| async move {
+            match tokio::time::timeout(write_timeout, next.run(req)).await {
+                Ok(response) => response,
+                Err(_) => ApiError::Unavailable("request timed out".into()).into_response(),
+            }
+        }))
+        .with_state(state);
+    if settings.log_requests {
+        router = router.layer(middleware::from_fn(log_request));
+    }
+    router
+}
+
+/// One line per request: method, path (never the query or headers), status, latency.
+async fn log_request(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let response = next.run(req).await;
+    tracing::info!(
+        target: "keypooler::http",
+        %method,
+        path = %path,
+        status = response.status().as_u16(),
+        latency_us = started.elapsed().as_micros() as u64,
+        "request"
+    );
+    response
+}

@@ -1,0 +1,400 @@
+//! Configuration from the environment (SPEC §2): envy reads raw strings, `validate` turns them
+//! into typed values once, and every failure is one line naming the variable and what is allowed.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+/// Where the data lives.
+#[derive(Clone, Debug)]
+pub enum DatabaseConfig {
+    /// Embedded SQLite file (the default).
+    Local { path: PathBuf },
+    /// Remote Turso/libSQL; the URL is kept without its `authToken` query parameter.
+    Remote { url: Secret, auth_token: Option<Secret> },
+}
+
+/// How SQLite syncs a commit to disk in WAL mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Synchronous {
+    /// Committed transactions survive a process crash (`kill -9`); the default.
+    Normal,
+    /// Committed transactions also survive power loss, at one fsync per group commit.
+    Full,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub admin_token: Secret,
+    pub encryption_key: Option<[u8; 32]>,
+    pub database: DatabaseConfig,
+    pub db_max_open_conns: u32,
+    pub db_busy_timeout: Duration,
+    pub db_synchronous: Synchronous,
+    pub port: u16,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub log_level: tracing::Level,
+    pub log_format: LogFormat,
+    pub log_requests: bool,
+}
+
+/// A configuration problem: one line naming the variable and what is allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+/// Exactly what the environment says, before validation.
+#[derive(Deserialize, Default)]
+struct RawConfig {
+    admin_token: Option<String>,
+    encryption_key: Option<String>,
+    database_url: Option<String>,
+    database_auth_token: Option<String>,
+    db_path: Option<String>,
+    db_max_open_conns: Option<String>,
+    db_busy_timeout_ms: Option<String>,
+    db_synchronous: Option<String>,
+    server_port: Option<String>,
+    port: Option<String>,
+    server_read_timeout_seconds: Option<String>,
+    server_write_timeout_seconds: Option<String>,
+    server_idle_timeout_seconds: Option<String>,
+    server_shutdown_timeout_seconds: Option<String>,
+    log_level: Option<String>,
+    log_format: Option<String>,
+    log_requests: Option<String>,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads the given variables (tests pass their own).
+    pub fn from_vars<I>(vars: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        // Non-UTF-8 or unrelated variables never reach envy; only ours are parsed.
+        let raw: RawConfig = envy::from_iter(vars.into_iter().filter(|(k, _)| is_ours(k)))
+            .map_err(|e| ConfigError(format!("invalid configuration: {e}")))?;
+        raw.validate()
+    }
+}
+
+fn is_ours(name: &str) -> bool {
+    matches!(
+        name,
+        "ADMIN_TOKEN"
+            | "ENCRYPTION_KEY"
+            | "DATABASE_URL"
+            | "DATABASE_AUTH_TOKEN"
+            | "DB_PATH"
+            | "DB_MAX_OPEN_CONNS"
+            | "DB_BUSY_TIMEOUT_MS"
+            | "DB_SYNCHRONOUS"
+            | "SERVER_PORT"
+            | "PORT"
+            | "SERVER_READ_TIMEOUT_SECONDS"
+            | "SERVER_WRITE_TIMEOUT_SECONDS"
+            | "SERVER_IDLE_TIMEOUT_SECONDS"
+            | "SERVER_SHUTDOWN_TIMEOUT_SECONDS"
+            | "LOG_LEVEL"
+            | "LOG_FORMAT"
+            | "LOG_REQUESTS"
+    )
+}
+
+/// Empty means unset, so `SERVER_PORT=` falls back to the default like a missing variable.
+fn present(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+fn bad(var: &str, value: &str, allowed: &str) -> ConfigError {
+    ConfigError(format!(
+        "invalid configuration: {var}={value:?} is not allowed: {allowed}"
+    ))
+}
+
+/// For secrets: name the variable and the rule, never the value.
+fn bad_secret(var: &str, allowed: &str) -> ConfigError {
+    ConfigError(format!("invalid configuration: {var} is not allowed: {allowed}"))
+}
+
+fn int_at_least<T>(var: &str, raw: &Option<String>, default: T, min: T, max: T) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + Copy + std::fmt::Display,
+{
+    let Some(s) = present(raw) else { return Ok(default) };
+    let allowed = format!("expected a whole number from {min} to {max}");
+    let v: T = s.parse().map_err(|_| bad(var, s, &allowed))?;
+    if v < min || v > max {
+        return Err(bad(var, s, &allowed));
+    }
+    Ok(v)
+}
+
+fn seconds(var: &str, raw: &Option<String>, default: u64) -> Result<Duration, ConfigError> {
+    int_at_least(var, raw, default, 1, 86_400).map(Duration::from_secs)
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let admin_token = match self.admin_token.as_deref() {
+            None | Some("") => {
+                return Err(ConfigError(
+                    "invalid configuration: ADMIN_TOKEN is required (the admin bearer token, e.g. `openssl rand -hex 32`)".into(),
+                ))
+            }
+            Some(t) if t.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                return Err(bad_secret(
+                    "ADMIN_TOKEN",
+                    "it must not contain spaces or control characters",
+                ))
+            }
+            Some(t) => Secret::new(t),
+        };
+
+        let encryption_key = match present(&self.encryption_key) {
+            None => None,
+            Some(hex_key) => {
+                let allowed = "expected exactly 64 hex characters (32 bytes), or empty for plaintext at rest";
+                if hex_key.len() != 64 {
+                    return Err(bad_secret("ENCRYPTION_KEY", allowed));
+                }
+                let mut key = [0u8; 32];
+                hex::decode_to_slice(hex_key, &mut key)
+                    .map_err(|_| bad_secret("ENCRYPTION_KEY", allowed))?;
+                Some(key)
+            }
+        };
+
+        let database = match present(&self.database_url) {
+            None => DatabaseConfig::Local {
+                path: PathBuf::from(present(&self.db_path).unwrap_or("./data/pool.db")),
+            },
+            Some(url) => remote_database(url, present(&self.database_auth_token))?,
+        };
+
+        let db_max_open_conns = int_at_least("DB_MAX_OPEN_CONNS", &self.db_max_open_conns, 1u32, 1, 1024)?;
+        let db_busy_timeout = Duration::from_millis(int_at_least(
+            "DB_BUSY_TIMEOUT_MS",
+            &self.db_busy_timeout_ms,
+            5000u64,
+            1,
+            3_600_000,
+        )?);
+        let db_synchronous = match present(&self.db_synchronous).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("normal") => Synchronous::Normal,
+            Some("full") => Synchronous::Full,
+            Some(_) => {
+                return Err(bad(
+                    "DB_SYNCHRONOUS",
+                    present(&self.db_synchronous).unwrap_or_default(),
+                    "expected normal or full",
+                ))
+            }
+        };
+
+        // SERVER_PORT wins; Railway's PORT is honoured when SERVER_PORT is unset.
+        let port = if present(&self.server_port).is_some() {
+            int_at_least("SERVER_PORT", &self.server_port, 8080u16, 1, 65535)?
+        } else {
+            int_at_least("PORT", &self.port, 8080u16, 1, 65535)?
+        };
+
+        let log_level = match present(&self.log_level).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("info") => tracing::Level::INFO,
+            Some("debug") => tracing::Level::DEBUG,
+            Some("warn") => tracing::Level::WARN,
+            Some("error") => tracing::Level::ERROR,
+            Some(_) => {
+                return Err(bad(
+                    "LOG_LEVEL",
+                    present(&self.log_level).unwrap_or_default(),
+                    "expected debug, info, warn or error",
+                ))
+            }
+        };
+        let log_format = match present(&self.log_format).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("json") => LogFormat::Json,
+            Some("pretty") => LogFormat::Pretty,
+            Some(_) => {
+                return Err(bad(
+                    "LOG_FORMAT",
+                    present(&self.log_format).unwrap_or_default(),
+                    "expected json or pretty",
+                ))
+            }
+        };
+        let log_requests = match present(&self.log_requests).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("true" | "1" | "yes" | "on") => true,
+            Some("false" | "0" | "no" | "off") => false,
+            Some(_) => {
+                return Err(bad(
+                    "LOG_REQUESTS",
+                    present(&self.log_requests).unwrap_or_default(),
+                    "expected true or false",
+                ))
+            }
+        };
+
+        Ok(Config {
+            admin_token,
+            encryption_key,
+            database,
+            db_max_open_conns,
+            db_busy_timeout,
+            db_synchronous,
+            port,
+            read_timeout: seconds("SERVER_READ_TIMEOUT_SECONDS", &self.server_read_timeout_seconds, 30)?,
+            write_timeout: seconds("SERVER_WRITE_TIMEOUT_SECONDS", &self.server_write_timeout_seconds, 30)?,
+            idle_timeout: seconds("SERVER_IDLE_TIMEOUT_SECONDS", &self.server_idle_timeout_seconds, 120)?,
+            shutdown_timeout: seconds(
+                "SERVER_SHUTDOWN_TIMEOUT_SECONDS",
+                &self.server_shutdown_timeout_seconds,
+                30,
+            )?,
+            log_level,
+            log_format,
+            log_requests,
+        })
+    }
+}
+
+/// Splits `?authToken=` off a remote URL; the token never appears in an error.
+fn remote_database(url: &str, env_token: Option<&str>) -> Result<DatabaseConfig, ConfigError> {
+    let allowed = "expected a libsql://, https:// or http:// URL with a host";
+    let lower = url.to_ascii_lowercase();
+    let (scheme, rest) = ["libsql://", "https://", "http://"]
+        .iter()
+        .find_map(|s| lower.starts_with(s).then(|| (*s, &url[s.len()..])))
+        .ok_or_else(|| bad_secret("DATABASE_URL", allowed))?;
+    let (base, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let host = base.split('/').next().unwrap_or_default();
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad_secret("DATABASE_URL", allowed));
+    }
+    let mut url_token = None;
+    let mut kept = Vec::new();
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("authToken", v)) if !v.is_empty() => url_token = Some(v.to_string()),
+            _ => kept.push(pair),
+        }
+    }
+    let mut clean = format!("{scheme}{base}");
+    if !kept.is_empty() {
+        clean.push('?');
+        clean.push_str(&kept.join("&"));
+    }
+    let auth_token = url_token.or_else(|| env_token.map(str::to_string)).map(Secret::new);
+    Ok(DatabaseConfig::Remote { url: Secret::new(clean), auth_token })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_need_only_the_admin_token() {
+        let c = cfg(&[("ADMIN_TOKEN", "t0ken")]).expect("valid");
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.db_max_open_conns, 1);
+        assert_eq!(c.db_busy_timeout, Duration::from_millis(5000));
+        assert!(c.encryption_key.is_none());
+        assert!(c.log_requests);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert!(matches!(c.database, DatabaseConfig::Local { ref path } if path == &PathBuf::from("./data/pool.db")));
+    }
+
+    #[test]
+    fn missing_admin_token_names_the_variable() {
+        let e = cfg(&[]).unwrap_err().to_string();
+        assert!(e.contains("ADMIN_TOKEN is required"), "{e}");
+        let e = cfg(&[("ADMIN_TOKEN", "")]).unwrap_err().to_string();
+        assert!(e.contains("ADMIN_TOKEN"), "{e}");
+    }
+
+    #[test]
+    fn port_is_honoured_when_server_port_is_unset() {
+        assert_eq!(cfg(&[("ADMIN_TOKEN", "t"), ("PORT", "3000")]).unwrap().port, 3000);
+        let both = cfg(&[("ADMIN_TOKEN", "t"), ("PORT", "3000"), ("SERVER_PORT", "9000")]).unwrap();
+        assert_eq!(both.port, 9000);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_what_is_allowed() {
+        for (var, value, needle) in [
+            ("SERVER_PORT", "abc", "1 to 65535"),
+            ("SERVER_PORT", "0", "1 to 65535"),
+            ("PORT", "70000", "1 to 65535"),
+            ("DB_MAX_OPEN_CONNS", "0", "1 to 1024"),
+            ("DB_BUSY_TIMEOUT_MS", "-5", "whole number"),
+            ("SERVER_READ_TIMEOUT_SECONDS", "0", "1 to 86400"),
+            ("SERVER_SHUTDOWN_TIMEOUT_SECONDS", "1.5", "whole number"),
+            ("LOG_LEVEL", "verbose", "debug, info, warn or error"),
+            ("LOG_FORMAT", "xml", "json or pretty"),
+            ("LOG_REQUESTS", "maybe", "true or false"),
+            ("DB_SYNCHRONOUS", "off", "normal or full"),
+        ] {
+            let e = cfg(&[("ADMIN_TOKEN", "t"), (var, value)]).unwrap_err().to_string();
+            assert!(e.contains(var) && e.contains(needle), "{var}={value}: {e}");
+            assert!(!e.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn encryption_key_must_be_64_hex_and_is_never_echoed() {
+        let k = "ab".repeat(32);
+        assert_eq!(cfg(&[("ADMIN_TOKEN", "t"), ("ENCRYPTION_KEY", &k)]).unwrap().encryption_key, Some([0xab; 32]));
+        for bad_key in ["abc", &"zz".repeat(32), &"ab".repeat(33)] {
+            let e = cfg(&[("ADMIN_TOKEN", "t"), ("ENCRYPTION_KEY", bad_key)]).unwrap_err().to_string();
+            assert!(e.contains("ENCRYPTION_KEY") && e.contains("64 hex"), "{e}");
+            assert!(!e.contains(bad_key));
+        }
+    }
+
+    #[test]
+    fn remote_url_takes_its_token_from_the_query_or_the_env() {
+        let c = cfg(&[("ADMIN_TOKEN", "t"), ("DATABASE_URL", "libsql://db.example.io?authToken=sekret")]).unwrap();
+        match c.database {
+            DatabaseConfig::Remote { url, auth_token } => {
+                assert_eq!(url.expose(), "libsql://db.example.io");
+                assert_eq!(auth_token.unwrap().expose(), "sekret");
+            }
+            other => panic!("expected remote, got {other:?}"),
+        }
+        let c = cfg(&[
+            ("ADMIN_TOKEN", "t"),
+            ("DATABASE_URL", "https://db.example.io"),
+            ("DATABASE_AUTH_TOKEN", "envtok"),
+        ])
+        .unwrap();
+        assert!(matches!(c.database, DatabaseConfig::Remote { auth_token: Some(ref t), .. } if t.expose() == "envtok"));
+        let e = cfg(&[("ADMIN_TOKEN", "t"), ("DATABASE_URL", "postgres://x?authToken=sekret")]).unwrap_err().to_string();
+        assert!(e.contains("DATABASE_URL") && !e.contains("sekret"), "{e}");
+    }
+}

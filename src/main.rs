@@ -1,0 +1,86 @@
+//! config → tracing → store → app → serve with graceful shutdown.
+
+use std::process::ExitCode;
+
+use keypooler::config::Config;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("keypooler: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    keypooler::init_tracing(&config);
+
+    let app = match keypooler::build(&config).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = %e, "startup failed");
+            eprintln!("keypooler: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(("0.0.0.0", config.port)).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("keypooler: cannot listen on port {} (SERVER_PORT/PORT): {e}", config.port);
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(port = config.port, "listening");
+
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown signal received; draining in-flight requests");
+        let _ = signalled_tx.send(());
+    };
+    let grace = config.shutdown_timeout;
+    let serving = keypooler::serve(listener, app, shutdown);
+    tokio::pin!(serving);
+    let deadline = async move {
+        if signalled_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = &mut serving => match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "server error");
+                ExitCode::from(1)
+            }
+        },
+        () = deadline => {
+            // Whatever was committed is safe; requests still running never got their 200.
+            tracing::error!(seconds = grace.as_secs(), "graceful shutdown timed out (SERVER_SHUTDOWN_TIMEOUT_SECONDS)");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

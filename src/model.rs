@@ -1,0 +1,77 @@
+//! Domain records that cross the storage seam: what a row means, not how a driver decodes it.
+
+use std::collections::BTreeMap;
+
+use crate::timestamp::Timestamp;
+
+/// A tier's limit for one feature: at most `rate_limit` serves per key per `window_seconds`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FeatureLimit {
+    pub rate_limit: i64,
+    pub window_seconds: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct TierRecord {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub features: BTreeMap<String, FeatureLimit>,
+}
+
+/// A key as stored: `sealed_value` and secret values are plaintext or `enc:gcm:` ciphertext.
+#[derive(Clone)]
+pub struct KeyRecord {
+    pub id: String,
+    pub name: String,
+    pub sealed_value: String,
+    pub tier_id: String,
+    pub is_active: bool,
+    pub expires_at: Option<Timestamp>,
+    pub usage_limit: Option<i64>,
+    pub usage_count: i64,
+    pub usage_window_seconds: Option<i64>,
+    pub usage_window_start: Option<Timestamp>,
+    pub metadata_json: String,
+    pub created_at: Option<Timestamp>,
+    /// (name, sealed value)
+    pub secrets: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ConsumerRecord {
+    pub id: String,
+    pub name: String,
+    /// hex(sha256(token))
+    pub token_hash: String,
+    pub description: String,
+    pub is_active: bool,
+    /// Tier ids the consumer may draw from.
+    pub scopes: Vec<String>,
+}
+
+/// One audited serve: a `usage_events` row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageEvent {
+    pub id: String,
+    pub key_id: String,
+    pub consumer_id: String,
+    pub feature: String,
+    pub created_at: Timestamp,
+}
+
+/// A key's usage counters after a batch of serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyUsageUpdate {
+    pub key_id: String,
+    pub usage_count: i64,
+    pub usage_window_start: Option<Timestamp>,
+}
+
+/// Everything the in-memory pool is built from at startup.
+#[derive(Default)]
+pub struct Snapshot {
+    pub tiers: Vec<TierRecord>,
+    pub keys: Vec<KeyRecord>,
+    pub consumers: Vec<ConsumerRecord>,
+}

@@ -1,0 +1,507 @@
+//! The in-memory pool: tiers, keys, consumers and the per-key counters, with the draw of SPEC §7.
+//!
+//! Pure logic, no I/O: every method takes `now`. Concurrency: the index sits behind one
+//! `RwLock` that draws only read; each key's counters sit behind the key's own `Mutex`, so
+//! draws on different keys never wait for each other. Candidate keys are indexed per feature
+//! and tier, so a draw never scans the whole pool.
+
+pub mod gates;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use sha2::{Digest, Sha256};
+
+use crate::crypto::{SealError, Sealer};
+use crate::model::{ConsumerRecord, FeatureLimit, KeyRecord, Snapshot, TierRecord};
+use crate::secret::Secret;
+use crate::timestamp::Timestamp;
+use gates::{RateWindow, UsageBudget, UsageState, Wait};
+
+/// The audit id of the admin token on `/key`.
+pub const ADMIN_CONSUMER_ID: &str = "admin";
+
+/// A key's plaintext value and bound secrets.
+pub struct KeyMaterial {
+    pub value: Secret,
+    pub secrets: BTreeMap<String, Secret>,
+}
+
+/// A key in the pool with its live counters.
+pub struct PoolKey {
+    pub id: Arc<str>,
+    pub name: String,
+    pub tier_id: Arc<str>,
+    pub is_active: bool,
+    pub expires_at: Option<Timestamp>,
+    pub budget: UsageBudget,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// The decrypted value and secrets, or why they cannot be read (never served then).
+    pub material: Result<KeyMaterial, SealError>,
+    pub secret_names: Vec<String>,
+    counters: Mutex<KeyCounters>,
+}
+
+struct KeyCounters {
+    usage: UsageState,
+    rates: HashMap<String, RateWindow>,
+    /// Bumped when a failed commit rolls the usage back; serves reserved before are void.
+    generation: u64,
+}
+
+/// A scoped client.
+pub struct Consumer {
+    pub id: Arc<str>,
+    pub name: String,
+    pub description: String,
+    pub is_active: bool,
+    pub token_hash: [u8; 32],
+    /// Tier ids.
+    pub scopes: HashSet<Arc<str>>,
+}
+
+/// Who is drawing.
+#[derive(Clone)]
+pub enum Caller {
+    Admin,
+    Consumer(Arc<Consumer>),
+}
+
+impl Caller {
+    pub fn audit_id(&self) -> Arc<str> {
+        match self {
+            Caller::Admin => Arc::from(ADMIN_CONSUMER_ID),
+            Caller::Consumer(c) => c.id.clone(),
+        }
+    }
+}
+
+/// One serve's claim on a key: the counters before and after, to commit or give back.
+pub struct Reservation {
+    pub key: Arc<PoolKey>,
+    pub feature: String,
+    pub consumer_id: Arc<str>,
+    pub at: Timestamp,
+    pub usage_before: UsageState,
+    pub usage_after: UsageState,
+    pub rate_window_start: Timestamp,
+    pub generation: u64,
+}
+
+/// The result of a draw; `Served` carries what the caller's `on_reserve` returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Draw<R> {
+    Served(R),
+    /// No tier at all lists the feature.
+    UnknownFeature,
+    /// The consumer's tiers do not list the feature.
+    OutOfScope,
+    /// Candidates exist, none can serve now; `retry_after` is when the earliest frees up.
+    Exhausted { retry_after: Option<Duration> },
+}
+
+struct TierEntry {
+    record: TierRecord,
+    keys: Vec<Arc<PoolKey>>,
+}
+
+#[derive(Default)]
+struct FeatureEntry {
+    /// Tier ids whose feature set lists this feature.
+    tiers: Vec<Arc<str>>,
+    cursor: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Index {
+    tiers: HashMap<Arc<str>, TierEntry>,
+    tier_ids_by_name: HashMap<String, Arc<str>>,
+    keys: HashMap<Arc<str>, Arc<PoolKey>>,
+    features: HashMap<String, FeatureEntry>,
+    consumers: HashMap<Arc<str>, Arc<Consumer>>,
+    consumers_by_token: HashMap<[u8; 32], Arc<Consumer>>,
+}
+
+/// The pool. Cheap to share behind an `Arc`.
+#[derive(Default)]
+pub struct Pool {
+    index: RwLock<Index>,
+}
+
+/// hex(sha256(token)) as stored, and its raw bytes as indexed.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl PoolKey {
+    /// Builds a key from its stored record, decrypting its value and secrets once.
+    pub fn from_record(record: KeyRecord, sealer: &Sealer) -> PoolKey {
+        let material = sealer.open(&record.sealed_value).and_then(|value| {
+            let mut secrets = BTreeMap::new();
+            for (name, sealed) in &record.secrets {
+                secrets.insert(name.clone(), sealer.open(sealed)?);
+            }
+            Ok(KeyMaterial { value, secrets })
+        });
+        let metadata = match serde_json::from_str::<serde_json::Value>(&record.metadata_json) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        let mut secret_names: Vec<String> = record.secrets.iter().map(|(n, _)| n.clone()).collect();
+        secret_names.sort();
+        PoolKey {
+            id: Arc::from(record.id),
+            name: record.name,
+            tier_id: Arc::from(record.tier_id),
+            is_active: record.is_active,
+            expires_at: record.expires_at,
+            budget: UsageBudget {
+                usage_limit: record.usage_limit,
+                usage_window_seconds: record.usage_window_seconds.filter(|w| *w > 0),
+            },
+            metadata,
+            material,
+            secret_names,
+            counters: Mutex::new(KeyCounters {
+                usage: UsageState { count: record.usage_count, window_start: record.usage_window_start },
+                rates: HashMap::new(),
+                generation: 0,
+            }),
+        }
+    }
+
+    fn servable(&self, now: Timestamp) -> bool {
+        self.is_active && self.material.is_ok() && self.expires_at.is_none_or(|e| e > now)
+    }
+
+    /// Tries both gates for `feature`; consumes from both or from neither.
+    fn try_reserve(
+        self: &Arc<Self>,
+        feature: &str,
+        limit: FeatureLimit,
+        caller: &Caller,
+        now: Timestamp,
+    ) -> Result<(Reservation, parking_lot::MutexGuard<'_, KeyCounters>), Wait> {
+        let mut counters = self.counters.lock();
+        let rate = gates::rate_after_serve(counters.rates.get(feature).copied(), limit, now);
+        let usage = gates::usage_after_serve(counters.usage, self.budget, now);
+        match (rate, usage) {
+            (Ok(rate), Ok(usage)) => {
+                let before = counters.usage;
+                counters.rates.insert(feature.to_string(), rate);
+                counters.usage = usage;
+                let reservation = Reservation {
+                    key: self.clone(),
+                    feature: feature.to_string(),
+                    consumer_id: caller.audit_id(),
+                    at: now,
+                    usage_before: before,
+                    usage_after: usage,
+                    rate_window_start: rate.start,
+                    generation: counters.generation,
+                };
+                Ok((reservation, counters))
+            }
+            (rate, usage) => {
+                let rate_wait = rate.err().unwrap_or(Duration::ZERO);
+                let wait = match usage {
+                    Ok(_) => Some(rate_wait),
+                    Err(None) => None,
+                    Err(Some(usage_wait)) => Some(rate_wait.max(usage_wait)),
+                };
+                // A key that expires before it frees up never will.
+                Err(wait.filter(|w| {
+                    self.expires_at
+                        .is_none_or(|e| now + chrono::TimeDelta::from_std(*w).unwrap_or(chrono::TimeDelta::MAX) < e)
+                }))
+            }
+        }
+    }
+
+    /// Whether a reservation still belongs to the key's current counters.
+    pub fn is_current(&self, reservation: &Reservation) -> bool {
+        self.counters.lock().generation == reservation.generation
+    }
+
+    /// Rolls the usage back to before `reservation` (the earliest of a failed commit) and voids
+    /// every reservation made since.
+    pub fn revert_usage(&self, reservation: &Reservation) {
+        let mut counters = self.counters.lock();
+        if counters.generation == reservation.generation {
+            counters.usage = reservation.usage_before;
+            counters.generation += 1;
+        }
+    }
+
+    /// Gives one serve back to the rate window it was taken from, if that window is still open.
+    pub fn give_back_rate(&self, reservation: &Reservation) {
+        let mut counters = self.counters.lock();
+        if let Some(w) = counters.rates.get_mut(&reservation.feature) {
+            if w.start == reservation.rate_window_start && w.count > 0 {
+                w.count -= 1;
+            }
+        }
+    }
+
+    /// The usage counter as of `now`.
+    pub fn usage(&self, now: Timestamp) -> UsageState {
+        gates::current_usage(self.counters.lock().usage, self.budget, now)
+    }
+
+    /// The persisted counters (not adjusted for an elapsed window).
+    pub fn stored_usage(&self) -> UsageState {
+        self.counters.lock().usage
+    }
+
+    /// Serves counted in the current rate window of `feature`.
+    pub fn rate_used(&self, feature: &str, limit: FeatureLimit, now: Timestamp) -> i64 {
+        gates::rate_used(self.counters.lock().rates.get(feature).copied(), limit, now)
+    }
+}
+
+/// A read-only view of a tier, for listings.
+#[derive(Clone)]
+pub struct TierView {
+    pub record: TierRecord,
+    pub key_count: usize,
+}
+
+impl Pool {
+    /// Builds the pool from what the store holds.
+    pub fn load(snapshot: Snapshot, sealer: &Sealer) -> Pool {
+        let pool = Pool::default();
+        for tier in snapshot.tiers {
+            pool.put_tier(tier);
+        }
+        for key in snapshot.keys {
+            pool.add_key(PoolKey::from_record(key, sealer));
+        }
+        for consumer in snapshot.consumers {
+            pool.put_consumer(consumer);
+        }
+        pool
+    }
+
+    /// Draws a key for `feature` (SPEC §7). `on_reserve` runs while the chosen key is locked, so
+    /// reservations of one key reach it in the order their counts were taken.
+    pub fn draw<R>(
+        &self,
+        caller: &Caller,
+        feature: &str,
+        now: Timestamp,
+        on_reserve: impl FnOnce(Reservation) -> R,
+    ) -> Draw<R> {
+        let index = self.index.read();
+        let Some(entry) = index.features.get(feature) else {
+            return Draw::UnknownFeature;
+        };
+        let tiers: Vec<(&TierEntry, FeatureLimit)> = entry
+            .tiers
+            .iter()
+            .filter(|t| match caller {
+                Caller::Admin => true,
+                Caller::Consumer(c) => c.scopes.contains(*t),
+            })
+            .filter_map(|t| index.tiers.get(t))
+            .filter_map(|t| t.record.features.get(feature).map(|limit| (t, *limit)))
+            .collect();
+        if tiers.is_empty() {
+            return Draw::OutOfScope;
+        }
+        let total: usize = tiers.iter().map(|(t, _)| t.keys.len()).sum();
+        if total == 0 {
+            return Draw::Exhausted { retry_after: None };
+        }
+        let start = entry.cursor.fetch_add(1, Ordering::Relaxed) % total;
+        let mut earliest: Option<Duration> = None;
+        for step in 0..total {
+            let mut position = (start + step) % total;
+            let mut chosen = None;
+            for (tier, limit) in &tiers {
+                if position < tier.keys.len() {
+                    chosen = Some((&tier.keys[position], *limit));
+                    break;
+                }
+                position -= tier.keys.len();
+            }
+            let Some((key, limit)) = chosen else { continue };
+            if !key.servable(now) {
+                continue;
+            }
+            match key.try_reserve(feature, limit, caller, now) {
+                Ok((reservation, guard)) => {
+                    let out = on_reserve(reservation);
+                    drop(guard);
+                    return Draw::Served(out);
+                }
+                Err(Some(wait)) => earliest = Some(earliest.map_or(wait, |e| e.min(wait))),
+                Err(None) => {}
+            }
+        }
+        Draw::Exhausted { retry_after: earliest }
+    }
+
+    /// The active consumer holding `token`, if any.
+    pub fn consumer_for_token(&self, token: &str) -> Option<Arc<Consumer>> {
+        let hash = token_hash(token);
+        self.index.read().consumers_by_token.get(&hash).filter(|c| c.is_active).cloned()
+    }
+
+    // ---- tiers ----
+
+    /// Adds a tier or replaces its description and feature set.
+    pub fn put_tier(&self, record: TierRecord) {
+        let mut index = self.index.write();
+        let id: Arc<str> = Arc::from(record.id.as_str());
+        let keys = match index.tiers.remove(&id) {
+            Some(old) => {
+                for feature in old.record.features.keys() {
+                    if !record.features.contains_key(feature) {
+                        index.unlist(feature, &id);
+                    }
+                }
+                index.tier_ids_by_name.remove(&old.record.name);
+                old.keys
+            }
+            None => Vec::new(),
+        };
+        for feature in record.features.keys() {
+            let entry = index.features.entry(feature.clone()).or_default();
+            if !entry.tiers.contains(&id) {
+                entry.tiers.push(id.clone());
+            }
+        }
+        index.tier_ids_by_name.insert(record.name.clone(), id.clone());
+        index.tiers.insert(id, TierEntry { record, keys });
+    }
+
+    pub fn tier_by_name(&self, name: &str) -> Option<TierRecord> {
+        let index = self.index.read();
+        let id = index.tier_ids_by_name.get(name)?;
+        index.tiers.get(id).map(|t| t.record.clone())
+    }
+
+    pub fn tier_name(&self, id: &str) -> Option<String> {
+        self.index.read().tiers.get(id).map(|t| t.record.name.clone())
+    }
+
+    /// Every tier, by name.
+    pub fn tiers(&self) -> Vec<TierView> {
+        let index = self.index.read();
+        let mut out: Vec<TierView> = index
+            .tiers
+            .values()
+            .map(|t| TierView { record: t.record.clone(), key_count: t.keys.len() })
+            .collect();
+        out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        out
+    }
+
+    // ---- keys ----
+
+    pub fn add_key(&self, key: PoolKey) {
+        let key = Arc::new(key);
+        let mut index = self.index.write();
+        if let Some(tier) = index.tiers.get_mut(&key.tier_id) {
+            tier.keys.push(key.clone());
+        }
+        index.keys.insert(key.id.clone(), key);
+    }
+
+    pub fn remove_key(&self, id: &str) -> Option<Arc<PoolKey>> {
+        let mut index = self.index.write();
+        let key = index.keys.remove(id)?;
+        if let Some(tier) = index.tiers.get_mut(&key.tier_id) {
+            tier.keys.retain(|k| k.id != key.id);
+        }
+        Some(key)
+    }
+
+    pub fn key(&self, id: &str) -> Option<Arc<PoolKey>> {
+        self.index.read().keys.get(id).cloned()
+    }
+
+    /// Every stored key, whatever its state (readable or not, active or not, expired or not).
+    pub fn keys(&self) -> Vec<Arc<PoolKey>> {
+        self.index.read().keys.values().cloned().collect()
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.index.read().keys.len()
+    }
+
+    // ---- consumers ----
+
+    pub fn put_consumer(&self, record: ConsumerRecord) {
+        let mut hash = [0u8; 32];
+        if hex::decode_to_slice(record.token_hash.trim(), &mut hash).is_err() {
+            // A hash we cannot read matches no token; the consumer still lists and deletes.
+            hash = token_hash(&format!("unreadable-hash:{}", record.id));
+        }
+        let consumer = Consumer {
+            id: Arc::from(record.id.as_str()),
+            name: record.name,
+            description: record.description,
+            is_active: record.is_active,
+            token_hash: hash,
+            scopes: record.scopes.iter().map(|s| Arc::from(s.as_str())).collect(),
+        };
+        self.insert_consumer(consumer);
+    }
+
+    fn insert_consumer(&self, consumer: Consumer) {
+        let consumer = Arc::new(consumer);
+        let mut index = self.index.write();
+        if let Some(old) = index.consumers.insert(consumer.id.clone(), consumer.clone()) {
+            index.consumers_by_token.remove(&old.token_hash);
+        }
+        index.consumers_by_token.insert(consumer.token_hash, consumer);
+    }
+
+    pub fn remove_consumer(&self, id: &str) -> Option<Arc<Consumer>> {
+        let mut index = self.index.write();
+        let consumer = index.consumers.remove(id)?;
+        index.consumers_by_token.remove(&consumer.token_hash);
+        Some(consumer)
+    }
+
+    pub fn consumer(&self, id: &str) -> Option<Arc<Consumer>> {
+        self.index.read().consumers.get(id).cloned()
+    }
+
+    pub fn consumers(&self) -> Vec<Arc<Consumer>> {
+        self.index.read().consumers.values().cloned().collect()
+    }
+
+    /// Lets a consumer draw from a tier, effective on its next request.
+    pub fn grant_scope(&self, consumer_id: &str, tier_id: &str) {
+        let Some(old) = self.consumer(consumer_id) else { return };
+        let mut scopes = old.scopes.clone();
+        scopes.insert(Arc::from(tier_id));
+        self.insert_consumer(Consumer {
+            id: old.id.clone(),
+            name: old.name.clone(),
+            description: old.description.clone(),
+            is_active: old.is_active,
+            token_hash: old.token_hash,
+            scopes,
+        });
+    }
+}
+
+impl Index {
+    fn unlist(&mut self, feature: &str, tier_id: &Arc<str>) {
+        if let Some(entry) = self.features.get_mut(feature) {
+            entry.tiers.retain(|t| t != tier_id);
+            if entry.tiers.is_empty() {
+                self.features.remove(feature);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

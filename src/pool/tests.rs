@@ -1,0 +1,269 @@
+//! Draw logic with a moving clock: rotation, scope, outcomes, Retry-After, give-back.
+
+use super::*;
+use chrono::{TimeDelta, TimeZone, Utc};
+
+fn t0() -> Timestamp {
+    Utc.with_ymd_and_hms(2026, 11, 1, 12, 0, 0).unwrap()
+}
+
+fn tier(id: &str, features: &[(&str, i64, i64)]) -> TierRecord {
+    TierRecord {
+        id: id.into(),
+        name: format!("{id}-name"),
+        description: String::new(),
+        features: features
+            .iter()
+            .map(|(f, rate_limit, window_seconds)| {
+                (f.to_string(), FeatureLimit { rate_limit: *rate_limit, window_seconds: *window_seconds })
+            })
+            .collect(),
+    }
+}
+
+fn key(id: &str, tier_id: &str) -> KeyRecord {
+    KeyRecord {
+        id: id.into(),
+        name: id.into(),
+        sealed_value: format!("value-of-{id}"),
+        tier_id: tier_id.into(),
+        is_active: true,
+        expires_at: None,
+        usage_limit: None,
+        usage_count: 0,
+        usage_window_seconds: None,
+        usage_window_start: None,
+        metadata_json: "{}".into(),
+        created_at: None,
+        secrets: vec![],
+    }
+}
+
+fn consumer(id: &str, scopes: &[&str]) -> ConsumerRecord {
+    ConsumerRecord {
+        id: id.into(),
+        name: id.into(),
+        token_hash: hex::encode(token_hash(&format!("token-{id}"))),
+        description: String::new(),
+        is_active: true,
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn pool(tiers: Vec<TierRecord>, keys: Vec<KeyRecord>, consumers: Vec<ConsumerRecord>) -> Pool {
+    Pool::load(Snapshot { tiers, keys, consumers }, &Sealer::new(None))
+}
+
+fn draw_id(p: &Pool, caller: &Caller, feature: &str, now: Timestamp) -> Draw<String> {
+    p.draw(caller, feature, now, |r| r.key.id.to_string())
+}
+
+#[test]
+fn rotation_is_round_robin_over_the_candidates() {
+    let p = pool(
+        vec![tier("t", &[("scrape", 100, 60)])],
+        vec![key("a", "t"), key("b", "t"), key("c", "t")],
+        vec![],
+    );
+    let served: Vec<_> = (0..6).map(|_| draw_id(&p, &Caller::Admin, "scrape", t0())).collect();
+    let ids: Vec<String> = served
+        .into_iter()
+        .map(|d| match d {
+            Draw::Served(id) => id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ids[..3], ids[3..]);
+    let distinct: HashSet<_> = ids[..3].iter().collect();
+    assert_eq!(distinct.len(), 3);
+}
+
+#[test]
+fn a_key_refused_by_a_gate_is_skipped_for_the_next() {
+    let p = pool(vec![tier("t", &[("scrape", 1, 60)])], vec![key("a", "t"), key("b", "t")], vec![]);
+    let mut ids = HashSet::new();
+    for _ in 0..2 {
+        match draw_id(&p, &Caller::Admin, "scrape", t0()) {
+            Draw::Served(id) => assert!(ids.insert(id)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "scrape", t0() + TimeDelta::seconds(20)),
+        Draw::Exhausted { retry_after: Some(Duration::from_secs(40)) }
+    );
+    assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0() + TimeDelta::seconds(60)), Draw::Served(_)));
+}
+
+#[test]
+fn outcomes_distinguish_unknown_out_of_scope_and_exhausted() {
+    let mut spent = key("spent", "a");
+    spent.usage_limit = Some(1);
+    spent.usage_count = 1;
+    let p = pool(
+        vec![tier("a", &[("scrape", 5, 60)]), tier("b", &[("search", 5, 60)])],
+        vec![spent],
+        vec![consumer("c1", &["b"])],
+    );
+    let c1 = Caller::Consumer(p.consumer_for_token("token-c1").unwrap());
+    assert_eq!(draw_id(&p, &c1, "nope", t0()), Draw::UnknownFeature);
+    assert_eq!(draw_id(&p, &c1, "scrape", t0()), Draw::OutOfScope);
+    assert_eq!(draw_id(&p, &c1, "search", t0()), Draw::Exhausted { retry_after: None });
+    assert_eq!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Exhausted { retry_after: None });
+}
+
+#[test]
+fn consumers_draw_only_from_granted_tiers_and_grants_apply_at_once() {
+    let p = pool(
+        vec![tier("a", &[("scrape", 50, 60)]), tier("b", &[("scrape", 50, 60)])],
+        vec![key("ka", "a"), key("kb", "b")],
+        vec![consumer("c1", &["b"])],
+    );
+    for _ in 0..10 {
+        let c1 = Caller::Consumer(p.consumer_for_token("token-c1").unwrap());
+        assert_eq!(draw_id(&p, &c1, "scrape", t0()), Draw::Served("kb".into()));
+    }
+    p.grant_scope("c1", "a");
+    let c1 = Caller::Consumer(p.consumer_for_token("token-c1").unwrap());
+    let ids: HashSet<_> = (0..4)
+        .map(|_| match draw_id(&p, &c1, "scrape", t0()) {
+            Draw::Served(id) => id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ids.len(), 2);
+    p.remove_consumer("c1");
+    assert!(p.consumer_for_token("token-c1").is_none());
+}
+
+#[test]
+fn expired_inactive_and_unreadable_keys_are_never_candidates() {
+    let mut expired = key("expired", "t");
+    expired.expires_at = Some(t0() - TimeDelta::seconds(1));
+    let mut inactive = key("inactive", "t");
+    inactive.is_active = false;
+    let mut unreadable = key("unreadable", "t");
+    unreadable.sealed_value = "enc:gcm:00".into();
+    let mut later = key("later", "t");
+    later.expires_at = Some(t0() + TimeDelta::seconds(10));
+    let p = pool(vec![tier("t", &[("scrape", 100, 60)])], vec![expired, inactive, unreadable, later], vec![]);
+    for _ in 0..8 {
+        assert_eq!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Served("later".into()));
+    }
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "scrape", t0() + TimeDelta::seconds(10)),
+        Draw::Exhausted { retry_after: None }
+    );
+}
+
+#[test]
+fn a_refused_gate_consumes_nothing_from_the_other() {
+    let mut k = key("k", "t");
+    k.usage_limit = Some(1);
+    let p = pool(vec![tier("t", &[("scrape", 2, 60)])], vec![k], vec![]);
+    assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Served(_)));
+    // budget refuses: rate must stay at 1
+    assert_eq!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Exhausted { retry_after: None });
+    let key = p.key("k").unwrap();
+    let limit = FeatureLimit { rate_limit: 2, window_seconds: 60 };
+    assert_eq!(key.rate_used("scrape", limit, t0()), 1);
+    assert_eq!(key.stored_usage().count, 1);
+}
+
+#[test]
+fn rate_refusal_leaves_the_budget_untouched() {
+    let mut k = key("k", "t");
+    k.usage_limit = Some(10);
+    let p = pool(vec![tier("t", &[("scrape", 1, 60)])], vec![k], vec![]);
+    assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Served(_)));
+    assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Exhausted { .. }));
+    assert_eq!(p.key("k").unwrap().stored_usage().count, 1);
+}
+
+#[test]
+fn retry_after_is_the_earliest_candidate_and_waits_for_both_gates() {
+    let mut monthly = key("monthly", "t");
+    monthly.usage_limit = Some(1);
+    monthly.usage_window_seconds = Some(3600);
+    monthly.usage_count = 1;
+    monthly.usage_window_start = Some(t0() - TimeDelta::seconds(600));
+    let p = pool(vec![tier("t", &[("scrape", 1, 60)])], vec![monthly, key("plain", "t")], vec![]);
+    assert_eq!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Served("plain".into()));
+    // plain waits 60 s for its rate window; monthly waits 3000 s for its budget.
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "scrape", t0()),
+        Draw::Exhausted { retry_after: Some(Duration::from_secs(60)) }
+    );
+    // the budget window reset lets monthly serve again and opens a new window there
+    let later = t0() + TimeDelta::seconds(3000);
+    let served: HashSet<_> = (0..2)
+        .map(|_| match draw_id(&p, &Caller::Admin, "scrape", later) {
+            Draw::Served(id) => id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(served.len(), 2);
+    let m = p.key("monthly").unwrap().stored_usage();
+    assert_eq!((m.count, m.window_start), (1, Some(later)));
+}
+
+#[test]
+fn revert_restores_usage_and_voids_later_reservations() {
+    let mut k = key("k", "t");
+    k.usage_limit = Some(3);
+    let p = pool(vec![tier("t", &[("scrape", 100, 60)])], vec![k], vec![]);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        if let Draw::Served(r) = p.draw(&Caller::Admin, "scrape", t0(), |r| r) {
+            held.push(r);
+        }
+    }
+    let key = p.key("k").unwrap();
+    assert_eq!(key.stored_usage().count, 2);
+    key.revert_usage(&held[0]);
+    key.give_back_rate(&held[0]);
+    key.give_back_rate(&held[1]);
+    assert_eq!(key.stored_usage().count, 0);
+    assert!(!key.is_current(&held[1]));
+    let limit = FeatureLimit { rate_limit: 100, window_seconds: 60 };
+    assert_eq!(key.rate_used("scrape", limit, t0()), 0);
+    // the budget is whole again
+    for _ in 0..3 {
+        assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Served(_)));
+    }
+    assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Exhausted { .. }));
+}
+
+#[test]
+fn tier_feature_changes_take_effect_on_the_next_draw() {
+    let p = pool(vec![tier("t", &[("scrape", 1, 60)])], vec![key("k", "t")], vec![]);
+    assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Served(_)));
+    assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Exhausted { .. }));
+    p.put_tier(tier("t", &[("scrape", 5, 60), ("search", 1, 60)]));
+    assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Served(_)));
+    assert!(matches!(draw_id(&p, &Caller::Admin, "search", t0()), Draw::Served(_)));
+    p.put_tier(tier("t", &[("search", 1, 60)]));
+    assert_eq!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::UnknownFeature);
+}
+
+#[test]
+fn usage_limit_holds_under_concurrent_threads() {
+    let mut k = key("k", "t");
+    k.usage_limit = Some(500);
+    let p = Arc::new(pool(vec![tier("t", &[("scrape", 1_000_000, 60)])], vec![k, key("other", "u")], vec![]));
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            let (p, served) = (p.clone(), served.clone());
+            s.spawn(move || {
+                for _ in 0..200 {
+                    if let Draw::Served(_) = draw_id(&p, &Caller::Admin, "scrape", t0()) {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(served.load(Ordering::Relaxed), 500);
+    assert_eq!(p.key("k").unwrap().stored_usage().count, 500);
+}

@@ -1,0 +1,252 @@
+//! The storage seam: every SQL statement the service runs, behind domain-named methods.
+//!
+//! Two drivers speak SQLite's dialect — `sqlite` (sqlx, the embedded default) and `libsql`
+//! (remote Turso/libSQL). SQL text lives here once; drivers only bind, decode and map errors.
+
+pub mod sqlite;
+
+use crate::config::{Config, DatabaseConfig};
+use crate::model::{ConsumerRecord, KeyRecord, KeyUsageUpdate, Snapshot, TierRecord, UsageEvent};
+
+/// Storage failures, as the service cares about them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("already exists")]
+    Conflict,
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+/// Embedded migrations: (version, name, SQL). Additive only; version 1 is the Go schema.
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/001_init.sql")),
+    (2, "indexes", include_str!("../../migrations/002_indexes.sql")),
+];
+
+/// The database, whichever driver runs it.
+#[derive(Clone)]
+pub enum Db {
+    Sqlite(sqlite::SqliteStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            Db::Sqlite($store) => $call,
+        }
+    };
+}
+
+impl Db {
+    /// Opens the configured database and brings its schema up to date.
+    pub async fn open(config: &Config) -> Result<Db, StoreError> {
+        match &config.database {
+            DatabaseConfig::Local { path } => Ok(Db::Sqlite(sqlite::SqliteStore::open(path, config).await?)),
+            DatabaseConfig::Remote { .. } => Err(StoreError::Other(
+                "DATABASE_URL (Turso/libSQL) is not supported by this build yet".into(),
+            )),
+        }
+    }
+
+    pub async fn load_snapshot(&self) -> Result<Snapshot, StoreError> {
+        dispatch!(self, s => s.load_snapshot().await)
+    }
+
+    pub async fn create_tier(&self, tier: &TierRecord) -> Result<(), StoreError> {
+        dispatch!(self, s => s.create_tier(tier).await)
+    }
+
+    /// Replaces a tier's description and feature set in one transaction.
+    pub async fn update_tier(&self, tier: &TierRecord) -> Result<(), StoreError> {
+        dispatch!(self, s => s.update_tier(tier).await)
+    }
+
+    pub async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        dispatch!(self, s => s.create_key(key).await)
+    }
+
+    /// Deletes a key and its secrets; `NotFound` if there was no such key.
+    pub async fn delete_key(&self, id: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.delete_key(id).await)
+    }
+
+    pub async fn create_consumer(&self, consumer: &ConsumerRecord) -> Result<(), StoreError> {
+        dispatch!(self, s => s.create_consumer(consumer).await)
+    }
+
+    /// Deletes a consumer and its scopes; `NotFound` if there was no such consumer.
+    pub async fn delete_consumer(&self, id: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.delete_consumer(id).await)
+    }
+
+    pub async fn grant_scope(&self, consumer_id: &str, tier_id: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.grant_scope(consumer_id, tier_id).await)
+    }
+
+    /// The newest `limit` audit rows, newest first.
+    pub async fn recent_usage(&self, limit: i64) -> Result<Vec<UsageEvent>, StoreError> {
+        dispatch!(self, s => s.recent_usage(limit).await)
+    }
+
+    /// Commits a batch of serves in one transaction: their audit rows and their keys' counters.
+    /// Safe to retry: audit ids are unique and ignored when already present, counters are absolute.
+    pub async fn commit_serves(&self, events: &[UsageEvent], updates: &[KeyUsageUpdate]) -> Result<(), StoreError> {
+        dispatch!(self, s => s.commit_serves(events, updates).await)
+    }
+
+    /// Waits for pending writes to reach the file (WAL checkpoint) before exit.
+    pub async fn close(&self) {
+        dispatch!(self, s => s.close().await)
+    }
+}
+
+/// SQL shared by both drivers. Placeholders are `?`; values are always bound, never spliced.
+pub mod sql {
+    pub const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (\
+        version INTEGER PRIMARY KEY, name TEXT, applied_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP)";
+    pub const APPLIED_VERSIONS: &str = "SELECT version FROM schema_migrations";
+    pub const RECORD_MIGRATION: &str =
+        "INSERT OR IGNORE INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)";
+
+    pub const SELECT_TIERS: &str = "SELECT id, name, description FROM tiers";
+    pub const SELECT_TIER_FEATURES: &str = "SELECT tier_id, feature, rate_limit, window_seconds FROM tier_features";
+    pub const SELECT_KEYS: &str = "SELECT id, name, key_value, tier_id, is_active, \
+        CAST(expires_at AS TEXT), usage_limit, usage_count, usage_window_seconds, \
+        CAST(usage_window_start AS TEXT), metadata_json, CAST(created_at AS TEXT) FROM keys";
+    pub const SELECT_KEY_SECRETS: &str = "SELECT key_id, name, value FROM key_secrets";
+    pub const SELECT_CONSUMERS: &str = "SELECT id, name, token_hash, description, is_active FROM consumers";
+    pub const SELECT_SCOPES: &str = "SELECT consumer_id, tier_id FROM consumer_scopes";
+
+    pub const INSERT_TIER: &str = "INSERT INTO tiers (id, name, description, created_at) VALUES (?, ?, ?, ?)";
+    pub const UPDATE_TIER: &str = "UPDATE tiers SET description = ? WHERE id = ?";
+    pub const DELETE_TIER_FEATURES: &str = "DELETE FROM tier_features WHERE tier_id = ?";
+    pub const INSERT_TIER_FEATURE: &str =
+        "INSERT INTO tier_features (tier_id, feature, rate_limit, window_seconds) VALUES (?, ?, ?, ?)";
+
+    pub const INSERT_KEY: &str = "INSERT INTO keys (id, name, key_value, tier_id, is_active, expires_at, \
+        usage_limit, usage_count, usage_window_seconds, usage_window_start, metadata_json, created_at) \
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    pub const INSERT_KEY_SECRET: &str = "INSERT INTO key_secrets (key_id, name, value) VALUES (?, ?, ?)";
+    pub const DELETE_KEY: &str = "DELETE FROM keys WHERE id = ?";
+    pub const DELETE_KEY_SECRETS: &str = "DELETE FROM key_secrets WHERE key_id = ?";
+
+    pub const INSERT_CONSUMER: &str = "INSERT INTO consumers (id, name, token_hash, description, is_active, created_at) \
+        VALUES (?, ?, ?, ?, ?, ?)";
+    pub const DELETE_CONSUMER: &str = "DELETE FROM consumers WHERE id = ?";
+    pub const DELETE_CONSUMER_SCOPES: &str = "DELETE FROM consumer_scopes WHERE consumer_id = ?";
+    pub const INSERT_SCOPE: &str = "INSERT OR IGNORE INTO consumer_scopes (consumer_id, tier_id) VALUES (?, ?)";
+
+    pub const RECENT_USAGE: &str = "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT) \
+        FROM usage_events ORDER BY created_at DESC, rowid DESC LIMIT ?";
+
+    /// Audit rows per INSERT statement (5 parameters each, far below SQLite's limit).
+    pub const EVENTS_PER_INSERT: usize = 200;
+    /// Keys per counters UPDATE statement (5 parameters each).
+    pub const KEYS_PER_UPDATE: usize = 200;
+
+    /// `INSERT OR IGNORE INTO usage_events … VALUES (?,?,?,?,?), …` for `rows` rows.
+    pub fn insert_events(rows: usize) -> String {
+        let mut s = String::from("INSERT OR IGNORE INTO usage_events (id, key_id, consumer_id, feature, created_at) VALUES ");
+        for i in 0..rows {
+            s.push_str(if i == 0 { "(?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?)" });
+        }
+        s
+    }
+
+    /// One UPDATE setting absolute counters for `rows` keys; binds (id, count) × rows,
+    /// (id, window_start) × rows, then id × rows.
+    pub fn update_counters(rows: usize) -> String {
+        let mut s = String::from("UPDATE keys SET usage_count = CASE id");
+        for _ in 0..rows {
+            s.push_str(" WHEN ? THEN ?");
+        }
+        s.push_str(" ELSE usage_count END, usage_window_start = CASE id");
+        for _ in 0..rows {
+            s.push_str(" WHEN ? THEN ?");
+        }
+        s.push_str(" ELSE usage_window_start END WHERE id IN (");
+        for i in 0..rows {
+            s.push_str(if i == 0 { "?" } else { ", ?" });
+        }
+        s.push(')');
+        s
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn batch_statements_have_one_placeholder_per_bound_value() {
+            assert_eq!(super::insert_events(3).matches('?').count(), 15);
+            assert_eq!(super::update_counters(4).matches('?').count(), 20);
+        }
+    }
+}
+
+/// Flat rows as every driver reads them, before they are grouped into a [`Snapshot`].
+#[derive(Default)]
+pub struct SnapshotRows {
+    /// (id, name, description)
+    pub tiers: Vec<(String, String, String)>,
+    /// (tier_id, feature, rate_limit, window_seconds)
+    pub features: Vec<(String, String, i64, i64)>,
+    /// Keys without their secrets.
+    pub keys: Vec<KeyRecord>,
+    /// (key_id, name, sealed value)
+    pub secrets: Vec<(String, String, String)>,
+    /// Consumers without their scopes.
+    pub consumers: Vec<ConsumerRecord>,
+    /// (consumer_id, tier_id)
+    pub scopes: Vec<(String, String)>,
+}
+
+impl SnapshotRows {
+    /// Groups children under their parents; orphans (a Go database may hold some) are dropped.
+    pub fn assemble(self) -> Snapshot {
+        use std::collections::HashMap;
+        let mut tiers: Vec<TierRecord> = self
+            .tiers
+            .into_iter()
+            .map(|(id, name, description)| TierRecord { id, name, description, features: Default::default() })
+            .collect();
+        let tier_pos: HashMap<String, usize> = tiers.iter().enumerate().map(|(i, t)| (t.id.clone(), i)).collect();
+        for (tier_id, feature, rate_limit, window_seconds) in self.features {
+            if let Some(&i) = tier_pos.get(&tier_id) {
+                // The Go service treated a missing or zero window as 60 seconds.
+                let window_seconds = if window_seconds > 0 { window_seconds } else { 60 };
+                tiers[i]
+                    .features
+                    .insert(feature, crate::model::FeatureLimit { rate_limit, window_seconds });
+            }
+        }
+        let mut keys = self.keys;
+        let key_pos: HashMap<String, usize> = keys.iter().enumerate().map(|(i, k)| (k.id.clone(), i)).collect();
+        for (key_id, name, value) in self.secrets {
+            if let Some(&i) = key_pos.get(&key_id) {
+                keys[i].secrets.push((name, value));
+            }
+        }
+        let mut consumers = self.consumers;
+        let consumer_pos: HashMap<String, usize> =
+            consumers.iter().enumerate().map(|(i, c)| (c.id.clone(), i)).collect();
+        for (consumer_id, tier_id) in self.scopes {
+            if let Some(&i) = consumer_pos.get(&consumer_id) {
+                consumers[i].scopes.push(tier_id);
+            }
+        }
+        Snapshot { tiers, keys, consumers }
+    }
+}
+
+/// Reads a stored timestamp column; an unreadable one is logged (without the row's values) and ignored.
+pub fn parse_stored_time(raw: Option<String>, what: &str, id: &str) -> Option<crate::timestamp::Timestamp> {
+    let raw = raw?;
+    let parsed = crate::timestamp::parse_db(&raw);
+    if parsed.is_none() && !raw.trim().is_empty() {
+        tracing::warn!(key_id = %id, column = what, "unreadable timestamp ignored");
+    }
+    parsed
+}

@@ -1,0 +1,333 @@
+//! The embedded SQLite driver (sqlx): WAL, a busy timeout, and the shared SQL of `store::sql`.
+
+use std::path::Path;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use super::{parse_stored_time, sql, SnapshotRows, StoreError, MIGRATIONS};
+use crate::config::{Config, Synchronous};
+use crate::model::{ConsumerRecord, KeyRecord, KeyUsageUpdate, Snapshot, TierRecord, UsageEvent};
+use crate::timestamp::{self, to_db};
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict,
+        // SQLITE_BUSY, SQLITE_LOCKED and their extended codes: another writer held the file too long.
+        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("5" | "6" | "261" | "262" | "517")) => {
+            StoreError::Unavailable(db.message().to_string())
+        }
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => {
+            StoreError::Unavailable(e.to_string())
+        }
+        sqlx::Error::RowNotFound => StoreError::NotFound,
+        _ => StoreError::Other(e.to_string()),
+    }
+}
+
+fn text(row: &SqliteRow, i: usize) -> Result<Option<String>, StoreError> {
+    row.try_get_unchecked::<Option<String>, _>(i).map_err(map_err)
+}
+
+fn int(row: &SqliteRow, i: usize) -> Result<Option<i64>, StoreError> {
+    row.try_get_unchecked::<Option<i64>, _>(i).map_err(map_err)
+}
+
+impl SqliteStore {
+    /// Opens (creating the file and its folder if missing) and migrates.
+    pub async fn open(path: &Path, config: &Config) -> Result<SqliteStore, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(parent).await.map_err(|e| {
+                StoreError::Unavailable(format!("cannot create the data folder {}: {e}", parent.display()))
+            })?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match config.db_synchronous {
+                Synchronous::Normal => SqliteSynchronous::Normal,
+                Synchronous::Full => SqliteSynchronous::Full,
+            })
+            .busy_timeout(config.db_busy_timeout)
+            // SPEC §3: foreign keys are not enforced; deletes remove children explicitly.
+            .foreign_keys(false)
+            .statement_cache_capacity(512);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(config.db_max_open_conns)
+            .min_connections(1)
+            .acquire_timeout(config.db_busy_timeout.max(std::time::Duration::from_secs(1)))
+            .connect_with(options)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let store = SqliteStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies the embedded migrations not yet recorded in `schema_migrations`. A Go database
+    /// already records version 1, so its tables are adopted untouched.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::query(sql::CREATE_MIGRATIONS_TABLE).execute(&self.pool).await.map_err(map_err)?;
+        let applied: Vec<i64> = sqlx::query_scalar(sql::APPLIED_VERSIONS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        for (version, name, body) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
+            }
+            let mut tx = self.pool.begin().await.map_err(map_err)?;
+            sqlx::raw_sql(body).execute(&mut *tx).await.map_err(map_err)?;
+            sqlx::query(sql::RECORD_MIGRATION)
+                .bind(version)
+                .bind(name)
+                .bind(to_db(chrono::Utc::now()))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            tx.commit().await.map_err(map_err)?;
+            tracing::info!(version, name, "applied migration");
+        }
+        Ok(())
+    }
+
+    pub async fn load_snapshot(&self) -> Result<Snapshot, StoreError> {
+        let mut rows = SnapshotRows::default();
+        for r in sqlx::query(sql::SELECT_TIERS).fetch_all(&self.pool).await.map_err(map_err)? {
+            rows.tiers.push((
+                text(&r, 0)?.unwrap_or_default(),
+                text(&r, 1)?.unwrap_or_default(),
+                text(&r, 2)?.unwrap_or_default(),
+            ));
+        }
+        for r in sqlx::query(sql::SELECT_TIER_FEATURES).fetch_all(&self.pool).await.map_err(map_err)? {
+            rows.features.push((
+                text(&r, 0)?.unwrap_or_default(),
+                text(&r, 1)?.unwrap_or_default(),
+                int(&r, 2)?.unwrap_or(0),
+                int(&r, 3)?.unwrap_or(60),
+            ));
+        }
+        for r in sqlx::query(sql::SELECT_KEYS).fetch_all(&self.pool).await.map_err(map_err)? {
+            let id = text(&r, 0)?.unwrap_or_default();
+            rows.keys.push(KeyRecord {
+                name: text(&r, 1)?.unwrap_or_default(),
+                sealed_value: text(&r, 2)?.unwrap_or_default(),
+                tier_id: text(&r, 3)?.unwrap_or_default(),
+                is_active: int(&r, 4)?.unwrap_or(1) != 0,
+                expires_at: parse_stored_time(text(&r, 5)?, "expires_at", &id),
+                usage_limit: int(&r, 6)?,
+                usage_count: int(&r, 7)?.unwrap_or(0),
+                usage_window_seconds: int(&r, 8)?,
+                usage_window_start: parse_stored_time(text(&r, 9)?, "usage_window_start", &id),
+                metadata_json: text(&r, 10)?.unwrap_or_else(|| "{}".into()),
+                created_at: parse_stored_time(text(&r, 11)?, "created_at", &id),
+                secrets: Vec::new(),
+                id,
+            });
+        }
+        for r in sqlx::query(sql::SELECT_KEY_SECRETS).fetch_all(&self.pool).await.map_err(map_err)? {
+            rows.secrets.push((
+                text(&r, 0)?.unwrap_or_default(),
+                text(&r, 1)?.unwrap_or_default(),
+                text(&r, 2)?.unwrap_or_default(),
+            ));
+        }
+        for r in sqlx::query(sql::SELECT_CONSUMERS).fetch_all(&self.pool).await.map_err(map_err)? {
+            rows.consumers.push(ConsumerRecord {
+                id: text(&r, 0)?.unwrap_or_default(),
+                name: text(&r, 1)?.unwrap_or_default(),
+                token_hash: text(&r, 2)?.unwrap_or_default(),
+                description: text(&r, 3)?.unwrap_or_default(),
+                is_active: int(&r, 4)?.unwrap_or(1) != 0,
+                scopes: Vec::new(),
+            });
+        }
+        for r in sqlx::query(sql::SELECT_SCOPES).fetch_all(&self.pool).await.map_err(map_err)? {
+            rows.scopes.push((text(&r, 0)?.unwrap_or_default(), text(&r, 1)?.unwrap_or_default()));
+        }
+        Ok(rows.assemble())
+    }
+
+    pub async fn create_tier(&self, tier: &TierRecord) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(sql::INSERT_TIER)
+            .bind(&tier.id)
+            .bind(&tier.name)
+            .bind(&tier.description)
+            .bind(to_db(chrono::Utc::now()))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        for (feature, limit) in &tier.features {
+            sqlx::query(sql::INSERT_TIER_FEATURE)
+                .bind(&tier.id)
+                .bind(feature)
+                .bind(limit.rate_limit)
+                .bind(limit.window_seconds)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    pub async fn update_tier(&self, tier: &TierRecord) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let updated = sqlx::query(sql::UPDATE_TIER)
+            .bind(&tier.description)
+            .bind(&tier.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if updated.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        sqlx::query(sql::DELETE_TIER_FEATURES).bind(&tier.id).execute(&mut *tx).await.map_err(map_err)?;
+        for (feature, limit) in &tier.features {
+            sqlx::query(sql::INSERT_TIER_FEATURE)
+                .bind(&tier.id)
+                .bind(feature)
+                .bind(limit.rate_limit)
+                .bind(limit.window_seconds)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    pub async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(sql::INSERT_KEY)
+            .bind(&key.id)
+            .bind(&key.name)
+            .bind(&key.sealed_value)
+            .bind(&key.tier_id)
+            .bind(i64::from(key.is_active))
+            .bind(key.expires_at.map(to_db))
+            .bind(key.usage_limit)
+            .bind(key.usage_count)
+            .bind(key.usage_window_seconds)
+            .bind(key.usage_window_start.map(to_db))
+            .bind(&key.metadata_json)
+            .bind(key.created_at.map(to_db))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        for (name, value) in &key.secrets {
+            sqlx::query(sql::INSERT_KEY_SECRET)
+                .bind(&key.id)
+                .bind(name)
+                .bind(value)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    pub async fn delete_key(&self, id: &str) -> Result<(), StoreError> {
+        self.delete_with_children(sql::DELETE_KEY, sql::DELETE_KEY_SECRETS, id).await
+    }
+
+    pub async fn create_consumer(&self, c: &ConsumerRecord) -> Result<(), StoreError> {
+        sqlx::query(sql::INSERT_CONSUMER)
+            .bind(&c.id)
+            .bind(&c.name)
+            .bind(&c.token_hash)
+            .bind(&c.description)
+            .bind(i64::from(c.is_active))
+            .bind(to_db(chrono::Utc::now()))
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)
+            .map(|_| ())
+    }
+
+    pub async fn delete_consumer(&self, id: &str) -> Result<(), StoreError> {
+        self.delete_with_children(sql::DELETE_CONSUMER, sql::DELETE_CONSUMER_SCOPES, id).await
+    }
+
+    async fn delete_with_children(&self, parent: &str, children: &str, id: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(children).bind(id).execute(&mut *tx).await.map_err(map_err)?;
+        let deleted = sqlx::query(parent).bind(id).execute(&mut *tx).await.map_err(map_err)?;
+        if deleted.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    pub async fn grant_scope(&self, consumer_id: &str, tier_id: &str) -> Result<(), StoreError> {
+        sqlx::query(sql::INSERT_SCOPE)
+            .bind(consumer_id)
+            .bind(tier_id)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)
+            .map(|_| ())
+    }
+
+    pub async fn recent_usage(&self, limit: i64) -> Result<Vec<UsageEvent>, StoreError> {
+        let rows = sqlx::query(sql::RECENT_USAGE).bind(limit).fetch_all(&self.pool).await.map_err(map_err)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id = text(&r, 0)?.unwrap_or_default();
+            let created_at = text(&r, 4)?
+                .as_deref()
+                .and_then(timestamp::parse_db)
+                .unwrap_or_default();
+            out.push(UsageEvent {
+                key_id: text(&r, 1)?.unwrap_or_default(),
+                consumer_id: text(&r, 2)?.unwrap_or_default(),
+                feature: text(&r, 3)?.unwrap_or_default(),
+                created_at,
+                id,
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn commit_serves(&self, events: &[UsageEvent], updates: &[KeyUsageUpdate]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        for chunk in events.chunks(sql::EVENTS_PER_INSERT) {
+            let statement = sql::insert_events(chunk.len());
+            let mut query = sqlx::query(&statement);
+            for e in chunk {
+                query = query
+                    .bind(&e.id)
+                    .bind(&e.key_id)
+                    .bind(&e.consumer_id)
+                    .bind(&e.feature)
+                    .bind(to_db(e.created_at));
+            }
+            query.execute(&mut *tx).await.map_err(map_err)?;
+        }
+        for chunk in updates.chunks(sql::KEYS_PER_UPDATE) {
+            let statement = sql::update_counters(chunk.len());
+            let mut query = sqlx::query(&statement);
+            for u in chunk {
+                query = query.bind(&u.key_id).bind(u.usage_count);
+            }
+            for u in chunk {
+                query = query.bind(&u.key_id).bind(u.usage_window_start.map(to_db));
+            }
+            for u in chunk {
+                query = query.bind(&u.key_id);
+            }
+            query.execute(&mut *tx).await.map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
