@@ -34,7 +34,9 @@ pub async fn draw_key(caller: Caller, State(state): State<SharedState>, uri: Uri
         .ok_or_else(|| ApiError::BadRequest("query parameter `feature` is required, e.g. /key?feature=scrape".into()))?;
 
     let ledger = &state.ledger;
-    match state.pool.draw(&caller, &feature, chrono::Utc::now(), |r| ledger.submit(r)) {
+    // Microseconds: the precision the database keeps, so memory and rows agree exactly.
+    let now = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
+    match state.pool.draw(&caller, &feature, now, |r| ledger.submit(r)) {
         Draw::Served(pending) => {
             let key = pending.committed().await.map_err(|_| {
                 ApiError::Unavailable("usage could not be recorded, so no key was served; try again".into())

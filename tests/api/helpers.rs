@@ -1,0 +1,203 @@
+//! `spawn_app()`: the real router on 127.0.0.1:0 against a real SQLite file in a temp dir,
+//! and a `TestApp` whose helpers read like the API's users.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+use sqlx::SqlitePool;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+    pub body: Value,
+}
+
+impl Resp {
+    /// The `error` message of a JSON error body (panics if the body is not one).
+    pub fn error(&self) -> &str {
+        self.body["error"].as_str().unwrap_or_else(|| panic!("not a JSON error body: {}", self.text))
+    }
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub dir: Arc<tempfile::TempDir>,
+    pub db_path: PathBuf,
+    pub env: Vec<(String, String)>,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// Starts the service with extra environment variables on top of the test defaults.
+pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
+    let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+    let db_path = dir.path().join("data").join("pool.db");
+    let mut env = vec![
+        ("ADMIN_TOKEN".to_string(), ADMIN_TOKEN.to_string()),
+        ("DB_PATH".to_string(), db_path.display().to_string()),
+        ("LOG_REQUESTS".to_string(), "false".to_string()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    start(dir, db_path, env).await
+}
+
+async fn start(dir: Arc<tempfile::TempDir>, db_path: PathBuf, env: Vec<(String, String)>) -> TestApp {
+    let config = keypooler::config::Config::from_vars(env.clone()).expect("valid test config");
+    let app = keypooler::build(&config).await.expect("app builds");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr: SocketAddr = listener.local_addr().expect("addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        keypooler::serve(listener, app, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("serve");
+    });
+    TestApp {
+        base: format!("http://{addr}"),
+        client: reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client"),
+        dir,
+        db_path,
+        env,
+        shutdown: Some(tx),
+        handle: Some(handle),
+    }
+}
+
+impl TestApp {
+    /// Graceful stop: in-flight requests finish, pending serves are committed.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.expect("server task");
+        }
+    }
+
+    /// Stops and starts a new server on the same database file and environment.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let fresh = start(self.dir.clone(), self.db_path.clone(), self.env.clone()).await;
+        *self = fresh;
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
+        let r = req.send().await.expect("request sent");
+        let status = r.status();
+        let headers = r.headers().clone();
+        let text = r.text().await.expect("body");
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Resp { status, headers, text, body }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Resp {
+        let mut req = self.client.get(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        self.send(req).await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Resp {
+        self.get(path, Some(ADMIN_TOKEN)).await
+    }
+
+    pub async fn admin_send(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Resp {
+        let mut req = self.client.request(method, self.url(path)).bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        self.send(req).await
+    }
+
+    pub async fn admin_post(&self, path: &str, body: Value) -> Resp {
+        self.admin_send(reqwest::Method::POST, path, Some(&body)).await
+    }
+
+    pub async fn admin_raw(&self, method: reqwest::Method, path: &str, raw: impl Into<reqwest::Body>) -> Resp {
+        let req = self
+            .client
+            .request(method, self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body(raw);
+        self.send(req).await
+    }
+
+    /// `GET /key?feature=…` with a token.
+    pub async fn draw(&self, feature: &str, token: &str) -> Resp {
+        let req = self.client.get(self.url("/key")).query(&[("feature", feature)]).bearer_auth(token);
+        self.send(req).await
+    }
+
+    /// Creates a tier with features given as (feature, rate_limit, window_seconds).
+    pub async fn create_tier(&self, name: &str, features: &[(&str, i64, i64)]) -> Value {
+        let features: serde_json::Map<String, Value> = features
+            .iter()
+            .map(|(f, r, w)| (f.to_string(), json!({ "rate_limit": r, "window_seconds": w })))
+            .collect();
+        let r = self.admin_post("/admin/tiers", json!({ "name": name, "features": features })).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        r.body
+    }
+
+    /// Adds a key from a full request body; returns its id.
+    pub async fn add_key(&self, body: Value) -> String {
+        let r = self.admin_post("/admin/keys", body).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        r.body["id"].as_str().expect("id").to_string()
+    }
+
+    /// Creates a consumer scoped to `tiers`; returns (id, token).
+    pub async fn consumer(&self, name: &str, tiers: &[&str]) -> (String, String) {
+        let r = self.admin_post("/admin/consumers", json!({ "name": name })).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let id = r.body["id"].as_str().expect("id").to_string();
+        let token = r.body["token"].as_str().expect("token").to_string();
+        for tier in tiers {
+            let g = self.admin_post(&format!("/admin/consumers/{id}/scopes"), json!({ "tier": tier })).await;
+            assert_eq!(g.status, StatusCode::CREATED, "{}", g.text);
+        }
+        (id, token)
+    }
+
+    /// A separate connection to the same SQLite file, to count what was really committed.
+    pub async fn db(&self) -> SqlitePool {
+        open_db(&self.db_path).await
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        let db = self.db().await;
+        let n: i64 = sqlx::query_scalar(sql).fetch_one(&db).await.expect("count query");
+        db.close().await;
+        n
+    }
+}
+
+pub async fn open_db(path: &std::path::Path) -> SqlitePool {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .busy_timeout(std::time::Duration::from_secs(10));
+    SqlitePoolOptions::new().max_connections(1).connect_with(options).await.expect("open sqlite")
+}

@@ -1,0 +1,5 @@
+//! One integration-test binary (fast to link): a module per area of the API.
+
+mod helpers;
+
+mod health;
