@@ -3,3 +3,5 @@
 mod helpers;
 
 mod health;
+mod admin;
+mod draw;

@@ -1,0 +1,902 @@
+//! A small Hrana-over-HTTP server for integration tests.
+//!
+//! It speaks the JSON flavour of the Hrana 3 protocol (the protocol the `libsql`
+//! client crate uses in remote mode) and executes everything on a local SQLite
+//! file through `rusqlite`, so tests can drive the service's libSQL driver
+//! against a real protocol endpoint without Turso or `sqld`.
+//!
+//! Served endpoints:
+//! - `GET /v2`, `GET /v3`: version probes, always 200.
+//! - `POST /v2/pipeline`, `POST /v3/pipeline`: a pipeline of stream requests
+//!   (`execute`, `batch`, `sequence`, `describe`, `store_sql`, `close_sql`,
+//!   `get_autocommit`, `close`).
+//! - `POST /v3/cursor`: a batch whose results come back as newline-separated
+//!   JSON cursor entries (the `libsql` crate uses it for every `query`).
+//!
+//! Every stream owns its own SQLite connection, so an interactive transaction
+//! (`BEGIN` ... `COMMIT` over several HTTP requests) behaves as on `sqld`. Each
+//! response carries a fresh baton; a baton that is unknown, already used or
+//! belongs to a stream idle for longer than the idle timeout (10 s by default)
+//! gets HTTP 400 with `{"message": ..., "code": "STREAM_EXPIRED"}`, like `sqld`.
+//! Expired streams are dropped, which rolls back their open transaction.
+//!
+//! SQLite work runs on tokio's blocking pool, never on the async workers.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use base64::Engine as _;
+use rusqlite::types::{Value as SqlValue, ValueRef};
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value as Json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------
+// Protocol structures (client -> server). Values are kept as raw JSON and
+// converted by hand so that malformed values become Hrana errors.
+// ---------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct PipelineBody {
+    #[serde(default)]
+    baton: Option<String>,
+    requests: Vec<StreamReq>,
+}
+
+#[derive(Deserialize)]
+struct CursorBody {
+    #[serde(default)]
+    baton: Option<String>,
+    batch: Batch,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum StreamReq {
+    Close,
+    Execute {
+        stmt: Stmt,
+    },
+    Batch {
+        batch: Batch,
+    },
+    Sequence {
+        #[serde(default)]
+        sql: Option<String>,
+        #[serde(default)]
+        sql_id: Option<i32>,
+    },
+    Describe {
+        #[serde(default)]
+        sql: Option<String>,
+        #[serde(default)]
+        sql_id: Option<i32>,
+    },
+    StoreSql {
+        sql_id: i32,
+        sql: String,
+    },
+    CloseSql {
+        sql_id: i32,
+    },
+    GetAutocommit,
+}
+
+#[derive(Deserialize)]
+struct Stmt {
+    #[serde(default)]
+    sql: Option<String>,
+    #[serde(default)]
+    sql_id: Option<i32>,
+    #[serde(default)]
+    args: Vec<Json>,
+    #[serde(default)]
+    named_args: Vec<NamedArg>,
+    #[serde(default)]
+    want_rows: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct NamedArg {
+    name: String,
+    value: Json,
+}
+
+#[derive(Deserialize)]
+struct Batch {
+    steps: Vec<BatchStep>,
+}
+
+#[derive(Deserialize)]
+struct BatchStep {
+    #[serde(default)]
+    condition: Option<Cond>,
+    stmt: Stmt,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Cond {
+    Ok { step: u32 },
+    Error { step: u32 },
+    Not { cond: Box<Cond> },
+    And { conds: Vec<Cond> },
+    Or { conds: Vec<Cond> },
+    IsAutocommit,
+}
+
+// ---------------------------------------------------------------------------
+// Protocol structures (server -> client).
+// ---------------------------------------------------------------------------
+
+#[derive(Serialize)]
+struct StmtResult {
+    cols: Vec<Col>,
+    rows: Vec<Vec<Json>>,
+    affected_row_count: u64,
+    last_insert_rowid: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Col {
+    name: Option<String>,
+    decltype: Option<String>,
+}
+
+/// A Hrana `Error` structure: an English message plus a machine-readable code.
+#[derive(Debug, Clone)]
+struct HranaError {
+    message: String,
+    code: String,
+}
+
+impl HranaError {
+    fn new(code: &str, message: impl Into<String>) -> Self {
+        HranaError {
+            message: message.into(),
+            code: code.to_owned(),
+        }
+    }
+
+    fn to_json(&self) -> Json {
+        json!({ "message": self.message, "code": self.code })
+    }
+}
+
+impl From<rusqlite::Error> for HranaError {
+    fn from(err: rusqlite::Error) -> Self {
+        let code = match &err {
+            rusqlite::Error::SqliteFailure(e, _) => sqlite_code_name(e.extended_code),
+            rusqlite::Error::MultipleStatement => "SQL_MANY_STATEMENTS".to_owned(),
+            rusqlite::Error::InvalidParameterCount(..)
+            | rusqlite::Error::InvalidParameterName(_) => "ARGS_INVALID".to_owned(),
+            _ => "SQLITE_UNKNOWN".to_owned(),
+        };
+        HranaError::new(&code, err.to_string())
+    }
+}
+
+/// Name of an SQLite result code, extended for the codes tests usually match on.
+fn sqlite_code_name(extended: i32) -> String {
+    let name = match extended {
+        261 => "BUSY_RECOVERY",
+        517 => "BUSY_SNAPSHOT",
+        773 => "BUSY_TIMEOUT",
+        275 => "CONSTRAINT_CHECK",
+        787 => "CONSTRAINT_FOREIGNKEY",
+        1299 => "CONSTRAINT_NOTNULL",
+        1555 => "CONSTRAINT_PRIMARYKEY",
+        1811 => "CONSTRAINT_TRIGGER",
+        2067 => "CONSTRAINT_UNIQUE",
+        _ => match extended & 0xff {
+            1 => "ERROR",
+            2 => "INTERNAL",
+            3 => "PERM",
+            4 => "ABORT",
+            5 => "BUSY",
+            6 => "LOCKED",
+            7 => "NOMEM",
+            8 => "READONLY",
+            9 => "INTERRUPT",
+            10 => "IOERR",
+            11 => "CORRUPT",
+            13 => "FULL",
+            14 => "CANTOPEN",
+            17 => "SCHEMA",
+            18 => "TOOBIG",
+            19 => "CONSTRAINT",
+            20 => "MISMATCH",
+            21 => "MISUSE",
+            23 => "AUTH",
+            25 => "RANGE",
+            26 => "NOTADB",
+            _ => return format!("SQLITE_UNKNOWN_{extended}"),
+        },
+    };
+    format!("SQLITE_{name}")
+}
+
+fn value_from_json(v: &Json) -> Result<SqlValue, HranaError> {
+    let bad = |what: &str| HranaError::new("ARGS_INVALID", format!("invalid value {v}: {what}"));
+    let ty = v.get("type").and_then(Json::as_str).ok_or_else(|| bad("missing \"type\""))?;
+    match ty {
+        "null" => Ok(SqlValue::Null),
+        "integer" => match v.get("value") {
+            Some(Json::String(s)) => s
+                .parse()
+                .map(SqlValue::Integer)
+                .map_err(|_| bad("not a 64-bit decimal integer")),
+            Some(Json::Number(n)) => n.as_i64().map(SqlValue::Integer).ok_or_else(|| bad("not a 64-bit integer")),
+            _ => Err(bad("missing integer \"value\"")),
+        },
+        "float" => v
+            .get("value")
+            .and_then(Json::as_f64)
+            .map(SqlValue::Real)
+            .ok_or_else(|| bad("missing float \"value\"")),
+        "text" => v
+            .get("value")
+            .and_then(Json::as_str)
+            .map(|s| SqlValue::Text(s.to_owned()))
+            .ok_or_else(|| bad("missing text \"value\"")),
+        "blob" => {
+            let b64 = v.get("base64").and_then(Json::as_str).ok_or_else(|| bad("missing \"base64\""))?;
+            STANDARD_NO_PAD
+                .decode(b64.trim_end_matches('='))
+                .map(SqlValue::Blob)
+                .map_err(|_| bad("invalid base64"))
+        }
+        other => Err(bad(&format!("unknown type {other:?}"))),
+    }
+}
+
+fn value_to_json(v: ValueRef<'_>) -> Json {
+    match v {
+        ValueRef::Null => json!({ "type": "null" }),
+        ValueRef::Integer(i) => json!({ "type": "integer", "value": i.to_string() }),
+        // JSON has no representation for NaN/infinity: degrade them to NULL.
+        ValueRef::Real(f) if !f.is_finite() => json!({ "type": "null" }),
+        ValueRef::Real(f) => json!({ "type": "float", "value": f }),
+        ValueRef::Text(t) => json!({ "type": "text", "value": String::from_utf8_lossy(t) }),
+        ValueRef::Blob(b) => json!({ "type": "blob", "base64": STANDARD.encode(b) }),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A stream: one SQLite connection plus its stored SQL texts. All methods block.
+// ---------------------------------------------------------------------------
+
+type StepOutcome = Option<Result<StmtResult, HranaError>>;
+
+struct Stream {
+    conn: Connection,
+    sqls: HashMap<i32, String>,
+    closed: bool,
+}
+
+impl Stream {
+    fn open(path: &Path) -> Result<Stream, HranaError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        Ok(Stream {
+            conn,
+            sqls: HashMap::new(),
+            closed: false,
+        })
+    }
+
+    /// Runs every request in order (even after an error) and returns `StreamResult`s.
+    fn pipeline(&mut self, requests: Vec<StreamReq>) -> Vec<Json> {
+        requests
+            .into_iter()
+            .map(|req| match self.request(req) {
+                Ok(response) => json!({ "type": "ok", "response": response }),
+                Err(e) => json!({ "type": "error", "error": e.to_json() }),
+            })
+            .collect()
+    }
+
+    fn request(&mut self, req: StreamReq) -> Result<Json, HranaError> {
+        if self.closed {
+            return Err(HranaError::new("STREAM_CLOSED", "the stream has already been closed"));
+        }
+        Ok(match req {
+            StreamReq::Close => {
+                self.closed = true;
+                json!({ "type": "close" })
+            }
+            StreamReq::Execute { stmt } => json!({ "type": "execute", "result": self.execute(&stmt)? }),
+            StreamReq::Batch { batch } => {
+                let (results, errors): (Vec<Json>, Vec<Json>) = self
+                    .run_batch(&batch)
+                    .into_iter()
+                    .map(|outcome| match outcome {
+                        None => (Json::Null, Json::Null),
+                        Some(Ok(r)) => (json!(r), Json::Null),
+                        Some(Err(e)) => (Json::Null, e.to_json()),
+                    })
+                    .unzip();
+                json!({ "type": "batch", "result": { "step_results": results, "step_errors": errors } })
+            }
+            StreamReq::Sequence { sql, sql_id } => {
+                let sql = self.sql_text(sql, sql_id)?;
+                self.conn.execute_batch(&sql)?;
+                json!({ "type": "sequence" })
+            }
+            StreamReq::Describe { sql, sql_id } => {
+                let sql = self.sql_text(sql, sql_id)?;
+                json!({ "type": "describe", "result": self.describe(&sql)? })
+            }
+            StreamReq::StoreSql { sql_id, sql } => {
+                if self.sqls.contains_key(&sql_id) {
+                    return Err(HranaError::new("SQL_ID_IN_USE", format!("sql_id {sql_id} is already stored")));
+                }
+                self.sqls.insert(sql_id, sql);
+                json!({ "type": "store_sql" })
+            }
+            StreamReq::CloseSql { sql_id } => {
+                self.sqls.remove(&sql_id);
+                json!({ "type": "close_sql" })
+            }
+            StreamReq::GetAutocommit => {
+                json!({ "type": "get_autocommit", "is_autocommit": self.conn.is_autocommit() })
+            }
+        })
+    }
+
+    /// Resolves `sql` / `sql_id` (exactly one of them must be given).
+    fn sql_text(&self, sql: Option<String>, sql_id: Option<i32>) -> Result<String, HranaError> {
+        match (sql, sql_id) {
+            (Some(sql), None) => Ok(sql),
+            (None, Some(id)) => self
+                .sqls
+                .get(&id)
+                .cloned()
+                .ok_or_else(|| HranaError::new("SQL_NOT_FOUND", format!("no SQL text stored with sql_id {id}"))),
+            _ => Err(HranaError::new("SQL_INVALID", "exactly one of \"sql\" and \"sql_id\" must be given")),
+        }
+    }
+
+    fn execute(&self, stmt: &Stmt) -> Result<StmtResult, HranaError> {
+        let sql = self.sql_text(stmt.sql.clone(), stmt.sql_id)?;
+        let mut st = self.conn.prepare(&sql)?;
+        bind_args(&mut st, stmt)?;
+        let cols: Vec<Col> = st
+            .columns()
+            .iter()
+            .map(|c| Col {
+                name: Some(c.name().to_owned()),
+                decltype: c.decl_type().map(str::to_owned),
+            })
+            .collect();
+        let want_rows = stmt.want_rows.unwrap_or(true);
+        let changes_before = self.conn.total_changes();
+        let mut out = Vec::new();
+        let mut rows = st.raw_query();
+        while let Some(row) = rows.next()? {
+            if want_rows {
+                let values = (0..cols.len())
+                    .map(|i| row.get_ref(i).map(value_to_json))
+                    .collect::<Result<Vec<_>, _>>()?;
+                out.push(values);
+            }
+        }
+        drop(rows);
+        // `changes()` keeps the count of the last INSERT/UPDATE/DELETE even across
+        // other statements, so only report it when this statement changed rows.
+        let affected_row_count = if self.conn.total_changes() != changes_before {
+            self.conn.changes()
+        } else {
+            0
+        };
+        Ok(StmtResult {
+            cols,
+            rows: out,
+            affected_row_count,
+            last_insert_rowid: Some(self.conn.last_insert_rowid().to_string()),
+        })
+    }
+
+    /// Executes the steps whose condition holds; `None` marks a skipped step.
+    fn run_batch(&self, batch: &Batch) -> Vec<StepOutcome> {
+        let mut outcomes: Vec<StepOutcome> = Vec::with_capacity(batch.steps.len());
+        for step in &batch.steps {
+            let run = match &step.condition {
+                None => true,
+                Some(cond) => self.eval(cond, &outcomes),
+            };
+            let outcome = if run { Some(self.execute(&step.stmt)) } else { None };
+            outcomes.push(outcome);
+        }
+        outcomes
+    }
+
+    fn eval(&self, cond: &Cond, outcomes: &[StepOutcome]) -> bool {
+        match cond {
+            Cond::Ok { step } => matches!(outcomes.get(*step as usize), Some(Some(Ok(_)))),
+            Cond::Error { step } => matches!(outcomes.get(*step as usize), Some(Some(Err(_)))),
+            Cond::Not { cond } => !self.eval(cond, outcomes),
+            Cond::And { conds } => conds.iter().all(|c| self.eval(c, outcomes)),
+            Cond::Or { conds } => conds.iter().any(|c| self.eval(c, outcomes)),
+            Cond::IsAutocommit => self.conn.is_autocommit(),
+        }
+    }
+
+    /// Runs a batch and encodes the outcome as cursor entries.
+    fn cursor(&self, batch: &Batch) -> Vec<Json> {
+        let mut entries = Vec::new();
+        for (step, outcome) in self.run_batch(batch).into_iter().enumerate() {
+            match outcome {
+                None => {}
+                Some(Err(e)) => entries.push(json!({ "type": "step_error", "step": step, "error": e.to_json() })),
+                Some(Ok(r)) => {
+                    entries.push(json!({ "type": "step_begin", "step": step, "cols": r.cols }));
+                    entries.extend(r.rows.into_iter().map(|row| json!({ "type": "row", "row": row })));
+                    entries.push(json!({
+                        "type": "step_end",
+                        "affected_row_count": r.affected_row_count,
+                        "last_insert_rowid": r.last_insert_rowid,
+                    }));
+                }
+            }
+        }
+        entries
+    }
+
+    fn describe(&self, sql: &str) -> Result<Json, HranaError> {
+        let st = self.conn.prepare(sql)?;
+        let params: Vec<Json> = (1..=st.parameter_count())
+            .map(|i| json!({ "name": st.parameter_name(i) }))
+            .collect();
+        let cols: Vec<Json> = st
+            .columns()
+            .iter()
+            .map(|c| json!({ "name": c.name(), "decltype": c.decl_type() }))
+            .collect();
+        Ok(json!({
+            "params": params,
+            "cols": cols,
+            "is_explain": st.is_explain() != 0,
+            "is_readonly": st.readonly(),
+        }))
+    }
+}
+
+/// Binds positional `args` (1-based) and `named_args`, rejecting extra or missing ones.
+fn bind_args(st: &mut rusqlite::Statement<'_>, stmt: &Stmt) -> Result<(), HranaError> {
+    let expected = st.parameter_count();
+    let args_err = |msg: String| HranaError::new("ARGS_INVALID", msg);
+    if stmt.args.len() > expected {
+        return Err(args_err(format!(
+            "{} positional arguments given, but the statement has {expected} parameters",
+            stmt.args.len()
+        )));
+    }
+    let mut bound: HashSet<usize> = (1..=stmt.args.len()).collect();
+    for (i, arg) in stmt.args.iter().enumerate() {
+        st.raw_bind_parameter(i + 1, value_from_json(arg)?)?;
+    }
+    for arg in &stmt.named_args {
+        let index = named_param_index(st, &arg.name)?
+            .ok_or_else(|| args_err(format!("the statement has no parameter named {:?}", arg.name)))?;
+        st.raw_bind_parameter(index, value_from_json(&arg.value)?)?;
+        bound.insert(index);
+    }
+    if bound.len() < expected {
+        return Err(args_err(format!(
+            "the statement expects {expected} arguments, but only {} were given",
+            bound.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Finds a named parameter, guessing the `:`/`@`/`$` prefix when it is missing.
+fn named_param_index(st: &rusqlite::Statement<'_>, name: &str) -> Result<Option<usize>, HranaError> {
+    if name.starts_with([':', '@', '$', '?']) {
+        return Ok(st.parameter_index(name)?);
+    }
+    for prefix in [':', '@', '$'] {
+        if let Some(index) = st.parameter_index(&format!("{prefix}{name}"))? {
+            return Ok(Some(index));
+        }
+    }
+    Ok(None)
+}
+
+// ---------------------------------------------------------------------------
+// HTTP side: configuration, stream registry, handlers.
+// ---------------------------------------------------------------------------
+
+struct Config {
+    db_path: PathBuf,
+    /// Expected `Authorization` header value, if a token is required.
+    auth_header: Option<String>,
+    idle_timeout: Mutex<Duration>,
+    delay: Mutex<Duration>,
+    baton_counter: AtomicU64,
+}
+
+impl Config {
+    fn idle_timeout(&self) -> Duration {
+        *lock(&self.idle_timeout)
+    }
+
+    /// A fresh, unguessable-enough baton (counter + randomly keyed hash).
+    fn new_baton(&self) -> String {
+        let n = self.baton_counter.fetch_add(1, Ordering::Relaxed);
+        let noise = std::collections::hash_map::RandomState::new().hash_one(n);
+        format!("{n:08x}{noise:016x}")
+    }
+}
+
+struct IdleStream {
+    stream: Stream,
+    since: Instant,
+}
+
+/// Streams waiting for their next request, keyed by the baton handed out.
+#[derive(Default)]
+struct Registry {
+    idle: HashMap<String, IdleStream>,
+    /// Batons of streams expired by the sweeper, for a clearer error message.
+    expired: HashSet<String>,
+    stopped: bool,
+}
+
+#[derive(Clone)]
+struct App {
+    cfg: Arc<Config>,
+    reg: Arc<Mutex<Registry>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn json_response(status: StatusCode, body: &Json) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+fn error_response(status: StatusCode, err: &HranaError) -> Response {
+    json_response(status, &err.to_json())
+}
+
+fn expired_response(message: &str) -> Response {
+    error_response(StatusCode::BAD_REQUEST, &HranaError::new("STREAM_EXPIRED", message))
+}
+
+/// Closes SQLite connections (rolling back open transactions) off the async threads.
+fn drop_streams(streams: Vec<Stream>) {
+    if !streams.is_empty() {
+        tokio::task::spawn_blocking(move || drop(streams));
+    }
+}
+
+impl App {
+    /// Applies the injected delay, then checks the bearer token.
+    async fn admit(&self, headers: &HeaderMap) -> Result<(), Response> {
+        let delay = *lock(&self.cfg.delay);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let Some(expected) = &self.cfg.auth_header else {
+            return Ok(());
+        };
+        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if given == Some(expected.as_str()) {
+            Ok(())
+        } else {
+            Err(error_response(
+                StatusCode::UNAUTHORIZED,
+                &HranaError::new("UNAUTHORIZED", "missing or invalid bearer token"),
+            ))
+        }
+    }
+
+    /// Takes the stream named by `baton` out of the registry (`None` = open a new one).
+    fn acquire(&self, baton: Option<&str>) -> Result<Option<Stream>, Response> {
+        let Some(baton) = baton else { return Ok(None) };
+        let timeout = self.cfg.idle_timeout();
+        let mut reg = lock(&self.reg);
+        match reg.idle.remove(baton) {
+            Some(idle) if idle.since.elapsed() <= timeout => Ok(Some(idle.stream)),
+            Some(idle) => {
+                reg.expired.insert(baton.to_owned());
+                drop(reg);
+                drop_streams(vec![idle.stream]);
+                Err(expired_response("The stream has expired due to inactivity"))
+            }
+            None if reg.expired.contains(baton) => Err(expired_response("The stream has expired due to inactivity")),
+            None => Err(expired_response(
+                "Unknown baton: the stream expired, was closed, or the baton was already used",
+            )),
+        }
+    }
+
+    /// Puts a still-open stream back under a new baton.
+    fn release(&self, stream: Option<Stream>) -> Option<String> {
+        let stream = stream?;
+        let mut reg = lock(&self.reg);
+        if reg.stopped {
+            drop(reg);
+            drop_streams(vec![stream]);
+            return None;
+        }
+        let baton = self.cfg.new_baton();
+        let since = Instant::now();
+        reg.idle.insert(baton.clone(), IdleStream { stream, since });
+        Some(baton)
+    }
+
+    /// Runs `work` on the baton's stream in the blocking pool; returns its output and the next baton.
+    async fn with_stream<T, F>(&self, baton: Option<String>, work: F) -> Result<(T, Option<String>), Response>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Stream) -> T + Send + 'static,
+    {
+        let existing = self.acquire(baton.as_deref())?;
+        let path = self.cfg.db_path.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut stream = match existing {
+                Some(stream) => stream,
+                None => Stream::open(&path)?,
+            };
+            let out = work(&mut stream);
+            // a closed stream is dropped here, on the blocking thread
+            Ok::<_, HranaError>((out, (!stream.closed).then_some(stream)))
+        })
+        .await;
+        match joined {
+            Ok(Ok((out, stream))) => Ok((out, self.release(stream))),
+            Ok(Err(e)) => Err(error_response(StatusCode::INTERNAL_SERVER_ERROR, &e)),
+            Err(e) => Err(error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &HranaError::new("INTERNAL", format!("stream task failed: {e}")),
+            )),
+        }
+    }
+}
+
+fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| {
+        error_response(
+            StatusCode::BAD_REQUEST,
+            &HranaError::new("PROTOCOL_ERROR", format!("invalid request body: {e}")),
+        )
+    })
+}
+
+async fn probe(State(app): State<App>, headers: HeaderMap) -> Response {
+    match app.admit(&headers).await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(resp) => resp,
+    }
+}
+
+async fn pipeline(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
+    let run = async {
+        app.admit(&headers).await?;
+        let req: PipelineBody = parse_body(&body)?;
+        let requests = req.requests;
+        let (results, baton) = app.with_stream(req.baton, move |s| s.pipeline(requests)).await?;
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({ "baton": baton, "base_url": null, "results": results }),
+        ))
+    };
+    run.await.unwrap_or_else(|resp: Response| resp)
+}
+
+async fn cursor(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
+    let run = async {
+        app.admit(&headers).await?;
+        let req: CursorBody = parse_body(&body)?;
+        let batch = req.batch;
+        let (entries, baton) = app.with_stream(req.baton, move |s| s.cursor(&batch)).await?;
+        let mut text = json!({ "baton": baton, "base_url": null }).to_string();
+        text.push('\n');
+        for entry in entries {
+            text.push_str(&entry.to_string());
+            text.push('\n');
+        }
+        Ok(([(header::CONTENT_TYPE, "text/plain")], text).into_response())
+    };
+    run.await.unwrap_or_else(|resp: Response| resp)
+}
+
+/// Expires streams idle for longer than the configured timeout.
+async fn sweep_idle_streams(app: App) {
+    loop {
+        let pause = (app.cfg.idle_timeout() / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+        tokio::time::sleep(pause).await;
+        let timeout = app.cfg.idle_timeout();
+        let mut reg = lock(&app.reg);
+        let stale: Vec<String> = reg
+            .idle
+            .iter()
+            .filter(|(_, s)| s.since.elapsed() > timeout)
+            .map(|(baton, _)| baton.clone())
+            .collect();
+        if reg.expired.len() > 10_000 {
+            reg.expired.clear();
+        }
+        let mut streams = Vec::with_capacity(stale.len());
+        for baton in stale {
+            if let Some(idle) = reg.idle.remove(&baton) {
+                streams.push(idle.stream);
+            }
+            reg.expired.insert(baton);
+        }
+        drop(reg);
+        drop_streams(streams);
+    }
+}
+
+struct Running {
+    reg: Arc<Mutex<Registry>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: JoinHandle<()>,
+    sweeper: JoinHandle<()>,
+}
+
+/// An in-process Hrana-over-HTTP server; see the module documentation.
+pub struct HranaServer {
+    cfg: Arc<Config>,
+    addr: SocketAddr,
+    running: Option<Running>,
+}
+
+impl HranaServer {
+    /// Start on 127.0.0.1:0 backed by the SQLite file at `db_path`; optional required bearer token.
+    pub async fn start(db_path: &Path, auth_token: Option<&str>) -> HranaServer {
+        let path = db_path.to_path_buf();
+        let init_path = path.clone();
+        // Create the file and switch it to WAL so readers and a writer on different streams coexist.
+        tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
+            let conn = Connection::open(&init_path)?;
+            conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+        })
+        .await
+        .expect("hrana test server: init task panicked")
+        .unwrap_or_else(|e| panic!("hrana test server: cannot open {}: {e}", path.display()));
+
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("hrana test server: cannot bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("hrana test server: no local address");
+        let cfg = Arc::new(Config {
+            db_path: path,
+            auth_header: auth_token.map(|t| format!("Bearer {t}")),
+            idle_timeout: Mutex::new(DEFAULT_IDLE_TIMEOUT),
+            delay: Mutex::new(Duration::ZERO),
+            baton_counter: AtomicU64::new(1),
+        });
+        let mut server = HranaServer {
+            cfg,
+            addr,
+            running: None,
+        };
+        server.launch(listener);
+        server
+    }
+
+    /// Base URL like "http://127.0.0.1:PORT" (what you pass to libsql::Builder::new_remote).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stop listening and drop all streams (connections refused afterwards).
+    pub async fn stop(&mut self) {
+        let Some(mut run) = self.running.take() else { return };
+        run.sweeper.abort();
+        if let Some(tx) = run.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let streams: Vec<Stream> = {
+            let mut reg = lock(&run.reg);
+            reg.stopped = true;
+            reg.expired.clear();
+            reg.idle.drain().map(|(_, idle)| idle.stream).collect()
+        };
+        let _ = tokio::task::spawn_blocking(move || drop(streams)).await;
+        // Graceful shutdown closes idle keep-alive connections; give in-flight requests 5 s.
+        if tokio::time::timeout(Duration::from_secs(5), &mut run.server).await.is_err() {
+            run.server.abort();
+            let _ = (&mut run.server).await;
+        }
+    }
+
+    /// Start again on the SAME port and same file after stop().
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let mut attempts = 0;
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(e) if attempts < 50 => {
+                    attempts += 1;
+                    eprintln!("hrana test server: rebinding {} failed ({e}), retrying", self.addr);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("hrana test server: cannot rebind {}: {e}", self.addr),
+            }
+        };
+        self.launch(listener);
+    }
+
+    /// Set the idle stream expiry (default 10 s).
+    pub fn set_stream_idle_timeout(&self, d: Duration) {
+        *lock(&self.cfg.idle_timeout) = d;
+    }
+
+    /// Make every request sleep this long before answering (fault injection for "slow database"); zero by default.
+    pub fn set_delay(&self, d: Duration) {
+        *lock(&self.cfg.delay) = d;
+    }
+
+    fn launch(&mut self, listener: TcpListener) {
+        let reg = Arc::new(Mutex::new(Registry::default()));
+        let app = App {
+            cfg: Arc::clone(&self.cfg),
+            reg: Arc::clone(&reg),
+        };
+        let router = Router::new()
+            .route("/v2", get(probe))
+            .route("/v3", get(probe))
+            .route("/v2/pipeline", post(pipeline))
+            .route("/v3/pipeline", post(pipeline))
+            .route("/v3/cursor", post(cursor))
+            .layer(DefaultBodyLimit::max(64 * 1024 * 1024))
+            .with_state(app.clone());
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.await;
+            };
+            if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
+                eprintln!("hrana test server: serve error: {e}");
+            }
+        });
+        let sweeper = tokio::spawn(sweep_idle_streams(app));
+        self.running = Some(Running {
+            reg,
+            shutdown: Some(tx),
+            server,
+            sweeper,
+        });
+    }
+}
+
+impl Drop for HranaServer {
+    fn drop(&mut self) {
+        if let Some(mut run) = self.running.take() {
+            run.sweeper.abort();
+            run.server.abort();
+            if let Some(tx) = run.shutdown.take() {
+                let _ = tx.send(());
+            }
+            let mut reg = lock(&run.reg);
+            reg.stopped = true;
+            reg.idle.clear();
+        }
+    }
+}
