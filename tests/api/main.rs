@@ -5,3 +5,5 @@ mod helpers;
 mod health;
 mod admin;
 mod draw;
+mod concurrency;
+mod durability;

@@ -1,0 +1,168 @@
+//! SPEC §7 invariants under many concurrent callers: exact counts of 200s, of `usage_count`
+//! and of `usage_events` rows.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use serde_json::json;
+use tokio::sync::Mutex;
+
+use crate::helpers::*;
+
+/// Runs `callers` tasks, each drawing until it sees a non-200; returns served key ids and statuses.
+async fn hammer(app: &TestApp, feature: &str, token: &str, callers: usize, max_each: usize) -> (Vec<String>, HashMap<u16, usize>) {
+    let served = Arc::new(Mutex::new(Vec::new()));
+    let statuses = Arc::new(Mutex::new(HashMap::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let (client, url, token, feature) = (app.client.clone(), app.url("/key"), token.to_string(), feature.to_string());
+        let (served, statuses) = (served.clone(), statuses.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..max_each {
+                let r = client.get(&url).query(&[("feature", &feature)]).bearer_auth(&token).send().await.expect("send");
+                let status = r.status();
+                *statuses.lock().await.entry(status.as_u16()).or_insert(0) += 1;
+                if status == StatusCode::OK {
+                    let body: serde_json::Value = r.json().await.expect("json");
+                    served.lock().await.push(body["key_id"].as_str().expect("key_id").to_string());
+                } else {
+                    break;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("caller task");
+    }
+    let served = served.lock().await.clone();
+    let statuses = statuses.lock().await.clone();
+    (served, statuses)
+}
+
+async fn per_key(app: &TestApp, sql: &str) -> HashMap<String, i64> {
+    let db = app.db().await;
+    let rows: Vec<(String, i64)> = sqlx::query_as(sql).fetch_all(&db).await.expect("query");
+    db.close().await;
+    rows.into_iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_limit_holds_under_64_concurrent_callers() {
+    let app = spawn_app().await;
+    app.create_tier("t", &[("scrape", 1_000_000, 60)]).await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(app.add_key(json!({ "name": format!("k{i}"), "key": format!("v{i}"), "tier": "t", "usage_limit": 500 })).await);
+    }
+    let (_, token) = app.consumer("c", &["t"]).await;
+    let (served, statuses) = hammer(&app, "scrape", &token, 64, 1000).await;
+
+    assert_eq!(served.len(), 2000, "{statuses:?}");
+    assert_eq!(statuses.get(&429), Some(&64), "every caller ends on a 429: {statuses:?}");
+    assert_eq!(statuses.len(), 2, "only 200 and 429: {statuses:?}");
+    let mut by_key: HashMap<String, i64> = HashMap::new();
+    for id in &served {
+        *by_key.entry(id.clone()).or_default() += 1;
+    }
+    let counts = per_key(&app, "SELECT id, usage_count FROM keys").await;
+    let events = per_key(&app, "SELECT key_id, COUNT(*) FROM usage_events GROUP BY key_id").await;
+    for id in &ids {
+        assert_eq!(by_key[id], 500, "200s for {id}");
+        assert_eq!(counts[id], 500, "usage_count for {id}");
+        assert_eq!(events[id], 500, "usage_events for {id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limit_holds_under_64_concurrent_callers() {
+    let app = spawn_app().await;
+    // One-hour windows: the whole test runs inside the first window.
+    app.create_tier("t", &[("scrape", 50, 3600)]).await;
+    for i in 0..3 {
+        app.add_key(json!({ "name": format!("k{i}"), "key": format!("v{i}"), "tier": "t" })).await;
+    }
+    let (served, statuses) = hammer(&app, "scrape", ADMIN_TOKEN, 64, 100).await;
+    assert_eq!(served.len(), 150, "{statuses:?}");
+    assert_eq!(app.count("SELECT COUNT(*) FROM usage_events").await, 150);
+    assert_eq!(app.count("SELECT SUM(usage_count) FROM keys").await, 150);
+    let list = app.admin_get("/admin/keys").await;
+    for k in list.body.as_array().unwrap() {
+        assert_eq!(k["usage"]["scrape"]["used"], 50);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn budgets_and_rates_hold_together_for_mixed_callers() {
+    let app = spawn_app().await;
+    app.create_tier("a", &[("scrape", 120, 3600)]).await;
+    app.create_tier("b", &[("scrape", 1_000, 3600)]).await;
+    app.add_key(json!({ "name": "a1", "key": "va1", "tier": "a", "usage_limit": 100 })).await;
+    app.add_key(json!({ "name": "a2", "key": "va2", "tier": "a", "usage_limit": 300 })).await;
+    app.add_key(json!({ "name": "b1", "key": "vb1", "tier": "b", "usage_limit": 250, "usage_window_seconds": 2592000 })).await;
+    let (_, ca) = app.consumer("ca", &["a"]).await;
+    let (_, cb) = app.consumer("cb", &["b"]).await;
+    let (_, cab) = app.consumer("cab", &["a", "b"]).await;
+    let (r1, r2, r3, r4) = tokio::join!(
+        hammer(&app, "scrape", &ca, 16, 1000),
+        hammer(&app, "scrape", &cb, 16, 1000),
+        hammer(&app, "scrape", &cab, 16, 1000),
+        hammer(&app, "scrape", ADMIN_TOKEN, 16, 1000),
+    );
+    let total = r1.0.len() + r2.0.len() + r3.0.len() + r4.0.len();
+    // a1: min(100, 120) + a2: min(300, 120) + b1: 250
+    assert_eq!(total, 100 + 120 + 250);
+    assert_eq!(app.count("SELECT COUNT(*) FROM usage_events").await, total as i64);
+    assert_eq!(app.count("SELECT SUM(usage_count) FROM keys").await, total as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn counts_stay_exact_when_commits_fail_under_load() {
+    let app = spawn_app_with(&[("DB_BUSY_TIMEOUT_MS", "50")]).await;
+    app.create_tier("t", &[("scrape", 1_000_000, 3600)]).await;
+    for i in 0..3 {
+        app.add_key(json!({ "name": format!("k{i}"), "key": format!("v{i}"), "tier": "t", "usage_limit": 400 })).await;
+    }
+    let served = Arc::new(Mutex::new(0usize));
+    let unavailable = Arc::new(Mutex::new(0usize));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (client, url) = (app.client.clone(), app.url("/key"));
+        let (served, unavailable, stop) = (served.clone(), unavailable.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = client.get(&url).query(&[("feature", "scrape")]).bearer_auth(ADMIN_TOKEN).send().await.expect("send");
+                match r.status() {
+                    StatusCode::OK => *served.lock().await += 1,
+                    StatusCode::SERVICE_UNAVAILABLE => *unavailable.lock().await += 1,
+                    StatusCode::TOO_MANY_REQUESTS => break,
+                    other => panic!("unexpected {other}"),
+                }
+            }
+        }));
+    }
+    // Block the database twice for longer than the busy timeout while the callers run.
+    let blocker = app.db().await;
+    for _ in 0..2 {
+        tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+        let mut conn = blocker.acquire().await.expect("conn");
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await.expect("lock");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        sqlx::query("ROLLBACK").execute(&mut *conn).await.expect("unlock");
+    }
+    blocker.close().await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    for t in tasks {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if tokio::time::timeout(remaining, t).await.is_err() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let served = *served.lock().await;
+    let unavailable = *unavailable.lock().await;
+    assert!(unavailable > 0, "the blocker must have caused failed commits");
+    assert_eq!(served, 1200, "failed serves were given back, so the whole budget is still served");
+    assert_eq!(app.count("SELECT SUM(usage_count) FROM keys").await, 1200);
+    assert_eq!(app.count("SELECT COUNT(*) FROM usage_events").await, 1200);
+}
