@@ -3,6 +3,7 @@
 //! Two drivers speak SQLite's dialect — `sqlite` (sqlx, the embedded default) and `libsql`
 //! (remote Turso/libSQL). SQL text lives here once; drivers only bind, decode and map errors.
 
+pub mod libsql;
 pub mod sqlite;
 
 use crate::config::{Config, DatabaseConfig};
@@ -31,12 +32,14 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
 #[derive(Clone)]
 pub enum Db {
     Sqlite(sqlite::SqliteStore),
+    Libsql(libsql::LibsqlStore),
 }
 
 macro_rules! dispatch {
     ($self:ident, $store:ident => $call:expr) => {
         match $self {
             Db::Sqlite($store) => $call,
+            Db::Libsql($store) => $call,
         }
     };
 }
@@ -46,8 +49,8 @@ impl Db {
     pub async fn open(config: &Config) -> Result<Db, StoreError> {
         match &config.database {
             DatabaseConfig::Local { path } => Ok(Db::Sqlite(sqlite::SqliteStore::open(path, config).await?)),
-            DatabaseConfig::Remote { .. } => Err(StoreError::Other(
-                "DATABASE_URL (Turso/libSQL) is not supported by this build yet".into(),
+            DatabaseConfig::Remote { url, auth_token } => Ok(Db::Libsql(
+                libsql::LibsqlStore::open(url, auth_token.as_ref(), config).await?,
             )),
         }
     }

@@ -5,7 +5,7 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-#[tokio::test]
+on_both_drivers! {
 async fn tiers_are_created_listed_by_name_and_patched() {
     let app = spawn_app().await;
     let r = app
@@ -50,7 +50,6 @@ async fn tiers_are_created_listed_by_name_and_patched() {
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
 }
 
-#[tokio::test]
 async fn patched_features_take_effect_on_the_next_draw() {
     let app = spawn_app().await;
     app.create_tier("t", &[("scrape", 1, 60)]).await;
@@ -66,7 +65,6 @@ async fn patched_features_take_effect_on_the_next_draw() {
     assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::NOT_FOUND);
 }
 
-#[tokio::test]
 async fn keys_are_added_listed_without_values_and_deleted_with_their_secrets() {
     let app = spawn_app().await;
     app.create_tier("fc", &[("scrape", 10, 60), ("search", 5, 30)]).await;
@@ -125,14 +123,12 @@ async fn keys_are_added_listed_without_values_and_deleted_with_their_secrets() {
     assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::TOO_MANY_REQUESTS, "deleted key is gone");
 }
 
-#[tokio::test]
 async fn values_are_sealed_at_rest_when_encryption_is_on() {
     let app = spawn_app_with(&[("ENCRYPTION_KEY", &"0f".repeat(32))]).await;
     app.create_tier("t", &[("scrape", 10, 60)]).await;
     app.add_key(json!({ "name": "k", "key": "plain-VALUE", "tier": "t", "secrets": { "s": "plain-SECRET" } })).await;
-    let db = app.db().await;
-    let value: String = sqlx::query_scalar("SELECT key_value FROM keys").fetch_one(&db).await.unwrap();
-    let secret: String = sqlx::query_scalar("SELECT value FROM key_secrets").fetch_one(&db).await.unwrap();
+    let value = app.scalar("SELECT key_value FROM keys").await;
+    let secret = app.scalar("SELECT value FROM key_secrets").await;
     assert!(value.starts_with("enc:gcm:") && secret.starts_with("enc:gcm:"));
     assert!(!value.contains("plain"));
     let served = app.draw("scrape", ADMIN_TOKEN).await;
@@ -140,7 +136,6 @@ async fn values_are_sealed_at_rest_when_encryption_is_on() {
     assert_eq!(served.body["secrets"], json!({ "s": "plain-SECRET" }));
 }
 
-#[tokio::test]
 async fn consumers_get_a_token_once_and_list_without_it() {
     let app = spawn_app().await;
     app.create_tier("b-tier", &[("scrape", 10, 60)]).await;
@@ -153,7 +148,7 @@ async fn consumers_get_a_token_once_and_list_without_it() {
     assert!(token.chars().all(|c| c.is_ascii_hexdigit()));
     assert_eq!(r.body, json!({ "id": id, "name": "runner", "token": token }));
 
-    let stored: String = sqlx::query_scalar("SELECT token_hash FROM consumers").fetch_one(&app.db().await).await.unwrap();
+    let stored = app.scalar("SELECT token_hash FROM consumers").await;
     use sha2::Digest;
     assert_eq!(stored, hex::encode(sha2::Sha256::digest(token.as_bytes())));
 
@@ -183,7 +178,6 @@ async fn consumers_get_a_token_once_and_list_without_it() {
     assert_eq!(app.admin_send(Method::DELETE, &format!("/admin/consumers/{id}"), None).await.status, StatusCode::NOT_FOUND);
 }
 
-#[tokio::test]
 async fn usage_lists_newest_first_with_a_default_and_a_maximum() {
     let app = spawn_app().await;
     app.create_tier("t", &[("scrape", 10_000, 60)]).await;
@@ -209,7 +203,6 @@ async fn usage_lists_newest_first_with_a_default_and_a_maximum() {
     assert_eq!(app.admin_get("/admin/usage?limit=0").await.status, StatusCode::BAD_REQUEST);
 }
 
-#[tokio::test]
 async fn admin_routes_need_the_admin_token() {
     let app = spawn_app().await;
     app.create_tier("t", &[("scrape", 10, 60)]).await;
@@ -221,4 +214,5 @@ async fn admin_routes_need_the_admin_token() {
         assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}");
         assert!(!r.error().is_empty());
     }
+}
 }

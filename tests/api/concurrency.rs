@@ -41,13 +41,14 @@ async fn hammer(app: &TestApp, feature: &str, token: &str, callers: usize, max_e
 }
 
 async fn per_key(app: &TestApp, sql: &str) -> HashMap<String, i64> {
-    let db = app.db().await;
-    let rows: Vec<(String, i64)> = sqlx::query_as(sql).fetch_all(&db).await.expect("query");
-    db.close().await;
-    rows.into_iter().collect()
+    app.rows(sql)
+        .await
+        .into_iter()
+        .map(|r| (r[0].clone().expect("id"), r[1].as_deref().expect("n").parse().expect("integer")))
+        .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+on_both_drivers! {
 async fn usage_limit_holds_under_64_concurrent_callers() {
     let app = spawn_app().await;
     app.create_tier("t", &[("scrape", 1_000_000, 60)]).await;
@@ -74,7 +75,6 @@ async fn usage_limit_holds_under_64_concurrent_callers() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rate_limit_holds_under_64_concurrent_callers() {
     let app = spawn_app().await;
     // One-hour windows: the whole test runs inside the first window.
@@ -92,7 +92,6 @@ async fn rate_limit_holds_under_64_concurrent_callers() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn budgets_and_rates_hold_together_for_mixed_callers() {
     let app = spawn_app().await;
     app.create_tier("a", &[("scrape", 120, 3600)]).await;
@@ -115,7 +114,9 @@ async fn budgets_and_rates_hold_together_for_mixed_callers() {
     assert_eq!(app.count("SELECT COUNT(*) FROM usage_events").await, total as i64);
     assert_eq!(app.count("SELECT SUM(usage_count) FROM keys").await, total as i64);
 }
+}
 
+/// SQLite-only: the blocker is a second writer on the same file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn counts_stay_exact_when_commits_fail_under_load() {
     let app = spawn_app_with(&[("DB_BUSY_TIMEOUT_MS", "50")]).await;

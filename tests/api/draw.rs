@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-#[tokio::test]
+on_both_drivers! {
 async fn served_key_carries_value_metadata_and_secrets_and_is_audited() {
     let app = spawn_app().await;
     app.create_tier("fc", &[("scrape", 10, 60)]).await;
@@ -24,20 +24,13 @@ async fn served_key_carries_value_metadata_and_secrets_and_is_audited() {
         r.body,
         json!({ "key_id": id, "value": "fc-123", "metadata": { "account": "a@b.c" }, "secrets": { "webhook_secret": "whsec" } })
     );
-    let db = app.db().await;
-    let (key_id, consumer_id, feature): (String, String, String) =
-        sqlx::query_as("SELECT key_id, consumer_id, feature FROM usage_events").fetch_one(&db).await.unwrap();
-    assert_eq!((key_id.as_str(), consumer_id.as_str(), feature.as_str()), (id.as_str(), cid.as_str(), "scrape"));
+    let rows = app.rows("SELECT key_id, consumer_id, feature FROM usage_events").await;
+    assert_eq!(rows, vec![vec![Some(id.clone()), Some(cid.clone()), Some("scrape".to_string())]]);
     let admin = app.draw("scrape", ADMIN_TOKEN).await;
     assert_eq!(admin.status, StatusCode::OK);
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_events WHERE consumer_id = 'admin'")
-        .fetch_one(&db)
-        .await
-        .unwrap();
-    assert_eq!(n, 1);
+    assert_eq!(app.count("SELECT COUNT(*) FROM usage_events WHERE consumer_id = 'admin'").await, 1);
 }
 
-#[tokio::test]
 async fn rotation_is_round_robin_across_the_pool() {
     let app = spawn_app().await;
     app.create_tier("t", &[("scrape", 100, 60)]).await;
@@ -53,7 +46,6 @@ async fn rotation_is_round_robin_across_the_pool() {
     assert!(seen.values().all(|&n| n == 10), "{seen:?}");
 }
 
-#[tokio::test]
 async fn outcomes_400_401_403_404_follow_the_spec() {
     let app = spawn_app().await;
     app.create_tier("a", &[("scrape", 10, 60)]).await;
@@ -78,7 +70,6 @@ async fn outcomes_400_401_403_404_follow_the_spec() {
     assert_eq!(app.count("SELECT COUNT(*) FROM usage_events").await, 1, "only the 200 is audited");
 }
 
-#[tokio::test]
 async fn in_scope_consumer_with_nothing_left_gets_429_with_retry_after() {
     let app = spawn_app().await;
     app.create_tier("t", &[("scrape", 2, 30)]).await;
@@ -93,7 +84,6 @@ async fn in_scope_consumer_with_nothing_left_gets_429_with_retry_after() {
     assert!((29..=30).contains(&retry), "{retry}");
 }
 
-#[tokio::test]
 async fn spent_lifetime_caps_and_expired_or_empty_pools_get_429_without_retry_after() {
     let app = spawn_app().await;
     app.create_tier("t", &[("scrape", 100, 60)]).await;
@@ -110,7 +100,6 @@ async fn spent_lifetime_caps_and_expired_or_empty_pools_get_429_without_retry_af
     assert_eq!(app.count("SELECT usage_count FROM keys").await, 2);
 }
 
-#[tokio::test]
 async fn an_expiring_key_leaves_the_pool_when_it_expires() {
     let app = spawn_app().await;
     app.create_tier("t", &[("scrape", 100, 60)]).await;
@@ -123,7 +112,6 @@ async fn an_expiring_key_leaves_the_pool_when_it_expires() {
     assert!(r.headers.get("retry-after").is_none());
 }
 
-#[tokio::test]
 async fn a_key_over_its_rate_is_skipped_for_the_next_candidate() {
     let app = spawn_app().await;
     app.create_tier("t", &[("scrape", 1, 60)]).await;
@@ -136,7 +124,6 @@ async fn a_key_over_its_rate_is_skipped_for_the_next_candidate() {
     assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::TOO_MANY_REQUESTS);
 }
 
-#[tokio::test]
 async fn a_monthly_window_resets_after_it_elapses() {
     // The window logic is unit-tested with a moved clock; here a Go-style row whose
     // month started 31 days ago proves the reset through the real stack.
@@ -154,10 +141,8 @@ async fn a_monthly_window_resets_after_it_elapses() {
 
     let mut app = app;
     app.stop().await;
-    let db = app.db().await;
     let month_ago = (chrono::Utc::now() - chrono::TimeDelta::days(31)).format("%Y-%m-%d %H:%M:%S").to_string();
-    sqlx::query("UPDATE keys SET usage_window_start = ? WHERE id = ?").bind(&month_ago).bind(&id).execute(&db).await.unwrap();
-    db.close().await;
+    app.rows_with("UPDATE keys SET usage_window_start = ? WHERE id = ?", &[&month_ago, &id]).await;
     app.restart().await;
     assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK, "new month");
     assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
@@ -165,7 +150,6 @@ async fn a_monthly_window_resets_after_it_elapses() {
     assert_eq!(app.count("SELECT usage_count FROM keys").await, 2);
 }
 
-#[tokio::test]
 async fn auth_changes_apply_on_the_very_next_request() {
     let app = spawn_app().await;
     app.create_tier("t", &[("scrape", 100, 60)]).await;
@@ -178,4 +162,5 @@ async fn auth_changes_apply_on_the_very_next_request() {
     assert_eq!(app.draw("search", &token).await.status, StatusCode::OK);
     app.admin_send(reqwest::Method::DELETE, &format!("/admin/consumers/{id}"), None).await;
     assert_eq!(app.draw("scrape", &token).await.status, StatusCode::UNAUTHORIZED);
+}
 }

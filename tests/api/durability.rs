@@ -5,7 +5,7 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-#[tokio::test]
+on_both_drivers! {
 async fn restart_keeps_usage_counts_spent_budgets_and_secrets() {
     let mut app = spawn_app_with(&[("ENCRYPTION_KEY", &"5a".repeat(32))]).await;
     app.create_tier("t", &[("scrape", 1000, 60)]).await;
@@ -36,6 +36,7 @@ async fn restart_keeps_usage_counts_spent_budgets_and_secrets() {
     let live_row = keys.body.as_array().unwrap().iter().find(|k| k["id"] == live.as_str()).unwrap().clone();
     assert_eq!(live_row["secret_names"], json!(["s"]));
     assert_eq!(live_row["readable"], true);
+}
 }
 
 #[tokio::test]

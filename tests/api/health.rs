@@ -3,7 +3,7 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-#[tokio::test]
+on_both_drivers! {
 async fn health_is_public_and_ok() {
     let app = spawn_app().await;
     let r = app.get("/health", None).await;
@@ -11,7 +11,6 @@ async fn health_is_public_and_ok() {
     assert_eq!(r.body, json!({ "status": "ok" }));
 }
 
-#[tokio::test]
 async fn admin_health_counts_every_stored_key_and_reports_encryption() {
     let key = "ab".repeat(32);
     let app = spawn_app_with(&[("ENCRYPTION_KEY", &key)]).await;
@@ -24,7 +23,6 @@ async fn admin_health_counts_every_stored_key_and_reports_encryption() {
     assert_eq!(unauth.status, StatusCode::UNAUTHORIZED);
 }
 
-#[tokio::test]
 async fn unknown_routes_and_wrong_methods_answer_json() {
     let app = spawn_app().await;
     let r = app.get("/nope", None).await;
@@ -35,4 +33,5 @@ async fn unknown_routes_and_wrong_methods_answer_json() {
     assert!(!r.error().is_empty());
     let r = app.admin_send(reqwest::Method::DELETE, "/admin/tiers", None).await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+}
 }

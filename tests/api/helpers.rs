@@ -1,5 +1,11 @@
 //! `spawn_app()`: the real router on 127.0.0.1:0 against a real SQLite file in a temp dir,
 //! and a `TestApp` whose helpers read like the API's users.
+//!
+//! Driver: tests written inside `on_both_drivers! { … }` run twice — on the embedded SQLite
+//! driver, and on the libSQL driver talking Hrana over HTTP to the test server in `hrana.rs`
+//! (backed by the same temp file). With `KEYPOOLER_TEST_DATABASE_URL` (and optionally
+//! `KEYPOOLER_TEST_DATABASE_AUTH_TOKEN`) set, the libSQL runs use that real server instead;
+//! each test then wipes its tables first, so run them with `--test-threads=1`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,6 +17,45 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::SqlitePool;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+use crate::hrana::HranaServer;
+
+/// Which storage driver a test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Libsql,
+}
+
+tokio::task_local! {
+    pub static BACKEND: Backend;
+}
+
+pub fn backend() -> Backend {
+    BACKEND.try_with(|b| *b).unwrap_or(Backend::Sqlite)
+}
+
+fn external_url() -> Option<String> {
+    std::env::var("KEYPOOLER_TEST_DATABASE_URL").ok().filter(|u| !u.is_empty())
+}
+
+/// Defines each test twice: `…::sqlite` on the embedded driver, `…::libsql` on the remote one.
+macro_rules! on_both_drivers {
+    ($(async fn $name:ident() $body:block)*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                $crate::helpers::BACKEND.scope($crate::helpers::Backend::Sqlite, async $body).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn libsql() {
+                $crate::helpers::BACKEND.scope($crate::helpers::Backend::Libsql, async $body).await
+            }
+        }
+    )*};
+}
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
@@ -34,6 +79,9 @@ pub struct TestApp {
     pub dir: Arc<tempfile::TempDir>,
     pub db_path: PathBuf,
     pub env: Vec<(String, String)>,
+    /// The remote database (libSQL runs on the test server); kept across restarts.
+    pub remote: Option<Arc<tokio::sync::Mutex<HranaServer>>>,
+    remote_url: Option<String>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<()>>,
 }
@@ -52,10 +100,47 @@ pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
         ("LOG_REQUESTS".to_string(), "false".to_string()),
     ];
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    start(dir, db_path, env).await
+    let (remote, remote_url) = match backend() {
+        Backend::Sqlite => (None, None),
+        Backend::Libsql => match external_url() {
+            Some(url) => {
+                wipe_external(&url).await;
+                if let Ok(token) = std::env::var("KEYPOOLER_TEST_DATABASE_AUTH_TOKEN") {
+                    env.push(("DATABASE_AUTH_TOKEN".into(), token));
+                }
+                (None, Some(url))
+            }
+            None => {
+                std::fs::create_dir_all(db_path.parent().expect("parent")).expect("data dir");
+                let server = HranaServer::start(&db_path, None).await;
+                let url = server.url();
+                (Some(Arc::new(tokio::sync::Mutex::new(server))), Some(url))
+            }
+        },
+    };
+    if let Some(url) = &remote_url {
+        env.push(("DATABASE_URL".into(), url.clone()));
+    }
+    start(dir, db_path, env, remote, remote_url).await
 }
 
-async fn start(dir: Arc<tempfile::TempDir>, db_path: PathBuf, env: Vec<(String, String)>) -> TestApp {
+/// Drops every table of an external test database so the test starts from nothing.
+async fn wipe_external(url: &str) {
+    let token = std::env::var("KEYPOOLER_TEST_DATABASE_AUTH_TOKEN").unwrap_or_default();
+    let db = libsql::Builder::new_remote(url.to_string(), token).build().await.expect("external db");
+    let conn = db.connect().expect("connect");
+    for t in ["tiers", "tier_features", "keys", "key_secrets", "consumers", "consumer_scopes", "usage_events", "schema_migrations"] {
+        conn.execute(&format!("DROP TABLE IF EXISTS {t}"), ()).await.expect("drop");
+    }
+}
+
+async fn start(
+    dir: Arc<tempfile::TempDir>,
+    db_path: PathBuf,
+    env: Vec<(String, String)>,
+    remote: Option<Arc<tokio::sync::Mutex<HranaServer>>>,
+    remote_url: Option<String>,
+) -> TestApp {
     let config = keypooler::config::Config::from_vars(env.clone()).expect("valid test config");
     let app = keypooler::build(&config).await.expect("app builds");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -74,6 +159,8 @@ async fn start(dir: Arc<tempfile::TempDir>, db_path: PathBuf, env: Vec<(String, 
         dir,
         db_path,
         env,
+        remote,
+        remote_url,
         shutdown: Some(tx),
         handle: Some(handle),
     }
@@ -93,7 +180,14 @@ impl TestApp {
     /// Stops and starts a new server on the same database file and environment.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let fresh = start(self.dir.clone(), self.db_path.clone(), self.env.clone()).await;
+        let fresh = start(
+            self.dir.clone(),
+            self.db_path.clone(),
+            self.env.clone(),
+            self.remote.clone(),
+            self.remote_url.clone(),
+        )
+        .await;
         *self = fresh;
     }
 
@@ -186,11 +280,63 @@ impl TestApp {
         open_db(&self.db_path).await
     }
 
+    /// Rows of a query as text cells, read through the driver under test's own protocol
+    /// (sqlx on the file, or the libSQL client over Hrana).
+    pub async fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        self.rows_with(sql, &[]).await
+    }
+
+    pub async fn rows_with(&self, sql: &str, params: &[&str]) -> Vec<Vec<Option<String>>> {
+        match &self.remote_url {
+            None => {
+                use sqlx::Row;
+                let db = self.db().await;
+                let mut q = sqlx::query(sql);
+                for p in params {
+                    q = q.bind(*p);
+                }
+                let rows = q.fetch_all(&db).await.expect("query");
+                db.close().await;
+                rows.iter()
+                    .map(|r| (0..r.len()).map(|i| r.try_get_unchecked::<Option<String>, _>(i).expect("cell")).collect())
+                    .collect()
+            }
+            Some(url) => {
+                let token = std::env::var("KEYPOOLER_TEST_DATABASE_AUTH_TOKEN").unwrap_or_default();
+                let db = libsql::Builder::new_remote(url.clone(), token).build().await.expect("libsql");
+                let conn = db.connect().expect("connect");
+                let values: Vec<libsql::Value> = params.iter().map(|p| libsql::Value::Text(p.to_string())).collect();
+                let mut rows = conn.query(sql, libsql::params::Params::Positional(values)).await.expect("query");
+                let mut out = Vec::new();
+                while let Some(row) = rows.next().await.expect("row") {
+                    let cells = (0..row.column_count())
+                        .map(|i| match row.get_value(i).expect("cell") {
+                            libsql::Value::Null => None,
+                            libsql::Value::Integer(n) => Some(n.to_string()),
+                            libsql::Value::Real(f) => Some(f.to_string()),
+                            libsql::Value::Text(t) => Some(t),
+                            libsql::Value::Blob(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+                        })
+                        .collect();
+                    out.push(cells);
+                }
+                out
+            }
+        }
+    }
+
+    /// The single integer a query returns (NULL reads as 0).
     pub async fn count(&self, sql: &str) -> i64 {
-        let db = self.db().await;
-        let n: i64 = sqlx::query_scalar(sql).fetch_one(&db).await.expect("count query");
-        db.close().await;
-        n
+        let rows = self.rows(sql).await;
+        rows.first()
+            .and_then(|r| r.first().cloned().flatten())
+            .map(|s| s.parse().expect("integer"))
+            .unwrap_or(0)
+    }
+
+    /// The first cell of the first row, as text.
+    pub async fn scalar(&self, sql: &str) -> String {
+        self.rows(sql).await.first().and_then(|r| r.first().cloned().flatten()).expect("a value")
     }
 }
 

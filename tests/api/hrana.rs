@@ -8,8 +8,9 @@
 //! Served endpoints:
 //! - `GET /v2`, `GET /v3`: version probes, always 200.
 //! - `POST /v2/pipeline`, `POST /v3/pipeline`: a pipeline of stream requests
-//!   (`execute`, `batch`, `sequence`, `describe`, `store_sql`, `close_sql`,
-//!   `get_autocommit`, `close`).
+//!   (`execute`, `batch`, `sequence`, `describe`, `get_autocommit`, `close`).
+//!   `store_sql`/`close_sql` (and `sql_id`) are not implemented: libsql 0.9
+//!   never sends them.
 //! - `POST /v3/cursor`: a batch whose results come back as newline-separated
 //!   JSON cursor entries (the `libsql` crate uses it for every `query`).
 //!
@@ -56,14 +57,12 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Deserialize)]
 struct PipelineBody {
-    #[serde(default)]
     baton: Option<String>,
     requests: Vec<StreamReq>,
 }
 
 #[derive(Deserialize)]
 struct CursorBody {
-    #[serde(default)]
     baton: Option<String>,
     batch: Batch,
 }
@@ -72,52 +71,36 @@ struct CursorBody {
 #[serde(tag = "type", rename_all = "snake_case")]
 enum StreamReq {
     Close,
-    Execute {
-        stmt: Stmt,
-    },
-    Batch {
-        batch: Batch,
-    },
-    Sequence {
-        #[serde(default)]
-        sql: Option<String>,
-        #[serde(default)]
-        sql_id: Option<i32>,
-    },
-    Describe {
-        #[serde(default)]
-        sql: Option<String>,
-        #[serde(default)]
-        sql_id: Option<i32>,
-    },
-    StoreSql {
-        sql_id: i32,
-        sql: String,
-    },
-    CloseSql {
-        sql_id: i32,
-    },
+    Execute { stmt: Stmt },
+    Batch { batch: Batch },
+    Sequence { sql: String },
+    Describe { sql: String },
     GetAutocommit,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
+#[serde(default)]
 struct Stmt {
-    #[serde(default)]
     sql: Option<String>,
-    #[serde(default)]
-    sql_id: Option<i32>,
-    #[serde(default)]
-    args: Vec<Json>,
-    #[serde(default)]
+    args: Vec<Value>,
     named_args: Vec<NamedArg>,
-    #[serde(default)]
     want_rows: Option<bool>,
 }
 
 #[derive(Deserialize)]
 struct NamedArg {
     name: String,
-    value: Json,
+    value: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Value {
+    Null,
+    Integer { value: String },
+    Float { value: f64 },
+    Text { value: String },
+    Blob { base64: String },
 }
 
 #[derive(Deserialize)]
@@ -127,7 +110,6 @@ struct Batch {
 
 #[derive(Deserialize)]
 struct BatchStep {
-    #[serde(default)]
     condition: Option<Cond>,
     stmt: Stmt,
 }
@@ -143,9 +125,7 @@ enum Cond {
     IsAutocommit,
 }
 
-// ---------------------------------------------------------------------------
 // Protocol structures (server -> client).
-// ---------------------------------------------------------------------------
 
 #[derive(Serialize)]
 struct StmtResult {
@@ -194,77 +174,73 @@ impl From<rusqlite::Error> for HranaError {
     }
 }
 
-/// Name of an SQLite result code, extended for the codes tests usually match on.
+/// Name of an SQLite result code (extended for the busy and constraint codes tests match on).
 fn sqlite_code_name(extended: i32) -> String {
-    let name = match extended {
-        261 => "BUSY_RECOVERY",
-        517 => "BUSY_SNAPSHOT",
-        773 => "BUSY_TIMEOUT",
-        275 => "CONSTRAINT_CHECK",
-        787 => "CONSTRAINT_FOREIGNKEY",
-        1299 => "CONSTRAINT_NOTNULL",
-        1555 => "CONSTRAINT_PRIMARYKEY",
-        1811 => "CONSTRAINT_TRIGGER",
-        2067 => "CONSTRAINT_UNIQUE",
-        _ => match extended & 0xff {
-            1 => "ERROR",
-            2 => "INTERNAL",
-            3 => "PERM",
-            4 => "ABORT",
-            5 => "BUSY",
-            6 => "LOCKED",
-            7 => "NOMEM",
-            8 => "READONLY",
-            9 => "INTERRUPT",
-            10 => "IOERR",
-            11 => "CORRUPT",
-            13 => "FULL",
-            14 => "CANTOPEN",
-            17 => "SCHEMA",
-            18 => "TOOBIG",
-            19 => "CONSTRAINT",
-            20 => "MISMATCH",
-            21 => "MISUSE",
-            23 => "AUTH",
-            25 => "RANGE",
-            26 => "NOTADB",
-            _ => return format!("SQLITE_UNKNOWN_{extended}"),
-        },
+    const PRIMARY: [&str; 27] = [
+        "OK",
+        "ERROR",
+        "INTERNAL",
+        "PERM",
+        "ABORT",
+        "BUSY",
+        "LOCKED",
+        "NOMEM",
+        "READONLY",
+        "INTERRUPT",
+        "IOERR",
+        "CORRUPT",
+        "NOTFOUND",
+        "FULL",
+        "CANTOPEN",
+        "PROTOCOL",
+        "EMPTY",
+        "SCHEMA",
+        "TOOBIG",
+        "CONSTRAINT",
+        "MISMATCH",
+        "MISUSE",
+        "NOLFS",
+        "AUTH",
+        "FORMAT",
+        "RANGE",
+        "NOTADB",
+    ];
+    let suffix = match extended {
+        261 => "_RECOVERY",
+        517 => "_SNAPSHOT",
+        773 => "_TIMEOUT",
+        275 => "_CHECK",
+        787 => "_FOREIGNKEY",
+        1299 => "_NOTNULL",
+        1555 => "_PRIMARYKEY",
+        1811 => "_TRIGGER",
+        2067 => "_UNIQUE",
+        _ => "",
     };
-    format!("SQLITE_{name}")
+    match PRIMARY.get((extended & 0xff) as usize) {
+        Some(primary) => format!("SQLITE_{primary}{suffix}"),
+        None => format!("SQLITE_UNKNOWN_{extended}"),
+    }
 }
 
-fn value_from_json(v: &Json) -> Result<SqlValue, HranaError> {
-    let bad = |what: &str| HranaError::new("ARGS_INVALID", format!("invalid value {v}: {what}"));
-    let ty = v.get("type").and_then(Json::as_str).ok_or_else(|| bad("missing \"type\""))?;
-    match ty {
-        "null" => Ok(SqlValue::Null),
-        "integer" => match v.get("value") {
-            Some(Json::String(s)) => s
-                .parse()
-                .map(SqlValue::Integer)
-                .map_err(|_| bad("not a 64-bit decimal integer")),
-            Some(Json::Number(n)) => n.as_i64().map(SqlValue::Integer).ok_or_else(|| bad("not a 64-bit integer")),
-            _ => Err(bad("missing integer \"value\"")),
-        },
-        "float" => v
-            .get("value")
-            .and_then(Json::as_f64)
-            .map(SqlValue::Real)
-            .ok_or_else(|| bad("missing float \"value\"")),
-        "text" => v
-            .get("value")
-            .and_then(Json::as_str)
-            .map(|s| SqlValue::Text(s.to_owned()))
-            .ok_or_else(|| bad("missing text \"value\"")),
-        "blob" => {
-            let b64 = v.get("base64").and_then(Json::as_str).ok_or_else(|| bad("missing \"base64\""))?;
-            STANDARD_NO_PAD
-                .decode(b64.trim_end_matches('='))
-                .map(SqlValue::Blob)
-                .map_err(|_| bad("invalid base64"))
-        }
-        other => Err(bad(&format!("unknown type {other:?}"))),
+impl Value {
+    fn to_sql(&self) -> Result<SqlValue, HranaError> {
+        let bad = |what: &str| HranaError::new("ARGS_INVALID", what);
+        Ok(match self {
+            Value::Null => SqlValue::Null,
+            Value::Integer { value } => SqlValue::Integer(
+                value
+                    .parse()
+                    .map_err(|_| bad("integer value is not a 64-bit decimal string"))?,
+            ),
+            Value::Float { value } => SqlValue::Real(*value),
+            Value::Text { value } => SqlValue::Text(value.clone()),
+            Value::Blob { base64 } => SqlValue::Blob(
+                STANDARD_NO_PAD
+                    .decode(base64.trim_end_matches('='))
+                    .map_err(|_| bad("blob value is not valid base64"))?,
+            ),
+        })
     }
 }
 
@@ -280,15 +256,12 @@ fn value_to_json(v: ValueRef<'_>) -> Json {
     }
 }
 
-// ---------------------------------------------------------------------------
 // A stream: one SQLite connection plus its stored SQL texts. All methods block.
-// ---------------------------------------------------------------------------
 
 type StepOutcome = Option<Result<StmtResult, HranaError>>;
 
 struct Stream {
     conn: Connection,
-    sqls: HashMap<i32, String>,
     closed: bool,
 }
 
@@ -298,7 +271,6 @@ impl Stream {
         conn.busy_timeout(BUSY_TIMEOUT)?;
         Ok(Stream {
             conn,
-            sqls: HashMap::new(),
             closed: false,
         })
     }
@@ -316,14 +288,19 @@ impl Stream {
 
     fn request(&mut self, req: StreamReq) -> Result<Json, HranaError> {
         if self.closed {
-            return Err(HranaError::new("STREAM_CLOSED", "the stream has already been closed"));
+            return Err(HranaError::new(
+                "STREAM_CLOSED",
+                "the stream has already been closed",
+            ));
         }
         Ok(match req {
             StreamReq::Close => {
                 self.closed = true;
                 json!({ "type": "close" })
             }
-            StreamReq::Execute { stmt } => json!({ "type": "execute", "result": self.execute(&stmt)? }),
+            StreamReq::Execute { stmt } => {
+                json!({ "type": "execute", "result": self.execute(&stmt)? })
+            }
             StreamReq::Batch { batch } => {
                 let (results, errors): (Vec<Json>, Vec<Json>) = self
                     .run_batch(&batch)
@@ -336,25 +313,12 @@ impl Stream {
                     .unzip();
                 json!({ "type": "batch", "result": { "step_results": results, "step_errors": errors } })
             }
-            StreamReq::Sequence { sql, sql_id } => {
-                let sql = self.sql_text(sql, sql_id)?;
+            StreamReq::Sequence { sql } => {
                 self.conn.execute_batch(&sql)?;
                 json!({ "type": "sequence" })
             }
-            StreamReq::Describe { sql, sql_id } => {
-                let sql = self.sql_text(sql, sql_id)?;
+            StreamReq::Describe { sql } => {
                 json!({ "type": "describe", "result": self.describe(&sql)? })
-            }
-            StreamReq::StoreSql { sql_id, sql } => {
-                if self.sqls.contains_key(&sql_id) {
-                    return Err(HranaError::new("SQL_ID_IN_USE", format!("sql_id {sql_id} is already stored")));
-                }
-                self.sqls.insert(sql_id, sql);
-                json!({ "type": "store_sql" })
-            }
-            StreamReq::CloseSql { sql_id } => {
-                self.sqls.remove(&sql_id);
-                json!({ "type": "close_sql" })
             }
             StreamReq::GetAutocommit => {
                 json!({ "type": "get_autocommit", "is_autocommit": self.conn.is_autocommit() })
@@ -362,22 +326,15 @@ impl Stream {
         })
     }
 
-    /// Resolves `sql` / `sql_id` (exactly one of them must be given).
-    fn sql_text(&self, sql: Option<String>, sql_id: Option<i32>) -> Result<String, HranaError> {
-        match (sql, sql_id) {
-            (Some(sql), None) => Ok(sql),
-            (None, Some(id)) => self
-                .sqls
-                .get(&id)
-                .cloned()
-                .ok_or_else(|| HranaError::new("SQL_NOT_FOUND", format!("no SQL text stored with sql_id {id}"))),
-            _ => Err(HranaError::new("SQL_INVALID", "exactly one of \"sql\" and \"sql_id\" must be given")),
-        }
-    }
-
     fn execute(&self, stmt: &Stmt) -> Result<StmtResult, HranaError> {
-        let sql = self.sql_text(stmt.sql.clone(), stmt.sql_id)?;
-        let mut st = self.conn.prepare(&sql)?;
+        let sql = stmt.sql.as_deref().ok_or_else(|| {
+            HranaError::new(
+                "SQL_INVALID",
+                "\"sql\" is required (sql_id is not supported)",
+            )
+        })?;
+        // Only the first statement of the text runs (the client splits scripts itself).
+        let mut st = self.conn.prepare(sql)?;
         bind_args(&mut st, stmt)?;
         let cols: Vec<Col> = st
             .columns()
@@ -423,7 +380,11 @@ impl Stream {
                 None => true,
                 Some(cond) => self.eval(cond, &outcomes),
             };
-            let outcome = if run { Some(self.execute(&step.stmt)) } else { None };
+            let outcome = if run {
+                Some(self.execute(&step.stmt))
+            } else {
+                None
+            };
             outcomes.push(outcome);
         }
         outcomes
@@ -446,10 +407,15 @@ impl Stream {
         for (step, outcome) in self.run_batch(batch).into_iter().enumerate() {
             match outcome {
                 None => {}
-                Some(Err(e)) => entries.push(json!({ "type": "step_error", "step": step, "error": e.to_json() })),
+                Some(Err(e)) => entries
+                    .push(json!({ "type": "step_error", "step": step, "error": e.to_json() })),
                 Some(Ok(r)) => {
                     entries.push(json!({ "type": "step_begin", "step": step, "cols": r.cols }));
-                    entries.extend(r.rows.into_iter().map(|row| json!({ "type": "row", "row": row })));
+                    entries.extend(
+                        r.rows
+                            .into_iter()
+                            .map(|row| json!({ "type": "row", "row": row })),
+                    );
                     entries.push(json!({
                         "type": "step_end",
                         "affected_row_count": r.affected_row_count,
@@ -474,7 +440,8 @@ impl Stream {
         Ok(json!({
             "params": params,
             "cols": cols,
-            "is_explain": st.is_explain() != 0,
+            // (rusqlite exposes sqlite3_stmt_isexplain only with its `modern_sqlite` feature)
+            "is_explain": sql.trim_start().get(..7).is_some_and(|w| w.eq_ignore_ascii_case("explain")),
             "is_readonly": st.readonly(),
         }))
     }
@@ -492,12 +459,16 @@ fn bind_args(st: &mut rusqlite::Statement<'_>, stmt: &Stmt) -> Result<(), HranaE
     }
     let mut bound: HashSet<usize> = (1..=stmt.args.len()).collect();
     for (i, arg) in stmt.args.iter().enumerate() {
-        st.raw_bind_parameter(i + 1, value_from_json(arg)?)?;
+        st.raw_bind_parameter(i + 1, arg.to_sql()?)?;
     }
     for arg in &stmt.named_args {
-        let index = named_param_index(st, &arg.name)?
-            .ok_or_else(|| args_err(format!("the statement has no parameter named {:?}", arg.name)))?;
-        st.raw_bind_parameter(index, value_from_json(&arg.value)?)?;
+        let index = named_param_index(st, &arg.name)?.ok_or_else(|| {
+            args_err(format!(
+                "the statement has no parameter named {:?}",
+                arg.name
+            ))
+        })?;
+        st.raw_bind_parameter(index, arg.value.to_sql()?)?;
         bound.insert(index);
     }
     if bound.len() < expected {
@@ -510,7 +481,10 @@ fn bind_args(st: &mut rusqlite::Statement<'_>, stmt: &Stmt) -> Result<(), HranaE
 }
 
 /// Finds a named parameter, guessing the `:`/`@`/`$` prefix when it is missing.
-fn named_param_index(st: &rusqlite::Statement<'_>, name: &str) -> Result<Option<usize>, HranaError> {
+fn named_param_index(
+    st: &rusqlite::Statement<'_>,
+    name: &str,
+) -> Result<Option<usize>, HranaError> {
     if name.starts_with([':', '@', '$', '?']) {
         return Ok(st.parameter_index(name)?);
     }
@@ -522,9 +496,7 @@ fn named_param_index(st: &rusqlite::Statement<'_>, name: &str) -> Result<Option<
     Ok(None)
 }
 
-// ---------------------------------------------------------------------------
 // HTTP side: configuration, stream registry, handlers.
-// ---------------------------------------------------------------------------
 
 struct Config {
     db_path: PathBuf,
@@ -557,8 +529,6 @@ struct IdleStream {
 #[derive(Default)]
 struct Registry {
     idle: HashMap<String, IdleStream>,
-    /// Batons of streams expired by the sweeper, for a clearer error message.
-    expired: HashSet<String>,
     stopped: bool,
 }
 
@@ -573,15 +543,30 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn json_response(status: StatusCode, body: &Json) -> Response {
-    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
-fn error_response(status: StatusCode, err: &HranaError) -> Response {
-    json_response(status, &err.to_json())
+/// A request answered with an HTTP error status and a Hrana `Error` body.
+struct Reject(StatusCode, HranaError);
+
+impl Reject {
+    fn expired(message: &str) -> Reject {
+        Reject(
+            StatusCode::BAD_REQUEST,
+            HranaError::new("STREAM_EXPIRED", message),
+        )
+    }
 }
 
-fn expired_response(message: &str) -> Response {
-    error_response(StatusCode::BAD_REQUEST, &HranaError::new("STREAM_EXPIRED", message))
+impl IntoResponse for Reject {
+    fn into_response(self) -> Response {
+        json_response(self.0, &self.1.to_json())
+    }
 }
 
 /// Closes SQLite connections (rolling back open transactions) off the async threads.
@@ -593,7 +578,7 @@ fn drop_streams(streams: Vec<Stream>) {
 
 impl App {
     /// Applies the injected delay, then checks the bearer token.
-    async fn admit(&self, headers: &HeaderMap) -> Result<(), Response> {
+    async fn admit(&self, headers: &HeaderMap) -> Result<(), Reject> {
         let delay = *lock(&self.cfg.delay);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -601,33 +586,33 @@ impl App {
         let Some(expected) = &self.cfg.auth_header else {
             return Ok(());
         };
-        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         if given == Some(expected.as_str()) {
             Ok(())
         } else {
-            Err(error_response(
+            Err(Reject(
                 StatusCode::UNAUTHORIZED,
-                &HranaError::new("UNAUTHORIZED", "missing or invalid bearer token"),
+                HranaError::new("UNAUTHORIZED", "missing or invalid bearer token"),
             ))
         }
     }
 
     /// Takes the stream named by `baton` out of the registry (`None` = open a new one).
-    fn acquire(&self, baton: Option<&str>) -> Result<Option<Stream>, Response> {
+    fn acquire(&self, baton: Option<&str>) -> Result<Option<Stream>, Reject> {
         let Some(baton) = baton else { return Ok(None) };
         let timeout = self.cfg.idle_timeout();
         let mut reg = lock(&self.reg);
         match reg.idle.remove(baton) {
             Some(idle) if idle.since.elapsed() <= timeout => Ok(Some(idle.stream)),
             Some(idle) => {
-                reg.expired.insert(baton.to_owned());
                 drop(reg);
                 drop_streams(vec![idle.stream]);
-                Err(expired_response("The stream has expired due to inactivity"))
+                Err(Reject::expired("The stream has expired due to inactivity"))
             }
-            None if reg.expired.contains(baton) => Err(expired_response("The stream has expired due to inactivity")),
-            None => Err(expired_response(
-                "Unknown baton: the stream expired, was closed, or the baton was already used",
+            None => Err(Reject::expired(
+                "Unknown baton: the stream expired due to inactivity, was closed, or the baton was already used",
             )),
         }
     }
@@ -648,7 +633,11 @@ impl App {
     }
 
     /// Runs `work` on the baton's stream in the blocking pool; returns its output and the next baton.
-    async fn with_stream<T, F>(&self, baton: Option<String>, work: F) -> Result<(T, Option<String>), Response>
+    async fn with_stream<T, F>(
+        &self,
+        baton: Option<String>,
+        work: F,
+    ) -> Result<(T, Option<String>), Reject>
     where
         T: Send + 'static,
         F: FnOnce(&mut Stream) -> T + Send + 'static,
@@ -667,20 +656,20 @@ impl App {
         .await;
         match joined {
             Ok(Ok((out, stream))) => Ok((out, self.release(stream))),
-            Ok(Err(e)) => Err(error_response(StatusCode::INTERNAL_SERVER_ERROR, &e)),
-            Err(e) => Err(error_response(
+            Ok(Err(e)) => Err(Reject(StatusCode::INTERNAL_SERVER_ERROR, e)),
+            Err(e) => Err(Reject(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                &HranaError::new("INTERNAL", format!("stream task failed: {e}")),
+                HranaError::new("INTERNAL", format!("stream task failed: {e}")),
             )),
         }
     }
 }
 
-fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response> {
+fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Reject> {
     serde_json::from_slice(body).map_err(|e| {
-        error_response(
+        Reject(
             StatusCode::BAD_REQUEST,
-            &HranaError::new("PROTOCOL_ERROR", format!("invalid request body: {e}")),
+            HranaError::new("PROTOCOL_ERROR", format!("invalid request body: {e}")),
         )
     })
 }
@@ -688,7 +677,7 @@ fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response> {
 async fn probe(State(app): State<App>, headers: HeaderMap) -> Response {
     match app.admit(&headers).await {
         Ok(()) => StatusCode::OK.into_response(),
-        Err(resp) => resp,
+        Err(reject) => reject.into_response(),
     }
 }
 
@@ -697,13 +686,15 @@ async fn pipeline(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Re
         app.admit(&headers).await?;
         let req: PipelineBody = parse_body(&body)?;
         let requests = req.requests;
-        let (results, baton) = app.with_stream(req.baton, move |s| s.pipeline(requests)).await?;
+        let (results, baton) = app
+            .with_stream(req.baton, move |s| s.pipeline(requests))
+            .await?;
         Ok(json_response(
             StatusCode::OK,
             &json!({ "baton": baton, "base_url": null, "results": results }),
         ))
     };
-    run.await.unwrap_or_else(|resp: Response| resp)
+    run.await.unwrap_or_else(Reject::into_response)
 }
 
 async fn cursor(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
@@ -711,7 +702,9 @@ async fn cursor(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Resp
         app.admit(&headers).await?;
         let req: CursorBody = parse_body(&body)?;
         let batch = req.batch;
-        let (entries, baton) = app.with_stream(req.baton, move |s| s.cursor(&batch)).await?;
+        let (entries, baton) = app
+            .with_stream(req.baton, move |s| s.cursor(&batch))
+            .await?;
         let mut text = json!({ "baton": baton, "base_url": null }).to_string();
         text.push('\n');
         for entry in entries {
@@ -720,33 +713,30 @@ async fn cursor(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Resp
         }
         Ok(([(header::CONTENT_TYPE, "text/plain")], text).into_response())
     };
-    run.await.unwrap_or_else(|resp: Response| resp)
+    run.await.unwrap_or_else(Reject::into_response)
 }
 
 /// Expires streams idle for longer than the configured timeout.
 async fn sweep_idle_streams(app: App) {
     loop {
-        let pause = (app.cfg.idle_timeout() / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+        let pause = (app.cfg.idle_timeout() / 4)
+            .clamp(Duration::from_millis(10), Duration::from_millis(250));
         tokio::time::sleep(pause).await;
         let timeout = app.cfg.idle_timeout();
-        let mut reg = lock(&app.reg);
-        let stale: Vec<String> = reg
-            .idle
-            .iter()
-            .filter(|(_, s)| s.since.elapsed() > timeout)
-            .map(|(baton, _)| baton.clone())
-            .collect();
-        if reg.expired.len() > 10_000 {
-            reg.expired.clear();
-        }
-        let mut streams = Vec::with_capacity(stale.len());
-        for baton in stale {
-            if let Some(idle) = reg.idle.remove(&baton) {
-                streams.push(idle.stream);
-            }
-            reg.expired.insert(baton);
-        }
-        drop(reg);
+        let streams: Vec<Stream> = {
+            let mut reg = lock(&app.reg);
+            let stale: Vec<String> = reg
+                .idle
+                .iter()
+                .filter(|(_, s)| s.since.elapsed() > timeout)
+                .map(|(baton, _)| baton.clone())
+                .collect();
+            stale
+                .iter()
+                .filter_map(|baton| reg.idle.remove(baton))
+                .map(|idle| idle.stream)
+                .collect()
+        };
         drop_streams(streams);
     }
 }
@@ -782,7 +772,9 @@ impl HranaServer {
         let listener = TcpListener::bind(("127.0.0.1", 0))
             .await
             .expect("hrana test server: cannot bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("hrana test server: no local address");
+        let addr = listener
+            .local_addr()
+            .expect("hrana test server: no local address");
         let cfg = Arc::new(Config {
             db_path: path,
             auth_header: auth_token.map(|t| format!("Bearer {t}")),
@@ -806,7 +798,9 @@ impl HranaServer {
 
     /// Stop listening and drop all streams (connections refused afterwards).
     pub async fn stop(&mut self) {
-        let Some(mut run) = self.running.take() else { return };
+        let Some(mut run) = self.running.take() else {
+            return;
+        };
         run.sweeper.abort();
         if let Some(tx) = run.shutdown.take() {
             let _ = tx.send(());
@@ -814,12 +808,14 @@ impl HranaServer {
         let streams: Vec<Stream> = {
             let mut reg = lock(&run.reg);
             reg.stopped = true;
-            reg.expired.clear();
             reg.idle.drain().map(|(_, idle)| idle.stream).collect()
         };
         let _ = tokio::task::spawn_blocking(move || drop(streams)).await;
         // Graceful shutdown closes idle keep-alive connections; give in-flight requests 5 s.
-        if tokio::time::timeout(Duration::from_secs(5), &mut run.server).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), &mut run.server)
+            .await
+            .is_err()
+        {
             run.server.abort();
             let _ = (&mut run.server).await;
         }
@@ -832,9 +828,8 @@ impl HranaServer {
         let listener = loop {
             match TcpListener::bind(self.addr).await {
                 Ok(listener) => break listener,
-                Err(e) if attempts < 50 => {
+                Err(_) if attempts < 50 => {
                     attempts += 1;
-                    eprintln!("hrana test server: rebinding {} failed ({e}), retrying", self.addr);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => panic!("hrana test server: cannot rebind {}: {e}", self.addr),
@@ -872,7 +867,10 @@ impl HranaServer {
             let shutdown = async move {
                 let _ = rx.await;
             };
-            if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
+            if let Err(e) = axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
                 eprintln!("hrana test server: serve error: {e}");
             }
         });

@@ -1,0 +1,460 @@
+//! The remote Turso/libSQL driver (`libsql` crate, remote mode over Hrana/HTTP).
+//!
+//! Remote realities it is shaped by: server streams expire when idle and interactive
+//! transactions time out, so no stream is kept between operations — autocommit statements
+//! travel on one-shot streams and each transaction opens its own short stream. A group commit
+//! is one transaction of a fixed number of statements (BEGIN, one multi-row INSERT per 200
+//! serves, one UPDATE … CASE per 200 keys, COMMIT), all with bound parameters. A transport
+//! failure is retried once on a fresh stream; the batch is idempotent (INSERT OR IGNORE of
+//! unique audit ids, absolute counters), so a retry can never double count. Every operation
+//! is bounded by `DB_BUSY_TIMEOUT_MS`. Errors are redacted: the URL and token never leave.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use libsql::{params::Params, Value};
+use tokio::sync::Semaphore;
+
+use super::{parse_stored_time, sql, SnapshotRows, StoreError, MIGRATIONS};
+use crate::config::Config;
+use crate::model::{ConsumerRecord, KeyRecord, KeyUsageUpdate, Snapshot, TierRecord, UsageEvent};
+use crate::secret::Secret;
+use crate::timestamp::{self, to_db};
+
+#[derive(Clone)]
+pub struct LibsqlStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: libsql::Database,
+    /// Bounds concurrent remote operations to `DB_MAX_OPEN_CONNS`.
+    permits: Semaphore,
+    timeout: Duration,
+    /// Strings that must never appear in an error we log or return.
+    redact: Vec<String>,
+    host: String,
+}
+
+fn host_of(url: &str) -> String {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    rest.split(['/', '?']).next().unwrap_or_default().to_string()
+}
+
+impl LibsqlStore {
+    /// Connects, proves the connection with a query, and migrates. Fails with one clear line.
+    pub async fn open(url: &Secret, auth_token: Option<&Secret>, config: &Config) -> Result<LibsqlStore, StoreError> {
+        let token = auth_token.map(|t| t.expose().to_string()).unwrap_or_default();
+        let mut redact = vec![url.expose().to_string()];
+        if !token.is_empty() {
+            redact.push(token.clone());
+        }
+        let host = host_of(url.expose());
+        let db = libsql::Builder::new_remote(url.expose().to_string(), token)
+            .build()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot open the libSQL database at {host}: {}", redact_all(&e.to_string(), &redact))))?;
+        let store = LibsqlStore {
+            inner: Arc::new(Inner {
+                db,
+                permits: Semaphore::new(config.db_max_open_conns as usize),
+                timeout: config.db_busy_timeout,
+                redact,
+                host,
+            }),
+        };
+        store.probe().await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    fn err(&self, e: libsql::Error) -> StoreError {
+        let text = redact_all(&e.to_string(), &self.inner.redact);
+        let lower = text.to_ascii_lowercase();
+        if lower.contains("unique constraint") || lower.contains("sqlite_constraint") {
+            return StoreError::Conflict;
+        }
+        match e {
+            libsql::Error::Hrana(_) | libsql::Error::ConnectionFailed(_) | libsql::Error::WriteDelegation(_)
+                if !lower.contains("sqlite_error") && !lower.contains("sql_parse") =>
+            {
+                StoreError::Unavailable(format!("libSQL at {}: {text}", self.inner.host))
+            }
+            _ => StoreError::Other(text),
+        }
+    }
+
+    /// Runs `op` on a fresh connection within the time bound and a permit.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(libsql::Connection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let inner = &self.inner;
+        let work = async {
+            let _permit = inner
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| StoreError::Unavailable("database closed".into()))?;
+            let conn = inner.db.connect().map_err(|e| self.err(e))?;
+            op(conn).await
+        };
+        tokio::time::timeout(inner.timeout, work).await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "libSQL at {} did not answer within DB_BUSY_TIMEOUT_MS ({} ms)",
+                inner.host,
+                inner.timeout.as_millis()
+            )))
+        })
+    }
+
+    async fn probe(&self) -> Result<(), StoreError> {
+        self.run(|conn| async move {
+            let mut rows = conn.query("SELECT 1", ()).await.map_err(|e| self.err(e))?;
+            rows.next().await.map_err(|e| self.err(e))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| match e {
+            StoreError::Unavailable(m) | StoreError::Other(m) if m.contains("401") || m.contains("403") => {
+                StoreError::Unavailable(format!(
+                    "libSQL at {} rejected the auth token (DATABASE_AUTH_TOKEN or ?authToken=)",
+                    self.inner.host
+                ))
+            }
+            other => other,
+        })
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        self.run(|conn| async move {
+            conn.execute(sql::CREATE_MIGRATIONS_TABLE, ()).await.map_err(|e| self.err(e))?;
+            let mut applied = Vec::new();
+            let mut rows = conn.query(sql::APPLIED_VERSIONS, ()).await.map_err(|e| self.err(e))?;
+            while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
+                applied.push(int(&row, 0).unwrap_or(0));
+            }
+            for (version, name, body) in MIGRATIONS {
+                if applied.contains(version) {
+                    continue;
+                }
+                // Every migration is IF NOT EXISTS and additive, so re-running one whose
+                // bookkeeping row was lost is harmless.
+                conn.execute_transactional_batch(body).await.map_err(|e| self.err(e))?;
+                conn.execute(
+                    sql::RECORD_MIGRATION,
+                    Params::Positional(vec![
+                        Value::Integer(*version),
+                        Value::Text(name.to_string()),
+                        Value::Text(to_db(chrono::Utc::now())),
+                    ]),
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+                tracing::info!(version, name, "applied migration");
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn all(&self, conn: &libsql::Connection, statement: &str) -> Result<Vec<libsql::Row>, StoreError> {
+        let mut rows = conn.query(statement, ()).await.map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
+            out.push(row);
+        }
+        Ok(out)
+    }
+
+    pub async fn load_snapshot(&self) -> Result<Snapshot, StoreError> {
+        self.run(|conn| async move {
+            let mut rows = SnapshotRows::default();
+            for r in self.all(&conn, sql::SELECT_TIERS).await? {
+                rows.tiers.push((text(&r, 0).unwrap_or_default(), text(&r, 1).unwrap_or_default(), text(&r, 2).unwrap_or_default()));
+            }
+            for r in self.all(&conn, sql::SELECT_TIER_FEATURES).await? {
+                rows.features.push((
+                    text(&r, 0).unwrap_or_default(),
+                    text(&r, 1).unwrap_or_default(),
+                    int(&r, 2).unwrap_or(0),
+                    int(&r, 3).unwrap_or(60),
+                ));
+            }
+            for r in self.all(&conn, sql::SELECT_KEYS).await? {
+                let id = text(&r, 0).unwrap_or_default();
+                rows.keys.push(KeyRecord {
+                    name: text(&r, 1).unwrap_or_default(),
+                    sealed_value: text(&r, 2).unwrap_or_default(),
+                    tier_id: text(&r, 3).unwrap_or_default(),
+                    is_active: int(&r, 4).unwrap_or(1) != 0,
+                    expires_at: parse_stored_time(text(&r, 5), "expires_at", &id),
+                    usage_limit: int(&r, 6),
+                    usage_count: int(&r, 7).unwrap_or(0),
+                    usage_window_seconds: int(&r, 8),
+                    usage_window_start: parse_stored_time(text(&r, 9), "usage_window_start", &id),
+                    metadata_json: text(&r, 10).unwrap_or_else(|| "{}".into()),
+                    created_at: parse_stored_time(text(&r, 11), "created_at", &id),
+                    secrets: Vec::new(),
+                    id,
+                });
+            }
+            for r in self.all(&conn, sql::SELECT_KEY_SECRETS).await? {
+                rows.secrets.push((text(&r, 0).unwrap_or_default(), text(&r, 1).unwrap_or_default(), text(&r, 2).unwrap_or_default()));
+            }
+            for r in self.all(&conn, sql::SELECT_CONSUMERS).await? {
+                rows.consumers.push(ConsumerRecord {
+                    id: text(&r, 0).unwrap_or_default(),
+                    name: text(&r, 1).unwrap_or_default(),
+                    token_hash: text(&r, 2).unwrap_or_default(),
+                    description: text(&r, 3).unwrap_or_default(),
+                    is_active: int(&r, 4).unwrap_or(1) != 0,
+                    scopes: Vec::new(),
+                });
+            }
+            for r in self.all(&conn, sql::SELECT_SCOPES).await? {
+                rows.scopes.push((text(&r, 0).unwrap_or_default(), text(&r, 1).unwrap_or_default()));
+            }
+            Ok(rows.assemble())
+        })
+        .await
+    }
+
+    /// Runs `statements` in one transaction; a transport failure is retried once on a fresh
+    /// stream. `check` sees each statement's affected row count and may abort with an error.
+    async fn transaction(
+        &self,
+        statements: &[(String, Vec<Value>)],
+        check: impl Fn(usize, u64) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let check = &check;
+        let attempt = || async {
+            self.run(|conn| async move {
+                let tx = conn.transaction().await.map_err(|e| self.err(e))?;
+                for (i, (statement, values)) in statements.iter().enumerate() {
+                    let affected = tx
+                        .execute(statement, Params::Positional(values.clone()))
+                        .await
+                        .map_err(|e| self.err(e))?;
+                    check(i, affected)?;
+                }
+                tx.commit().await.map_err(|e| self.err(e))
+            })
+            .await
+        };
+        match attempt().await {
+            Err(StoreError::Unavailable(first)) => {
+                tracing::warn!(error = %first, "libSQL transaction failed; retrying once on a fresh stream");
+                attempt().await
+            }
+            other => other,
+        }
+    }
+
+    pub async fn create_tier(&self, tier: &TierRecord) -> Result<(), StoreError> {
+        let mut statements = vec![(
+            sql::INSERT_TIER.to_string(),
+            vec![
+                Value::Text(tier.id.clone()),
+                Value::Text(tier.name.clone()),
+                Value::Text(tier.description.clone()),
+                Value::Text(to_db(chrono::Utc::now())),
+            ],
+        )];
+        statements.extend(feature_rows(tier));
+        self.transaction(&statements, |_, _| Ok(())).await
+    }
+
+    pub async fn update_tier(&self, tier: &TierRecord) -> Result<(), StoreError> {
+        let mut statements = vec![
+            (sql::UPDATE_TIER.to_string(), vec![Value::Text(tier.description.clone()), Value::Text(tier.id.clone())]),
+            (sql::DELETE_TIER_FEATURES.to_string(), vec![Value::Text(tier.id.clone())]),
+        ];
+        statements.extend(feature_rows(tier));
+        self.transaction(&statements, |i, affected| if i == 0 && affected == 0 { Err(StoreError::NotFound) } else { Ok(()) })
+            .await
+    }
+
+    pub async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        let opt_text = |v: Option<String>| v.map(Value::Text).unwrap_or(Value::Null);
+        let opt_int = |v: Option<i64>| v.map(Value::Integer).unwrap_or(Value::Null);
+        let mut statements = vec![(
+            sql::INSERT_KEY.to_string(),
+            vec![
+                Value::Text(key.id.clone()),
+                Value::Text(key.name.clone()),
+                Value::Text(key.sealed_value.clone()),
+                Value::Text(key.tier_id.clone()),
+                Value::Integer(i64::from(key.is_active)),
+                opt_text(key.expires_at.map(to_db)),
+                opt_int(key.usage_limit),
+                Value::Integer(key.usage_count),
+                opt_int(key.usage_window_seconds),
+                opt_text(key.usage_window_start.map(to_db)),
+                Value::Text(key.metadata_json.clone()),
+                opt_text(key.created_at.map(to_db)),
+            ],
+        )];
+        for (name, value) in &key.secrets {
+            statements.push((
+                sql::INSERT_KEY_SECRET.to_string(),
+                vec![Value::Text(key.id.clone()), Value::Text(name.clone()), Value::Text(value.clone())],
+            ));
+        }
+        self.transaction(&statements, |_, _| Ok(())).await
+    }
+
+    pub async fn delete_key(&self, id: &str) -> Result<(), StoreError> {
+        self.delete_with_children(sql::DELETE_KEY, sql::DELETE_KEY_SECRETS, id).await
+    }
+
+    pub async fn create_consumer(&self, c: &ConsumerRecord) -> Result<(), StoreError> {
+        let statements = [(
+            sql::INSERT_CONSUMER.to_string(),
+            vec![
+                Value::Text(c.id.clone()),
+                Value::Text(c.name.clone()),
+                Value::Text(c.token_hash.clone()),
+                Value::Text(c.description.clone()),
+                Value::Integer(i64::from(c.is_active)),
+                Value::Text(to_db(chrono::Utc::now())),
+            ],
+        )];
+        self.transaction(&statements, |_, _| Ok(())).await
+    }
+
+    pub async fn delete_consumer(&self, id: &str) -> Result<(), StoreError> {
+        self.delete_with_children(sql::DELETE_CONSUMER, sql::DELETE_CONSUMER_SCOPES, id).await
+    }
+
+    async fn delete_with_children(&self, parent: &str, children: &str, id: &str) -> Result<(), StoreError> {
+        let statements = [
+            (children.to_string(), vec![Value::Text(id.to_string())]),
+            (parent.to_string(), vec![Value::Text(id.to_string())]),
+        ];
+        self.transaction(&statements, |i, affected| if i == 1 && affected == 0 { Err(StoreError::NotFound) } else { Ok(()) })
+            .await
+    }
+
+    pub async fn grant_scope(&self, consumer_id: &str, tier_id: &str) -> Result<(), StoreError> {
+        let statements = [(
+            sql::INSERT_SCOPE.to_string(),
+            vec![Value::Text(consumer_id.to_string()), Value::Text(tier_id.to_string())],
+        )];
+        self.transaction(&statements, |_, _| Ok(())).await
+    }
+
+    pub async fn recent_usage(&self, limit: i64) -> Result<Vec<UsageEvent>, StoreError> {
+        self.run(|conn| async move {
+            let mut rows = conn
+                .query(sql::RECENT_USAGE, Params::Positional(vec![Value::Integer(limit)]))
+                .await
+                .map_err(|e| self.err(e))?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().await.map_err(|e| self.err(e))? {
+                out.push(UsageEvent {
+                    id: text(&r, 0).unwrap_or_default(),
+                    key_id: text(&r, 1).unwrap_or_default(),
+                    consumer_id: text(&r, 2).unwrap_or_default(),
+                    feature: text(&r, 3).unwrap_or_default(),
+                    created_at: text(&r, 4).as_deref().and_then(timestamp::parse_db).unwrap_or_default(),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn commit_serves(&self, events: &[UsageEvent], updates: &[KeyUsageUpdate]) -> Result<(), StoreError> {
+        let mut statements = Vec::new();
+        for chunk in events.chunks(sql::EVENTS_PER_INSERT) {
+            let mut values = Vec::with_capacity(chunk.len() * 5);
+            for e in chunk {
+                values.push(Value::Text(e.id.clone()));
+                values.push(Value::Text(e.key_id.clone()));
+                values.push(Value::Text(e.consumer_id.clone()));
+                values.push(Value::Text(e.feature.clone()));
+                values.push(Value::Text(to_db(e.created_at)));
+            }
+            statements.push((sql::insert_events(chunk.len()), values));
+        }
+        for chunk in updates.chunks(sql::KEYS_PER_UPDATE) {
+            let mut values = Vec::with_capacity(chunk.len() * 5);
+            for u in chunk {
+                values.push(Value::Text(u.key_id.clone()));
+                values.push(Value::Integer(u.usage_count));
+            }
+            for u in chunk {
+                values.push(Value::Text(u.key_id.clone()));
+                values.push(u.usage_window_start.map(|t| Value::Text(to_db(t))).unwrap_or(Value::Null));
+            }
+            for u in chunk {
+                values.push(Value::Text(u.key_id.clone()));
+            }
+            statements.push((sql::update_counters(chunk.len()), values));
+        }
+        self.transaction(&statements, |_, _| Ok(())).await
+    }
+
+    pub async fn close(&self) {
+        self.inner.permits.close();
+    }
+}
+
+fn feature_rows(tier: &TierRecord) -> Vec<(String, Vec<Value>)> {
+    tier.features
+        .iter()
+        .map(|(feature, limit)| {
+            (
+                sql::INSERT_TIER_FEATURE.to_string(),
+                vec![
+                    Value::Text(tier.id.clone()),
+                    Value::Text(feature.clone()),
+                    Value::Integer(limit.rate_limit),
+                    Value::Integer(limit.window_seconds),
+                ],
+            )
+        })
+        .collect()
+}
+
+fn redact_all(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        out = out.replace(s.as_str(), "***");
+    }
+    out
+}
+
+fn text(row: &libsql::Row, i: i32) -> Option<String> {
+    match row.get_value(i).ok()? {
+        Value::Text(s) => Some(s),
+        Value::Integer(n) => Some(n.to_string()),
+        Value::Real(f) => Some(f.to_string()),
+        Value::Blob(b) => String::from_utf8(b).ok(),
+        Value::Null => None,
+    }
+}
+
+fn int(row: &libsql::Row, i: i32) -> Option<i64> {
+    match row.get_value(i).ok()? {
+        Value::Integer(n) => Some(n),
+        Value::Real(f) => Some(f as i64),
+        Value::Text(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_hides_the_url_and_token() {
+        let secrets = vec!["https://db.example.io".to_string(), "tok-123".to_string()];
+        let out = redact_all("POST https://db.example.io/v3/pipeline with tok-123 failed", &secrets);
+        assert_eq!(out, "POST ***/v3/pipeline with *** failed");
+        assert_eq!(host_of("libsql://db.example.io/x?y=1"), "db.example.io");
+    }
+}

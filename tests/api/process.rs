@@ -1,0 +1,1105 @@
+//! The built binary as a subprocess (SPEC §2, §7): `kill -9` mid-load never over-serves and
+//! loses no counted serve, SIGTERM drains and exits 0, no secret reaches the log even at debug,
+//! and a bad configuration fails with one line naming the variable.
+//!
+//! Every child runs under a [`ChildGuard`] that kills and reaps it when the test ends, panics
+//! included; every wait is bounded.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::helpers::open_db;
+
+const BIN: &str = env!("CARGO_BIN_EXE_keypooler");
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const CALLERS: usize = 32;
+
+/// A distinctive, random-looking string that cannot appear in a log by accident.
+fn distinctive(prefix: &str) -> String {
+    format!(
+        "{prefix}{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// A port that was free a moment ago (the binary binds 0.0.0.0 on it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0 to find a free port")
+        .local_addr()
+        .expect("local address of the probe socket")
+        .port()
+}
+
+/// Kills (SIGKILL) and reaps the child when dropped, whatever happened to the test.
+struct ChildGuard(Child);
+
+impl ChildGuard {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Polls until the child exits or `timeout` passes.
+    async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait on the child") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn sigkill(&mut self) {
+        self.0.kill().expect("SIGKILL the server");
+        self.0.wait().expect("reap the killed server");
+    }
+
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run `kill -TERM`");
+        assert!(
+            status.success(),
+            "`kill -TERM {}` failed: {status}",
+            self.pid()
+        );
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A running keypooler binary.
+struct Server {
+    child: ChildGuard,
+    base: String,
+    admin_token: String,
+    log: PathBuf,
+    client: reqwest::Client,
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(CALLERS * 2)
+        .build()
+        .expect("reqwest client")
+}
+
+fn read_log(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// Starts the binary with exactly `env` (plus ADMIN_TOKEN and SERVER_PORT), stdout and stderr
+/// appended to `log`, and waits until it answers `/admin/health` with our admin token (so a
+/// different server that happens to own the port cannot pass for ours). Retries on a port race.
+async fn start_server(env: &[(&str, &str)], admin_token: &str, log: &Path, cwd: &Path) -> Server {
+    for attempt in 1..=3 {
+        let port = free_port();
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open the log file");
+        let err = out.try_clone().expect("clone the log file handle");
+        let child = Command::new(BIN)
+            .env_clear()
+            .envs(env.iter().copied())
+            .env("ADMIN_TOKEN", admin_token)
+            .env("SERVER_PORT", port.to_string())
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn the keypooler binary");
+        let mut child = ChildGuard(child);
+        let base = format!("http://127.0.0.1:{port}");
+        let client = client();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = child.0.try_wait().expect("try_wait on the server") {
+                let text = read_log(log);
+                if text.contains("cannot listen") && attempt < 3 {
+                    break; // someone took the port between probe and bind: try another
+                }
+                panic!("server exited before it was ready ({status}); log:\n{text}");
+            }
+            let probe = client
+                .get(format!("{base}/admin/health"))
+                .bearer_auth(admin_token)
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await;
+            if matches!(&probe, Ok(r) if r.status() == StatusCode::OK) {
+                return Server {
+                    child,
+                    base,
+                    admin_token: admin_token.to_string(),
+                    log: log.to_path_buf(),
+                    client,
+                };
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "server not ready within {READY_TIMEOUT:?}; log:\n{}",
+                    read_log(log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    unreachable!("the loop returns or panics")
+}
+
+impl Server {
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.client.request(method.clone(), self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let r = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: request failed: {e}"));
+        let status = r.status();
+        let text = r
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: body failed: {e}"));
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// An admin call that must answer `expected`; returns the body.
+    async fn admin(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        expected: StatusCode,
+    ) -> Value {
+        let (status, got) = self
+            .call(method.clone(), path, Some(&self.admin_token), body.as_ref())
+            .await;
+        assert_eq!(status, expected, "{method} {path} answered {got}");
+        got
+    }
+
+    async fn add_key(&self, body: Value) -> String {
+        let created = self
+            .admin(Method::POST, "/admin/keys", Some(body), StatusCode::CREATED)
+            .await;
+        created["id"]
+            .as_str()
+            .expect("created key has an id")
+            .to_string()
+    }
+
+    /// Creates a consumer scoped to `tier`; returns (id, token).
+    async fn consumer(&self, name: &str, tier: &str) -> (String, String) {
+        let c = self
+            .admin(
+                Method::POST,
+                "/admin/consumers",
+                Some(json!({ "name": name })),
+                StatusCode::CREATED,
+            )
+            .await;
+        let id = c["id"].as_str().expect("consumer id").to_string();
+        let token = c["token"].as_str().expect("consumer token").to_string();
+        let path = format!("/admin/consumers/{id}/scopes");
+        self.admin(
+            Method::POST,
+            &path,
+            Some(json!({ "tier": tier })),
+            StatusCode::CREATED,
+        )
+        .await;
+        (id, token)
+    }
+
+    /// SIGTERM, then the exit status within `timeout` (panics with the log if it does not exit).
+    async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        self.child.sigterm();
+        match self.child.wait_exit(timeout).await {
+            Some(status) => status,
+            None => panic!(
+                "server did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                read_log(&self.log)
+            ),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load: CALLERS concurrent loops of GET /key, each stopping at its first connection error,
+// 429 or other non-200 answer.
+
+#[derive(Default)]
+struct Tally {
+    /// key_id of every 200 whose body arrived whole.
+    served: Vec<String>,
+    /// Of those, how many arrived after the signal was sent.
+    served_after_signal: usize,
+    /// Non-200 statuses.
+    statuses: BTreeMap<u16, usize>,
+    /// Connection errors seen before the signal (there should be none).
+    errors_before_signal: Vec<String>,
+    errors_after_signal: usize,
+    /// 200s whose value or key_id did not match what was added.
+    wrong: Vec<String>,
+    retry_after_on_429: Vec<String>,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.served.extend(other.served);
+        self.served_after_signal += other.served_after_signal;
+        for (s, n) in other.statuses {
+            *self.statuses.entry(s).or_default() += n;
+        }
+        self.errors_before_signal.extend(other.errors_before_signal);
+        self.errors_after_signal += other.errors_after_signal;
+        self.wrong.extend(other.wrong);
+        self.retry_after_on_429.extend(other.retry_after_on_429);
+    }
+
+    fn per_key(&self) -> HashMap<String, i64> {
+        let mut out = HashMap::new();
+        for k in &self.served {
+            *out.entry(k.clone()).or_default() += 1;
+        }
+        out
+    }
+}
+
+struct Load {
+    url: String,
+    token: String,
+    /// key_id → value it must be served with.
+    values: Arc<HashMap<String, String>>,
+    signalled: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+}
+
+impl Load {
+    fn new(server: &Server, feature: &str, token: &str, values: &HashMap<String, String>) -> Load {
+        Load {
+            url: server.url(&format!("/key?feature={feature}")),
+            token: token.to_string(),
+            values: Arc::new(values.clone()),
+            signalled: Arc::new(AtomicBool::new(false)),
+            ok: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn spawn(&self, callers: usize) -> Vec<tokio::task::JoinHandle<Tally>> {
+        (0..callers)
+            .map(|_| {
+                let client = client();
+                let url = self.url.clone();
+                let token = self.token.clone();
+                let values = self.values.clone();
+                let signalled = self.signalled.clone();
+                let ok = self.ok.clone();
+                tokio::spawn(async move {
+                    let mut t = Tally::default();
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while Instant::now() < deadline {
+                        let response = match client.get(&url).bearer_auth(&token).send().await {
+                            Ok(r) => r,
+                            Err(e) => {
+                                t.error(&signalled, e);
+                                break;
+                            }
+                        };
+                        let status = response.status();
+                        let retry_after = response
+                            .headers()
+                            .get("retry-after")
+                            .map(|v| format!("{v:?}"));
+                        let text = match response.text().await {
+                            Ok(text) => text,
+                            Err(e) => {
+                                t.error(&signalled, e);
+                                break;
+                            }
+                        };
+                        if status != StatusCode::OK {
+                            *t.statuses.entry(status.as_u16()).or_default() += 1;
+                            if status == StatusCode::TOO_MANY_REQUESTS {
+                                t.retry_after_on_429.extend(retry_after);
+                            }
+                            break;
+                        }
+                        let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                        let key_id = body["key_id"].as_str().unwrap_or_default().to_string();
+                        if values.get(&key_id).map(String::as_str) != body["value"].as_str() {
+                            t.wrong.push(text);
+                        }
+                        if signalled.load(Ordering::SeqCst) {
+                            t.served_after_signal += 1;
+                        }
+                        t.served.push(key_id);
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    t
+                })
+            })
+            .collect()
+    }
+
+    /// Waits until `n` 200s were received or `timeout` passed; returns how many were.
+    async fn wait_for_ok(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        while self.ok.load(Ordering::SeqCst) < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.ok.load(Ordering::SeqCst)
+    }
+}
+
+impl Tally {
+    fn error(&mut self, signalled: &AtomicBool, e: reqwest::Error) {
+        if signalled.load(Ordering::SeqCst) {
+            self.errors_after_signal += 1;
+        } else {
+            self.errors_before_signal.push(e.to_string());
+        }
+    }
+}
+
+async fn join_all(handles: Vec<tokio::task::JoinHandle<Tally>>) -> Tally {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    let mut total = Tally::default();
+    for h in handles {
+        let t = tokio::time::timeout_at(deadline, h)
+            .await
+            .expect("callers finished in time")
+            .expect("caller task did not panic");
+        total.merge(t);
+    }
+    total
+}
+
+// ---------------------------------------------------------------------------------------------
+// The database as committed.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeyRow {
+    usage_count: i64,
+    usage_limit: Option<i64>,
+    events: i64,
+}
+
+/// Per key: its counters and audit rows; plus the total number of audit rows in the file.
+async fn committed(db_path: &Path, key_ids: &[String]) -> (HashMap<String, KeyRow>, i64) {
+    let db = open_db(db_path).await;
+    let mut rows = HashMap::new();
+    for id in key_ids {
+        let (usage_count, usage_limit): (i64, Option<i64>) =
+            sqlx::query_as("SELECT usage_count, usage_limit FROM keys WHERE id = ?")
+                .bind(id)
+                .fetch_one(&db)
+                .await
+                .expect("read the key's counters");
+        let events: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_events WHERE key_id = ?")
+            .bind(id)
+            .fetch_one(&db)
+            .await
+            .expect("count the key's usage events");
+        rows.insert(
+            id.clone(),
+            KeyRow {
+                usage_count,
+                usage_limit,
+                events,
+            },
+        );
+    }
+    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_events")
+        .fetch_one(&db)
+        .await
+        .expect("count all usage events");
+    db.close().await;
+    (rows, total)
+}
+
+fn quiet_env(db_path: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("DB_PATH", db_path.display().to_string()),
+        ("LOG_LEVEL", "warn".into()),
+        ("LOG_FORMAT", "json".into()),
+        ("LOG_REQUESTS", "false".into()),
+        ("SERVER_SHUTDOWN_TIMEOUT_SECONDS", "10".into()),
+    ]
+}
+
+fn as_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_load_never_over_serves_and_every_delivered_serve_is_counted() {
+    const LIMIT: i64 = 300;
+    const KILL_AFTER: usize = 200;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db_path = dir.path().join("data").join("pool.db");
+    let log = dir.path().join("server.log");
+    let admin = distinctive("adm-");
+    let env = quiet_env(&db_path);
+
+    let mut server = start_server(&as_refs(&env), &admin, &log, dir.path()).await;
+    server
+        .admin(
+            Method::POST,
+            "/admin/tiers",
+            Some(json!({ "name": "bulk", "features": { "scrape": { "rate_limit": 1_000_000, "window_seconds": 60 } } })),
+            StatusCode::CREATED,
+        )
+        .await;
+    let mut values = HashMap::new();
+    let mut key_ids = Vec::new();
+    for i in 0..3 {
+        let value = format!("value-{i}-{}", uuid::Uuid::new_v4().simple());
+        let id = server
+            .add_key(json!({ "name": format!("k{i}"), "key": value, "tier": "bulk", "usage_limit": LIMIT }))
+            .await;
+        values.insert(id.clone(), value);
+        key_ids.push(id);
+    }
+    let (consumer_id, token) = server.consumer("worker", "bulk").await;
+
+    // Run 1: load, then SIGKILL once enough 200s have arrived.
+    let load = Load::new(&server, "scrape", &token, &values);
+    let handles = load.spawn(CALLERS);
+    let before_kill = load.wait_for_ok(KILL_AFTER, Duration::from_secs(15)).await;
+    load.signalled.store(true, Ordering::SeqCst);
+    server.child.sigkill();
+    let run1 = join_all(handles).await;
+    println!(
+        "kill -9: {before_kill} 200s seen when the kill was sent, {} delivered in all ({} after the kill was sent), \
+         {} connection errors after, statuses {:?}",
+        run1.served.len(),
+        run1.served_after_signal,
+        run1.errors_after_signal,
+        run1.statuses
+    );
+    assert!(
+        run1.errors_before_signal.is_empty(),
+        "errors before the kill: {:?}",
+        run1.errors_before_signal
+    );
+    assert!(
+        run1.statuses.is_empty(),
+        "only 200s expected before the kill, got {:?}",
+        run1.statuses
+    );
+    assert!(
+        run1.wrong.is_empty(),
+        "wrong key material served: {:?}",
+        run1.wrong
+    );
+    assert!(
+        before_kill > 0,
+        "no 200 before the kill; log:\n{}",
+        read_log(&log)
+    );
+    let delivered1 = run1.per_key();
+
+    // What the killed process left on disk.
+    let (after_kill, total_events) = committed(&db_path, &key_ids).await;
+    let counted: i64 = after_kill.values().map(|r| r.usage_count).sum();
+    println!("after kill -9, on disk: {after_kill:?} (usage_count total {counted}, usage_events {total_events})");
+    for id in &key_ids {
+        let row = after_kill[id];
+        let delivered = delivered1.get(id).copied().unwrap_or(0);
+        assert_eq!(row.usage_limit, Some(LIMIT), "key {id}");
+        assert!(row.usage_count <= LIMIT, "key {id} over-served: {row:?}");
+        assert!(
+            delivered <= row.usage_count,
+            "key {id}: {delivered} delivered but only {row:?} counted"
+        );
+        assert_eq!(
+            row.events, row.usage_count,
+            "key {id}: one audit row per counted serve"
+        );
+    }
+    assert_eq!(total_events, counted, "no audit row for any other key");
+
+    // Run 2: restart on the same file; the counts survive, then draw the budgets dry.
+    let mut server = start_server(&as_refs(&env), &admin, &log, dir.path()).await;
+    let listed = server
+        .admin(Method::GET, "/admin/keys", None, StatusCode::OK)
+        .await;
+    for k in listed.as_array().expect("key list") {
+        let id = k["id"].as_str().expect("listed key id");
+        assert_eq!(
+            k["usage_count"].as_i64(),
+            Some(after_kill[id].usage_count),
+            "restart reloads {id}: {k}"
+        );
+    }
+    let load = Load::new(&server, "scrape", &token, &values);
+    let run2 = join_all(load.spawn(CALLERS)).await;
+    println!(
+        "after restart: {} more 200s, statuses {:?}",
+        run2.served.len(),
+        run2.statuses
+    );
+    assert!(
+        run2.errors_before_signal.is_empty(),
+        "errors after restart: {:?}",
+        run2.errors_before_signal
+    );
+    assert!(
+        run2.wrong.is_empty(),
+        "wrong key material served: {:?}",
+        run2.wrong
+    );
+    assert_eq!(
+        run2.statuses,
+        BTreeMap::from([(429, CALLERS)]),
+        "every caller ends on 429 once the budgets are spent, nothing else"
+    );
+    assert!(
+        run2.retry_after_on_429.is_empty(),
+        "spent lifetime caps never free up: {:?}",
+        run2.retry_after_on_429
+    );
+    let (status, body) = server
+        .call(Method::GET, "/key?feature=scrape", Some(&token), None)
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{body}"
+    );
+
+    let exit = server.terminate(Duration::from_secs(15)).await;
+    assert!(
+        exit.success(),
+        "graceful exit after the drain: {exit}; log:\n{}",
+        read_log(&log)
+    );
+
+    let delivered2 = run2.per_key();
+    let (last, total_events) = committed(&db_path, &key_ids).await;
+    for id in &key_ids {
+        let d1 = delivered1.get(id).copied().unwrap_or(0);
+        let d2 = delivered2.get(id).copied().unwrap_or(0);
+        assert!(
+            d1 + d2 <= LIMIT,
+            "key {id} delivered {d1} + {d2} > {LIMIT} across the crash"
+        );
+        assert_eq!(
+            d2,
+            LIMIT - after_kill[id].usage_count,
+            "key {id}: the restart serves exactly what was left"
+        );
+        assert_eq!(last[id].usage_count, LIMIT, "key {id}: {:?}", last[id]);
+        assert_eq!(last[id].events, LIMIT, "key {id}: {:?}", last[id]);
+    }
+    assert_eq!(total_events, LIMIT * key_ids.len() as i64);
+    let db = open_db(&db_path).await;
+    let foreign: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM usage_events WHERE consumer_id != ? OR feature != ?",
+    )
+    .bind(&consumer_id)
+    .bind("scrape")
+    .fetch_one(&db)
+    .await
+    .expect("count audit rows of another consumer or feature");
+    db.close().await;
+    assert_eq!(
+        foreign, 0,
+        "every audit row names the consumer and the feature"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
+    const SIGNAL_AFTER: usize = 150;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db_path = dir.path().join("data").join("pool.db");
+    let log = dir.path().join("server.log");
+    let admin = distinctive("adm-");
+    let env = quiet_env(&db_path);
+
+    let mut server = start_server(&as_refs(&env), &admin, &log, dir.path()).await;
+    server
+        .admin(
+            Method::POST,
+            "/admin/tiers",
+            Some(json!({ "name": "bulk", "features": { "scrape": { "rate_limit": 1_000_000, "window_seconds": 60 } } })),
+            StatusCode::CREATED,
+        )
+        .await;
+    let mut values = HashMap::new();
+    let mut key_ids = Vec::new();
+    for (i, extra) in [
+        json!({}),
+        json!({ "usage_limit": 1_000_000 }),
+        json!({ "usage_limit": 1_000_000, "usage_window_seconds": 3600 }),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let value = format!("value-{i}-{}", uuid::Uuid::new_v4().simple());
+        let mut body = json!({ "name": format!("k{i}"), "key": value, "tier": "bulk" });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        let id = server.add_key(body).await;
+        values.insert(id.clone(), value);
+        key_ids.push(id);
+    }
+    let (_, token) = server.consumer("worker", "bulk").await;
+
+    let load = Load::new(&server, "scrape", &token, &values);
+    let handles = load.spawn(CALLERS);
+    let before_signal = load
+        .wait_for_ok(SIGNAL_AFTER, Duration::from_secs(15))
+        .await;
+    load.signalled.store(true, Ordering::SeqCst);
+    let signalled_at = Instant::now();
+    let exit = server.terminate(Duration::from_secs(15)).await;
+    let took = signalled_at.elapsed();
+    let tally = join_all(handles).await;
+    println!(
+        "SIGTERM: {before_signal} 200s seen when sent, {} in all ({} after the signal), {} connection errors after, \
+         statuses {:?}, exited {exit} after {took:?}",
+        tally.served.len(),
+        tally.served_after_signal,
+        tally.errors_after_signal,
+        tally.statuses
+    );
+    assert!(
+        exit.success(),
+        "SIGTERM must exit 0, got {exit}; log:\n{}",
+        read_log(&log)
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "exit within SERVER_SHUTDOWN_TIMEOUT_SECONDS=10, took {took:?}"
+    );
+    assert!(
+        tally.errors_before_signal.is_empty(),
+        "errors before SIGTERM: {:?}",
+        tally.errors_before_signal
+    );
+    assert!(
+        tally.statuses.is_empty(),
+        "only 200s or connection errors, got {:?}",
+        tally.statuses
+    );
+    assert!(
+        tally.wrong.is_empty(),
+        "wrong key material served: {:?}",
+        tally.wrong
+    );
+    assert!(before_signal > 0, "no 200 before SIGTERM");
+
+    let delivered = tally.per_key();
+    let (rows, total_events) = committed(&db_path, &key_ids).await;
+    let counted: i64 = rows.values().map(|r| r.usage_count).sum();
+    println!("after SIGTERM, on disk: {rows:?} (usage_count total {counted}, usage_events {total_events})");
+    assert_eq!(
+        counted,
+        tally.served.len() as i64,
+        "usage_count total == 200s received"
+    );
+    assert_eq!(
+        total_events,
+        tally.served.len() as i64,
+        "usage_events rows == 200s received"
+    );
+    for id in &key_ids {
+        let d = delivered.get(id).copied().unwrap_or(0);
+        assert_eq!(rows[id].usage_count, d, "key {id}: {:?}", rows[id]);
+        assert_eq!(rows[id].events, d, "key {id}: {:?}", rows[id]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_ever_appears_in_the_log_even_at_debug() {
+    for format in ["json", "pretty"] {
+        secrets_stay_out_of_the_log(format).await;
+    }
+}
+
+async fn secrets_stay_out_of_the_log(format: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db_path = dir.path().join("data").join("pool.db");
+    let log = dir.path().join("server.log");
+    let admin = distinctive("adm-");
+    let encryption_key = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    assert_eq!(encryption_key.len(), 64);
+    let db = db_path.display().to_string();
+    let env = [
+        ("DB_PATH", db.as_str()),
+        ("LOG_LEVEL", "debug"),
+        ("LOG_FORMAT", format),
+        ("LOG_REQUESTS", "true"),
+        ("ENCRYPTION_KEY", encryption_key.as_str()),
+    ];
+    let mut server = start_server(&env, &admin, &log, dir.path()).await;
+    let mut secrets: Vec<(String, String)> = vec![
+        ("admin token".into(), admin.clone()),
+        ("encryption key".into(), encryption_key.clone()),
+    ];
+
+    server
+        .admin(
+            Method::POST,
+            "/admin/tiers",
+            Some(json!({ "name": "vault", "features": { "scrape": { "rate_limit": 100, "window_seconds": 60 } } })),
+            StatusCode::CREATED,
+        )
+        .await;
+    let mut key_ids = Vec::new();
+    let mut values = HashMap::new();
+    for i in 0..2 {
+        let value = distinctive("keyval-");
+        let client_secret = distinctive("clientsecret-");
+        let password = distinctive("password-");
+        let id = server
+            .add_key(json!({
+                "name": format!("k{i}"),
+                "key": value,
+                "tier": "vault",
+                "usage_limit": 50,
+                "metadata": { "region": "eu" },
+                "secrets": { "client_secret": client_secret, "password": password },
+            }))
+            .await;
+        values.insert(id.clone(), value.clone());
+        key_ids.push(id);
+        secrets.push((format!("key value {i}"), value));
+        secrets.push((format!("client_secret {i}"), client_secret));
+        secrets.push((format!("password {i}"), password));
+    }
+    // Operator mistakes that carry a secret: unknown tier, malformed JSON, wrong type.
+    let stray = distinctive("strayval-");
+    secrets.push(("value sent to an unknown tier".into(), stray.clone()));
+    server
+        .admin(
+            Method::POST,
+            "/admin/keys",
+            Some(
+                json!({ "name": "lost", "key": stray, "tier": "nope", "secrets": { "s": stray } }),
+            ),
+            StatusCode::NOT_FOUND,
+        )
+        .await;
+    let broken = distinctive("brokenjson-");
+    secrets.push(("value in malformed JSON".into(), broken.clone()));
+    let r = server
+        .client
+        .post(server.url("/admin/keys"))
+        .bearer_auth(&admin)
+        .header("content-type", "application/json")
+        .body(format!("{{\"name\":\"x\",\"key\":\"{broken}\",\"tier\":"))
+        .send()
+        .await
+        .expect("malformed JSON request");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let typed = distinctive("wrongtype-");
+    secrets.push(("value of the wrong type".into(), typed.clone()));
+    server
+        .admin(
+            Method::POST,
+            "/admin/keys",
+            Some(json!({ "name": "x", "key": "v", "tier": "vault", "usage_limit": typed })),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+
+    let (consumer_id, token) = server.consumer("reader", "vault").await;
+    secrets.push(("consumer token".into(), token.clone()));
+
+    // Draws with the consumer token and the admin token.
+    for t in [&token, &admin] {
+        let (status, body) = server
+            .call(Method::GET, "/key?feature=scrape", Some(t), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let id = body["key_id"].as_str().expect("served key id");
+        assert_eq!(
+            body["value"].as_str(),
+            values.get(id).map(String::as_str),
+            "{body}"
+        );
+    }
+    // Bad tokens: unknown, consumer on /admin, wrong scheme, none.
+    let unknown = distinctive("badtoken-");
+    secrets.push(("unknown bearer token".into(), unknown.clone()));
+    let (status, _) = server
+        .call(Method::GET, "/key?feature=scrape", Some(&unknown), None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = server
+        .call(Method::GET, "/admin/keys", Some(&unknown), None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = server
+        .call(Method::GET, "/admin/keys", Some(&token), None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let r = server
+        .client
+        .get(server.url("/key?feature=scrape"))
+        .header("authorization", format!("Basic {admin}"))
+        .send()
+        .await
+        .expect("wrong-scheme request");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let (status, _) = server
+        .call(Method::GET, "/key?feature=scrape", None, None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // A secret in the query string.
+    let (status, _) = server
+        .call(
+            Method::GET,
+            &format!("/key?feature=scrape&token={token}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Every listing.
+    for path in [
+        "/admin/tiers",
+        "/admin/keys",
+        "/admin/consumers",
+        "/admin/usage?limit=1000",
+        "/admin/health",
+    ] {
+        let body = server.admin(Method::GET, path, None, StatusCode::OK).await;
+        let text = body.to_string();
+        for (what, secret) in &secrets {
+            assert!(
+                !text.contains(secret.as_str()),
+                "{path} shows the {what}: {text}"
+            );
+        }
+    }
+
+    // Deletes.
+    server
+        .admin(
+            Method::DELETE,
+            &format!("/admin/consumers/{consumer_id}"),
+            None,
+            StatusCode::OK,
+        )
+        .await;
+    let (status, _) = server
+        .call(Method::GET, "/key?feature=scrape", Some(&token), None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a deleted consumer's token is rejected"
+    );
+    server
+        .admin(
+            Method::DELETE,
+            &format!("/admin/keys/{}", key_ids[0]),
+            None,
+            StatusCode::OK,
+        )
+        .await;
+
+    let exit = server.terminate(Duration::from_secs(15)).await;
+    assert!(exit.success(), "SIGTERM exit: {exit}");
+
+    let text = read_log(&log);
+    assert!(!text.trim().is_empty(), "the log is empty");
+    assert!(
+        text.contains("/admin/keys"),
+        "LOG_REQUESTS=true logs request paths ({format}):\n{text}"
+    );
+    let lower = text.to_ascii_lowercase();
+    for (what, secret) in &secrets {
+        assert!(
+            !text.contains(secret.as_str()) && !lower.contains(&secret.to_ascii_lowercase()),
+            "the {what} appears in the {format} log:\n{text}"
+        );
+    }
+    println!(
+        "{format} log: {} lines, {} bytes, no secret found",
+        text.lines().count(),
+        text.len()
+    );
+}
+
+type BadConfig<'a> = (&'a str, Vec<(&'a str, &'a str)>, Option<&'a str>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_exits_nonzero_with_one_line_naming_the_variable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir
+        .path()
+        .join("data")
+        .join("pool.db")
+        .display()
+        .to_string();
+    let secret_key = format!("{}zz", "ab".repeat(31)); // 64 chars, not hex
+                                                       // (variable named, environment, value that must not be echoed)
+    let cases: Vec<BadConfig> = vec![
+        ("ADMIN_TOKEN", vec![], None),
+        (
+            "SERVER_PORT",
+            vec![("ADMIN_TOKEN", "t0k"), ("SERVER_PORT", "abc")],
+            None,
+        ),
+        (
+            "ENCRYPTION_KEY",
+            vec![("ADMIN_TOKEN", "t0k"), ("ENCRYPTION_KEY", "xyz")],
+            Some("xyz"),
+        ),
+        (
+            "ENCRYPTION_KEY",
+            vec![
+                ("ADMIN_TOKEN", "t0k"),
+                ("ENCRYPTION_KEY", secret_key.as_str()),
+            ],
+            Some(secret_key.as_str()),
+        ),
+        (
+            "LOG_LEVEL",
+            vec![("ADMIN_TOKEN", "t0k"), ("LOG_LEVEL", "loud")],
+            None,
+        ),
+        (
+            "DB_MAX_OPEN_CONNS",
+            vec![("ADMIN_TOKEN", "t0k"), ("DB_MAX_OPEN_CONNS", "0")],
+            None,
+        ),
+    ];
+    for (var, vars, hidden) in cases {
+        let port = free_port().to_string();
+        let child = Command::new(BIN)
+            .env_clear()
+            .env("DB_PATH", &db)
+            .env("SERVER_PORT", &port)
+            .env("RUST_BACKTRACE", "1")
+            .envs(vars.iter().copied())
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the keypooler binary");
+        let mut child = ChildGuard(child);
+        let status = child
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| {
+                panic!("{var}: a bad configuration must stop the binary, it kept running")
+            });
+        let mut stderr = String::new();
+        let mut stdout = String::new();
+        if let Some(mut e) = child.0.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut stderr).expect("read stderr");
+        }
+        if let Some(mut o) = child.0.stdout.take() {
+            std::io::Read::read_to_string(&mut o, &mut stdout).expect("read stdout");
+        }
+        println!("{var} {vars:?}: {status}, stderr: {stderr:?}");
+        assert!(
+            matches!(status.code(), Some(c) if c != 0),
+            "{var}: exit code must be non-zero, got {status}"
+        );
+        let line = stderr.trim_end_matches(['\n', '\r']);
+        assert!(!line.trim().is_empty(), "{var}: stderr is empty");
+        assert!(
+            !line.contains('\n'),
+            "{var}: stderr must be one line, got {stderr:?}"
+        );
+        assert!(
+            line.contains(var),
+            "{var}: stderr must name the variable, got {stderr:?}"
+        );
+        for out in [&stderr, &stdout] {
+            assert!(!out.contains("panicked"), "{var}: panicked: {out}");
+            assert!(
+                !out.to_ascii_lowercase().contains("backtrace"),
+                "{var}: backtrace: {out}"
+            );
+        }
+        if let Some(value) = hidden {
+            assert!(
+                !stderr.contains(value) && !stdout.contains(value),
+                "{var}: the bad value is echoed: {stderr:?}"
+            );
+        }
+    }
+    assert!(
+        !dir.path().join("data").exists(),
+        "no bad configuration got as far as creating the database"
+    );
+
+    // A DB_PATH whose folders do not exist yet: they are created and the server starts.
+    let nested = dir
+        .path()
+        .join("tmp")
+        .join("nested")
+        .join("deeper")
+        .join("pool.db");
+    let nested_str = nested.display().to_string();
+    let log = dir.path().join("nested.log");
+    let env = [("DB_PATH", nested_str.as_str()), ("LOG_LEVEL", "warn")];
+    let mut server = start_server(&env, &distinctive("adm-"), &log, dir.path()).await;
+    let (status, body) = server.call(Method::GET, "/health", None, None).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({ "status": "ok" })));
+    assert!(nested.is_file(), "{} was created", nested.display());
+    let exit = server.terminate(Duration::from_secs(15)).await;
+    assert!(
+        exit.success(),
+        "SIGTERM exit: {exit}; log:\n{}",
+        read_log(&log)
+    );
+}
