@@ -14,7 +14,10 @@ pub enum DatabaseConfig {
     /// Embedded SQLite file (the default).
     Local { path: PathBuf },
     /// Remote Turso/libSQL; the URL is kept without its `authToken` query parameter.
-    Remote { url: Secret, auth_token: Option<Secret> },
+    Remote {
+        url: Secret,
+        auth_token: Option<Secret>,
+    },
 }
 
 /// How SQLite syncs a commit to disk in WAL mode.
@@ -132,14 +135,24 @@ fn bad(var: &str, value: &str, allowed: &str) -> ConfigError {
 
 /// For secrets: name the variable and the rule, never the value.
 fn bad_secret(var: &str, allowed: &str) -> ConfigError {
-    ConfigError(format!("invalid configuration: {var} is not allowed: {allowed}"))
+    ConfigError(format!(
+        "invalid configuration: {var} is not allowed: {allowed}"
+    ))
 }
 
-fn int_at_least<T>(var: &str, raw: &Option<String>, default: T, min: T, max: T) -> Result<T, ConfigError>
+fn int_at_least<T>(
+    var: &str,
+    raw: &Option<String>,
+    default: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError>
 where
     T: std::str::FromStr + PartialOrd + Copy + std::fmt::Display,
 {
-    let Some(s) = present(raw) else { return Ok(default) };
+    let Some(s) = present(raw) else {
+        return Ok(default);
+    };
     let allowed = format!("expected a whole number from {min} to {max}");
     let v: T = s.parse().map_err(|_| bad(var, s, &allowed))?;
     if v < min || v > max {
@@ -172,7 +185,8 @@ impl RawConfig {
         let encryption_key = match present(&self.encryption_key) {
             None => None,
             Some(hex_key) => {
-                let allowed = "expected exactly 64 hex characters (32 bytes), or empty for plaintext at rest";
+                let allowed =
+                    "expected exactly 64 hex characters (32 bytes), or empty for plaintext at rest";
                 if hex_key.len() != 64 {
                     return Err(bad_secret("ENCRYPTION_KEY", allowed));
                 }
@@ -190,7 +204,8 @@ impl RawConfig {
             Some(url) => remote_database(url, present(&self.database_auth_token))?,
         };
 
-        let db_max_open_conns = int_at_least("DB_MAX_OPEN_CONNS", &self.db_max_open_conns, 1u32, 1, 1024)?;
+        let db_max_open_conns =
+            int_at_least("DB_MAX_OPEN_CONNS", &self.db_max_open_conns, 1u32, 1, 1024)?;
         let db_busy_timeout = Duration::from_millis(int_at_least(
             "DB_BUSY_TIMEOUT_MS",
             &self.db_busy_timeout_ms,
@@ -198,7 +213,10 @@ impl RawConfig {
             1,
             3_600_000,
         )?);
-        let db_synchronous = match present(&self.db_synchronous).map(str::to_ascii_lowercase).as_deref() {
+        let db_synchronous = match present(&self.db_synchronous)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None | Some("normal") => Synchronous::Normal,
             Some("full") => Synchronous::Full,
             Some(_) => {
@@ -217,7 +235,10 @@ impl RawConfig {
             int_at_least("PORT", &self.port, 8080u16, 1, 65535)?
         };
 
-        let log_level = match present(&self.log_level).map(str::to_ascii_lowercase).as_deref() {
+        let log_level = match present(&self.log_level)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None | Some("info") => tracing::Level::INFO,
             Some("debug") => tracing::Level::DEBUG,
             Some("warn") => tracing::Level::WARN,
@@ -230,7 +251,10 @@ impl RawConfig {
                 ))
             }
         };
-        let log_format = match present(&self.log_format).map(str::to_ascii_lowercase).as_deref() {
+        let log_format = match present(&self.log_format)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None | Some("json") => LogFormat::Json,
             Some("pretty") => LogFormat::Pretty,
             Some(_) => {
@@ -241,7 +265,10 @@ impl RawConfig {
                 ))
             }
         };
-        let log_requests = match present(&self.log_requests).map(str::to_ascii_lowercase).as_deref() {
+        let log_requests = match present(&self.log_requests)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None | Some("true" | "1" | "yes" | "on") => true,
             Some("false" | "0" | "no" | "off") => false,
             Some(_) => {
@@ -261,9 +288,21 @@ impl RawConfig {
             db_busy_timeout,
             db_synchronous,
             port,
-            read_timeout: seconds("SERVER_READ_TIMEOUT_SECONDS", &self.server_read_timeout_seconds, 30)?,
-            write_timeout: seconds("SERVER_WRITE_TIMEOUT_SECONDS", &self.server_write_timeout_seconds, 30)?,
-            idle_timeout: seconds("SERVER_IDLE_TIMEOUT_SECONDS", &self.server_idle_timeout_seconds, 120)?,
+            read_timeout: seconds(
+                "SERVER_READ_TIMEOUT_SECONDS",
+                &self.server_read_timeout_seconds,
+                30,
+            )?,
+            write_timeout: seconds(
+                "SERVER_WRITE_TIMEOUT_SECONDS",
+                &self.server_write_timeout_seconds,
+                30,
+            )?,
+            idle_timeout: seconds(
+                "SERVER_IDLE_TIMEOUT_SECONDS",
+                &self.server_idle_timeout_seconds,
+                120,
+            )?,
             shutdown_timeout: seconds(
                 "SERVER_SHUTDOWN_TIMEOUT_SECONDS",
                 &self.server_shutdown_timeout_seconds,
@@ -294,7 +333,11 @@ fn remote_database(url: &str, env_token: Option<&str>) -> Result<DatabaseConfig,
     }
     let mut url_token = None;
     let mut kept = Vec::new();
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         match pair.split_once('=') {
             Some(("authToken", v)) if !v.is_empty() => url_token = Some(v.to_string()),
             _ => kept.push(pair),
@@ -305,8 +348,13 @@ fn remote_database(url: &str, env_token: Option<&str>) -> Result<DatabaseConfig,
         clean.push('?');
         clean.push_str(&kept.join("&"));
     }
-    let auth_token = url_token.or_else(|| env_token.map(str::to_string)).map(Secret::new);
-    Ok(DatabaseConfig::Remote { url: Secret::new(clean), auth_token })
+    let auth_token = url_token
+        .or_else(|| env_token.map(str::to_string))
+        .map(Secret::new);
+    Ok(DatabaseConfig::Remote {
+        url: Secret::new(clean),
+        auth_token,
+    })
 }
 
 #[cfg(test)]
@@ -327,7 +375,9 @@ mod tests {
         assert!(c.log_requests);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
-        assert!(matches!(c.database, DatabaseConfig::Local { ref path } if path == &PathBuf::from("./data/pool.db")));
+        assert!(
+            matches!(c.database, DatabaseConfig::Local { ref path } if path == &PathBuf::from("./data/pool.db"))
+        );
     }
 
     #[test]
@@ -340,8 +390,16 @@ mod tests {
 
     #[test]
     fn port_is_honoured_when_server_port_is_unset() {
-        assert_eq!(cfg(&[("ADMIN_TOKEN", "t"), ("PORT", "3000")]).unwrap().port, 3000);
-        let both = cfg(&[("ADMIN_TOKEN", "t"), ("PORT", "3000"), ("SERVER_PORT", "9000")]).unwrap();
+        assert_eq!(
+            cfg(&[("ADMIN_TOKEN", "t"), ("PORT", "3000")]).unwrap().port,
+            3000
+        );
+        let both = cfg(&[
+            ("ADMIN_TOKEN", "t"),
+            ("PORT", "3000"),
+            ("SERVER_PORT", "9000"),
+        ])
+        .unwrap();
         assert_eq!(both.port, 9000);
     }
 
@@ -360,7 +418,9 @@ mod tests {
             ("LOG_REQUESTS", "maybe", "true or false"),
             ("DB_SYNCHRONOUS", "off", "normal or full"),
         ] {
-            let e = cfg(&[("ADMIN_TOKEN", "t"), (var, value)]).unwrap_err().to_string();
+            let e = cfg(&[("ADMIN_TOKEN", "t"), (var, value)])
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(var) && e.contains(needle), "{var}={value}: {e}");
             assert!(!e.contains('\n'));
         }
@@ -369,9 +429,16 @@ mod tests {
     #[test]
     fn encryption_key_must_be_64_hex_and_is_never_echoed() {
         let k = "ab".repeat(32);
-        assert_eq!(cfg(&[("ADMIN_TOKEN", "t"), ("ENCRYPTION_KEY", &k)]).unwrap().encryption_key, Some([0xab; 32]));
+        assert_eq!(
+            cfg(&[("ADMIN_TOKEN", "t"), ("ENCRYPTION_KEY", &k)])
+                .unwrap()
+                .encryption_key,
+            Some([0xab; 32])
+        );
         for bad_key in ["abc", &"zz".repeat(32), &"ab".repeat(33)] {
-            let e = cfg(&[("ADMIN_TOKEN", "t"), ("ENCRYPTION_KEY", bad_key)]).unwrap_err().to_string();
+            let e = cfg(&[("ADMIN_TOKEN", "t"), ("ENCRYPTION_KEY", bad_key)])
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("ENCRYPTION_KEY") && e.contains("64 hex"), "{e}");
             assert!(!e.contains(bad_key));
         }
@@ -379,7 +446,11 @@ mod tests {
 
     #[test]
     fn remote_url_takes_its_token_from_the_query_or_the_env() {
-        let c = cfg(&[("ADMIN_TOKEN", "t"), ("DATABASE_URL", "libsql://db.example.io?authToken=sekret")]).unwrap();
+        let c = cfg(&[
+            ("ADMIN_TOKEN", "t"),
+            ("DATABASE_URL", "libsql://db.example.io?authToken=sekret"),
+        ])
+        .unwrap();
         match c.database {
             DatabaseConfig::Remote { url, auth_token } => {
                 assert_eq!(url.expose(), "libsql://db.example.io");
@@ -393,8 +464,15 @@ mod tests {
             ("DATABASE_AUTH_TOKEN", "envtok"),
         ])
         .unwrap();
-        assert!(matches!(c.database, DatabaseConfig::Remote { auth_token: Some(ref t), .. } if t.expose() == "envtok"));
-        let e = cfg(&[("ADMIN_TOKEN", "t"), ("DATABASE_URL", "postgres://x?authToken=sekret")]).unwrap_err().to_string();
+        assert!(
+            matches!(c.database, DatabaseConfig::Remote { auth_token: Some(ref t), .. } if t.expose() == "envtok")
+        );
+        let e = cfg(&[
+            ("ADMIN_TOKEN", "t"),
+            ("DATABASE_URL", "postgres://x?authToken=sekret"),
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("DATABASE_URL") && !e.contains("sekret"), "{e}");
     }
 }

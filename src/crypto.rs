@@ -117,8 +117,13 @@ mod tests {
         // Our ciphertext for the vector's nonce equals the independent one byte for byte.
         let cipher = Aes256Gcm::new(&key().into());
         let nonce: Vec<u8> = (0xa0u8..0xac).collect();
-        let sealed = cipher.encrypt(Nonce::from_slice(&nonce), b"fc-live-secret-123".as_ref()).unwrap();
-        assert_eq!(format!("enc:gcm:{}{}", hex::encode(&nonce), hex::encode(sealed)), VECTOR);
+        let sealed = cipher
+            .encrypt(Nonce::from_slice(&nonce), b"fc-live-secret-123".as_ref())
+            .unwrap();
+        assert_eq!(
+            format!("enc:gcm:{}{}", hex::encode(&nonce), hex::encode(sealed)),
+            VECTOR
+        );
     }
 
     #[test]
@@ -127,14 +132,20 @@ mod tests {
         assert_eq!(off.seal(&Secret::new("plain")).unwrap(), "plain");
         assert_eq!(off.open("plain").unwrap().expose(), "plain");
         let on = Sealer::new(Some(key()));
-        assert_eq!(on.open("untagged-legacy").unwrap().expose(), "untagged-legacy");
+        assert_eq!(
+            on.open("untagged-legacy").unwrap().expose(),
+            "untagged-legacy"
+        );
     }
 
     #[test]
     fn wrong_key_fails_authentication() {
         let mut other = key();
         other[0] ^= 1;
-        assert_eq!(Sealer::new(Some(other)).open(VECTOR).unwrap_err(), SealError::Authentication);
+        assert_eq!(
+            Sealer::new(Some(other)).open(VECTOR).unwrap_err(),
+            SealError::Authentication
+        );
     }
 
     #[test]
@@ -143,14 +154,29 @@ mod tests {
         let mut tampered = VECTOR.to_string();
         tampered.replace_range(30..31, if &VECTOR[30..31] == "0" { "1" } else { "0" });
         assert_eq!(s.open(&tampered).unwrap_err(), SealError::Authentication);
-        assert_eq!(s.open(&VECTOR[..VECTOR.len() - 2]).unwrap_err(), SealError::Authentication);
-        assert!(matches!(s.open("enc:gcm:a0a1a2").unwrap_err(), SealError::Malformed(_)));
-        assert!(matches!(s.open("enc:gcm:zz").unwrap_err(), SealError::Malformed(_)));
-        assert!(matches!(s.open("enc:gcm:abc").unwrap_err(), SealError::Malformed(_)));
+        assert_eq!(
+            s.open(&VECTOR[..VECTOR.len() - 2]).unwrap_err(),
+            SealError::Authentication
+        );
+        assert!(matches!(
+            s.open("enc:gcm:a0a1a2").unwrap_err(),
+            SealError::Malformed(_)
+        ));
+        assert!(matches!(
+            s.open("enc:gcm:zz").unwrap_err(),
+            SealError::Malformed(_)
+        ));
+        assert!(matches!(
+            s.open("enc:gcm:abc").unwrap_err(),
+            SealError::Malformed(_)
+        ));
     }
 
     #[test]
     fn tagged_value_without_a_key_is_a_hard_error() {
-        assert_eq!(Sealer::new(None).open(VECTOR).unwrap_err(), SealError::NoKey);
+        assert_eq!(
+            Sealer::new(None).open(VECTOR).unwrap_err(),
+            SealError::NoKey
+        );
     }
 }

@@ -24,7 +24,10 @@ pub enum ApiError {
     #[error("request body is larger than the 1 MiB limit")]
     PayloadTooLarge,
     #[error("{message}")]
-    TooManyRequests { message: String, retry_after_seconds: Option<u64> },
+    TooManyRequests {
+        message: String,
+        retry_after_seconds: Option<u64>,
+    },
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -68,10 +71,17 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status_code();
-        let mut response = (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response();
+        let mut response = (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response();
         let headers = response.headers_mut();
         match &self {
-            ApiError::TooManyRequests { retry_after_seconds: Some(s), .. } => {
+            ApiError::TooManyRequests {
+                retry_after_seconds: Some(s),
+                ..
+            } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*s));
             }
             ApiError::Unauthorized => {

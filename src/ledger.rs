@@ -64,7 +64,10 @@ impl Ledger {
     pub fn start(db: Db) -> Ledger {
         let (queue, inbox) = mpsc::unbounded_channel();
         let worker = tokio::spawn(run(db, inbox));
-        Ledger { queue, worker: parking_lot::Mutex::new(Some(worker)) }
+        Ledger {
+            queue,
+            worker: parking_lot::Mutex::new(Some(worker)),
+        }
     }
 
     /// Queues a reservation; call while the key is locked (see `Pool::draw`). Never blocks.
@@ -132,8 +135,9 @@ fn chunked(mut batch: Vec<Serve>) -> Vec<Vec<Serve>> {
 }
 
 async fn commit(db: &Db, batch: Vec<Serve>) {
-    let (live, stale): (Vec<Serve>, Vec<Serve>) =
-        batch.into_iter().partition(|s| s.reservation.key.is_current(&s.reservation));
+    let (live, stale): (Vec<Serve>, Vec<Serve>) = batch
+        .into_iter()
+        .partition(|s| s.reservation.key.is_current(&s.reservation));
     for s in stale {
         s.reservation.key.give_back_rate(&s.reservation);
         let _ = s.ack.send(Err(CommitFailed));

@@ -78,7 +78,9 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     let App { state, router } = app;
-    let result = axum::serve(listener, router).with_graceful_shutdown(shutdown).await;
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await;
     state.ledger.shutdown().await;
     state.db.close().await;
     tracing::info!("stopped with nothing pending");
@@ -92,7 +94,9 @@ pub fn init_tracing(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::new(format!(
         "{level},sqlx=warn,libsql=warn,libsql_hrana=warn,hyper=warn,hyper_util=warn,h2=warn,rustls=warn,tower_http=warn"
     ));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
     let _ = match config.log_format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Pretty => builder.compact().try_init(),

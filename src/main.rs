@@ -26,7 +26,10 @@ async fn main() -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(("0.0.0.0", config.port)).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("keypooler: cannot listen on port {} (SERVER_PORT/PORT): {e}", config.port);
+            eprintln!(
+                "keypooler: cannot listen on port {} (SERVER_PORT/PORT): {e}",
+                config.port
+            );
             return ExitCode::from(1);
         }
     };

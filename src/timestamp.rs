@@ -19,7 +19,9 @@ pub fn to_api(t: Timestamp) -> String {
 
 /// Parses RFC 3339 only (what the admin API accepts).
 pub fn parse_rfc3339(s: &str) -> Option<Timestamp> {
-    DateTime::parse_from_rfc3339(s.trim()).ok().map(|t| t.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(s.trim())
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 /// Parses every form a Go-written or Rust-written row may hold:
@@ -41,7 +43,11 @@ pub fn parse_db(s: &str) -> Option<Timestamp> {
         Some(b'T' | b't') => format!("{} {}", &s[..10], &s[11..]),
         _ => s.to_string(),
     };
-    for fmt in ["%Y-%m-%d %H:%M:%S%.f%:z", "%Y-%m-%d %H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f %z"] {
+    for fmt in [
+        "%Y-%m-%d %H:%M:%S%.f%:z",
+        "%Y-%m-%d %H:%M:%S%.f%z",
+        "%Y-%m-%d %H:%M:%S%.f %z",
+    ] {
         if let Ok(t) = DateTime::parse_from_str(&normalized, fmt) {
             return Some(t.with_timezone(&Utc));
         }
@@ -89,7 +95,10 @@ mod tests {
             assert_eq!(parse_db(s), Some(want), "{s}");
         }
         let frac = parse_db("2026-01-02 03:04:05.123456789-07:00").unwrap();
-        assert_eq!(frac, at(2026, 1, 2, 10, 4, 5) + chrono::Duration::nanoseconds(123_456_789));
+        assert_eq!(
+            frac,
+            at(2026, 1, 2, 10, 4, 5) + chrono::Duration::nanoseconds(123_456_789)
+        );
         let rfc_frac = parse_db("2026-01-02T03:04:05.5Z").unwrap();
         assert_eq!(rfc_frac, want + chrono::Duration::milliseconds(500));
         let mono = parse_db("2026-01-02 03:04:05.1 +0000 UTC m=+0.000012").unwrap();
@@ -109,14 +118,17 @@ mod tests {
         let s = to_db(t);
         assert_eq!(s, "2026-01-02 03:04:05.000042");
         assert_eq!(parse_db(&s), Some(t));
-        assert!("2026-01-02 03:04:05".to_string() < s);
-        assert!(s < "2026-01-02 03:04:06".to_string());
+        assert!("2026-01-02 03:04:05" < s.as_str());
+        assert!(s.as_str() < "2026-01-02 03:04:06");
     }
 
     #[test]
     fn api_form_is_rfc3339_utc() {
         assert_eq!(to_api(at(2026, 1, 2, 3, 4, 5)), "2026-01-02T03:04:05Z");
-        assert_eq!(parse_rfc3339("2026-01-02T03:04:05Z"), Some(at(2026, 1, 2, 3, 4, 5)));
+        assert_eq!(
+            parse_rfc3339("2026-01-02T03:04:05Z"),
+            Some(at(2026, 1, 2, 3, 4, 5))
+        );
         assert_eq!(parse_rfc3339("next tuesday"), None);
     }
 }

@@ -33,7 +33,9 @@ impl FromRequestParts<SharedState> for Admin {
         if is_admin(state, token) {
             Ok(Admin)
         } else if state.pool.consumer_for_token(token).is_some() {
-            Err(ApiError::Forbidden("the admin token is required for /admin".into()))
+            Err(ApiError::Forbidden(
+                "the admin token is required for /admin".into(),
+            ))
         } else {
             Err(ApiError::Unauthorized)
         }
@@ -48,6 +50,10 @@ impl FromRequestParts<SharedState> for Caller {
         if is_admin(state, token) {
             return Ok(Caller::Admin);
         }
-        state.pool.consumer_for_token(token).map(Caller::Consumer).ok_or(ApiError::Unauthorized)
+        state
+            .pool
+            .consumer_for_token(token)
+            .map(Caller::Consumer)
+            .ok_or(ApiError::Unauthorized)
     }
 }

@@ -35,7 +35,11 @@ pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Value> {
         consumers
             .iter()
             .map(|c| {
-                let mut scopes: Vec<String> = c.scopes.iter().filter_map(|t| state.pool.tier_name(t)).collect();
+                let mut scopes: Vec<String> = c
+                    .scopes
+                    .iter()
+                    .filter_map(|t| state.pool.tier_name(t))
+                    .collect();
                 scopes.sort();
                 json!({
                     "id": c.id.as_ref(),
@@ -69,17 +73,27 @@ pub async fn create(
         scopes: Vec::new(),
     };
     let _guard = state.admin_writes.lock().await;
-    state.db.create_consumer(&record).await.map_err(|e| match e {
-        StoreError::Conflict => ApiError::Conflict(format!("a consumer named '{}' already exists", record.name)),
-        other => other.into(),
-    })?;
+    state
+        .db
+        .create_consumer(&record)
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict => {
+                ApiError::Conflict(format!("a consumer named '{}' already exists", record.name))
+            }
+            other => other.into(),
+        })?;
     let response = json!({ "id": record.id, "name": record.name, "token": token });
     tracing::info!(consumer_id = %record.id, "consumer created");
     state.pool.put_consumer(record);
     Ok((StatusCode::CREATED, Json(response)))
 }
 
-pub async fn remove(_: Admin, State(state): State<SharedState>, IdPath(id): IdPath) -> Result<Json<Value>, ApiError> {
+pub async fn remove(
+    _: Admin,
+    State(state): State<SharedState>,
+    IdPath(id): IdPath,
+) -> Result<Json<Value>, ApiError> {
     let _guard = state.admin_writes.lock().await;
     state.db.delete_consumer(&id).await.map_err(|e| match e {
         StoreError::NotFound => ApiError::NotFound("no consumer with that id".into()),
@@ -98,7 +112,10 @@ pub async fn grant_scope(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     check_name("tier", &body.tier)?;
     let _guard = state.admin_writes.lock().await;
-    let consumer = state.pool.consumer(&id).ok_or_else(|| ApiError::NotFound("no consumer with that id".into()))?;
+    let consumer = state
+        .pool
+        .consumer(&id)
+        .ok_or_else(|| ApiError::NotFound("no consumer with that id".into()))?;
     let tier = state
         .pool
         .tier_by_name(&body.tier)
@@ -106,5 +123,8 @@ pub async fn grant_scope(
     state.db.grant_scope(&consumer.id, &tier.id).await?;
     state.pool.grant_scope(&consumer.id, &tier.id);
     tracing::info!(consumer_id = %consumer.id, tier_id = %tier.id, "scope granted");
-    Ok((StatusCode::CREATED, Json(json!({ "consumer_id": consumer.id.as_ref(), "tier": tier.name }))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "consumer_id": consumer.id.as_ref(), "tier": tier.name })),
+    ))
 }

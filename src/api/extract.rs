@@ -19,11 +19,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge
             } else {
-                ApiError::BadRequest(format!("could not read the request body: {}", rejection.body_text()))
+                ApiError::BadRequest(format!(
+                    "could not read the request body: {}",
+                    rejection.body_text()
+                ))
             }
         })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(ApiError::BadRequest("request body is empty; expected a JSON object".into()));
+            return Err(ApiError::BadRequest(
+                "request body is empty; expected a JSON object".into(),
+            ));
         }
         serde_json::from_slice(&bytes)
             .map(JsonBody)
@@ -56,10 +61,14 @@ pub fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
         return Err(ApiError::BadRequest(format!("{field} must not be empty")));
     }
     if value.chars().count() > MAX_NAME_CHARS {
-        return Err(ApiError::BadRequest(format!("{field} must be at most {MAX_NAME_CHARS} characters")));
+        return Err(ApiError::BadRequest(format!(
+            "{field} must be at most {MAX_NAME_CHARS} characters"
+        )));
     }
     if value.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest(format!("{field} must not contain control characters")));
+        return Err(ApiError::BadRequest(format!(
+            "{field} must not contain control characters"
+        )));
     }
     Ok(())
 }

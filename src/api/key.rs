@@ -25,42 +25,67 @@ struct Served<'a> {
     secrets: BTreeMap<&'a str, &'a str>,
 }
 
-pub async fn draw_key(caller: Caller, State(state): State<SharedState>, uri: Uri) -> Result<Response, ApiError> {
+pub async fn draw_key(
+    caller: Caller,
+    State(state): State<SharedState>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
     let feature = Query::<FeatureQuery>::try_from_uri(&uri)
         .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?
         .0
         .feature
         .filter(|f| !f.is_empty())
-        .ok_or_else(|| ApiError::BadRequest("query parameter `feature` is required, e.g. /key?feature=scrape".into()))?;
+        .ok_or_else(|| {
+            ApiError::BadRequest(
+                "query parameter `feature` is required, e.g. /key?feature=scrape".into(),
+            )
+        })?;
 
     let ledger = &state.ledger;
     // Microseconds: the precision the database keeps, so memory and rows agree exactly.
     let now = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
-    match state.pool.draw(&caller, &feature, now, |r| ledger.submit(r)) {
+    match state
+        .pool
+        .draw(&caller, &feature, now, |r| ledger.submit(r))
+    {
         Draw::Served(pending) => {
             let key = pending.committed().await.map_err(|_| {
-                ApiError::Unavailable("usage could not be recorded, so no key was served; try again".into())
+                ApiError::Unavailable(
+                    "usage could not be recorded, so no key was served; try again".into(),
+                )
             })?;
             let material = key.material.as_ref().map_err(|_| ApiError::Internal)?;
             Ok(Json(Served {
                 key_id: &key.id,
                 value: material.value.expose(),
                 metadata: &key.metadata,
-                secrets: material.secrets.iter().map(|(n, v)| (n.as_str(), v.expose())).collect(),
+                secrets: material
+                    .secrets
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.expose()))
+                    .collect(),
             })
             .into_response())
         }
-        Draw::UnknownFeature => Err(ApiError::NotFound(format!("no tier lists feature '{feature}'"))),
+        Draw::UnknownFeature => Err(ApiError::NotFound(format!(
+            "no tier lists feature '{feature}'"
+        ))),
         Draw::OutOfScope => Err(ApiError::Forbidden(format!(
             "feature '{feature}' is not in the tiers this consumer may use"
         ))),
         Draw::Exhausted { retry_after } => Err(ApiError::TooManyRequests {
             message: match retry_after {
-                Some(_) => format!("every key for feature '{feature}' is at its limit; retry later"),
-                None => format!("no key for feature '{feature}' can serve: budgets spent, expired or inactive"),
+                Some(_) => {
+                    format!("every key for feature '{feature}' is at its limit; retry later")
+                }
+                None => format!(
+                    "no key for feature '{feature}' can serve: budgets spent, expired or inactive"
+                ),
             },
             // Whole seconds, rounded up, never 0.
-            retry_after_seconds: retry_after.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)).map(|s| s.max(1)),
+            retry_after_seconds: retry_after
+                .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+                .map(|s| s.max(1)),
         }),
     }
 }

@@ -36,15 +36,25 @@ pub struct KeyBody {
 }
 
 fn api_time(t: Option<Timestamp>) -> Value {
-    t.map(|t| Value::String(timestamp::to_api(t))).unwrap_or(Value::Null)
+    t.map(|t| Value::String(timestamp::to_api(t)))
+        .unwrap_or(Value::Null)
 }
 
 pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Value> {
     let now = Utc::now();
     let mut keys = state.pool.keys();
     keys.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
-    let tiers: BTreeMap<String, _> = state.pool.tiers().into_iter().map(|t| (t.record.id.clone(), t.record)).collect();
-    Json(keys.iter().map(|k| key_json(k, tiers.get(&*k.tier_id), now)).collect())
+    let tiers: BTreeMap<String, _> = state
+        .pool
+        .tiers()
+        .into_iter()
+        .map(|t| (t.record.id.clone(), t.record))
+        .collect();
+    Json(
+        keys.iter()
+            .map(|k| key_json(k, tiers.get(&*k.tier_id), now))
+            .collect(),
+    )
 }
 
 fn key_json(key: &PoolKey, tier: Option<&crate::model::TierRecord>, now: Timestamp) -> Value {
@@ -77,7 +87,10 @@ fn key_json(key: &PoolKey, tier: Option<&crate::model::TierRecord>, now: Timesta
         "readable": key.material.is_ok(),
     });
     if let (Err(e), Some(map)) = (&key.material, out.as_object_mut()) {
-        map.insert("error".into(), Value::String(format!("value cannot be served: {e}")));
+        map.insert(
+            "error".into(),
+            Value::String(format!("value cannot be served: {e}")),
+        );
     }
     out
 }
@@ -97,7 +110,9 @@ pub async fn create(
         None => None,
         Some(raw) => {
             let t = timestamp::parse_rfc3339(raw).ok_or_else(|| {
-                ApiError::BadRequest("expires_at must be an RFC 3339 time, e.g. 2027-01-31T00:00:00Z".into())
+                ApiError::BadRequest(
+                    "expires_at must be an RFC 3339 time, e.g. 2027-01-31T00:00:00Z".into(),
+                )
             })?;
             if t <= now {
                 return Err(ApiError::BadRequest("expires_at is in the past".into()));
@@ -114,7 +129,9 @@ pub async fn create(
     }
     if let Some(window) = body.usage_window_seconds {
         if body.usage_limit.is_none() {
-            return Err(ApiError::BadRequest("usage_window_seconds needs a usage_limit".into()));
+            return Err(ApiError::BadRequest(
+                "usage_window_seconds needs a usage_limit".into(),
+            ));
         }
         if !(1..=MAX_WINDOW_SECONDS).contains(&window) {
             return Err(ApiError::BadRequest(format!(
@@ -125,17 +142,28 @@ pub async fn create(
     let metadata = match body.metadata {
         None | Some(Value::Null) => serde_json::Map::new(),
         Some(Value::Object(map)) => map,
-        Some(_) => return Err(ApiError::BadRequest("metadata must be a JSON object".into())),
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "metadata must be a JSON object".into(),
+            ))
+        }
     };
     let secrets = body.secrets.unwrap_or_default();
     for (name, value) in &secrets {
         check_name("secret name", name)?;
         if value.is_empty() {
-            return Err(ApiError::BadRequest(format!("secret '{name}' must not be empty")));
+            return Err(ApiError::BadRequest(format!(
+                "secret '{name}' must not be empty"
+            )));
         }
     }
 
-    let seal = |v: &str| state.sealer.seal(&Secret::new(v)).map_err(|_| ApiError::Internal);
+    let seal = |v: &str| {
+        state
+            .sealer
+            .seal(&Secret::new(v))
+            .map_err(|_| ApiError::Internal)
+    };
     let _guard = state.admin_writes.lock().await;
     let tier = state
         .pool
@@ -176,7 +204,11 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(response)))
 }
 
-pub async fn remove(_: Admin, State(state): State<SharedState>, IdPath(id): IdPath) -> Result<Json<Value>, ApiError> {
+pub async fn remove(
+    _: Admin,
+    State(state): State<SharedState>,
+    IdPath(id): IdPath,
+) -> Result<Json<Value>, ApiError> {
     let _guard = state.admin_writes.lock().await;
     state.db.delete_key(&id).await.map_err(|e| match e {
         StoreError::NotFound => ApiError::NotFound("no key with that id".into()),

@@ -44,7 +44,13 @@ pub struct AppState {
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
-    pub fn new(pool: Pool, db: Db, ledger: Ledger, sealer: Sealer, admin_token: &Secret) -> AppState {
+    pub fn new(
+        pool: Pool,
+        db: Db,
+        ledger: Ledger,
+        sealer: Sealer,
+        admin_token: &Secret,
+    ) -> AppState {
         AppState {
             pool: Arc::new(pool),
             db,
@@ -71,10 +77,16 @@ pub fn router(state: SharedState, settings: HttpSettings) -> Router {
         .route("/health", get(health::health))
         .route("/key", get(key::draw_key))
         .route("/admin/health", get(health::admin_health))
-        .route("/admin/tiers", get(tiers::list).post(tiers::create).patch(tiers::update))
+        .route(
+            "/admin/tiers",
+            get(tiers::list).post(tiers::create).patch(tiers::update),
+        )
         .route("/admin/keys", get(keys::list).post(keys::create))
         .route("/admin/keys/{id}", delete(keys::remove))
-        .route("/admin/consumers", get(consumers::list).post(consumers::create))
+        .route(
+            "/admin/consumers",
+            get(consumers::list).post(consumers::create),
+        )
         .route("/admin/consumers/{id}", delete(consumers::remove))
         .route("/admin/consumers/{id}/scopes", post(consumers::grant_scope))
         .route("/admin/usage", get(usage::list))
@@ -82,12 +94,14 @@ pub fn router(state: SharedState, settings: HttpSettings) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(RequestBodyTimeoutLayer::new(settings.read_timeout))
-        .layer(middleware::from_fn(move |req: Request, next: Next| async move {
-            match tokio::time::timeout(write_timeout, next.run(req)).await {
-                Ok(response) => response,
-                Err(_) => ApiError::Unavailable("request timed out".into()).into_response(),
-            }
-        }))
+        .layer(middleware::from_fn(
+            move |req: Request, next: Next| async move {
+                match tokio::time::timeout(write_timeout, next.run(req)).await {
+                    Ok(response) => response,
+                    Err(_) => ApiError::Unavailable("request timed out".into()).into_response(),
+                }
+            },
+        ))
         .with_state(state);
     if settings.log_requests {
         router = router.layer(middleware::from_fn(log_request));

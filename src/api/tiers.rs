@@ -36,7 +36,9 @@ struct FeatureBody {
 
 fn features(body: &TierBody) -> Result<BTreeMap<String, FeatureLimit>, ApiError> {
     if body.features.is_empty() {
-        return Err(ApiError::BadRequest("features must list at least one feature".into()));
+        return Err(ApiError::BadRequest(
+            "features must list at least one feature".into(),
+        ));
     }
     let mut out = BTreeMap::new();
     for (feature, limit) in &body.features {
@@ -55,7 +57,13 @@ fn features(body: &TierBody) -> Result<BTreeMap<String, FeatureLimit>, ApiError>
                 )))
             }
         };
-        out.insert(feature.clone(), FeatureLimit { rate_limit: limit.rate_limit, window_seconds });
+        out.insert(
+            feature.clone(),
+            FeatureLimit {
+                rate_limit: limit.rate_limit,
+                window_seconds,
+            },
+        );
     }
     Ok(out)
 }
@@ -64,13 +72,25 @@ pub fn tier_json(tier: &TierRecord) -> Value {
     let features: serde_json::Map<String, Value> = tier
         .features
         .iter()
-        .map(|(f, l)| (f.clone(), json!({ "rate_limit": l.rate_limit, "window_seconds": l.window_seconds })))
+        .map(|(f, l)| {
+            (
+                f.clone(),
+                json!({ "rate_limit": l.rate_limit, "window_seconds": l.window_seconds }),
+            )
+        })
         .collect();
     json!({ "id": tier.id, "name": tier.name, "description": tier.description, "features": features })
 }
 
 pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Value> {
-    Json(state.pool.tiers().iter().map(|t| tier_json(&t.record)).collect())
+    Json(
+        state
+            .pool
+            .tiers()
+            .iter()
+            .map(|t| tier_json(&t.record))
+            .collect(),
+    )
 }
 
 pub async fn create(

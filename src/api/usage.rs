@@ -19,7 +19,11 @@ struct UsageQuery {
     limit: Option<String>,
 }
 
-pub async fn list(_: Admin, State(state): State<SharedState>, uri: Uri) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    _: Admin,
+    State(state): State<SharedState>,
+    uri: Uri,
+) -> Result<Json<Value>, ApiError> {
     let query = Query::<UsageQuery>::try_from_uri(&uri)
         .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?;
     // Above the maximum is clamped to it; not a positive whole number is an error.
@@ -27,9 +31,17 @@ pub async fn list(_: Admin, State(state): State<SharedState>, uri: Uri) -> Resul
         None | Some("") => DEFAULT_LIMIT,
         Some(raw) => match raw.parse::<i64>() {
             Ok(n) if n >= 1 => n.min(MAX_LIMIT),
-            Ok(_) => return Err(ApiError::BadRequest(format!("limit must be from 1 to {MAX_LIMIT}"))),
+            Ok(_) => {
+                return Err(ApiError::BadRequest(format!(
+                    "limit must be from 1 to {MAX_LIMIT}"
+                )))
+            }
             Err(_) if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) => MAX_LIMIT,
-            Err(_) => return Err(ApiError::BadRequest(format!("limit must be a whole number from 1 to {MAX_LIMIT}"))),
+            Err(_) => {
+                return Err(ApiError::BadRequest(format!(
+                    "limit must be a whole number from 1 to {MAX_LIMIT}"
+                )))
+            }
         },
     };
     let events = state.db.recent_usage(limit).await?;

@@ -49,12 +49,18 @@ pub fn rate_after_serve(
     match window {
         Some(w) if now < window_end(w.start, limit.window_seconds) => {
             if w.count < limit.rate_limit {
-                Ok(RateWindow { start: w.start, count: w.count + 1 })
+                Ok(RateWindow {
+                    start: w.start,
+                    count: w.count + 1,
+                })
             } else {
                 Err(until(window_end(w.start, limit.window_seconds), now))
             }
         }
-        _ if limit.rate_limit >= 1 => Ok(RateWindow { start: now, count: 1 }),
+        _ if limit.rate_limit >= 1 => Ok(RateWindow {
+            start: now,
+            count: 1,
+        }),
         _ => Err(Duration::from_secs(limit.window_seconds.max(1) as u64)),
     }
 }
@@ -69,7 +75,11 @@ pub fn rate_used(window: Option<RateWindow>, limit: FeatureLimit, now: Timestamp
 
 /// The usage state after one more serve, or how long until the budget allows one.
 /// With a window, the count resets once the window elapsed, and the window opens at that serve.
-pub fn usage_after_serve(state: UsageState, budget: UsageBudget, now: Timestamp) -> Result<UsageState, Wait> {
+pub fn usage_after_serve(
+    state: UsageState,
+    budget: UsageBudget,
+    now: Timestamp,
+) -> Result<UsageState, Wait> {
     let current = current_usage(state, budget, now);
     let next = UsageState {
         count: current.count + 1,
@@ -79,10 +89,12 @@ pub fn usage_after_serve(state: UsageState, budget: UsageBudget, now: Timestamp)
         },
     };
     match budget.usage_limit {
-        Some(limit) if current.count >= limit => Err(match (budget.usage_window_seconds, current.window_start) {
-            (Some(w), Some(start)) => Some(until(window_end(start, w), now)),
-            _ => None,
-        }),
+        Some(limit) if current.count >= limit => {
+            Err(match (budget.usage_window_seconds, current.window_start) {
+                (Some(w), Some(start)) => Some(until(window_end(start, w), now)),
+                _ => None,
+            })
+        }
         _ => Ok(next),
     }
 }
@@ -90,7 +102,10 @@ pub fn usage_after_serve(state: UsageState, budget: UsageBudget, now: Timestamp)
 /// The usage state as of `now`: a windowed count whose window elapsed reads as a fresh window.
 pub fn current_usage(state: UsageState, budget: UsageBudget, now: Timestamp) -> UsageState {
     match (budget.usage_window_seconds, state.window_start) {
-        (Some(w), Some(start)) if now >= window_end(start, w) => UsageState { count: 0, window_start: None },
+        (Some(w), Some(start)) if now >= window_end(start, w) => UsageState {
+            count: 0,
+            window_start: None,
+        },
         _ => state,
     }
 }
@@ -106,7 +121,10 @@ mod tests {
     fn secs(n: i64) -> TimeDelta {
         TimeDelta::seconds(n)
     }
-    const TEN_PER_MINUTE: FeatureLimit = FeatureLimit { rate_limit: 10, window_seconds: 60 };
+    const TEN_PER_MINUTE: FeatureLimit = FeatureLimit {
+        rate_limit: 10,
+        window_seconds: 60,
+    };
 
     #[test]
     fn rate_window_allows_exactly_the_limit_then_reports_the_wait() {
@@ -114,7 +132,11 @@ mod tests {
         for i in 1..=10 {
             let next = rate_after_serve(w, TEN_PER_MINUTE, t0() + secs(i)).expect("within limit");
             assert_eq!(next.count, i);
-            assert_eq!(next.start, t0() + secs(1), "window opens at the first serve");
+            assert_eq!(
+                next.start,
+                t0() + secs(1),
+                "window opens at the first serve"
+            );
             w = Some(next);
         }
         let wait = rate_after_serve(w, TEN_PER_MINUTE, t0() + secs(20)).unwrap_err();
@@ -124,49 +146,109 @@ mod tests {
 
     #[test]
     fn rate_window_reopens_at_the_first_serve_after_it_elapsed() {
-        let w = Some(RateWindow { start: t0(), count: 10 });
+        let w = Some(RateWindow {
+            start: t0(),
+            count: 10,
+        });
         let next = rate_after_serve(w, TEN_PER_MINUTE, t0() + secs(75)).unwrap();
-        assert_eq!(next, RateWindow { start: t0() + secs(75), count: 1 });
+        assert_eq!(
+            next,
+            RateWindow {
+                start: t0() + secs(75),
+                count: 1
+            }
+        );
         assert_eq!(rate_used(w, TEN_PER_MINUTE, t0() + secs(60)), 0);
     }
 
     #[test]
     fn lifetime_budget_caps_forever() {
-        let budget = UsageBudget { usage_limit: Some(2), usage_window_seconds: None };
-        let mut s = UsageState { count: 0, window_start: None };
+        let budget = UsageBudget {
+            usage_limit: Some(2),
+            usage_window_seconds: None,
+        };
+        let mut s = UsageState {
+            count: 0,
+            window_start: None,
+        };
         s = usage_after_serve(s, budget, t0()).unwrap();
         s = usage_after_serve(s, budget, t0()).unwrap();
         assert_eq!(s.count, 2);
-        assert_eq!(usage_after_serve(s, budget, t0() + secs(10_000_000)), Err(None));
+        assert_eq!(
+            usage_after_serve(s, budget, t0() + secs(10_000_000)),
+            Err(None)
+        );
     }
 
     #[test]
     fn monthly_budget_resets_when_its_window_elapsed() {
         let month = 2_592_000;
-        let budget = UsageBudget { usage_limit: Some(3), usage_window_seconds: Some(month) };
-        let mut s = UsageState { count: 0, window_start: None };
+        let budget = UsageBudget {
+            usage_limit: Some(3),
+            usage_window_seconds: Some(month),
+        };
+        let mut s = UsageState {
+            count: 0,
+            window_start: None,
+        };
         for _ in 0..3 {
             s = usage_after_serve(s, budget, t0() + secs(5)).unwrap();
         }
-        assert_eq!(s, UsageState { count: 3, window_start: Some(t0() + secs(5)) });
+        assert_eq!(
+            s,
+            UsageState {
+                count: 3,
+                window_start: Some(t0() + secs(5))
+            }
+        );
         assert_eq!(
             usage_after_serve(s, budget, t0() + secs(100)),
             Err(Some(Duration::from_secs((month - 95) as u64)))
         );
         let renewed = usage_after_serve(s, budget, t0() + secs(5 + month)).unwrap();
-        assert_eq!(renewed, UsageState { count: 1, window_start: Some(t0() + secs(5 + month)) });
+        assert_eq!(
+            renewed,
+            UsageState {
+                count: 1,
+                window_start: Some(t0() + secs(5 + month))
+            }
+        );
     }
 
     #[test]
     fn unlimited_keys_still_count_serves() {
-        let budget = UsageBudget { usage_limit: None, usage_window_seconds: None };
-        let s = usage_after_serve(UsageState { count: 41, window_start: None }, budget, t0()).unwrap();
+        let budget = UsageBudget {
+            usage_limit: None,
+            usage_window_seconds: None,
+        };
+        let s = usage_after_serve(
+            UsageState {
+                count: 41,
+                window_start: None,
+            },
+            budget,
+            t0(),
+        )
+        .unwrap();
         assert_eq!(s.count, 42);
     }
 
     #[test]
     fn go_rows_over_their_limit_are_refused_not_underflowed() {
-        let budget = UsageBudget { usage_limit: Some(5), usage_window_seconds: None };
-        assert_eq!(usage_after_serve(UsageState { count: 9, window_start: None }, budget, t0()), Err(None));
+        let budget = UsageBudget {
+            usage_limit: Some(5),
+            usage_window_seconds: None,
+        };
+        assert_eq!(
+            usage_after_serve(
+                UsageState {
+                    count: 9,
+                    window_start: None
+                },
+                budget,
+                t0()
+            ),
+            Err(None)
+        );
     }
 }

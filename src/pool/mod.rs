@@ -100,7 +100,9 @@ pub enum Draw<R> {
     /// The consumer's tiers do not list the feature.
     OutOfScope,
     /// Candidates exist, none can serve now; `retry_after` is when the earliest frees up.
-    Exhausted { retry_after: Option<Duration> },
+    Exhausted {
+        retry_after: Option<Duration>,
+    },
 }
 
 struct TierEntry {
@@ -166,7 +168,10 @@ impl PoolKey {
             material,
             secret_names,
             counters: Mutex::new(KeyCounters {
-                usage: UsageState { count: record.usage_count, window_start: record.usage_window_start },
+                usage: UsageState {
+                    count: record.usage_count,
+                    window_start: record.usage_window_start,
+                },
                 rates: HashMap::new(),
                 generation: 0,
             }),
@@ -214,8 +219,9 @@ impl PoolKey {
                 };
                 // A key that expires before it frees up never will.
                 Err(wait.filter(|w| {
-                    self.expires_at
-                        .is_none_or(|e| now + chrono::TimeDelta::from_std(*w).unwrap_or(chrono::TimeDelta::MAX) < e)
+                    self.expires_at.is_none_or(|e| {
+                        now + chrono::TimeDelta::from_std(*w).unwrap_or(chrono::TimeDelta::MAX) < e
+                    })
                 }))
             }
         }
@@ -341,13 +347,20 @@ impl Pool {
                 Err(None) => {}
             }
         }
-        Draw::Exhausted { retry_after: earliest }
+        Draw::Exhausted {
+            retry_after: earliest,
+        }
     }
 
     /// The active consumer holding `token`, if any.
     pub fn consumer_for_token(&self, token: &str) -> Option<Arc<Consumer>> {
         let hash = token_hash(token);
-        self.index.read().consumers_by_token.get(&hash).filter(|c| c.is_active).cloned()
+        self.index
+            .read()
+            .consumers_by_token
+            .get(&hash)
+            .filter(|c| c.is_active)
+            .cloned()
     }
 
     // ---- tiers ----
@@ -374,7 +387,9 @@ impl Pool {
                 entry.tiers.push(id.clone());
             }
         }
-        index.tier_ids_by_name.insert(record.name.clone(), id.clone());
+        index
+            .tier_ids_by_name
+            .insert(record.name.clone(), id.clone());
         index.tiers.insert(id, TierEntry { record, keys });
     }
 
@@ -385,7 +400,11 @@ impl Pool {
     }
 
     pub fn tier_name(&self, id: &str) -> Option<String> {
-        self.index.read().tiers.get(id).map(|t| t.record.name.clone())
+        self.index
+            .read()
+            .tiers
+            .get(id)
+            .map(|t| t.record.name.clone())
     }
 
     /// Every tier, by name.
@@ -394,7 +413,10 @@ impl Pool {
         let mut out: Vec<TierView> = index
             .tiers
             .values()
-            .map(|t| TierView { record: t.record.clone(), key_count: t.keys.len() })
+            .map(|t| TierView {
+                record: t.record.clone(),
+                key_count: t.keys.len(),
+            })
             .collect();
         out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
         out
@@ -447,7 +469,11 @@ impl Pool {
             description: record.description,
             is_active: record.is_active,
             token_hash: hash,
-            scopes: record.scopes.iter().map(|s| Arc::from(s.as_str())).collect(),
+            scopes: record
+                .scopes
+                .iter()
+                .map(|s| Arc::from(s.as_str()))
+                .collect(),
         };
         self.insert_consumer(consumer);
     }
@@ -455,10 +481,15 @@ impl Pool {
     fn insert_consumer(&self, consumer: Consumer) {
         let consumer = Arc::new(consumer);
         let mut index = self.index.write();
-        if let Some(old) = index.consumers.insert(consumer.id.clone(), consumer.clone()) {
+        if let Some(old) = index
+            .consumers
+            .insert(consumer.id.clone(), consumer.clone())
+        {
             index.consumers_by_token.remove(&old.token_hash);
         }
-        index.consumers_by_token.insert(consumer.token_hash, consumer);
+        index
+            .consumers_by_token
+            .insert(consumer.token_hash, consumer);
     }
 
     pub fn remove_consumer(&self, id: &str) -> Option<Arc<Consumer>> {
@@ -478,7 +509,9 @@ impl Pool {
 
     /// Lets a consumer draw from a tier, effective on its next request.
     pub fn grant_scope(&self, consumer_id: &str, tier_id: &str) {
-        let Some(old) = self.consumer(consumer_id) else { return };
+        let Some(old) = self.consumer(consumer_id) else {
+            return;
+        };
         let mut scopes = old.scopes.clone();
         scopes.insert(Arc::from(tier_id));
         self.insert_consumer(Consumer {

@@ -15,7 +15,13 @@ fn tier(id: &str, features: &[(&str, i64, i64)]) -> TierRecord {
         features: features
             .iter()
             .map(|(f, rate_limit, window_seconds)| {
-                (f.to_string(), FeatureLimit { rate_limit: *rate_limit, window_seconds: *window_seconds })
+                (
+                    f.to_string(),
+                    FeatureLimit {
+                        rate_limit: *rate_limit,
+                        window_seconds: *window_seconds,
+                    },
+                )
             })
             .collect(),
     }
@@ -51,7 +57,14 @@ fn consumer(id: &str, scopes: &[&str]) -> ConsumerRecord {
 }
 
 fn pool(tiers: Vec<TierRecord>, keys: Vec<KeyRecord>, consumers: Vec<ConsumerRecord>) -> Pool {
-    Pool::load(Snapshot { tiers, keys, consumers }, &Sealer::new(None))
+    Pool::load(
+        Snapshot {
+            tiers,
+            keys,
+            consumers,
+        },
+        &Sealer::new(None),
+    )
 }
 
 fn draw_id(p: &Pool, caller: &Caller, feature: &str, now: Timestamp) -> Draw<String> {
@@ -65,7 +78,9 @@ fn rotation_is_round_robin_over_the_candidates() {
         vec![key("a", "t"), key("b", "t"), key("c", "t")],
         vec![],
     );
-    let served: Vec<_> = (0..6).map(|_| draw_id(&p, &Caller::Admin, "scrape", t0())).collect();
+    let served: Vec<_> = (0..6)
+        .map(|_| draw_id(&p, &Caller::Admin, "scrape", t0()))
+        .collect();
     let ids: Vec<String> = served
         .into_iter()
         .map(|d| match d {
@@ -80,7 +95,11 @@ fn rotation_is_round_robin_over_the_candidates() {
 
 #[test]
 fn a_key_refused_by_a_gate_is_skipped_for_the_next() {
-    let p = pool(vec![tier("t", &[("scrape", 1, 60)])], vec![key("a", "t"), key("b", "t")], vec![]);
+    let p = pool(
+        vec![tier("t", &[("scrape", 1, 60)])],
+        vec![key("a", "t"), key("b", "t")],
+        vec![],
+    );
     let mut ids = HashSet::new();
     for _ in 0..2 {
         match draw_id(&p, &Caller::Admin, "scrape", t0()) {
@@ -90,9 +109,14 @@ fn a_key_refused_by_a_gate_is_skipped_for_the_next() {
     }
     assert_eq!(
         draw_id(&p, &Caller::Admin, "scrape", t0() + TimeDelta::seconds(20)),
-        Draw::Exhausted { retry_after: Some(Duration::from_secs(40)) }
+        Draw::Exhausted {
+            retry_after: Some(Duration::from_secs(40))
+        }
     );
-    assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0() + TimeDelta::seconds(60)), Draw::Served(_)));
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "scrape", t0() + TimeDelta::seconds(60)),
+        Draw::Served(_)
+    ));
 }
 
 #[test]
@@ -101,21 +125,33 @@ fn outcomes_distinguish_unknown_out_of_scope_and_exhausted() {
     spent.usage_limit = Some(1);
     spent.usage_count = 1;
     let p = pool(
-        vec![tier("a", &[("scrape", 5, 60)]), tier("b", &[("search", 5, 60)])],
+        vec![
+            tier("a", &[("scrape", 5, 60)]),
+            tier("b", &[("search", 5, 60)]),
+        ],
         vec![spent],
         vec![consumer("c1", &["b"])],
     );
     let c1 = Caller::Consumer(p.consumer_for_token("token-c1").unwrap());
     assert_eq!(draw_id(&p, &c1, "nope", t0()), Draw::UnknownFeature);
     assert_eq!(draw_id(&p, &c1, "scrape", t0()), Draw::OutOfScope);
-    assert_eq!(draw_id(&p, &c1, "search", t0()), Draw::Exhausted { retry_after: None });
-    assert_eq!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Exhausted { retry_after: None });
+    assert_eq!(
+        draw_id(&p, &c1, "search", t0()),
+        Draw::Exhausted { retry_after: None }
+    );
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "scrape", t0()),
+        Draw::Exhausted { retry_after: None }
+    );
 }
 
 #[test]
 fn consumers_draw_only_from_granted_tiers_and_grants_apply_at_once() {
     let p = pool(
-        vec![tier("a", &[("scrape", 50, 60)]), tier("b", &[("scrape", 50, 60)])],
+        vec![
+            tier("a", &[("scrape", 50, 60)]),
+            tier("b", &[("scrape", 50, 60)]),
+        ],
         vec![key("ka", "a"), key("kb", "b")],
         vec![consumer("c1", &["b"])],
     );
@@ -146,9 +182,16 @@ fn expired_inactive_and_unreadable_keys_are_never_candidates() {
     unreadable.sealed_value = "enc:gcm:00".into();
     let mut later = key("later", "t");
     later.expires_at = Some(t0() + TimeDelta::seconds(10));
-    let p = pool(vec![tier("t", &[("scrape", 100, 60)])], vec![expired, inactive, unreadable, later], vec![]);
+    let p = pool(
+        vec![tier("t", &[("scrape", 100, 60)])],
+        vec![expired, inactive, unreadable, later],
+        vec![],
+    );
     for _ in 0..8 {
-        assert_eq!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Served("later".into()));
+        assert_eq!(
+            draw_id(&p, &Caller::Admin, "scrape", t0()),
+            Draw::Served("later".into())
+        );
     }
     assert_eq!(
         draw_id(&p, &Caller::Admin, "scrape", t0() + TimeDelta::seconds(10)),
@@ -161,11 +204,20 @@ fn a_refused_gate_consumes_nothing_from_the_other() {
     let mut k = key("k", "t");
     k.usage_limit = Some(1);
     let p = pool(vec![tier("t", &[("scrape", 2, 60)])], vec![k], vec![]);
-    assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Served(_)));
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "scrape", t0()),
+        Draw::Served(_)
+    ));
     // budget refuses: rate must stay at 1
-    assert_eq!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Exhausted { retry_after: None });
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "scrape", t0()),
+        Draw::Exhausted { retry_after: None }
+    );
     let key = p.key("k").unwrap();
-    let limit = FeatureLimit { rate_limit: 2, window_seconds: 60 };
+    let limit = FeatureLimit {
+        rate_limit: 2,
+        window_seconds: 60,
+    };
     assert_eq!(key.rate_used("scrape", limit, t0()), 1);
     assert_eq!(key.stored_usage().count, 1);
 }
@@ -175,8 +227,14 @@ fn rate_refusal_leaves_the_budget_untouched() {
     let mut k = key("k", "t");
     k.usage_limit = Some(10);
     let p = pool(vec![tier("t", &[("scrape", 1, 60)])], vec![k], vec![]);
-    assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Served(_)));
-    assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Exhausted { .. }));
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "scrape", t0()),
+        Draw::Served(_)
+    ));
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "scrape", t0()),
+        Draw::Exhausted { .. }
+    ));
     assert_eq!(p.key("k").unwrap().stored_usage().count, 1);
 }
 
@@ -187,12 +245,21 @@ fn retry_after_is_the_earliest_candidate_and_waits_for_both_gates() {
     monthly.usage_window_seconds = Some(3600);
     monthly.usage_count = 1;
     monthly.usage_window_start = Some(t0() - TimeDelta::seconds(600));
-    let p = pool(vec![tier("t", &[("scrape", 1, 60)])], vec![monthly, key("plain", "t")], vec![]);
-    assert_eq!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Served("plain".into()));
+    let p = pool(
+        vec![tier("t", &[("scrape", 1, 60)])],
+        vec![monthly, key("plain", "t")],
+        vec![],
+    );
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "scrape", t0()),
+        Draw::Served("plain".into())
+    );
     // plain waits 60 s for its rate window; monthly waits 3000 s for its budget.
     assert_eq!(
         draw_id(&p, &Caller::Admin, "scrape", t0()),
-        Draw::Exhausted { retry_after: Some(Duration::from_secs(60)) }
+        Draw::Exhausted {
+            retry_after: Some(Duration::from_secs(60))
+        }
     );
     // the budget window reset lets monthly serve again and opens a new window there
     let later = t0() + TimeDelta::seconds(3000);
@@ -225,32 +292,64 @@ fn revert_restores_usage_and_voids_later_reservations() {
     key.give_back_rate(&held[1]);
     assert_eq!(key.stored_usage().count, 0);
     assert!(!key.is_current(&held[1]));
-    let limit = FeatureLimit { rate_limit: 100, window_seconds: 60 };
+    let limit = FeatureLimit {
+        rate_limit: 100,
+        window_seconds: 60,
+    };
     assert_eq!(key.rate_used("scrape", limit, t0()), 0);
     // the budget is whole again
     for _ in 0..3 {
-        assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Served(_)));
+        assert!(matches!(
+            draw_id(&p, &Caller::Admin, "scrape", t0()),
+            Draw::Served(_)
+        ));
     }
-    assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Exhausted { .. }));
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "scrape", t0()),
+        Draw::Exhausted { .. }
+    ));
 }
 
 #[test]
 fn tier_feature_changes_take_effect_on_the_next_draw() {
-    let p = pool(vec![tier("t", &[("scrape", 1, 60)])], vec![key("k", "t")], vec![]);
-    assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Served(_)));
-    assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Exhausted { .. }));
+    let p = pool(
+        vec![tier("t", &[("scrape", 1, 60)])],
+        vec![key("k", "t")],
+        vec![],
+    );
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "scrape", t0()),
+        Draw::Served(_)
+    ));
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "scrape", t0()),
+        Draw::Exhausted { .. }
+    ));
     p.put_tier(tier("t", &[("scrape", 5, 60), ("search", 1, 60)]));
-    assert!(matches!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::Served(_)));
-    assert!(matches!(draw_id(&p, &Caller::Admin, "search", t0()), Draw::Served(_)));
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "scrape", t0()),
+        Draw::Served(_)
+    ));
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "search", t0()),
+        Draw::Served(_)
+    ));
     p.put_tier(tier("t", &[("search", 1, 60)]));
-    assert_eq!(draw_id(&p, &Caller::Admin, "scrape", t0()), Draw::UnknownFeature);
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "scrape", t0()),
+        Draw::UnknownFeature
+    );
 }
 
 #[test]
 fn usage_limit_holds_under_concurrent_threads() {
     let mut k = key("k", "t");
     k.usage_limit = Some(500);
-    let p = Arc::new(pool(vec![tier("t", &[("scrape", 1_000_000, 60)])], vec![k, key("other", "u")], vec![]));
+    let p = Arc::new(pool(
+        vec![tier("t", &[("scrape", 1_000_000, 60)])],
+        vec![k, key("other", "u")],
+        vec![],
+    ));
     let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::scope(|s| {
         for _ in 0..8 {

@@ -38,13 +38,22 @@ struct Inner {
 
 fn host_of(url: &str) -> String {
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
-    rest.split(['/', '?']).next().unwrap_or_default().to_string()
+    rest.split(['/', '?'])
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 impl LibsqlStore {
     /// Connects, proves the connection with a query, and migrates. Fails with one clear line.
-    pub async fn open(url: &Secret, auth_token: Option<&Secret>, config: &Config) -> Result<LibsqlStore, StoreError> {
-        let token = auth_token.map(|t| t.expose().to_string()).unwrap_or_default();
+    pub async fn open(
+        url: &Secret,
+        auth_token: Option<&Secret>,
+        config: &Config,
+    ) -> Result<LibsqlStore, StoreError> {
+        let token = auth_token
+            .map(|t| t.expose().to_string())
+            .unwrap_or_default();
         let mut redact = vec![url.expose().to_string()];
         if !token.is_empty() {
             redact.push(token.clone());
@@ -53,7 +62,12 @@ impl LibsqlStore {
         let db = libsql::Builder::new_remote(url.expose().to_string(), token)
             .build()
             .await
-            .map_err(|e| StoreError::Unavailable(format!("cannot open the libSQL database at {host}: {}", redact_all(&e.to_string(), &redact))))?;
+            .map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "cannot open the libSQL database at {host}: {}",
+                    redact_all(&e.to_string(), &redact)
+                ))
+            })?;
         let store = LibsqlStore {
             inner: Arc::new(Inner {
                 db,
@@ -75,7 +89,9 @@ impl LibsqlStore {
             return StoreError::Conflict;
         }
         match e {
-            libsql::Error::Hrana(_) | libsql::Error::ConnectionFailed(_) | libsql::Error::WriteDelegation(_)
+            libsql::Error::Hrana(_)
+            | libsql::Error::ConnectionFailed(_)
+            | libsql::Error::WriteDelegation(_)
                 if !lower.contains("sqlite_error") && !lower.contains("sql_parse") =>
             {
                 StoreError::Unavailable(format!("libSQL at {}: {text}", self.inner.host))
@@ -100,13 +116,15 @@ impl LibsqlStore {
             let conn = inner.db.connect().map_err(|e| self.err(e))?;
             op(conn).await
         };
-        tokio::time::timeout(inner.timeout, work).await.unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(format!(
-                "libSQL at {} did not answer within DB_BUSY_TIMEOUT_MS ({} ms)",
-                inner.host,
-                inner.timeout.as_millis()
-            )))
-        })
+        tokio::time::timeout(inner.timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(format!(
+                    "libSQL at {} did not answer within DB_BUSY_TIMEOUT_MS ({} ms)",
+                    inner.host,
+                    inner.timeout.as_millis()
+                )))
+            })
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
@@ -117,7 +135,9 @@ impl LibsqlStore {
         })
         .await
         .map_err(|e| match e {
-            StoreError::Unavailable(m) | StoreError::Other(m) if m.contains("401") || m.contains("403") => {
+            StoreError::Unavailable(m) | StoreError::Other(m)
+                if m.contains("401") || m.contains("403") =>
+            {
                 StoreError::Unavailable(format!(
                     "libSQL at {} rejected the auth token (DATABASE_AUTH_TOKEN or ?authToken=)",
                     self.inner.host
@@ -129,9 +149,14 @@ impl LibsqlStore {
 
     async fn migrate(&self) -> Result<(), StoreError> {
         self.run(|conn| async move {
-            conn.execute(sql::CREATE_MIGRATIONS_TABLE, ()).await.map_err(|e| self.err(e))?;
+            conn.execute(sql::CREATE_MIGRATIONS_TABLE, ())
+                .await
+                .map_err(|e| self.err(e))?;
             let mut applied = Vec::new();
-            let mut rows = conn.query(sql::APPLIED_VERSIONS, ()).await.map_err(|e| self.err(e))?;
+            let mut rows = conn
+                .query(sql::APPLIED_VERSIONS, ())
+                .await
+                .map_err(|e| self.err(e))?;
             while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
                 applied.push(int(&row, 0).unwrap_or(0));
             }
@@ -141,7 +166,9 @@ impl LibsqlStore {
                 }
                 // Every migration is IF NOT EXISTS and additive, so re-running one whose
                 // bookkeeping row was lost is harmless.
-                conn.execute_transactional_batch(body).await.map_err(|e| self.err(e))?;
+                conn.execute_transactional_batch(body)
+                    .await
+                    .map_err(|e| self.err(e))?;
                 conn.execute(
                     sql::RECORD_MIGRATION,
                     Params::Positional(vec![
@@ -159,7 +186,11 @@ impl LibsqlStore {
         .await
     }
 
-    async fn all(&self, conn: &libsql::Connection, statement: &str) -> Result<Vec<libsql::Row>, StoreError> {
+    async fn all(
+        &self,
+        conn: &libsql::Connection,
+        statement: &str,
+    ) -> Result<Vec<libsql::Row>, StoreError> {
         let mut rows = conn.query(statement, ()).await.map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
@@ -172,7 +203,11 @@ impl LibsqlStore {
         self.run(|conn| async move {
             let mut rows = SnapshotRows::default();
             for r in self.all(&conn, sql::SELECT_TIERS).await? {
-                rows.tiers.push((text(&r, 0).unwrap_or_default(), text(&r, 1).unwrap_or_default(), text(&r, 2).unwrap_or_default()));
+                rows.tiers.push((
+                    text(&r, 0).unwrap_or_default(),
+                    text(&r, 1).unwrap_or_default(),
+                    text(&r, 2).unwrap_or_default(),
+                ));
             }
             for r in self.all(&conn, sql::SELECT_TIER_FEATURES).await? {
                 rows.features.push((
@@ -201,7 +236,11 @@ impl LibsqlStore {
                 });
             }
             for r in self.all(&conn, sql::SELECT_KEY_SECRETS).await? {
-                rows.secrets.push((text(&r, 0).unwrap_or_default(), text(&r, 1).unwrap_or_default(), text(&r, 2).unwrap_or_default()));
+                rows.secrets.push((
+                    text(&r, 0).unwrap_or_default(),
+                    text(&r, 1).unwrap_or_default(),
+                    text(&r, 2).unwrap_or_default(),
+                ));
             }
             for r in self.all(&conn, sql::SELECT_CONSUMERS).await? {
                 rows.consumers.push(ConsumerRecord {
@@ -214,7 +253,10 @@ impl LibsqlStore {
                 });
             }
             for r in self.all(&conn, sql::SELECT_SCOPES).await? {
-                rows.scopes.push((text(&r, 0).unwrap_or_default(), text(&r, 1).unwrap_or_default()));
+                rows.scopes.push((
+                    text(&r, 0).unwrap_or_default(),
+                    text(&r, 1).unwrap_or_default(),
+                ));
             }
             Ok(rows.assemble())
         })
@@ -268,12 +310,27 @@ impl LibsqlStore {
 
     pub async fn update_tier(&self, tier: &TierRecord) -> Result<(), StoreError> {
         let mut statements = vec![
-            (sql::UPDATE_TIER.to_string(), vec![Value::Text(tier.description.clone()), Value::Text(tier.id.clone())]),
-            (sql::DELETE_TIER_FEATURES.to_string(), vec![Value::Text(tier.id.clone())]),
+            (
+                sql::UPDATE_TIER.to_string(),
+                vec![
+                    Value::Text(tier.description.clone()),
+                    Value::Text(tier.id.clone()),
+                ],
+            ),
+            (
+                sql::DELETE_TIER_FEATURES.to_string(),
+                vec![Value::Text(tier.id.clone())],
+            ),
         ];
         statements.extend(feature_rows(tier));
-        self.transaction(&statements, |i, affected| if i == 0 && affected == 0 { Err(StoreError::NotFound) } else { Ok(()) })
-            .await
+        self.transaction(&statements, |i, affected| {
+            if i == 0 && affected == 0 {
+                Err(StoreError::NotFound)
+            } else {
+                Ok(())
+            }
+        })
+        .await
     }
 
     pub async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
@@ -299,14 +356,19 @@ impl LibsqlStore {
         for (name, value) in &key.secrets {
             statements.push((
                 sql::INSERT_KEY_SECRET.to_string(),
-                vec![Value::Text(key.id.clone()), Value::Text(name.clone()), Value::Text(value.clone())],
+                vec![
+                    Value::Text(key.id.clone()),
+                    Value::Text(name.clone()),
+                    Value::Text(value.clone()),
+                ],
             ));
         }
         self.transaction(&statements, |_, _| Ok(())).await
     }
 
     pub async fn delete_key(&self, id: &str) -> Result<(), StoreError> {
-        self.delete_with_children(sql::DELETE_KEY, sql::DELETE_KEY_SECRETS, id).await
+        self.delete_with_children(sql::DELETE_KEY, sql::DELETE_KEY_SECRETS, id)
+            .await
     }
 
     pub async fn create_consumer(&self, c: &ConsumerRecord) -> Result<(), StoreError> {
@@ -325,22 +387,37 @@ impl LibsqlStore {
     }
 
     pub async fn delete_consumer(&self, id: &str) -> Result<(), StoreError> {
-        self.delete_with_children(sql::DELETE_CONSUMER, sql::DELETE_CONSUMER_SCOPES, id).await
+        self.delete_with_children(sql::DELETE_CONSUMER, sql::DELETE_CONSUMER_SCOPES, id)
+            .await
     }
 
-    async fn delete_with_children(&self, parent: &str, children: &str, id: &str) -> Result<(), StoreError> {
+    async fn delete_with_children(
+        &self,
+        parent: &str,
+        children: &str,
+        id: &str,
+    ) -> Result<(), StoreError> {
         let statements = [
             (children.to_string(), vec![Value::Text(id.to_string())]),
             (parent.to_string(), vec![Value::Text(id.to_string())]),
         ];
-        self.transaction(&statements, |i, affected| if i == 1 && affected == 0 { Err(StoreError::NotFound) } else { Ok(()) })
-            .await
+        self.transaction(&statements, |i, affected| {
+            if i == 1 && affected == 0 {
+                Err(StoreError::NotFound)
+            } else {
+                Ok(())
+            }
+        })
+        .await
     }
 
     pub async fn grant_scope(&self, consumer_id: &str, tier_id: &str) -> Result<(), StoreError> {
         let statements = [(
             sql::INSERT_SCOPE.to_string(),
-            vec![Value::Text(consumer_id.to_string()), Value::Text(tier_id.to_string())],
+            vec![
+                Value::Text(consumer_id.to_string()),
+                Value::Text(tier_id.to_string()),
+            ],
         )];
         self.transaction(&statements, |_, _| Ok(())).await
     }
@@ -348,7 +425,10 @@ impl LibsqlStore {
     pub async fn recent_usage(&self, limit: i64) -> Result<Vec<UsageEvent>, StoreError> {
         self.run(|conn| async move {
             let mut rows = conn
-                .query(sql::RECENT_USAGE, Params::Positional(vec![Value::Integer(limit)]))
+                .query(
+                    sql::RECENT_USAGE,
+                    Params::Positional(vec![Value::Integer(limit)]),
+                )
                 .await
                 .map_err(|e| self.err(e))?;
             let mut out = Vec::new();
@@ -358,7 +438,10 @@ impl LibsqlStore {
                     key_id: text(&r, 1).unwrap_or_default(),
                     consumer_id: text(&r, 2).unwrap_or_default(),
                     feature: text(&r, 3).unwrap_or_default(),
-                    created_at: text(&r, 4).as_deref().and_then(timestamp::parse_db).unwrap_or_default(),
+                    created_at: text(&r, 4)
+                        .as_deref()
+                        .and_then(timestamp::parse_db)
+                        .unwrap_or_default(),
                 });
             }
             Ok(out)
@@ -366,7 +449,11 @@ impl LibsqlStore {
         .await
     }
 
-    pub async fn commit_serves(&self, events: &[UsageEvent], updates: &[KeyUsageUpdate]) -> Result<(), StoreError> {
+    pub async fn commit_serves(
+        &self,
+        events: &[UsageEvent],
+        updates: &[KeyUsageUpdate],
+    ) -> Result<(), StoreError> {
         let mut statements = Vec::new();
         for chunk in events.chunks(sql::EVENTS_PER_INSERT) {
             let mut values = Vec::with_capacity(chunk.len() * 5);
@@ -387,7 +474,11 @@ impl LibsqlStore {
             }
             for u in chunk {
                 values.push(Value::Text(u.key_id.clone()));
-                values.push(u.usage_window_start.map(|t| Value::Text(to_db(t))).unwrap_or(Value::Null));
+                values.push(
+                    u.usage_window_start
+                        .map(|t| Value::Text(to_db(t)))
+                        .unwrap_or(Value::Null),
+                );
             }
             for u in chunk {
                 values.push(Value::Text(u.key_id.clone()));
@@ -453,7 +544,10 @@ mod tests {
     #[test]
     fn redaction_hides_the_url_and_token() {
         let secrets = vec!["https://db.example.io".to_string(), "tok-123".to_string()];
-        let out = redact_all("POST https://db.example.io/v3/pipeline with tok-123 failed", &secrets);
+        let out = redact_all(
+            "POST https://db.example.io/v3/pipeline with tok-123 failed",
+            &secrets,
+        );
         assert_eq!(out, "POST ***/v3/pipeline with *** failed");
         assert_eq!(host_of("libsql://db.example.io/x?y=1"), "db.example.io");
     }

@@ -25,7 +25,11 @@ pub enum StoreError {
 /// Embedded migrations: (version, name, SQL). Additive only; version 1 is the Go schema.
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/001_init.sql")),
-    (2, "indexes", include_str!("../../migrations/002_indexes.sql")),
+    (
+        2,
+        "indexes",
+        include_str!("../../migrations/002_indexes.sql"),
+    ),
 ];
 
 /// The database, whichever driver runs it.
@@ -48,7 +52,9 @@ impl Db {
     /// Opens the configured database and brings its schema up to date.
     pub async fn open(config: &Config) -> Result<Db, StoreError> {
         match &config.database {
-            DatabaseConfig::Local { path } => Ok(Db::Sqlite(sqlite::SqliteStore::open(path, config).await?)),
+            DatabaseConfig::Local { path } => {
+                Ok(Db::Sqlite(sqlite::SqliteStore::open(path, config).await?))
+            }
             DatabaseConfig::Remote { url, auth_token } => Ok(Db::Libsql(
                 libsql::LibsqlStore::open(url, auth_token.as_ref(), config).await?,
             )),
@@ -97,7 +103,11 @@ impl Db {
 
     /// Commits a batch of serves in one transaction: their audit rows and their keys' counters.
     /// Safe to retry: audit ids are unique and ignored when already present, counters are absolute.
-    pub async fn commit_serves(&self, events: &[UsageEvent], updates: &[KeyUsageUpdate]) -> Result<(), StoreError> {
+    pub async fn commit_serves(
+        &self,
+        events: &[UsageEvent],
+        updates: &[KeyUsageUpdate],
+    ) -> Result<(), StoreError> {
         dispatch!(self, s => s.commit_serves(events, updates).await)
     }
 
@@ -116,15 +126,18 @@ pub mod sql {
         "INSERT OR IGNORE INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)";
 
     pub const SELECT_TIERS: &str = "SELECT id, name, description FROM tiers";
-    pub const SELECT_TIER_FEATURES: &str = "SELECT tier_id, feature, rate_limit, window_seconds FROM tier_features";
+    pub const SELECT_TIER_FEATURES: &str =
+        "SELECT tier_id, feature, rate_limit, window_seconds FROM tier_features";
     pub const SELECT_KEYS: &str = "SELECT id, name, key_value, tier_id, is_active, \
         CAST(expires_at AS TEXT), usage_limit, usage_count, usage_window_seconds, \
         CAST(usage_window_start AS TEXT), metadata_json, CAST(created_at AS TEXT) FROM keys";
     pub const SELECT_KEY_SECRETS: &str = "SELECT key_id, name, value FROM key_secrets";
-    pub const SELECT_CONSUMERS: &str = "SELECT id, name, token_hash, description, is_active FROM consumers";
+    pub const SELECT_CONSUMERS: &str =
+        "SELECT id, name, token_hash, description, is_active FROM consumers";
     pub const SELECT_SCOPES: &str = "SELECT consumer_id, tier_id FROM consumer_scopes";
 
-    pub const INSERT_TIER: &str = "INSERT INTO tiers (id, name, description, created_at) VALUES (?, ?, ?, ?)";
+    pub const INSERT_TIER: &str =
+        "INSERT INTO tiers (id, name, description, created_at) VALUES (?, ?, ?, ?)";
     pub const UPDATE_TIER: &str = "UPDATE tiers SET description = ? WHERE id = ?";
     pub const DELETE_TIER_FEATURES: &str = "DELETE FROM tier_features WHERE tier_id = ?";
     pub const INSERT_TIER_FEATURE: &str =
@@ -133,17 +146,21 @@ pub mod sql {
     pub const INSERT_KEY: &str = "INSERT INTO keys (id, name, key_value, tier_id, is_active, expires_at, \
         usage_limit, usage_count, usage_window_seconds, usage_window_start, metadata_json, created_at) \
         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
-    pub const INSERT_KEY_SECRET: &str = "INSERT INTO key_secrets (key_id, name, value) VALUES (?, ?, ?)";
+    pub const INSERT_KEY_SECRET: &str =
+        "INSERT INTO key_secrets (key_id, name, value) VALUES (?, ?, ?)";
     pub const DELETE_KEY: &str = "DELETE FROM keys WHERE id = ?";
     pub const DELETE_KEY_SECRETS: &str = "DELETE FROM key_secrets WHERE key_id = ?";
 
-    pub const INSERT_CONSUMER: &str = "INSERT INTO consumers (id, name, token_hash, description, is_active, created_at) \
+    pub const INSERT_CONSUMER: &str =
+        "INSERT INTO consumers (id, name, token_hash, description, is_active, created_at) \
         VALUES (?, ?, ?, ?, ?, ?)";
     pub const DELETE_CONSUMER: &str = "DELETE FROM consumers WHERE id = ?";
     pub const DELETE_CONSUMER_SCOPES: &str = "DELETE FROM consumer_scopes WHERE consumer_id = ?";
-    pub const INSERT_SCOPE: &str = "INSERT OR IGNORE INTO consumer_scopes (consumer_id, tier_id) VALUES (?, ?)";
+    pub const INSERT_SCOPE: &str =
+        "INSERT OR IGNORE INTO consumer_scopes (consumer_id, tier_id) VALUES (?, ?)";
 
-    pub const RECENT_USAGE: &str = "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT) \
+    pub const RECENT_USAGE: &str =
+        "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT) \
         FROM usage_events ORDER BY created_at DESC, rowid DESC LIMIT ?";
 
     /// Audit rows per INSERT statement (5 parameters each, far below SQLite's limit).
@@ -155,7 +172,11 @@ pub mod sql {
     pub fn insert_events(rows: usize) -> String {
         let mut s = String::from("INSERT OR IGNORE INTO usage_events (id, key_id, consumer_id, feature, created_at) VALUES ");
         for i in 0..rows {
-            s.push_str(if i == 0 { "(?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?)" });
+            s.push_str(if i == 0 {
+                "(?, ?, ?, ?, ?)"
+            } else {
+                ", (?, ?, ?, ?, ?)"
+            });
         }
         s
     }
@@ -213,39 +234,71 @@ impl SnapshotRows {
         let mut tiers: Vec<TierRecord> = self
             .tiers
             .into_iter()
-            .map(|(id, name, description)| TierRecord { id, name, description, features: Default::default() })
+            .map(|(id, name, description)| TierRecord {
+                id,
+                name,
+                description,
+                features: Default::default(),
+            })
             .collect();
-        let tier_pos: HashMap<String, usize> = tiers.iter().enumerate().map(|(i, t)| (t.id.clone(), i)).collect();
+        let tier_pos: HashMap<String, usize> = tiers
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.clone(), i))
+            .collect();
         for (tier_id, feature, rate_limit, window_seconds) in self.features {
             if let Some(&i) = tier_pos.get(&tier_id) {
                 // The Go service treated a missing or zero window as 60 seconds.
-                let window_seconds = if window_seconds > 0 { window_seconds } else { 60 };
-                tiers[i]
-                    .features
-                    .insert(feature, crate::model::FeatureLimit { rate_limit, window_seconds });
+                let window_seconds = if window_seconds > 0 {
+                    window_seconds
+                } else {
+                    60
+                };
+                tiers[i].features.insert(
+                    feature,
+                    crate::model::FeatureLimit {
+                        rate_limit,
+                        window_seconds,
+                    },
+                );
             }
         }
         let mut keys = self.keys;
-        let key_pos: HashMap<String, usize> = keys.iter().enumerate().map(|(i, k)| (k.id.clone(), i)).collect();
+        let key_pos: HashMap<String, usize> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.id.clone(), i))
+            .collect();
         for (key_id, name, value) in self.secrets {
             if let Some(&i) = key_pos.get(&key_id) {
                 keys[i].secrets.push((name, value));
             }
         }
         let mut consumers = self.consumers;
-        let consumer_pos: HashMap<String, usize> =
-            consumers.iter().enumerate().map(|(i, c)| (c.id.clone(), i)).collect();
+        let consumer_pos: HashMap<String, usize> = consumers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id.clone(), i))
+            .collect();
         for (consumer_id, tier_id) in self.scopes {
             if let Some(&i) = consumer_pos.get(&consumer_id) {
                 consumers[i].scopes.push(tier_id);
             }
         }
-        Snapshot { tiers, keys, consumers }
+        Snapshot {
+            tiers,
+            keys,
+            consumers,
+        }
     }
 }
 
 /// Reads a stored timestamp column; an unreadable one is logged (without the row's values) and ignored.
-pub fn parse_stored_time(raw: Option<String>, what: &str, id: &str) -> Option<crate::timestamp::Timestamp> {
+pub fn parse_stored_time(
+    raw: Option<String>,
+    what: &str,
+    id: &str,
+) -> Option<crate::timestamp::Timestamp> {
     let raw = raw?;
     let parsed = crate::timestamp::parse_db(&raw);
     if parsed.is_none() && !raw.trim().is_empty() {

@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, SqlitePool};
 
 use super::{parse_stored_time, sql, SnapshotRows, StoreError, MIGRATIONS};
@@ -19,19 +21,26 @@ fn map_err(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict,
         // SQLITE_BUSY, SQLITE_LOCKED and their extended codes: another writer held the file too long.
-        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("5" | "6" | "261" | "262" | "517")) => {
+        sqlx::Error::Database(db)
+            if matches!(
+                db.code().as_deref(),
+                Some("5" | "6" | "261" | "262" | "517")
+            ) =>
+        {
             StoreError::Unavailable(db.message().to_string())
         }
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => {
-            StoreError::Unavailable(e.to_string())
-        }
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
         sqlx::Error::RowNotFound => StoreError::NotFound,
         _ => StoreError::Other(e.to_string()),
     }
 }
 
 fn text(row: &SqliteRow, i: usize) -> Result<Option<String>, StoreError> {
-    row.try_get_unchecked::<Option<String>, _>(i).map_err(map_err)
+    row.try_get_unchecked::<Option<String>, _>(i)
+        .map_err(map_err)
 }
 
 fn int(row: &SqliteRow, i: usize) -> Result<Option<i64>, StoreError> {
@@ -43,7 +52,10 @@ impl SqliteStore {
     pub async fn open(path: &Path, config: &Config) -> Result<SqliteStore, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(parent).await.map_err(|e| {
-                StoreError::Unavailable(format!("cannot create the data folder {}: {e}", parent.display()))
+                StoreError::Unavailable(format!(
+                    "cannot create the data folder {}: {e}",
+                    parent.display()
+                ))
             })?;
         }
         let options = SqliteConnectOptions::new()
@@ -61,7 +73,11 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(config.db_max_open_conns)
             .min_connections(1)
-            .acquire_timeout(config.db_busy_timeout.max(std::time::Duration::from_secs(1)))
+            .acquire_timeout(
+                config
+                    .db_busy_timeout
+                    .max(std::time::Duration::from_secs(1)),
+            )
             .connect_with(options)
             .await
             .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
@@ -73,7 +89,10 @@ impl SqliteStore {
     /// Applies the embedded migrations not yet recorded in `schema_migrations`. A Go database
     /// already records version 1, so its tables are adopted untouched.
     async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::query(sql::CREATE_MIGRATIONS_TABLE).execute(&self.pool).await.map_err(map_err)?;
+        sqlx::query(sql::CREATE_MIGRATIONS_TABLE)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
         let applied: Vec<i64> = sqlx::query_scalar(sql::APPLIED_VERSIONS)
             .fetch_all(&self.pool)
             .await
@@ -83,7 +102,10 @@ impl SqliteStore {
                 continue;
             }
             let mut tx = self.pool.begin().await.map_err(map_err)?;
-            sqlx::raw_sql(body).execute(&mut *tx).await.map_err(map_err)?;
+            sqlx::raw_sql(body)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
             sqlx::query(sql::RECORD_MIGRATION)
                 .bind(version)
                 .bind(name)
@@ -99,14 +121,22 @@ impl SqliteStore {
 
     pub async fn load_snapshot(&self) -> Result<Snapshot, StoreError> {
         let mut rows = SnapshotRows::default();
-        for r in sqlx::query(sql::SELECT_TIERS).fetch_all(&self.pool).await.map_err(map_err)? {
+        for r in sqlx::query(sql::SELECT_TIERS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?
+        {
             rows.tiers.push((
                 text(&r, 0)?.unwrap_or_default(),
                 text(&r, 1)?.unwrap_or_default(),
                 text(&r, 2)?.unwrap_or_default(),
             ));
         }
-        for r in sqlx::query(sql::SELECT_TIER_FEATURES).fetch_all(&self.pool).await.map_err(map_err)? {
+        for r in sqlx::query(sql::SELECT_TIER_FEATURES)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?
+        {
             rows.features.push((
                 text(&r, 0)?.unwrap_or_default(),
                 text(&r, 1)?.unwrap_or_default(),
@@ -114,7 +144,11 @@ impl SqliteStore {
                 int(&r, 3)?.unwrap_or(60),
             ));
         }
-        for r in sqlx::query(sql::SELECT_KEYS).fetch_all(&self.pool).await.map_err(map_err)? {
+        for r in sqlx::query(sql::SELECT_KEYS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?
+        {
             let id = text(&r, 0)?.unwrap_or_default();
             rows.keys.push(KeyRecord {
                 name: text(&r, 1)?.unwrap_or_default(),
@@ -132,14 +166,22 @@ impl SqliteStore {
                 id,
             });
         }
-        for r in sqlx::query(sql::SELECT_KEY_SECRETS).fetch_all(&self.pool).await.map_err(map_err)? {
+        for r in sqlx::query(sql::SELECT_KEY_SECRETS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?
+        {
             rows.secrets.push((
                 text(&r, 0)?.unwrap_or_default(),
                 text(&r, 1)?.unwrap_or_default(),
                 text(&r, 2)?.unwrap_or_default(),
             ));
         }
-        for r in sqlx::query(sql::SELECT_CONSUMERS).fetch_all(&self.pool).await.map_err(map_err)? {
+        for r in sqlx::query(sql::SELECT_CONSUMERS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?
+        {
             rows.consumers.push(ConsumerRecord {
                 id: text(&r, 0)?.unwrap_or_default(),
                 name: text(&r, 1)?.unwrap_or_default(),
@@ -149,8 +191,15 @@ impl SqliteStore {
                 scopes: Vec::new(),
             });
         }
-        for r in sqlx::query(sql::SELECT_SCOPES).fetch_all(&self.pool).await.map_err(map_err)? {
-            rows.scopes.push((text(&r, 0)?.unwrap_or_default(), text(&r, 1)?.unwrap_or_default()));
+        for r in sqlx::query(sql::SELECT_SCOPES)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?
+        {
+            rows.scopes.push((
+                text(&r, 0)?.unwrap_or_default(),
+                text(&r, 1)?.unwrap_or_default(),
+            ));
         }
         Ok(rows.assemble())
     }
@@ -189,7 +238,11 @@ impl SqliteStore {
         if updated.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
-        sqlx::query(sql::DELETE_TIER_FEATURES).bind(&tier.id).execute(&mut *tx).await.map_err(map_err)?;
+        sqlx::query(sql::DELETE_TIER_FEATURES)
+            .bind(&tier.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         for (feature, limit) in &tier.features {
             sqlx::query(sql::INSERT_TIER_FEATURE)
                 .bind(&tier.id)
@@ -234,7 +287,8 @@ impl SqliteStore {
     }
 
     pub async fn delete_key(&self, id: &str) -> Result<(), StoreError> {
-        self.delete_with_children(sql::DELETE_KEY, sql::DELETE_KEY_SECRETS, id).await
+        self.delete_with_children(sql::DELETE_KEY, sql::DELETE_KEY_SECRETS, id)
+            .await
     }
 
     pub async fn create_consumer(&self, c: &ConsumerRecord) -> Result<(), StoreError> {
@@ -252,13 +306,27 @@ impl SqliteStore {
     }
 
     pub async fn delete_consumer(&self, id: &str) -> Result<(), StoreError> {
-        self.delete_with_children(sql::DELETE_CONSUMER, sql::DELETE_CONSUMER_SCOPES, id).await
+        self.delete_with_children(sql::DELETE_CONSUMER, sql::DELETE_CONSUMER_SCOPES, id)
+            .await
     }
 
-    async fn delete_with_children(&self, parent: &str, children: &str, id: &str) -> Result<(), StoreError> {
+    async fn delete_with_children(
+        &self,
+        parent: &str,
+        children: &str,
+        id: &str,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
-        sqlx::query(children).bind(id).execute(&mut *tx).await.map_err(map_err)?;
-        let deleted = sqlx::query(parent).bind(id).execute(&mut *tx).await.map_err(map_err)?;
+        sqlx::query(children)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let deleted = sqlx::query(parent)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         if deleted.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -276,7 +344,11 @@ impl SqliteStore {
     }
 
     pub async fn recent_usage(&self, limit: i64) -> Result<Vec<UsageEvent>, StoreError> {
-        let rows = sqlx::query(sql::RECENT_USAGE).bind(limit).fetch_all(&self.pool).await.map_err(map_err)?;
+        let rows = sqlx::query(sql::RECENT_USAGE)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let id = text(&r, 0)?.unwrap_or_default();
@@ -295,7 +367,11 @@ impl SqliteStore {
         Ok(out)
     }
 
-    pub async fn commit_serves(&self, events: &[UsageEvent], updates: &[KeyUsageUpdate]) -> Result<(), StoreError> {
+    pub async fn commit_serves(
+        &self,
+        events: &[UsageEvent],
+        updates: &[KeyUsageUpdate],
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         for chunk in events.chunks(sql::EVENTS_PER_INSERT) {
             let statement = sql::insert_events(chunk.len());

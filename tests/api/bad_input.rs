@@ -52,20 +52,42 @@ async fn snapshot(app: &TestApp) -> Value {
 /// A 4xx answer whose body is exactly `{"error": "<non-empty message>"}`, served as JSON.
 fn assert_json_error(r: &Resp, status: StatusCode, case: &str) {
     assert_eq!(r.status, status, "{case}: {}", r.text);
-    let content_type = r.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
-    assert!(content_type.starts_with("application/json"), "{case}: content-type {content_type:?}");
-    let obj = r.body.as_object().unwrap_or_else(|| panic!("{case}: not a JSON object: {}", r.text));
+    let content_type = r
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    assert!(
+        content_type.starts_with("application/json"),
+        "{case}: content-type {content_type:?}"
+    );
+    let obj = r
+        .body
+        .as_object()
+        .unwrap_or_else(|| panic!("{case}: not a JSON object: {}", r.text));
     assert_eq!(obj.len(), 1, "{case}: only an error field: {}", r.text);
-    let message = obj["error"].as_str().unwrap_or_else(|| panic!("{case}: error is a string: {}", r.text));
+    let message = obj["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{case}: error is a string: {}", r.text));
     assert!(!message.trim().is_empty(), "{case}: an empty error message");
 }
 
 /// Sends a raw admin request, expects the JSON error, and checks nothing changed.
-async fn reject_raw(app: &TestApp, method: Method, path: &str, raw: impl Into<reqwest::Body>, status: StatusCode) {
+async fn reject_raw(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    raw: impl Into<reqwest::Body>,
+    status: StatusCode,
+) {
     let before = snapshot(app).await;
     let r = app.admin_raw(method.clone(), path, raw).await;
     assert_json_error(&r, status, &format!("{method} {path}"));
-    assert_eq!(snapshot(app).await, before, "{method} {path} changed the data");
+    assert_eq!(
+        snapshot(app).await,
+        before,
+        "{method} {path} changed the data"
+    );
 }
 
 /// The same with a JSON body.
@@ -73,7 +95,11 @@ async fn reject(app: &TestApp, method: Method, path: &str, body: Value, status: 
     let before = snapshot(app).await;
     let r = app.admin_send(method.clone(), path, Some(&body)).await;
     assert_json_error(&r, status, &format!("{method} {path} {body}"));
-    assert_eq!(snapshot(app).await, before, "{method} {path} {body} changed the data");
+    assert_eq!(
+        snapshot(app).await,
+        before,
+        "{method} {path} {body} changed the data"
+    );
 }
 
 fn tier_body(name: &str) -> Value {
@@ -86,7 +112,9 @@ fn key_body(name: &str) -> Value {
 
 /// Replaces (or adds) `field` in an object body.
 fn with(mut body: Value, field: &str, value: Value) -> Value {
-    body.as_object_mut().expect("object body").insert(field.to_string(), value);
+    body.as_object_mut()
+        .expect("object body")
+        .insert(field.to_string(), value);
     body
 }
 
@@ -132,7 +160,52 @@ async fn malformed_empty_and_non_object_bodies_are_400() {
             reject_raw(&app, method.clone(), path, raw, StatusCode::BAD_REQUEST).await;
         }
         // Invalid UTF-8 inside a string.
-        reject_raw(&app, method.clone(), path, b"{\"name\": \"\xff\xfe\"}".to_vec(), StatusCode::BAD_REQUEST).await;
+        reject_raw(
+            &app,
+            method.clone(),
+            path,
+            b"{\"name\": \"\xff\xfe\"}".to_vec(),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn arrays_shaped_like_the_object_are_400() {
+    // serde's derived structs also accept a sequence of their fields in order; the API takes
+    // JSON objects only, so these must be refused like any other array.
+    let (app, _, consumer_id, _) = seeded().await;
+    let scopes = format!("/admin/consumers/{consumer_id}/scopes");
+    for (method, path, body) in [
+        (
+            Method::POST,
+            "/admin/consumers",
+            json!(["array-consumer", "described"]),
+        ),
+        (Method::POST, scopes.as_str(), json!(["base"])),
+        (
+            Method::POST,
+            "/admin/tiers",
+            json!(["array-tier", "d", { "scrape": [5, 60] }]),
+        ),
+        (
+            Method::PATCH,
+            "/admin/tiers",
+            json!(["base", "d", { "scrape": [7, 60] }]),
+        ),
+        (
+            Method::POST,
+            "/admin/tiers",
+            json!({ "name": "array-feature", "features": { "scrape": [5, 60] } }),
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            json!(["array-key", "v", "base", null, null, null, null, null]),
+        ),
+    ] {
+        reject(&app, method, path, body, StatusCode::BAD_REQUEST).await;
     }
 }
 
@@ -151,9 +224,23 @@ async fn wrong_types_are_400() {
         json!(5),
         json!("5/min"),
     ] {
-        reject(&app, Method::POST, "/admin/tiers", tier_with_feature(feature.clone()), StatusCode::BAD_REQUEST).await;
+        reject(
+            &app,
+            Method::POST,
+            "/admin/tiers",
+            tier_with_feature(feature.clone()),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
         let patch = json!({ "name": "base", "features": { "scrape": feature } });
-        reject(&app, Method::PATCH, "/admin/tiers", patch, StatusCode::BAD_REQUEST).await;
+        reject(
+            &app,
+            Method::PATCH,
+            "/admin/tiers",
+            patch,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
     }
     for (field, value) in [
         ("name", json!(5)),
@@ -162,7 +249,14 @@ async fn wrong_types_are_400() {
         ("features", json!("scrape")),
         ("features", Value::Null),
     ] {
-        reject(&app, Method::POST, "/admin/tiers", with(tier_body("t2"), field, value), StatusCode::BAD_REQUEST).await;
+        reject(
+            &app,
+            Method::POST,
+            "/admin/tiers",
+            with(tier_body("t2"), field, value),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
     }
     for (field, value) in [
         ("usage_limit", json!("5")),
@@ -182,14 +276,48 @@ async fn wrong_types_are_400() {
         ("tier", json!(["base"])),
     ] {
         let body = with(key_body("k2"), field, value);
-        reject(&app, Method::POST, "/admin/keys", body, StatusCode::BAD_REQUEST).await;
-    }
-    reject(&app, Method::POST, "/admin/consumers", json!({ "name": 7 }), StatusCode::BAD_REQUEST).await;
-    reject(&app, Method::POST, "/admin/consumers", json!({ "name": "c2", "description": 7 }), StatusCode::BAD_REQUEST)
+        reject(
+            &app,
+            Method::POST,
+            "/admin/keys",
+            body,
+            StatusCode::BAD_REQUEST,
+        )
         .await;
+    }
+    reject(
+        &app,
+        Method::POST,
+        "/admin/consumers",
+        json!({ "name": 7 }),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/consumers",
+        json!({ "name": "c2", "description": 7 }),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     let scopes = format!("/admin/consumers/{consumer_id}/scopes");
-    reject(&app, Method::POST, &scopes, json!({ "tier": ["base"] }), StatusCode::BAD_REQUEST).await;
-    reject(&app, Method::POST, &scopes, json!({ "tier": null }), StatusCode::BAD_REQUEST).await;
+    reject(
+        &app,
+        Method::POST,
+        &scopes,
+        json!({ "tier": ["base"] }),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    reject(
+        &app,
+        Method::POST,
+        &scopes,
+        json!({ "tier": null }),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -202,30 +330,82 @@ async fn zero_negative_and_overflowing_numbers_are_400() {
         json!({ "rate_limit": 5, "window_seconds": i64::MIN }),
         json!({ "rate_limit": i64::MIN }),
     ] {
-        reject(&app, Method::POST, "/admin/tiers", tier_with_feature(feature.clone()), StatusCode::BAD_REQUEST).await;
+        reject(
+            &app,
+            Method::POST,
+            "/admin/tiers",
+            tier_with_feature(feature.clone()),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
         let patch = json!({ "name": "base", "features": { "scrape": feature } });
-        reject(&app, Method::PATCH, "/admin/tiers", patch, StatusCode::BAD_REQUEST).await;
+        reject(
+            &app,
+            Method::PATCH,
+            "/admin/tiers",
+            patch,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
     }
     // Numbers no i64 holds, or absurd ones, written as raw JSON so nothing rounds them first.
-    for literal in ["1e30", "99999999999999999999999", "9223372036854775808", "18446744073709551616", "-1e30"] {
-        let raw = format!(r#"{{"name":"new-tier","features":{{"scrape":{{"rate_limit":{literal}}}}}}}"#);
-        reject_raw(&app, Method::POST, "/admin/tiers", raw, StatusCode::BAD_REQUEST).await;
-        let raw = format!(r#"{{"name":"new-tier","features":{{"scrape":{{"rate_limit":5,"window_seconds":{literal}}}}}}}"#);
-        reject_raw(&app, Method::POST, "/admin/tiers", raw, StatusCode::BAD_REQUEST).await;
+    for literal in [
+        "1e30",
+        "99999999999999999999999",
+        "9223372036854775808",
+        "18446744073709551616",
+        "-1e30",
+    ] {
+        let raw =
+            format!(r#"{{"name":"new-tier","features":{{"scrape":{{"rate_limit":{literal}}}}}}}"#);
+        reject_raw(
+            &app,
+            Method::POST,
+            "/admin/tiers",
+            raw,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+        let raw = format!(
+            r#"{{"name":"new-tier","features":{{"scrape":{{"rate_limit":5,"window_seconds":{literal}}}}}}}"#
+        );
+        reject_raw(
+            &app,
+            Method::POST,
+            "/admin/tiers",
+            raw,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
         let raw = format!(r#"{{"name":"k2","key":"v","tier":"base","usage_limit":{literal}}}"#);
-        reject_raw(&app, Method::POST, "/admin/keys", raw, StatusCode::BAD_REQUEST).await;
+        reject_raw(
+            &app,
+            Method::POST,
+            "/admin/keys",
+            raw,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
     }
     for body in [
         with(key_body("k2"), "usage_limit", json!(0)),
         with(key_body("k2"), "usage_limit", json!(-5)),
-        with(key_body("k2"), "usage_limit", json!(i64::MAX)),
-        with(with(key_body("k2"), "usage_limit", json!(5)), "usage_window_seconds", json!(-1)),
-        with(with(key_body("k2"), "usage_limit", json!(5)), "usage_window_seconds", json!(0)),
-        with(with(key_body("k2"), "usage_limit", json!(5)), "usage_window_seconds", json!(i64::MAX)),
+        with(
+            with(key_body("k2"), "usage_limit", json!(5)),
+            "usage_window_seconds",
+            json!(-1),
+        ),
         // A window without a budget to reset is meaningless.
         with(key_body("k2"), "usage_window_seconds", json!(3600)),
     ] {
-        reject(&app, Method::POST, "/admin/keys", body, StatusCode::BAD_REQUEST).await;
+        reject(
+            &app,
+            Method::POST,
+            "/admin/keys",
+            body,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
     }
 }
 
@@ -241,7 +421,14 @@ async fn missing_required_fields_are_400() {
         json!({}),
         json!({ "description": "only a description" }),
     ] {
-        reject(&app, Method::POST, "/admin/tiers", body.clone(), StatusCode::BAD_REQUEST).await;
+        reject(
+            &app,
+            Method::POST,
+            "/admin/tiers",
+            body.clone(),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
     }
     for body in [
         json!({ "name": "base" }),
@@ -249,16 +436,58 @@ async fn missing_required_fields_are_400() {
         json!({ "name": "base", "features": {} }),
         json!({ "name": "base", "features": { "scrape": {} } }),
     ] {
-        reject(&app, Method::PATCH, "/admin/tiers", body, StatusCode::BAD_REQUEST).await;
+        reject(
+            &app,
+            Method::PATCH,
+            "/admin/tiers",
+            body,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
     }
     for field in ["name", "key", "tier"] {
-        reject(&app, Method::POST, "/admin/keys", without(key_body("k2"), field), StatusCode::BAD_REQUEST).await;
+        reject(
+            &app,
+            Method::POST,
+            "/admin/keys",
+            without(key_body("k2"), field),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
     }
-    reject(&app, Method::POST, "/admin/keys", json!({}), StatusCode::BAD_REQUEST).await;
-    reject(&app, Method::POST, "/admin/consumers", json!({}), StatusCode::BAD_REQUEST).await;
-    reject(&app, Method::POST, "/admin/consumers", json!({ "description": "no name" }), StatusCode::BAD_REQUEST).await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/keys",
+        json!({}),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/consumers",
+        json!({}),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/consumers",
+        json!({ "description": "no name" }),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     let scopes = format!("/admin/consumers/{consumer_id}/scopes");
-    reject(&app, Method::POST, &scopes, json!({}), StatusCode::BAD_REQUEST).await;
+    reject(
+        &app,
+        Method::POST,
+        &scopes,
+        json!({}),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -282,31 +511,114 @@ async fn blank_control_character_and_overlong_names_are_400() {
         too_long_wide.as_str(),
     ];
     for name in bad_names {
-        reject(&app, Method::POST, "/admin/tiers", tier_body(name), StatusCode::BAD_REQUEST).await;
+        reject(
+            &app,
+            Method::POST,
+            "/admin/tiers",
+            tier_body(name),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
         let feature = json!({ "name": "t2", "features": { name: { "rate_limit": 5 } } });
-        reject(&app, Method::POST, "/admin/tiers", feature, StatusCode::BAD_REQUEST).await;
+        reject(
+            &app,
+            Method::POST,
+            "/admin/tiers",
+            feature,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
         let patch_feature = json!({ "name": "base", "features": { name: { "rate_limit": 5 } } });
-        reject(&app, Method::PATCH, "/admin/tiers", patch_feature, StatusCode::BAD_REQUEST).await;
-        reject(&app, Method::POST, "/admin/keys", key_body(name), StatusCode::BAD_REQUEST).await;
+        reject(
+            &app,
+            Method::PATCH,
+            "/admin/tiers",
+            patch_feature,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+        reject(
+            &app,
+            Method::POST,
+            "/admin/keys",
+            key_body(name),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
         let secret = with(key_body("k2"), "secrets", json!({ name: "v" }));
-        reject(&app, Method::POST, "/admin/keys", secret, StatusCode::BAD_REQUEST).await;
-        reject(&app, Method::POST, "/admin/consumers", json!({ "name": name }), StatusCode::BAD_REQUEST).await;
+        reject(
+            &app,
+            Method::POST,
+            "/admin/keys",
+            secret,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+        reject(
+            &app,
+            Method::POST,
+            "/admin/consumers",
+            json!({ "name": name }),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
     }
     // Blank tier references are a bad request, not a lookup.
     for name in ["", "  "] {
-        reject(&app, Method::POST, "/admin/keys", with(key_body("k2"), "tier", json!(name)), StatusCode::BAD_REQUEST)
-            .await;
-        reject(&app, Method::POST, &scopes, json!({ "tier": name }), StatusCode::BAD_REQUEST).await;
+        reject(
+            &app,
+            Method::POST,
+            "/admin/keys",
+            with(key_body("k2"), "tier", json!(name)),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+        reject(
+            &app,
+            Method::POST,
+            &scopes,
+            json!({ "tier": name }),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
     }
     // Empty key values and empty secret values carry nothing to serve.
-    reject(&app, Method::POST, "/admin/keys", with(key_body("k2"), "key", json!("")), StatusCode::BAD_REQUEST).await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/keys",
+        with(key_body("k2"), "key", json!("")),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     let empty_secret = with(key_body("k2"), "secrets", json!({ "webhook_secret": "" }));
-    reject(&app, Method::POST, "/admin/keys", empty_secret, StatusCode::BAD_REQUEST).await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/keys",
+        empty_secret,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     // Descriptions have a (larger) bound too.
     let long_description = with(tier_body("t2"), "description", json!("d".repeat(2001)));
-    reject(&app, Method::POST, "/admin/tiers", long_description, StatusCode::BAD_REQUEST).await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/tiers",
+        long_description,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     let long_consumer = json!({ "name": "c2", "description": "d".repeat(2001) });
-    reject(&app, Method::POST, "/admin/consumers", long_consumer, StatusCode::BAD_REQUEST).await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/consumers",
+        long_consumer,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -327,34 +639,82 @@ async fn unicode_names_are_accepted_and_round_trip_exactly() {
         .await;
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
     assert_eq!(created.body["name"], tier);
-    let long = app.admin_post("/admin/tiers", tier_body(&exactly_200)).await;
-    assert_eq!(long.status, StatusCode::CREATED, "200 characters is within the limit: {}", long.text);
+    let long = app
+        .admin_post("/admin/tiers", tier_body(&exactly_200))
+        .await;
+    assert_eq!(
+        long.status,
+        StatusCode::CREATED,
+        "200 characters is within the limit: {}",
+        long.text
+    );
 
     let key_id = app
         .add_key(json!({ "name": key_name, "key": "値-value-✓", "tier": tier,
                          "metadata": { "ラベル": "🏷️" }, "secrets": { secret_name: "🔐-secret" } }))
         .await;
-    let consumer_resp = app.admin_post("/admin/consumers", json!({ "name": consumer })).await;
-    assert_eq!(consumer_resp.status, StatusCode::CREATED, "{}", consumer_resp.text);
+    let consumer_resp = app
+        .admin_post("/admin/consumers", json!({ "name": consumer }))
+        .await;
+    assert_eq!(
+        consumer_resp.status,
+        StatusCode::CREATED,
+        "{}",
+        consumer_resp.text
+    );
     assert_eq!(consumer_resp.body["name"], consumer);
     let consumer_id = consumer_resp.body["id"].as_str().expect("id").to_string();
-    let token = consumer_resp.body["token"].as_str().expect("token").to_string();
-    let granted = app.admin_post(&format!("/admin/consumers/{consumer_id}/scopes"), json!({ "tier": tier })).await;
+    let token = consumer_resp.body["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let granted = app
+        .admin_post(
+            &format!("/admin/consumers/{consumer_id}/scopes"),
+            json!({ "tier": tier }),
+        )
+        .await;
     assert_eq!(granted.status, StatusCode::CREATED, "{}", granted.text);
     assert_eq!(granted.body["tier"], tier);
 
     let tiers = app.admin_get("/admin/tiers").await;
-    let listed = tiers.body.as_array().expect("tiers").iter().find(|t| t["name"] == tier).expect("tier listed");
+    let listed = tiers
+        .body
+        .as_array()
+        .expect("tiers")
+        .iter()
+        .find(|t| t["name"] == tier)
+        .expect("tier listed");
     assert_eq!(listed["description"], "説明 ✓");
-    assert_eq!(listed["features"], json!({ feature: { "rate_limit": 5, "window_seconds": 60 } }));
-    assert!(tiers.body.as_array().expect("tiers").iter().any(|t| t["name"] == exactly_200.as_str()));
+    assert_eq!(
+        listed["features"],
+        json!({ feature: { "rate_limit": 5, "window_seconds": 60 } })
+    );
+    assert!(tiers
+        .body
+        .as_array()
+        .expect("tiers")
+        .iter()
+        .any(|t| t["name"] == exactly_200.as_str()));
     let keys = app.admin_get("/admin/keys").await;
-    let k = keys.body.as_array().expect("keys").iter().find(|k| k["id"] == key_id.as_str()).expect("key");
+    let k = keys
+        .body
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["id"] == key_id.as_str())
+        .expect("key");
     assert_eq!(k["name"], key_name);
     assert_eq!(k["secret_names"], json!([secret_name]));
     assert_eq!(k["metadata"], json!({ "ラベル": "🏷️" }));
     let consumers = app.admin_get("/admin/consumers").await;
-    let c = consumers.body.as_array().expect("consumers").iter().find(|c| c["name"] == consumer).expect("consumer");
+    let c = consumers
+        .body
+        .as_array()
+        .expect("consumers")
+        .iter()
+        .find(|c| c["name"] == consumer)
+        .expect("consumer");
     assert_eq!(c["scopes"], json!([tier]));
 
     // Drawing by a Unicode feature name returns the Unicode value and secret.
@@ -377,20 +737,59 @@ async fn unicode_names_are_accepted_and_round_trip_exactly() {
     let mut app = app;
     app.restart().await;
     let tiers = app.admin_get("/admin/tiers").await;
-    assert!(tiers.body.as_array().expect("tiers").iter().any(|t| t["name"] == tier), "{}", tiers.text);
+    assert!(
+        tiers
+            .body
+            .as_array()
+            .expect("tiers")
+            .iter()
+            .any(|t| t["name"] == tier),
+        "{}",
+        tiers.text
+    );
     let duplicate = app.admin_post("/admin/tiers", tier_body(tier)).await;
-    assert_json_error(&duplicate, StatusCode::CONFLICT, "the Unicode name is taken");
+    assert_json_error(
+        &duplicate,
+        StatusCode::CONFLICT,
+        "the Unicode name is taken",
+    );
 }
 
 #[tokio::test]
 async fn unknown_fields_are_400() {
     let (app, _, consumer_id, _) = seeded().await;
-    reject(&app, Method::POST, "/admin/tiers", with(tier_body("t2"), "descriptoin", json!("typo")), StatusCode::BAD_REQUEST)
-        .await;
-    reject(&app, Method::POST, "/admin/tiers", tier_with_feature(json!({ "rate_limit": 5, "window": 60 })), StatusCode::BAD_REQUEST)
-        .await;
-    reject(&app, Method::POST, "/admin/tiers", tier_with_feature(json!({ "ratelimit": 5 })), StatusCode::BAD_REQUEST).await;
-    reject(&app, Method::PATCH, "/admin/tiers", with(tier_body("base"), "id", json!("x")), StatusCode::BAD_REQUEST).await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/tiers",
+        with(tier_body("t2"), "descriptoin", json!("typo")),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/tiers",
+        tier_with_feature(json!({ "rate_limit": 5, "window": 60 })),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/tiers",
+        tier_with_feature(json!({ "ratelimit": 5 })),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    reject(
+        &app,
+        Method::PATCH,
+        "/admin/tiers",
+        with(tier_body("base"), "id", json!("x")),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     for (field, value) in [
         ("usage_limt", json!(5)),
         ("value", json!("v")),
@@ -398,14 +797,48 @@ async fn unknown_fields_are_400() {
         ("is_active", json!(false)),
         ("expiry", json!("2099-01-01T00:00:00Z")),
     ] {
-        reject(&app, Method::POST, "/admin/keys", with(key_body("k2"), field, value), StatusCode::BAD_REQUEST).await;
-    }
-    reject(&app, Method::POST, "/admin/consumers", json!({ "name": "c2", "scopes": ["base"] }), StatusCode::BAD_REQUEST)
+        reject(
+            &app,
+            Method::POST,
+            "/admin/keys",
+            with(key_body("k2"), field, value),
+            StatusCode::BAD_REQUEST,
+        )
         .await;
-    reject(&app, Method::POST, "/admin/consumers", json!({ "name": "c2", "token": "mine" }), StatusCode::BAD_REQUEST).await;
+    }
+    reject(
+        &app,
+        Method::POST,
+        "/admin/consumers",
+        json!({ "name": "c2", "scopes": ["base"] }),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/consumers",
+        json!({ "name": "c2", "token": "mine" }),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     let scopes = format!("/admin/consumers/{consumer_id}/scopes");
-    reject(&app, Method::POST, &scopes, json!({ "tier": "base", "tiers": ["base"] }), StatusCode::BAD_REQUEST).await;
-    reject(&app, Method::POST, &scopes, json!({ "tier_name": "base" }), StatusCode::BAD_REQUEST).await;
+    reject(
+        &app,
+        Method::POST,
+        &scopes,
+        json!({ "tier": "base", "tiers": ["base"] }),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    reject(
+        &app,
+        Method::POST,
+        &scopes,
+        json!({ "tier_name": "base" }),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -414,39 +847,105 @@ async fn bodies_over_one_mebibyte_are_413_json() {
     let big = "x".repeat(1024 * 1024 + 1);
     let scopes = format!("/admin/consumers/{consumer_id}/scopes");
     for (method, path, body) in [
-        (Method::POST, "/admin/tiers", with(tier_body("t2"), "description", json!(big))),
-        (Method::PATCH, "/admin/tiers", with(tier_body("base"), "description", json!(big))),
-        (Method::POST, "/admin/keys", with(key_body("k2"), "key", json!(big))),
-        (Method::POST, "/admin/consumers", json!({ "name": "c2", "description": big })),
-        (Method::POST, scopes.as_str(), json!({ "tier": big })),
+        (
+            Method::POST,
+            "/admin/tiers",
+            with(tier_body("t2"), "description", json!(big.as_str())),
+        ),
+        (
+            Method::PATCH,
+            "/admin/tiers",
+            with(tier_body("base"), "description", json!(big.as_str())),
+        ),
+        (
+            Method::POST,
+            "/admin/keys",
+            with(key_body("k2"), "key", json!(big.as_str())),
+        ),
+        (
+            Method::POST,
+            "/admin/consumers",
+            json!({ "name": "c2", "description": big.as_str() }),
+        ),
+        (
+            Method::POST,
+            scopes.as_str(),
+            json!({ "tier": big.as_str() }),
+        ),
     ] {
         reject(&app, method, path, body, StatusCode::PAYLOAD_TOO_LARGE).await;
     }
     // Oversized garbage is 413 too: the size is judged before the syntax.
-    reject_raw(&app, Method::POST, "/admin/tiers", vec![b'{'; 2 * 1024 * 1024], StatusCode::PAYLOAD_TOO_LARGE).await;
+    reject_raw(
+        &app,
+        Method::POST,
+        "/admin/tiers",
+        vec![b'{'; 2 * 1024 * 1024],
+        StatusCode::PAYLOAD_TOO_LARGE,
+    )
+    .await;
     // Just under the limit is read (and here refused for its content, not its size).
-    let under = format!(r#"{{"name":"t2","description":"{}","features":{{}}}}"#, "x".repeat(1024 * 1024 - 100));
-    reject_raw(&app, Method::POST, "/admin/tiers", under, StatusCode::BAD_REQUEST).await;
+    let under = format!(
+        r#"{{"name":"t2","description":"{}","features":{{}}}}"#,
+        "x".repeat(1024 * 1024 - 100)
+    );
+    reject_raw(
+        &app,
+        Method::POST,
+        "/admin/tiers",
+        under,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn unknown_ids_and_unknown_tiers_are_404() {
     let (app, key_id, consumer_id, _) = seeded().await;
     let unknown = "00000000-0000-4000-8000-000000000000";
-    reject(&app, Method::POST, "/admin/keys", with(key_body("k2"), "tier", json!("no-such-tier")), StatusCode::NOT_FOUND)
-        .await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/keys",
+        with(key_body("k2"), "tier", json!("no-such-tier")),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
     // Tier names are exact: no case folding, no trimming into a match.
-    reject(&app, Method::POST, "/admin/keys", with(key_body("k2"), "tier", json!("BASE")), StatusCode::NOT_FOUND).await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/keys",
+        with(key_body("k2"), "tier", json!("BASE")),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
     let before = snapshot(&app).await;
     for (method, path, body) in [
         (Method::DELETE, format!("/admin/keys/{unknown}"), None),
         (Method::DELETE, format!("/admin/keys/{consumer_id}"), None),
         (Method::DELETE, format!("/admin/consumers/{unknown}"), None),
         (Method::DELETE, format!("/admin/consumers/{key_id}"), None),
-        (Method::POST, format!("/admin/consumers/{unknown}/scopes"), Some(json!({ "tier": "base" }))),
-        (Method::POST, format!("/admin/consumers/{key_id}/scopes"), Some(json!({ "tier": "base" }))),
-        (Method::POST, format!("/admin/consumers/{consumer_id}/scopes"), Some(json!({ "tier": "no-such-tier" }))),
-        (Method::PATCH, "/admin/tiers".to_string(), Some(tier_body("no-such-tier"))),
+        (
+            Method::POST,
+            format!("/admin/consumers/{unknown}/scopes"),
+            Some(json!({ "tier": "base" })),
+        ),
+        (
+            Method::POST,
+            format!("/admin/consumers/{key_id}/scopes"),
+            Some(json!({ "tier": "base" })),
+        ),
+        (
+            Method::POST,
+            format!("/admin/consumers/{consumer_id}/scopes"),
+            Some(json!({ "tier": "no-such-tier" })),
+        ),
+        (
+            Method::PATCH,
+            "/admin/tiers".to_string(),
+            Some(tier_body("no-such-tier")),
+        ),
     ] {
         let r = app.admin_send(method.clone(), &path, body.as_ref()).await;
         assert_json_error(&r, StatusCode::NOT_FOUND, &format!("{method} {path}"));
@@ -454,13 +953,35 @@ async fn unknown_ids_and_unknown_tiers_are_404() {
     assert_eq!(snapshot(&app).await, before);
 
     // Deleting twice: the second is 404 and the first really removed the children.
-    let gone = app.admin_send(Method::DELETE, &format!("/admin/keys/{key_id}"), None).await;
+    let gone = app
+        .admin_send(Method::DELETE, &format!("/admin/keys/{key_id}"), None)
+        .await;
     assert_eq!(gone.status, StatusCode::OK, "{}", gone.text);
-    reject(&app, Method::DELETE, &format!("/admin/keys/{key_id}"), Value::Null, StatusCode::NOT_FOUND).await;
-    let gone = app.admin_send(Method::DELETE, &format!("/admin/consumers/{consumer_id}"), None).await;
+    reject(
+        &app,
+        Method::DELETE,
+        &format!("/admin/keys/{key_id}"),
+        Value::Null,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    let gone = app
+        .admin_send(
+            Method::DELETE,
+            &format!("/admin/consumers/{consumer_id}"),
+            None,
+        )
+        .await;
     assert_eq!(gone.status, StatusCode::OK, "{}", gone.text);
     let scopes = format!("/admin/consumers/{consumer_id}/scopes");
-    reject(&app, Method::POST, &scopes, json!({ "tier": "base" }), StatusCode::NOT_FOUND).await;
+    reject(
+        &app,
+        Method::POST,
+        &scopes,
+        json!({ "tier": "base" }),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
     assert_eq!(app.count("SELECT COUNT(*) FROM key_secrets").await, 0);
     assert_eq!(app.count("SELECT COUNT(*) FROM consumer_scopes").await, 0);
 }
@@ -468,15 +989,49 @@ async fn unknown_ids_and_unknown_tiers_are_404() {
 #[tokio::test]
 async fn duplicate_names_are_409() {
     let (app, _, _, _) = seeded().await;
-    reject(&app, Method::POST, "/admin/tiers", tier_body("base"), StatusCode::CONFLICT).await;
-    reject(&app, Method::POST, "/admin/consumers", json!({ "name": "c1" }), StatusCode::CONFLICT).await;
-    reject(&app, Method::POST, "/admin/consumers", json!({ "name": "c1", "description": "another" }), StatusCode::CONFLICT)
-        .await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/tiers",
+        tier_body("base"),
+        StatusCode::CONFLICT,
+    )
+    .await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/consumers",
+        json!({ "name": "c1" }),
+        StatusCode::CONFLICT,
+    )
+    .await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/consumers",
+        json!({ "name": "c1", "description": "another" }),
+        StatusCode::CONFLICT,
+    )
+    .await;
     // A conflict after a restart too (the name is held by the database, not only in memory).
     let mut app = app;
     app.restart().await;
-    reject(&app, Method::POST, "/admin/tiers", tier_body("base"), StatusCode::CONFLICT).await;
-    reject(&app, Method::POST, "/admin/consumers", json!({ "name": "c1" }), StatusCode::CONFLICT).await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/tiers",
+        tier_body("base"),
+        StatusCode::CONFLICT,
+    )
+    .await;
+    reject(
+        &app,
+        Method::POST,
+        "/admin/consumers",
+        json!({ "name": "c1" }),
+        StatusCode::CONFLICT,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -499,7 +1054,11 @@ async fn hostile_path_segments_are_404_or_400_and_the_tables_survive() {
         for (method, path, body) in [
             (Method::DELETE, format!("/admin/keys/{id}"), None),
             (Method::DELETE, format!("/admin/consumers/{id}"), None),
-            (Method::POST, format!("/admin/consumers/{id}/scopes"), Some(json!({ "tier": "base" }))),
+            (
+                Method::POST,
+                format!("/admin/consumers/{id}/scopes"),
+                Some(json!({ "tier": "base" })),
+            ),
         ] {
             let r = app.admin_send(method.clone(), &path, body.as_ref()).await;
             let case = format!("{method} {}", &path[..path.len().min(80)]);
@@ -515,7 +1074,12 @@ async fn hostile_path_segments_are_404_or_400_and_the_tables_survive() {
     // Every table is still there with every row.
     assert_eq!(snapshot(&app).await, before);
     let drawn = app.draw("scrape", ADMIN_TOKEN).await;
-    assert_eq!(drawn.status, StatusCode::OK, "the pool still serves: {}", drawn.text);
+    assert_eq!(
+        drawn.status,
+        StatusCode::OK,
+        "the pool still serves: {}",
+        drawn.text
+    );
 }
 
 #[tokio::test]
@@ -536,11 +1100,26 @@ async fn expires_at_must_be_a_future_rfc3339_time() {
         "2020-06-01T12:00:00.5-07:00",
     ] {
         let body = with(key_body("k2"), "expires_at", json!(value));
-        reject(&app, Method::POST, "/admin/keys", body, StatusCode::BAD_REQUEST).await;
+        reject(
+            &app,
+            Method::POST,
+            "/admin/keys",
+            body,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
     }
     // The forms it does take.
-    for (name, value) in [("k-z", "2099-01-02T03:04:05Z"), ("k-offset", "2099-01-02T05:04:05.5+02:00")] {
-        let r = app.admin_post("/admin/keys", with(key_body(name), "expires_at", json!(value))).await;
+    for (name, value) in [
+        ("k-z", "2099-01-02T03:04:05Z"),
+        ("k-offset", "2099-01-02T05:04:05.5+02:00"),
+    ] {
+        let r = app
+            .admin_post(
+                "/admin/keys",
+                with(key_body(name), "expires_at", json!(value)),
+            )
+            .await;
         assert_eq!(r.status, StatusCode::CREATED, "{value}: {}", r.text);
     }
 }
@@ -548,7 +1127,15 @@ async fn expires_at_must_be_a_future_rfc3339_time() {
 #[tokio::test]
 async fn usage_limit_query_is_validated_and_clamped() {
     let (app, _, _, _) = seeded().await;
-    for query in ["limit=abc", "limit=0", "limit=-1", "limit=1.5", "limit=1e3", "limit=%20", "limit=10abc"] {
+    for query in [
+        "limit=abc",
+        "limit=0",
+        "limit=-1",
+        "limit=1.5",
+        "limit=1e3",
+        "limit=%20",
+        "limit=10abc",
+    ] {
         let before = snapshot(&app).await;
         let r = app.admin_get(&format!("/admin/usage?{query}")).await;
         assert_json_error(&r, StatusCode::BAD_REQUEST, query);
@@ -557,7 +1144,13 @@ async fn usage_limit_query_is_validated_and_clamped() {
     for _ in 0..3 {
         assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
     }
-    for (query, expected) in [("limit=5000", 3), ("limit=99999999999999999999", 3), ("limit=2", 2), ("", 3), ("limit=", 3)] {
+    for (query, expected) in [
+        ("limit=5000", 3),
+        ("limit=99999999999999999999", 3),
+        ("limit=2", 2),
+        ("", 3),
+        ("limit=", 3),
+    ] {
         let r = app.admin_get(&format!("/admin/usage?{query}")).await;
         assert_eq!(r.status, StatusCode::OK, "{query}: {}", r.text);
         assert_eq!(r.body.as_array().expect("array").len(), expected, "{query}");
@@ -568,7 +1161,13 @@ async fn usage_limit_query_is_validated_and_clamped() {
 async fn key_without_a_feature_is_400() {
     let (app, _, _, token) = seeded().await;
     for t in [ADMIN_TOKEN, token.as_str()] {
-        for path in ["/key", "/key?feature=", "/key?feature", "/key?other=scrape", "/key?Feature=scrape"] {
+        for path in [
+            "/key",
+            "/key?feature=",
+            "/key?feature",
+            "/key?other=scrape",
+            "/key?Feature=scrape",
+        ] {
             let before = snapshot(&app).await;
             let r = app.get(path, Some(t)).await;
             assert_json_error(&r, StatusCode::BAD_REQUEST, path);
@@ -629,31 +1228,72 @@ async fn bad_authorization_is_401_and_a_consumer_on_admin_is_403() {
     for auth in &bad {
         for (method, path) in &routes {
             let r = with_auth(&app, method.clone(), path, *auth).await;
-            assert_json_error(&r, StatusCode::UNAUTHORIZED, &format!("{method} {path} with {auth:?}"));
-            let challenge = r.headers.get("www-authenticate").and_then(|v| v.to_str().ok()).unwrap_or("");
-            assert!(challenge.to_ascii_lowercase().starts_with("bearer"), "{method} {path}: challenge {challenge:?}");
-            assert!(!r.text.contains(ADMIN_TOKEN) && !r.text.contains(&token), "a token echoed back: {}", r.text);
+            assert_json_error(
+                &r,
+                StatusCode::UNAUTHORIZED,
+                &format!("{method} {path} with {auth:?}"),
+            );
+            let challenge = r
+                .headers
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            assert!(
+                challenge.to_ascii_lowercase().starts_with("bearer"),
+                "{method} {path}: challenge {challenge:?}"
+            );
+            assert!(
+                !r.text.contains(ADMIN_TOKEN) && !r.text.contains(&token),
+                "a token echoed back: {}",
+                r.text
+            );
         }
     }
     // A valid consumer token is known but not allowed on /admin: 403, never 401 or 200.
     let consumer_auth = format!("Bearer {token}");
     for (method, path) in routes.iter().skip(1) {
         let r = with_auth(&app, method.clone(), path, Some(&consumer_auth)).await;
-        assert_json_error(&r, StatusCode::FORBIDDEN, &format!("consumer on {method} {path}"));
+        assert_json_error(
+            &r,
+            StatusCode::FORBIDDEN,
+            &format!("consumer on {method} {path}"),
+        );
     }
     for (path, body) in [
         ("/admin/tiers", tier_body("t2")),
         ("/admin/keys", key_body("k2")),
         ("/admin/consumers", json!({ "name": "c2" })),
     ] {
-        let r = app.send(app.client.post(app.url(path)).bearer_auth(&token).json(&body)).await;
+        let r = app
+            .send(
+                app.client
+                    .post(app.url(path))
+                    .bearer_auth(&token)
+                    .json(&body),
+            )
+            .await;
         assert_json_error(&r, StatusCode::FORBIDDEN, &format!("consumer POST {path}"));
     }
     // A bad token with a bad body is still 401: authentication comes first.
-    let r = app.send(app.client.post(app.url("/admin/tiers")).header("authorization", "Bearer nope").body("{")).await;
+    let r = app
+        .send(
+            app.client
+                .post(app.url("/admin/tiers"))
+                .header("authorization", "Bearer nope")
+                .body("{"),
+        )
+        .await;
     assert_json_error(&r, StatusCode::UNAUTHORIZED, "bad token and bad body");
-    assert_eq!(snapshot(&app).await, before, "refused requests changed the data");
-    assert_eq!(app.count("SELECT COUNT(*) FROM usage_events").await, 0, "a refused /key drew nothing");
+    assert_eq!(
+        snapshot(&app).await,
+        before,
+        "refused requests changed the data"
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM usage_events").await,
+        0,
+        "a refused /key drew nothing"
+    );
 }
 
 #[tokio::test]
@@ -664,12 +1304,26 @@ async fn the_bearer_scheme_is_case_insensitive() {
         let r = with_auth(&app, Method::GET, "/admin/tiers", Some(&admin)).await;
         assert_eq!(r.status, StatusCode::OK, "{scheme} on /admin: {}", r.text);
         let r = with_auth(&app, Method::GET, "/key?feature=scrape", Some(&admin)).await;
-        assert_eq!(r.status, StatusCode::OK, "{scheme} admin on /key: {}", r.text);
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{scheme} admin on /key: {}",
+            r.text
+        );
         let consumer = format!("{scheme} {token}");
         let r = with_auth(&app, Method::GET, "/key?feature=scrape", Some(&consumer)).await;
-        assert_eq!(r.status, StatusCode::OK, "{scheme} consumer on /key: {}", r.text);
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{scheme} consumer on /key: {}",
+            r.text
+        );
         assert_eq!(r.body["value"], "v1");
         let r = with_auth(&app, Method::GET, "/admin/tiers", Some(&consumer)).await;
-        assert_json_error(&r, StatusCode::FORBIDDEN, &format!("{scheme} consumer on /admin"));
+        assert_json_error(
+            &r,
+            StatusCode::FORBIDDEN,
+            &format!("{scheme} consumer on /admin"),
+        );
     }
 }

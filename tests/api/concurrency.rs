@@ -11,21 +11,41 @@ use tokio::sync::Mutex;
 use crate::helpers::*;
 
 /// Runs `callers` tasks, each drawing until it sees a non-200; returns served key ids and statuses.
-async fn hammer(app: &TestApp, feature: &str, token: &str, callers: usize, max_each: usize) -> (Vec<String>, HashMap<u16, usize>) {
+async fn hammer(
+    app: &TestApp,
+    feature: &str,
+    token: &str,
+    callers: usize,
+    max_each: usize,
+) -> (Vec<String>, HashMap<u16, usize>) {
     let served = Arc::new(Mutex::new(Vec::new()));
     let statuses = Arc::new(Mutex::new(HashMap::new()));
     let mut tasks = Vec::new();
     for _ in 0..callers {
-        let (client, url, token, feature) = (app.client.clone(), app.url("/key"), token.to_string(), feature.to_string());
+        let (client, url, token, feature) = (
+            app.client.clone(),
+            app.url("/key"),
+            token.to_string(),
+            feature.to_string(),
+        );
         let (served, statuses) = (served.clone(), statuses.clone());
         tasks.push(tokio::spawn(async move {
             for _ in 0..max_each {
-                let r = client.get(&url).query(&[("feature", &feature)]).bearer_auth(&token).send().await.expect("send");
+                let r = client
+                    .get(&url)
+                    .query(&[("feature", &feature)])
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .expect("send");
                 let status = r.status();
                 *statuses.lock().await.entry(status.as_u16()).or_insert(0) += 1;
                 if status == StatusCode::OK {
                     let body: serde_json::Value = r.json().await.expect("json");
-                    served.lock().await.push(body["key_id"].as_str().expect("key_id").to_string());
+                    served
+                        .lock()
+                        .await
+                        .push(body["key_id"].as_str().expect("key_id").to_string());
                 } else {
                     break;
                 }
@@ -44,7 +64,12 @@ async fn per_key(app: &TestApp, sql: &str) -> HashMap<String, i64> {
     app.rows(sql)
         .await
         .into_iter()
-        .map(|r| (r[0].clone().expect("id"), r[1].as_deref().expect("n").parse().expect("integer")))
+        .map(|r| {
+            (
+                r[0].clone().expect("id"),
+                r[1].as_deref().expect("n").parse().expect("integer"),
+            )
+        })
         .collect()
 }
 
@@ -133,7 +158,13 @@ async fn counts_stay_exact_when_commits_fail_under_load() {
         let (served, unavailable, stop) = (served.clone(), unavailable.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let r = client.get(&url).query(&[("feature", "scrape")]).bearer_auth(ADMIN_TOKEN).send().await.expect("send");
+                let r = client
+                    .get(&url)
+                    .query(&[("feature", "scrape")])
+                    .bearer_auth(ADMIN_TOKEN)
+                    .send()
+                    .await
+                    .expect("send");
                 match r.status() {
                     StatusCode::OK => *served.lock().await += 1,
                     StatusCode::SERVICE_UNAVAILABLE => *unavailable.lock().await += 1,
@@ -148,9 +179,15 @@ async fn counts_stay_exact_when_commits_fail_under_load() {
     for _ in 0..2 {
         tokio::time::sleep(std::time::Duration::from_millis(40)).await;
         let mut conn = blocker.acquire().await.expect("conn");
-        sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await.expect("lock");
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *conn)
+            .await
+            .expect("lock");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        sqlx::query("ROLLBACK").execute(&mut *conn).await.expect("unlock");
+        sqlx::query("ROLLBACK")
+            .execute(&mut *conn)
+            .await
+            .expect("unlock");
     }
     blocker.close().await;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -162,8 +199,14 @@ async fn counts_stay_exact_when_commits_fail_under_load() {
     }
     let served = *served.lock().await;
     let unavailable = *unavailable.lock().await;
-    assert!(unavailable > 0, "the blocker must have caused failed commits");
-    assert_eq!(served, 1200, "failed serves were given back, so the whole budget is still served");
+    assert!(
+        unavailable > 0,
+        "the blocker must have caused failed commits"
+    );
+    assert_eq!(
+        served, 1200,
+        "failed serves were given back, so the whole budget is still served"
+    );
     assert_eq!(app.count("SELECT SUM(usage_count) FROM keys").await, 1200);
     assert_eq!(app.count("SELECT COUNT(*) FROM usage_events").await, 1200);
 }

@@ -43,13 +43,17 @@ async fn restart_keeps_usage_counts_spent_budgets_and_secrets() {
 async fn a_failed_commit_answers_503_and_gives_the_count_back() {
     let app = spawn_app_with(&[("DB_BUSY_TIMEOUT_MS", "100")]).await;
     app.create_tier("t", &[("scrape", 5, 3600)]).await;
-    app.add_key(json!({ "name": "k", "key": "v", "tier": "t", "usage_limit": 5 })).await;
+    app.add_key(json!({ "name": "k", "key": "v", "tier": "t", "usage_limit": 5 }))
+        .await;
     assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
 
     // Another writer holds the database longer than the busy timeout.
     let blocker = app.db().await;
     let mut conn = blocker.acquire().await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
     for _ in 0..3 {
         let r = app.draw("scrape", ADMIN_TOKEN).await;
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
@@ -64,7 +68,10 @@ async fn a_failed_commit_answers_503_and_gives_the_count_back() {
     for _ in 0..4 {
         assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
     }
-    assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        app.draw("scrape", ADMIN_TOKEN).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
     assert_eq!(app.count("SELECT usage_count FROM keys").await, 5);
     assert_eq!(app.count("SELECT COUNT(*) FROM usage_events").await, 5);
 }

@@ -57,10 +57,12 @@ const SPENT_VALUE: &str = "spent-go-value-0006";
 
 /// A consumer token the Go service handed out (64 hex chars) and its stored hash.
 const CONSUMER_TOKEN: &str = "5f0c3a1e9b7d4c2a8e6f1b3d5a7c9e0f2b4d6f8a1c3e5a7b9d0f2e4c6a8b0d1e";
-const CONSUMER_TOKEN_HASH: &str = "71f76c6fab33beecc0b5ca7d6327908d86af889993d161b8cd0de74e363d1b29";
+const CONSUMER_TOKEN_HASH: &str =
+    "71f76c6fab33beecc0b5ca7d6327908d86af889993d161b8cd0de74e363d1b29";
 /// The token of a consumer the Go operator deactivated (is_active = 0).
 const INACTIVE_TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-const INACTIVE_TOKEN_HASH: &str = "a8ae6e6ee929abea3afcfc5258c8ccd6f85273e0d4626d26c7279f3250f77c8e";
+const INACTIVE_TOKEN_HASH: &str =
+    "a8ae6e6ee929abea3afcfc5258c8ccd6f85273e0d4626d26c7279f3250f77c8e";
 
 const TIER_FIRECRAWL: &str = "0b6c1f2e-3a4d-4e5f-8a9b-0c1d2e3f4a01";
 const TIER_BUDGET: &str = "0b6c1f2e-3a4d-4e5f-8a9b-0c1d2e3f4a02";
@@ -78,8 +80,15 @@ const CONSUMER_ID: &str = "2d8e3b4c-5f6a-4b7c-8d9e-2f3a4b5c6d01";
 const INACTIVE_CONSUMER_ID: &str = "2d8e3b4c-5f6a-4b7c-8d9e-2f3a4b5c6d02";
 
 /// The seven tables of the Go service (SPEC §3).
-const GO_TABLES: [&str; 7] =
-    ["tiers", "tier_features", "keys", "key_secrets", "consumers", "consumer_scopes", "usage_events"];
+const GO_TABLES: [&str; 7] = [
+    "tiers",
+    "tier_features",
+    "keys",
+    "key_secrets",
+    "consumers",
+    "consumer_scopes",
+    "usage_events",
+];
 
 /// The Go keypooler's consolidated `migrations/001_init.sql` (destructive DROP + CREATE; the
 /// Go migrator ran it once and recorded version 1). `REFERENCES` clauses as Go's SQL had them;
@@ -221,11 +230,15 @@ struct GoFixture {
 /// The Go driver's `time.Time` layout: `2006-01-02 15:04:05.999999999-07:00`.
 fn go_driver_time(t: DateTime<Utc>) -> String {
     let offset = FixedOffset::west_opt(7 * 3600).expect("a -07:00 offset");
-    t.with_timezone(&offset).format("%Y-%m-%d %H:%M:%S%.9f%:z").to_string()
+    t.with_timezone(&offset)
+        .format("%Y-%m-%d %H:%M:%S%.9f%:z")
+        .to_string()
 }
 
 fn parse_api_time(v: &Value) -> DateTime<Utc> {
-    let s = v.as_str().unwrap_or_else(|| panic!("a time string, got {v}"));
+    let s = v
+        .as_str()
+        .unwrap_or_else(|| panic!("a time string, got {v}"));
     assert!(s.ends_with('Z'), "API times are RFC 3339 in UTC: {s}");
     DateTime::parse_from_rfc3339(s)
         .unwrap_or_else(|e| panic!("not RFC 3339: {s}: {e}"))
@@ -235,11 +248,21 @@ fn parse_api_time(v: &Value) -> DateTime<Utc> {
 /// Writes the Go service's database at `path` (its folder must exist).
 async fn write_go_database(path: &Path) -> GoFixture {
     let db = open_db(path).await;
-    sqlx::raw_sql(GO_001_INIT_SQL).execute(&db).await.expect("Go 001_init.sql");
-    sqlx::raw_sql(GO_SCHEMA_MIGRATIONS_SQL).execute(&db).await.expect("Go schema_migrations");
+    sqlx::raw_sql(GO_001_INIT_SQL)
+        .execute(&db)
+        .await
+        .expect("Go 001_init.sql");
+    sqlx::raw_sql(GO_SCHEMA_MIGRATIONS_SQL)
+        .execute(&db)
+        .await
+        .expect("Go schema_migrations");
 
     for (id, name, description) in [
-        (TIER_FIRECRAWL, "firecrawl", "Firecrawl pooled free-tier accounts"),
+        (
+            TIER_FIRECRAWL,
+            "firecrawl",
+            "Firecrawl pooled free-tier accounts",
+        ),
         (TIER_BUDGET, "budget", "Monthly budgets"),
         (TIER_VAULT, "vault", ""),
     ] {
@@ -268,7 +291,8 @@ async fn write_go_database(path: &Path) -> GoFixture {
             .expect("insert Go tier feature");
     }
 
-    let budget_window_start = (Utc::now() - TimeDelta::days(1)).trunc_subsecs(0) + TimeDelta::nanoseconds(123_456_789);
+    let budget_window_start =
+        (Utc::now() - TimeDelta::days(1)).trunc_subsecs(0) + TimeDelta::nanoseconds(123_456_789);
     // (id, name, value, tier, is_active, expires_at, usage_limit, usage_count,
     //  usage_window_seconds, usage_window_start, metadata_json)
     type GoKey<'a> = (
@@ -324,7 +348,19 @@ async fn write_go_database(path: &Path) -> GoFixture {
             None,
             "{}",
         ),
-        (KEY_DISABLED, "fc-disabled", DISABLED_VALUE, TIER_FIRECRAWL, 0, None, None, 2, None, None, "{}"),
+        (
+            KEY_DISABLED,
+            "fc-disabled",
+            DISABLED_VALUE,
+            TIER_FIRECRAWL,
+            0,
+            None,
+            None,
+            2,
+            None,
+            None,
+            "{}",
+        ),
         (
             KEY_BUDGET,
             "budget-monthly",
@@ -338,10 +374,36 @@ async fn write_go_database(path: &Path) -> GoFixture {
             Some(go_driver_time(budget_window_start)),
             r#"{"owner":"ops"}"#,
         ),
-        (KEY_SPENT, "budget-spent", SPENT_VALUE, TIER_BUDGET, 1, None, Some(10), 10, None, None, "{}"),
-        (KEY_VAULT, "vault-encrypted", ENC_VAULT, TIER_VAULT, 1, None, None, 0, None, None, "{}"),
+        (
+            KEY_SPENT,
+            "budget-spent",
+            SPENT_VALUE,
+            TIER_BUDGET,
+            1,
+            None,
+            Some(10),
+            10,
+            None,
+            None,
+            "{}",
+        ),
+        (
+            KEY_VAULT,
+            "vault-encrypted",
+            ENC_VAULT,
+            TIER_VAULT,
+            1,
+            None,
+            None,
+            0,
+            None,
+            None,
+            "{}",
+        ),
     ];
-    for (id, name, value, tier, active, expires, limit, count, window, window_start, metadata) in keys {
+    for (id, name, value, tier, active, expires, limit, count, window, window_start, metadata) in
+        keys
+    {
         sqlx::query(
             "INSERT INTO keys (id, name, key_value, tier_id, is_active, expires_at, usage_limit, usage_count, \
              usage_window_seconds, usage_window_start, metadata_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -368,7 +430,10 @@ async fn write_go_database(path: &Path) -> GoFixture {
         .await
         .expect("Go-driver created_at");
 
-    for (key, name, value) in [(KEY_PLAIN, "webhook_secret", PLAIN_SECRET), (KEY_ENC, "webhook_secret", ENC_SECRET)] {
+    for (key, name, value) in [
+        (KEY_PLAIN, "webhook_secret", PLAIN_SECRET),
+        (KEY_ENC, "webhook_secret", ENC_SECRET),
+    ] {
         sqlx::query("INSERT INTO key_secrets (key_id, name, value) VALUES (?, ?, ?)")
             .bind(key)
             .bind(name)
@@ -379,8 +444,20 @@ async fn write_go_database(path: &Path) -> GoFixture {
     }
 
     for (id, name, hash, description, active) in [
-        (CONSUMER_ID, "siphon-runner", CONSUMER_TOKEN_HASH, "firecrawl via rotation", 1),
-        (INACTIVE_CONSUMER_ID, "retired-runner", INACTIVE_TOKEN_HASH, "", 0),
+        (
+            CONSUMER_ID,
+            "siphon-runner",
+            CONSUMER_TOKEN_HASH,
+            "firecrawl via rotation",
+            1,
+        ),
+        (
+            INACTIVE_CONSUMER_ID,
+            "retired-runner",
+            INACTIVE_TOKEN_HASH,
+            "",
+            0,
+        ),
     ] {
         sqlx::query("INSERT INTO consumers (id, name, token_hash, description, is_active) VALUES (?, ?, ?, ?, ?)")
             .bind(id)
@@ -417,7 +494,9 @@ async fn write_go_database(path: &Path) -> GoFixture {
             .expect("insert Go usage event");
     }
     db.close().await;
-    GoFixture { budget_window_start }
+    GoFixture {
+        budget_window_start,
+    }
 }
 
 /// A temp dir holding the Go database at `<dir>/data/pool.db`.
@@ -450,8 +529,12 @@ async fn start_on(db_path: &Path, extra: &[(&str, &str)]) -> GoApp {
     ];
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let config = keypooler::config::Config::from_vars(env).expect("valid test config");
-    let app = keypooler::build(&config).await.expect("the service starts on the Go database");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+    let app = keypooler::build(&config)
+        .await
+        .expect("the service starts on the Go database");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
     let addr: SocketAddr = listener.local_addr().expect("listener address");
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
@@ -486,11 +569,21 @@ impl GoApp {
         let headers = r.headers().clone();
         let text = r.text().await.expect("response body");
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Resp { status, headers, text, body }
+        Resp {
+            status,
+            headers,
+            text,
+            body,
+        }
     }
 
     async fn admin_get(&self, path: &str) -> Resp {
-        self.send(self.client.get(format!("{}{path}", self.base)).bearer_auth(ADMIN_TOKEN)).await
+        self.send(
+            self.client
+                .get(format!("{}{path}", self.base))
+                .bearer_auth(ADMIN_TOKEN),
+        )
+        .await
     }
 
     async fn draw(&self, feature: &str, token: &str) -> Resp {
@@ -510,17 +603,23 @@ impl GoApp {
 /// Every row of `table` in rowid order, each column `quote()`d (type-preserving), headed by
 /// the column list — so a dropped, added, retyped or rewritten value shows up.
 async fn dump_table(db: &SqlitePool, table: &str) -> Vec<String> {
-    let cols: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?) ORDER BY cid")
-        .bind(table)
-        .fetch_all(db)
-        .await
-        .expect("table columns");
+    let cols: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM pragma_table_info(?) ORDER BY cid")
+            .bind(table)
+            .fetch_all(db)
+            .await
+            .expect("table columns");
     assert!(!cols.is_empty(), "table {table} exists");
-    let expr = cols.iter().map(|c| format!("quote(\"{c}\")")).collect::<Vec<_>>().join(" || '|' || ");
-    let mut rows: Vec<String> = sqlx::query_scalar(&format!("SELECT {expr} FROM \"{table}\" ORDER BY rowid"))
-        .fetch_all(db)
-        .await
-        .expect("table rows");
+    let expr = cols
+        .iter()
+        .map(|c| format!("quote(\"{c}\")"))
+        .collect::<Vec<_>>()
+        .join(" || '|' || ");
+    let mut rows: Vec<String> =
+        sqlx::query_scalar(&format!("SELECT {expr} FROM \"{table}\" ORDER BY rowid"))
+            .fetch_all(db)
+            .await
+            .expect("table rows");
     rows.insert(0, cols.join(","));
     rows
 }
@@ -531,14 +630,18 @@ async fn dump_all(path: &Path) -> BTreeMap<String, Vec<String>> {
     let mut out = BTreeMap::new();
     for table in GO_TABLES {
         out.insert(table.to_string(), dump_table(&db, table).await);
-        let create: String = sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?")
-            .bind(table)
-            .fetch_one(&db)
-            .await
-            .expect("table definition");
+        let create: String =
+            sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?")
+                .bind(table)
+                .fetch_one(&db)
+                .await
+                .expect("table definition");
         out.insert(format!("{table}#schema"), vec![create]);
     }
-    out.insert("schema_migrations".into(), dump_table(&db, "schema_migrations").await);
+    out.insert(
+        "schema_migrations".into(),
+        dump_table(&db, "schema_migrations").await,
+    );
     db.close().await;
     out
 }
@@ -556,11 +659,12 @@ async fn count(path: &Path, table: &str) -> i64 {
 /// `schema_migrations` as (version, name, applied_at).
 async fn migrations(path: &Path) -> Vec<(i64, String, String)> {
     let db = open_db(path).await;
-    let rows: Vec<(i64, String, String)> =
-        sqlx::query_as("SELECT version, name, CAST(applied_at AS TEXT) FROM schema_migrations ORDER BY version")
-            .fetch_all(&db)
-            .await
-            .expect("schema_migrations rows");
+    let rows: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT version, name, CAST(applied_at AS TEXT) FROM schema_migrations ORDER BY version",
+    )
+    .fetch_all(&db)
+    .await
+    .expect("schema_migrations rows");
     db.close().await;
     rows
 }
@@ -581,7 +685,11 @@ async fn key_identities(path: &Path) -> Vec<String> {
     rows
 }
 
-fn assert_same_rows(before: &BTreeMap<String, Vec<String>>, after: &BTreeMap<String, Vec<String>>, what: &str) {
+fn assert_same_rows(
+    before: &BTreeMap<String, Vec<String>>,
+    after: &BTreeMap<String, Vec<String>>,
+    what: &str,
+) {
     for (table, rows) in before {
         if table == "schema_migrations" {
             continue;
@@ -598,7 +706,10 @@ fn assert_schema_migrations_kept(rows: &[(i64, String, String)], go_applied_at: 
     );
     let versions: Vec<i64> = rows.iter().map(|r| r.0).collect();
     let expected: Vec<i64> = keypooler::store::MIGRATIONS.iter().map(|m| m.0).collect();
-    assert_eq!(versions, expected, "version 1 from Go plus every later embedded migration, once each");
+    assert_eq!(
+        versions, expected,
+        "version 1 from Go plus every later embedded migration, once each"
+    );
 }
 
 fn key_by_id<'a>(keys: &'a Value, id: &str) -> &'a Value {
@@ -626,7 +737,10 @@ fn assert_no_values(text: &str) {
         CONSUMER_TOKEN_HASH,
         INACTIVE_TOKEN_HASH,
     ] {
-        assert!(!text.contains(needle), "a value or token leaked into a listing: {needle} in {text}");
+        assert!(
+            !text.contains(needle),
+            "a value or token leaked into a listing: {needle} in {text}"
+        );
     }
 }
 
@@ -639,13 +753,25 @@ async fn fixture_matches_its_independent_derivations() {
     // The pasted literals agree with this crate's primitives, so a failure elsewhere is the service's.
     let key: [u8; 32] = Sha256::digest(b"keypooler go fixture key").into();
     assert_eq!(hex::encode(key), GO_KEY_HEX);
-    assert_eq!(hex::encode(Sha256::digest(CONSUMER_TOKEN.as_bytes())), CONSUMER_TOKEN_HASH);
-    assert_eq!(hex::encode(Sha256::digest(INACTIVE_TOKEN.as_bytes())), INACTIVE_TOKEN_HASH);
+    assert_eq!(
+        hex::encode(Sha256::digest(CONSUMER_TOKEN.as_bytes())),
+        CONSUMER_TOKEN_HASH
+    );
+    assert_eq!(
+        hex::encode(Sha256::digest(INACTIVE_TOKEN.as_bytes())),
+        INACTIVE_TOKEN_HASH
+    );
     let cipher = Aes256Gcm::new(&key.into());
-    for (sealed, plain) in [(ENC_VALUE, ENC_VALUE_PLAIN), (ENC_SECRET, ENC_SECRET_PLAIN), (ENC_VAULT, ENC_VAULT_PLAIN)] {
+    for (sealed, plain) in [
+        (ENC_VALUE, ENC_VALUE_PLAIN),
+        (ENC_SECRET, ENC_SECRET_PLAIN),
+        (ENC_VAULT, ENC_VAULT_PLAIN),
+    ] {
         let raw = hex::decode(sealed.strip_prefix("enc:gcm:").expect("tag")).expect("hex");
         let (nonce, body) = raw.split_at(12);
-        let opened = cipher.decrypt(Nonce::from_slice(nonce), body).expect("authentic");
+        let opened = cipher
+            .decrypt(Nonce::from_slice(nonce), body)
+            .expect("authentic");
         assert_eq!(opened, plain.as_bytes());
     }
 }
@@ -665,7 +791,12 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
     assert_schema_migrations_kept(&migrations(&path).await, &go_applied_at);
 
     let health = app.admin_get("/admin/health").await;
-    assert_eq!(health.body, json!({ "pool_size": 7, "encryption": true }), "{}", health.text);
+    assert_eq!(
+        health.body,
+        json!({ "pool_size": 7, "encryption": true }),
+        "{}",
+        health.text
+    );
 
     // Tiers, by name; the stored window 0 reads as 60.
     let tiers = app.admin_get("/admin/tiers").await;
@@ -706,23 +837,43 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
                         "metadata": { "account": "enc@example.com", "nested": { "region": "eu" } },
                         "secrets": { "webhook_secret": ENC_SECRET_PLAIN } })
             ),
-            other => panic!("served {other}, which is expired, inactive or not in the tier: {}", r.text),
+            other => panic!(
+                "served {other}, which is expired, inactive or not in the tier: {}",
+                r.text
+            ),
         }
         served.insert(id);
     }
-    assert_eq!(served, BTreeSet::from([KEY_PLAIN.to_string(), KEY_ENC.to_string()]), "rotation reaches both");
+    assert_eq!(
+        served,
+        BTreeSet::from([KEY_PLAIN.to_string(), KEY_ENC.to_string()]),
+        "rotation reaches both"
+    );
 
     // The admin draws the vault key (the consumer is not scoped to it).
     let vault = app.draw("vault_feature", ADMIN_TOKEN).await;
     assert_eq!(vault.status, StatusCode::OK, "{}", vault.text);
     ok += 1;
-    assert_eq!(vault.body, json!({ "key_id": KEY_VAULT, "value": ENC_VAULT_PLAIN, "metadata": {}, "secrets": {} }));
+    assert_eq!(
+        vault.body,
+        json!({ "key_id": KEY_VAULT, "value": ENC_VAULT_PLAIN, "metadata": {}, "secrets": {} })
+    );
     let out_of_scope = app.draw("vault_feature", CONSUMER_TOKEN).await;
-    assert_eq!(out_of_scope.status, StatusCode::FORBIDDEN, "{}", out_of_scope.text);
+    assert_eq!(
+        out_of_scope.status,
+        StatusCode::FORBIDDEN,
+        "{}",
+        out_of_scope.text
+    );
 
     // The deactivated Go consumer is refused.
     let inactive = app.draw("firecrawl_scrape", INACTIVE_TOKEN).await;
-    assert_eq!(inactive.status, StatusCode::UNAUTHORIZED, "{}", inactive.text);
+    assert_eq!(
+        inactive.status,
+        StatusCode::UNAUTHORIZED,
+        "{}",
+        inactive.text
+    );
 
     // The partially spent monthly key (3 of 5) serves twice more, then 429 with Retry-After;
     // the spent lifetime key (10 of 10) is skipped throughout.
@@ -735,7 +886,12 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
         ok += 1;
     }
     let capped = app.draw("budget_feature", CONSUMER_TOKEN).await;
-    assert_eq!(capped.status, StatusCode::TOO_MANY_REQUESTS, "{}", capped.text);
+    assert_eq!(
+        capped.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        capped.text
+    );
     assert!(!capped.error().is_empty());
     let retry: u64 = capped
         .headers
@@ -745,25 +901,48 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
         .expect("ascii")
         .parse()
         .expect("whole seconds");
-    let remaining = (fixture.budget_window_start + TimeDelta::seconds(2_592_000) - Utc::now()).num_seconds();
+    let remaining =
+        (fixture.budget_window_start + TimeDelta::seconds(2_592_000) - Utc::now()).num_seconds();
     assert!(
         retry > 0 && (retry as i64 - remaining).abs() <= 5,
         "Retry-After {retry}s ≈ the rest of the Go window ({remaining}s)"
     );
     let admin_capped = app.draw("budget_feature", ADMIN_TOKEN).await;
-    assert_eq!(admin_capped.status, StatusCode::TOO_MANY_REQUESTS, "the cap holds for the admin too");
+    assert_eq!(
+        admin_capped.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the cap holds for the admin too"
+    );
 
     // /admin/keys: every key, correct counters and times in RFC 3339, never a value.
     let keys = app.admin_get("/admin/keys").await;
     assert_eq!(keys.status, StatusCode::OK, "{}", keys.text);
     assert_no_values(&keys.text);
-    let listed: HashSet<&str> = keys.body.as_array().expect("array").iter().filter_map(|k| k["id"].as_str()).collect();
+    let listed: HashSet<&str> = keys
+        .body
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|k| k["id"].as_str())
+        .collect();
     assert_eq!(
         listed,
-        HashSet::from([KEY_PLAIN, KEY_ENC, KEY_EXPIRED, KEY_DISABLED, KEY_BUDGET, KEY_SPENT, KEY_VAULT])
+        HashSet::from([
+            KEY_PLAIN,
+            KEY_ENC,
+            KEY_EXPIRED,
+            KEY_DISABLED,
+            KEY_BUDGET,
+            KEY_SPENT,
+            KEY_VAULT
+        ])
     );
     for k in keys.body.as_array().expect("array") {
-        assert_eq!(k["readable"], json!(true), "every key decrypts with the Go key: {k}");
+        assert_eq!(
+            k["readable"],
+            json!(true),
+            "every key decrypts with the Go key: {k}"
+        );
         assert!(k.get("error").is_none(), "{k}");
         for field in ["value", "key", "key_value", "secrets", "token"] {
             assert!(k.get(field).is_none(), "{field} must not be listed: {k}");
@@ -773,23 +952,36 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
     assert_eq!(plain["expires_at"], "2099-01-02T03:04:05Z");
     assert_eq!(plain["usage_limit"], Value::Null);
     assert_eq!(plain["secret_names"], json!(["webhook_secret"]));
-    assert_eq!(plain["metadata"], json!({ "account": "plain@example.com", "plan": "free", "credits": 500 }));
+    assert_eq!(
+        plain["metadata"],
+        json!({ "account": "plain@example.com", "plan": "free", "credits": 500 })
+    );
     assert_eq!(plain["tier_id"], TIER_FIRECRAWL);
     let enc = key_by_id(&keys.body, KEY_ENC);
     assert_eq!(
         parse_api_time(&enc["expires_at"]),
-        DateTime::parse_from_rfc3339("2099-01-02T03:04:05.123456789Z").expect("instant").with_timezone(&Utc)
+        DateTime::parse_from_rfc3339("2099-01-02T03:04:05.123456789Z")
+            .expect("instant")
+            .with_timezone(&Utc)
     );
     assert_eq!(enc["secret_names"], json!(["webhook_secret"]));
     let expired = key_by_id(&keys.body, KEY_EXPIRED);
     assert_eq!(
         parse_api_time(&expired["expires_at"]),
-        DateTime::parse_from_rfc3339("2021-06-01T19:00:00.5Z").expect("instant").with_timezone(&Utc)
+        DateTime::parse_from_rfc3339("2021-06-01T19:00:00.5Z")
+            .expect("instant")
+            .with_timezone(&Utc)
     );
-    assert_eq!(expired["usage_count"], 0, "the expired key was never served");
+    assert_eq!(
+        expired["usage_count"], 0,
+        "the expired key was never served"
+    );
     let disabled = key_by_id(&keys.body, KEY_DISABLED);
     assert_eq!(disabled["is_active"], json!(false));
-    assert_eq!(disabled["usage_count"], 2, "the inactive key was never served");
+    assert_eq!(
+        disabled["usage_count"], 2,
+        "the inactive key was never served"
+    );
     assert_eq!(disabled["expires_at"], Value::Null);
     let budget = key_by_id(&keys.body, KEY_BUDGET);
     assert_eq!(budget["usage_limit"], 5);
@@ -797,14 +989,27 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
     assert_eq!(budget["usage_window_seconds"], 2_592_000);
     let start = parse_api_time(&budget["usage_window_start"]);
     assert!(
-        (start - fixture.budget_window_start).num_milliseconds().abs() < 1,
+        (start - fixture.budget_window_start)
+            .num_milliseconds()
+            .abs()
+            < 1,
         "the Go window start is kept: {start} vs {}",
         fixture.budget_window_start
     );
     let spent = key_by_id(&keys.body, KEY_SPENT);
-    assert_eq!((spent["usage_limit"].clone(), spent["usage_count"].clone()), (json!(10), json!(10)));
-    let plain_and_enc: i64 = [plain, enc].iter().map(|k| k["usage_count"].as_i64().expect("count")).sum();
-    assert_eq!(plain_and_enc, 17 + 4 + 8, "the Go counts plus this run's serves");
+    assert_eq!(
+        (spent["usage_limit"].clone(), spent["usage_count"].clone()),
+        (json!(10), json!(10))
+    );
+    let plain_and_enc: i64 = [plain, enc]
+        .iter()
+        .map(|k| k["usage_count"].as_i64().expect("count"))
+        .sum();
+    assert_eq!(
+        plain_and_enc,
+        17 + 4 + 8,
+        "the Go counts plus this run's serves"
+    );
 
     // The database agrees with the listing.
     let db = open_db(&path).await;
@@ -834,31 +1039,74 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
     let usage = app.admin_get("/admin/usage?limit=1000").await;
     assert_eq!(usage.status, StatusCode::OK, "{}", usage.text);
     let rows = usage.body.as_array().expect("usage array");
-    assert_eq!(rows.len(), GO_USAGE.len() + ok, "old rows kept, one new row per 200");
+    assert_eq!(
+        rows.len(),
+        GO_USAGE.len() + ok,
+        "old rows kept, one new row per 200"
+    );
     // (The order among the Go rows themselves has its own test below.)
-    let times: Vec<DateTime<Utc>> = rows.iter().map(|r| parse_api_time(&r["created_at"])).collect();
-    assert!(times[..ok].windows(2).all(|w| w[0] >= w[1]), "newest first: {times:?}");
-    assert!(times[ok..].iter().all(|old| *old < times[ok - 1]), "this run's rows before the Go rows: {times:?}");
+    let times: Vec<DateTime<Utc>> = rows
+        .iter()
+        .map(|r| parse_api_time(&r["created_at"]))
+        .collect();
+    assert!(
+        times[..ok].windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {times:?}"
+    );
+    assert!(
+        times[ok..].iter().all(|old| *old < times[ok - 1]),
+        "this run's rows before the Go rows: {times:?}"
+    );
     let new_rows = &rows[..ok];
-    assert!(new_rows.iter().all(|r| !GO_USAGE.iter().any(|g| r["id"] == g.0)), "new rows come first");
-    let by_consumer = new_rows.iter().filter(|r| r["consumer_id"] == CONSUMER_ID).count();
-    assert_eq!(by_consumer, ok - 1, "every consumer serve audited under the Go consumer's id");
-    assert!(new_rows.iter().any(|r| r["consumer_id"] == "admin" && r["key_id"] == KEY_VAULT));
+    assert!(
+        new_rows
+            .iter()
+            .all(|r| !GO_USAGE.iter().any(|g| r["id"] == g.0)),
+        "new rows come first"
+    );
+    let by_consumer = new_rows
+        .iter()
+        .filter(|r| r["consumer_id"] == CONSUMER_ID)
+        .count();
+    assert_eq!(
+        by_consumer,
+        ok - 1,
+        "every consumer serve audited under the Go consumer's id"
+    );
+    assert!(new_rows
+        .iter()
+        .any(|r| r["consumer_id"] == "admin" && r["key_id"] == KEY_VAULT));
     let old_ids: BTreeSet<&str> = rows[ok..].iter().filter_map(|r| r["id"].as_str()).collect();
-    assert_eq!(old_ids, GO_USAGE.iter().map(|g| g.0).collect::<BTreeSet<_>>());
+    assert_eq!(
+        old_ids,
+        GO_USAGE.iter().map(|g| g.0).collect::<BTreeSet<_>>()
+    );
 
     app.stop().await;
 
     // After serving: only counters moved; everything else is the Go data, byte for byte.
     let after = dump_all(&path).await;
-    for table in ["tiers", "tier_features", "key_secrets", "consumers", "consumer_scopes"] {
+    for table in [
+        "tiers",
+        "tier_features",
+        "key_secrets",
+        "consumers",
+        "consumer_scopes",
+    ] {
         assert_eq!(after[table], before[table], "{table} changed");
         let schema = format!("{table}#schema");
         assert_eq!(after[&schema], before[&schema], "{table} was redefined");
     }
     assert_eq!(after["keys#schema"], before["keys#schema"]);
-    assert_eq!(key_identities(&path).await, key_ids_before, "key values, names, limits and times kept");
-    assert_eq!(count(&path, "usage_events").await, (GO_USAGE.len() + ok) as i64);
+    assert_eq!(
+        key_identities(&path).await,
+        key_ids_before,
+        "key values, names, limits and times kept"
+    );
+    assert_eq!(
+        count(&path, "usage_events").await,
+        (GO_USAGE.len() + ok) as i64
+    );
 }
 
 #[tokio::test]
@@ -870,14 +1118,32 @@ async fn go_usage_rows_list_newest_first_in_rfc3339_whatever_form_they_were_stor
     let rows = usage.body.as_array().expect("usage array");
     assert_eq!(rows.len(), GO_USAGE.len());
     let mut expected: Vec<_> = GO_USAGE.iter().collect();
-    expected.sort_by_key(|g| std::cmp::Reverse(DateTime::parse_from_rfc3339(g.5).expect("instant")));
-    let got: Vec<(&str, DateTime<Utc>)> =
-        rows.iter().map(|r| (r["id"].as_str().expect("id"), parse_api_time(&r["created_at"]))).collect();
+    expected
+        .sort_by_key(|g| std::cmp::Reverse(DateTime::parse_from_rfc3339(g.5).expect("instant")));
+    let got: Vec<(&str, DateTime<Utc>)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().expect("id"),
+                parse_api_time(&r["created_at"]),
+            )
+        })
+        .collect();
     let want: Vec<(&str, DateTime<Utc>)> = expected
         .iter()
-        .map(|g| (g.0, DateTime::parse_from_rfc3339(g.5).expect("instant").with_timezone(&Utc)))
+        .map(|g| {
+            (
+                g.0,
+                DateTime::parse_from_rfc3339(g.5)
+                    .expect("instant")
+                    .with_timezone(&Utc),
+            )
+        })
         .collect();
-    assert_eq!(got, want, "Go rows newest first by instant, not by the text of their stored form");
+    assert_eq!(
+        got, want,
+        "Go rows newest first by instant, not by the text of their stored form"
+    );
     for (row, g) in rows.iter().zip(&expected) {
         assert_eq!(row["key_id"], g.1);
         assert_eq!(row["consumer_id"], g.2);
@@ -891,10 +1157,19 @@ async fn go_database_without_the_encryption_key_starts_and_never_serves_sealed_k
     let (_dir, path, _) = go_database().await;
     let before = dump_all(&path).await;
     let mut app = start_on(&path, &[]).await;
-    assert_same_rows(&before, &dump_all(&path).await, "startup without ENCRYPTION_KEY");
+    assert_same_rows(
+        &before,
+        &dump_all(&path).await,
+        "startup without ENCRYPTION_KEY",
+    );
 
     let health = app.admin_get("/admin/health").await;
-    assert_eq!(health.body, json!({ "pool_size": 7, "encryption": false }), "{}", health.text);
+    assert_eq!(
+        health.body,
+        json!({ "pool_size": 7, "encryption": false }),
+        "{}",
+        health.text
+    );
 
     // Only the plaintext key serves; the sealed one is never served, not even as ciphertext.
     for _ in 0..8 {
@@ -907,9 +1182,18 @@ async fn go_database_without_the_encryption_key_starts_and_never_serves_sealed_k
     }
     // A feature whose only key is sealed: 429 without Retry-After (it will never free up).
     let vault = app.draw("vault_feature", ADMIN_TOKEN).await;
-    assert_eq!(vault.status, StatusCode::TOO_MANY_REQUESTS, "{}", vault.text);
+    assert_eq!(
+        vault.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        vault.text
+    );
     assert!(!vault.error().is_empty());
-    assert!(vault.headers.get("retry-after").is_none(), "{:?}", vault.headers);
+    assert!(
+        vault.headers.get("retry-after").is_none(),
+        "{:?}",
+        vault.headers
+    );
     assert!(!vault.text.contains("enc:gcm:") && !vault.text.contains(ENC_VAULT_PLAIN));
 
     // The operator sees which keys are unreadable, and why, without their values.
@@ -920,9 +1204,18 @@ async fn go_database_without_the_encryption_key_starts_and_never_serves_sealed_k
     for id in [KEY_ENC, KEY_VAULT] {
         let k = key_by_id(&keys.body, id);
         assert_eq!(k["readable"], json!(false), "{k}");
-        let error = k["error"].as_str().unwrap_or_else(|| panic!("an error message for {id}: {k}"));
-        assert!(error.contains("ENCRYPTION_KEY"), "the message names the cause: {error}");
-        assert_eq!(k["usage_count"], if id == KEY_ENC { 4 } else { 0 }, "never served: {k}");
+        let error = k["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("an error message for {id}: {k}"));
+        assert!(
+            error.contains("ENCRYPTION_KEY"),
+            "the message names the cause: {error}"
+        );
+        assert_eq!(
+            k["usage_count"],
+            if id == KEY_ENC { 4 } else { 0 },
+            "never served: {k}"
+        );
     }
     for id in [KEY_PLAIN, KEY_EXPIRED, KEY_DISABLED, KEY_BUDGET, KEY_SPENT] {
         let k = key_by_id(&keys.body, id);
@@ -933,12 +1226,13 @@ async fn go_database_without_the_encryption_key_starts_and_never_serves_sealed_k
 
     // Nothing was rewritten: the sealed values are still the Go ciphertext.
     let db = open_db(&path).await;
-    let stored: Vec<String> = sqlx::query_scalar("SELECT key_value FROM keys WHERE id IN (?, ?) ORDER BY rowid")
-        .bind(KEY_ENC)
-        .bind(KEY_VAULT)
-        .fetch_all(&db)
-        .await
-        .expect("stored values");
+    let stored: Vec<String> =
+        sqlx::query_scalar("SELECT key_value FROM keys WHERE id IN (?, ?) ORDER BY rowid")
+            .bind(KEY_ENC)
+            .bind(KEY_VAULT)
+            .fetch_all(&db)
+            .await
+            .expect("stored values");
     assert_eq!(stored, vec![ENC_VALUE.to_string(), ENC_VAULT.to_string()]);
     let secret: String = sqlx::query_scalar("SELECT value FROM key_secrets WHERE key_id = ?")
         .bind(KEY_ENC)
@@ -972,7 +1266,13 @@ async fn go_database_survives_two_restarts_without_migrating_again() {
         v
     };
     assert_eq!(counts, vec![3, 4, 7, 2, 2, 3, GO_USAGE.len() as i64 + 1]);
-    for table in ["tiers", "tier_features", "key_secrets", "consumers", "consumer_scopes"] {
+    for table in [
+        "tiers",
+        "tier_features",
+        "key_secrets",
+        "consumers",
+        "consumer_scopes",
+    ] {
         assert_eq!(after_serve[table], first[table], "{table}");
     }
 
@@ -980,19 +1280,38 @@ async fn go_database_survives_two_restarts_without_migrating_again() {
         let mut app = start_on(&path, &env).await;
         let now = dump_all(&path).await;
         assert_same_rows(&after_serve, &now, &format!("restart {round}"));
-        assert_eq!(migrations(&path).await, first_migrations, "restart {round} recorded no migration again");
+        assert_eq!(
+            migrations(&path).await,
+            first_migrations,
+            "restart {round} recorded no migration again"
+        );
         let keys = app.admin_get("/admin/keys").await;
-        assert_eq!(key_by_id(&keys.body, KEY_BUDGET)["usage_count"], 4, "restart {round}: {}", keys.text);
+        assert_eq!(
+            key_by_id(&keys.body, KEY_BUDGET)["usage_count"],
+            4,
+            "restart {round}: {}",
+            keys.text
+        );
         let health = app.admin_get("/admin/health").await;
         assert_eq!(health.body["pool_size"], 7);
         app.stop().await;
-        assert_same_rows(&after_serve, &dump_all(&path).await, &format!("stop {round}"));
+        assert_same_rows(
+            &after_serve,
+            &dump_all(&path).await,
+            &format!("stop {round}"),
+        );
     }
 
     // The budget still holds across the restarts: one serve left, then 429.
     let mut app = start_on(&path, &env).await;
-    assert_eq!(app.draw("budget_feature", CONSUMER_TOKEN).await.status, StatusCode::OK);
-    assert_eq!(app.draw("budget_feature", CONSUMER_TOKEN).await.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        app.draw("budget_feature", CONSUMER_TOKEN).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.draw("budget_feature", CONSUMER_TOKEN).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
     app.stop().await;
 }
 
@@ -1013,26 +1332,39 @@ async fn values_we_seal_are_the_go_format_and_open_with_plain_aes_gcm() {
     let first = app
         .add_key(json!({ "name": "rust-1", "key": value, "tier": "sealed", "secrets": { "webhook_secret": secret } }))
         .await;
-    let second = app.add_key(json!({ "name": "rust-2", "key": value, "tier": "sealed" })).await;
+    let second = app
+        .add_key(json!({ "name": "rust-2", "key": value, "tier": "sealed" }))
+        .await;
 
     let db = app.db().await;
     let sealed_first = stored_key_value(&db, &first).await;
     let sealed_second = stored_key_value(&db, &second).await;
-    let sealed_secret: String = sqlx::query_scalar("SELECT value FROM key_secrets WHERE key_id = ? AND name = ?")
-        .bind(&first)
-        .bind("webhook_secret")
-        .fetch_one(&db)
-        .await
-        .expect("stored secret");
+    let sealed_secret: String =
+        sqlx::query_scalar("SELECT value FROM key_secrets WHERE key_id = ? AND name = ?")
+            .bind(&first)
+            .bind("webhook_secret")
+            .fetch_one(&db)
+            .await
+            .expect("stored secret");
     db.close().await;
 
-    let key: [u8; 32] = hex::decode(GO_KEY_HEX).expect("hex key").try_into().expect("32 bytes");
+    let key: [u8; 32] = hex::decode(GO_KEY_HEX)
+        .expect("hex key")
+        .try_into()
+        .expect("32 bytes");
     let cipher = Aes256Gcm::new(&key.into());
     let mut nonces = HashSet::new();
-    for (sealed, plain) in [(&sealed_first, value), (&sealed_second, value), (&sealed_secret, secret)] {
-        let body = sealed.strip_prefix("enc:gcm:").unwrap_or_else(|| panic!("tagged: {sealed}"));
+    for (sealed, plain) in [
+        (&sealed_first, value),
+        (&sealed_second, value),
+        (&sealed_secret, secret),
+    ] {
+        let body = sealed
+            .strip_prefix("enc:gcm:")
+            .unwrap_or_else(|| panic!("tagged: {sealed}"));
         assert!(
-            body.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+            body.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
             "lowercase hex: {sealed}"
         );
         // nonce (12) ‖ ciphertext (same length as the plaintext) ‖ tag (16)
@@ -1046,7 +1378,10 @@ async fn values_we_seal_are_the_go_format_and_open_with_plain_aes_gcm() {
         assert_eq!(opened, plain.as_bytes());
         assert!(!sealed.contains(plain));
     }
-    assert_ne!(sealed_first, sealed_second, "same plaintext, different ciphertext");
+    assert_ne!(
+        sealed_first, sealed_second,
+        "same plaintext, different ciphertext"
+    );
 
     // And the service serves what it sealed.
     let r = app.draw("seal_feature", ADMIN_TOKEN).await;

@@ -36,7 +36,9 @@ pub fn backend() -> Backend {
 }
 
 fn external_url() -> Option<String> {
-    std::env::var("KEYPOOLER_TEST_DATABASE_URL").ok().filter(|u| !u.is_empty())
+    std::env::var("KEYPOOLER_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
 }
 
 /// Defines each test twice: `…::sqlite` on the embedded driver, `…::libsql` on the remote one.
@@ -69,7 +71,9 @@ pub struct Resp {
 impl Resp {
     /// The `error` message of a JSON error body (panics if the body is not one).
     pub fn error(&self) -> &str {
-        self.body["error"].as_str().unwrap_or_else(|| panic!("not a JSON error body: {}", self.text))
+        self.body["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("not a JSON error body: {}", self.text))
     }
 }
 
@@ -127,10 +131,24 @@ pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
 /// Drops every table of an external test database so the test starts from nothing.
 async fn wipe_external(url: &str) {
     let token = std::env::var("KEYPOOLER_TEST_DATABASE_AUTH_TOKEN").unwrap_or_default();
-    let db = libsql::Builder::new_remote(url.to_string(), token).build().await.expect("external db");
+    let db = libsql::Builder::new_remote(url.to_string(), token)
+        .build()
+        .await
+        .expect("external db");
     let conn = db.connect().expect("connect");
-    for t in ["tiers", "tier_features", "keys", "key_secrets", "consumers", "consumer_scopes", "usage_events", "schema_migrations"] {
-        conn.execute(&format!("DROP TABLE IF EXISTS {t}"), ()).await.expect("drop");
+    for t in [
+        "tiers",
+        "tier_features",
+        "keys",
+        "key_secrets",
+        "consumers",
+        "consumer_scopes",
+        "usage_events",
+        "schema_migrations",
+    ] {
+        conn.execute(&format!("DROP TABLE IF EXISTS {t}"), ())
+            .await
+            .expect("drop");
     }
 }
 
@@ -143,7 +161,9 @@ async fn start(
 ) -> TestApp {
     let config = keypooler::config::Config::from_vars(env.clone()).expect("valid test config");
     let app = keypooler::build(&config).await.expect("app builds");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr: SocketAddr = listener.local_addr().expect("addr");
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
@@ -155,7 +175,10 @@ async fn start(
     });
     TestApp {
         base: format!("http://{addr}"),
-        client: reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("client"),
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("client"),
         dir,
         db_path,
         env,
@@ -197,7 +220,12 @@ impl TestApp {
         let headers = r.headers().clone();
         let text = r.text().await.expect("body");
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Resp { status, headers, text, body }
+        Resp {
+            status,
+            headers,
+            text,
+            body,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -216,8 +244,16 @@ impl TestApp {
         self.get(path, Some(ADMIN_TOKEN)).await
     }
 
-    pub async fn admin_send(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Resp {
-        let mut req = self.client.request(method, self.url(path)).bearer_auth(ADMIN_TOKEN);
+    pub async fn admin_send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Resp {
+        let mut req = self
+            .client
+            .request(method, self.url(path))
+            .bearer_auth(ADMIN_TOKEN);
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -225,10 +261,16 @@ impl TestApp {
     }
 
     pub async fn admin_post(&self, path: &str, body: Value) -> Resp {
-        self.admin_send(reqwest::Method::POST, path, Some(&body)).await
+        self.admin_send(reqwest::Method::POST, path, Some(&body))
+            .await
     }
 
-    pub async fn admin_raw(&self, method: reqwest::Method, path: &str, raw: impl Into<reqwest::Body>) -> Resp {
+    pub async fn admin_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        raw: impl Into<reqwest::Body>,
+    ) -> Resp {
         let req = self
             .client
             .request(method, self.url(path))
@@ -240,7 +282,11 @@ impl TestApp {
 
     /// `GET /key?feature=…` with a token.
     pub async fn draw(&self, feature: &str, token: &str) -> Resp {
-        let req = self.client.get(self.url("/key")).query(&[("feature", feature)]).bearer_auth(token);
+        let req = self
+            .client
+            .get(self.url("/key"))
+            .query(&[("feature", feature)])
+            .bearer_auth(token);
         self.send(req).await
     }
 
@@ -248,9 +294,19 @@ impl TestApp {
     pub async fn create_tier(&self, name: &str, features: &[(&str, i64, i64)]) -> Value {
         let features: serde_json::Map<String, Value> = features
             .iter()
-            .map(|(f, r, w)| (f.to_string(), json!({ "rate_limit": r, "window_seconds": w })))
+            .map(|(f, r, w)| {
+                (
+                    f.to_string(),
+                    json!({ "rate_limit": r, "window_seconds": w }),
+                )
+            })
             .collect();
-        let r = self.admin_post("/admin/tiers", json!({ "name": name, "features": features })).await;
+        let r = self
+            .admin_post(
+                "/admin/tiers",
+                json!({ "name": name, "features": features }),
+            )
+            .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
         r.body
     }
@@ -264,12 +320,19 @@ impl TestApp {
 
     /// Creates a consumer scoped to `tiers`; returns (id, token).
     pub async fn consumer(&self, name: &str, tiers: &[&str]) -> (String, String) {
-        let r = self.admin_post("/admin/consumers", json!({ "name": name })).await;
+        let r = self
+            .admin_post("/admin/consumers", json!({ "name": name }))
+            .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
         let id = r.body["id"].as_str().expect("id").to_string();
         let token = r.body["token"].as_str().expect("token").to_string();
         for tier in tiers {
-            let g = self.admin_post(&format!("/admin/consumers/{id}/scopes"), json!({ "tier": tier })).await;
+            let g = self
+                .admin_post(
+                    &format!("/admin/consumers/{id}/scopes"),
+                    json!({ "tier": tier }),
+                )
+                .await;
             assert_eq!(g.status, StatusCode::CREATED, "{}", g.text);
         }
         (id, token)
@@ -298,15 +361,28 @@ impl TestApp {
                 let rows = q.fetch_all(&db).await.expect("query");
                 db.close().await;
                 rows.iter()
-                    .map(|r| (0..r.len()).map(|i| r.try_get_unchecked::<Option<String>, _>(i).expect("cell")).collect())
+                    .map(|r| {
+                        (0..r.len())
+                            .map(|i| r.try_get_unchecked::<Option<String>, _>(i).expect("cell"))
+                            .collect()
+                    })
                     .collect()
             }
             Some(url) => {
                 let token = std::env::var("KEYPOOLER_TEST_DATABASE_AUTH_TOKEN").unwrap_or_default();
-                let db = libsql::Builder::new_remote(url.clone(), token).build().await.expect("libsql");
+                let db = libsql::Builder::new_remote(url.clone(), token)
+                    .build()
+                    .await
+                    .expect("libsql");
                 let conn = db.connect().expect("connect");
-                let values: Vec<libsql::Value> = params.iter().map(|p| libsql::Value::Text(p.to_string())).collect();
-                let mut rows = conn.query(sql, libsql::params::Params::Positional(values)).await.expect("query");
+                let values: Vec<libsql::Value> = params
+                    .iter()
+                    .map(|p| libsql::Value::Text(p.to_string()))
+                    .collect();
+                let mut rows = conn
+                    .query(sql, libsql::params::Params::Positional(values))
+                    .await
+                    .expect("query");
                 let mut out = Vec::new();
                 while let Some(row) = rows.next().await.expect("row") {
                     let cells = (0..row.column_count())
@@ -315,7 +391,9 @@ impl TestApp {
                             libsql::Value::Integer(n) => Some(n.to_string()),
                             libsql::Value::Real(f) => Some(f.to_string()),
                             libsql::Value::Text(t) => Some(t),
-                            libsql::Value::Blob(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+                            libsql::Value::Blob(b) => {
+                                Some(String::from_utf8_lossy(&b).into_owned())
+                            }
                         })
                         .collect();
                     out.push(cells);
@@ -336,7 +414,11 @@ impl TestApp {
 
     /// The first cell of the first row, as text.
     pub async fn scalar(&self, sql: &str) -> String {
-        self.rows(sql).await.first().and_then(|r| r.first().cloned().flatten()).expect("a value")
+        self.rows(sql)
+            .await
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .expect("a value")
     }
 }
 
@@ -345,5 +427,9 @@ pub async fn open_db(path: &std::path::Path) -> SqlitePool {
         .filename(path)
         .create_if_missing(true)
         .busy_timeout(std::time::Duration::from_secs(10));
-    SqlitePoolOptions::new().max_connections(1).connect_with(options).await.expect("open sqlite")
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .expect("open sqlite")
 }

@@ -275,7 +275,7 @@ async fn bearer_token_is_enforced() {
 async fn idle_streams_expire_and_the_client_surfaces_stream_expired() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = started(&db_file(&dir), None).await;
-    server.set_stream_idle_timeout(Duration::from_millis(300));
+    server.set_stream_idle_timeout(Duration::from_millis(500));
     let (db, conn) = open(&server.url(), "").await;
     conn.execute("CREATE TABLE ev (id INTEGER PRIMARY KEY)", ())
         .await
@@ -286,7 +286,7 @@ async fn idle_streams_expire_and_the_client_surfaces_stream_expired() {
     tx.execute("INSERT INTO ev DEFAULT VALUES", ())
         .await
         .expect("insert");
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let err = tx
         .execute("INSERT INTO ev DEFAULT VALUES", ())
         .await
@@ -309,7 +309,7 @@ async fn idle_streams_expire_and_the_client_surfaces_stream_expired() {
 
     // `query` leaves the connection's own stream open (describe + cursor keep the baton).
     assert_eq!(count(&conn, "ev").await, 0);
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let err = conn
         .execute("INSERT INTO ev DEFAULT VALUES", ())
         .await

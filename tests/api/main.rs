@@ -5,9 +5,12 @@ mod helpers;
 mod hrana;
 mod hrana_selftest;
 
-mod health;
 mod admin;
-mod draw;
+mod bad_input;
 mod concurrency;
+mod draw;
 mod durability;
+mod go_database;
+mod health;
 mod process;
+mod remote;
