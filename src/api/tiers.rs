@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::Admin;
-use super::extract::{check_description, check_name, JsonBody};
+use super::extract::{check_description, check_name, JsonBody, ObjectOnly};
 use super::SharedState;
 use crate::error::ApiError;
 use crate::model::{FeatureLimit, TierRecord};
@@ -24,7 +24,7 @@ const MAX_RATE_LIMIT: i64 = 1_000_000_000;
 pub struct TierBody {
     name: String,
     description: Option<String>,
-    features: BTreeMap<String, FeatureBody>,
+    features: BTreeMap<String, ObjectOnly<FeatureBody>>,
 }
 
 #[derive(Deserialize)]
@@ -41,7 +41,7 @@ fn features(body: &TierBody) -> Result<BTreeMap<String, FeatureLimit>, ApiError>
         ));
     }
     let mut out = BTreeMap::new();
-    for (feature, limit) in &body.features {
+    for (feature, ObjectOnly(limit)) in &body.features {
         check_name("feature name", feature)?;
         if !(1..=MAX_RATE_LIMIT).contains(&limit.rate_limit) {
             return Err(ApiError::BadRequest(format!(

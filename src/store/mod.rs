@@ -161,7 +161,7 @@ pub mod sql {
 
     pub const RECENT_USAGE: &str =
         "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT) \
-        FROM usage_events ORDER BY created_at DESC, rowid DESC LIMIT ?";
+        FROM usage_events ORDER BY julianday(created_at) DESC, rowid DESC LIMIT ?";
 
     /// Audit rows per INSERT statement (5 parameters each, far below SQLite's limit).
     pub const EVENTS_PER_INSERT: usize = 200;

@@ -50,10 +50,8 @@ use tokio::task::JoinHandle;
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-// ---------------------------------------------------------------------------
-// Protocol structures (client -> server). Values are kept as raw JSON and
-// converted by hand so that malformed values become Hrana errors.
-// ---------------------------------------------------------------------------
+// Protocol structures (client -> server). A body that does not parse gets
+// HTTP 400 with a `PROTOCOL_ERROR` Hrana error.
 
 #[derive(Deserialize)]
 struct PipelineBody {
@@ -256,7 +254,7 @@ fn value_to_json(v: ValueRef<'_>) -> Json {
     }
 }
 
-// A stream: one SQLite connection plus its stored SQL texts. All methods block.
+// A stream: one SQLite connection. All its methods block.
 
 type StepOutcome = Option<Result<StmtResult, HranaError>>;
 

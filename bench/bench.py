@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""keypooler load benchmark: prints one table of throughput, latency and their ratios.
+
+Starts target/release/keypooler on 127.0.0.1 with a temp SQLite database, sets up tiers, keys
+and consumers through the admin API, then loads it with wrk (32 connections). Every figure
+comes from one run, so compare the ratios, not the absolute numbers, across machines.
+"""
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BINARY = os.path.join(ROOT, "target", "release", "keypooler")
+ADMIN = "bench-admin-token-" + os.urandom(8).hex()
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "4"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
+BIG = int(os.environ.get("BENCH_BIG_KEYS", "10000"))
+CONSUMERS = int(os.environ.get("BENCH_CONSUMERS", "1000"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Admin:
+    """Keep-alive admin client."""
+
+    def __init__(self, port):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def call(self, method, path, body=None, token=ADMIN):
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.conn.request(method, path, json.dumps(body) if body is not None else None, headers)
+        r = self.conn.getresponse()
+        data = r.read()
+        return r.status, (json.loads(data) if data else None)
+
+    def ok(self, method, path, body=None):
+        status, data = self.call(method, path, body)
+        if status >= 300:
+            sys.exit(f"setup failed: {method} {path} -> {status} {data}")
+        return data
+
+
+def wrk(url, token=None):
+    cmd = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--latency", url]
+    if token:
+        cmd[1:1] = ["-H", f"Authorization: Bearer {token}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=SECONDS + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = {}
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        lat[pct] = value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = int(non2xx.group(1)) if non2xx else 0
+    sock = sum(int(x) for x in socket_errors.groups()) if socket_errors else 0
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"rps": rps, "p50": lat["50"], "p99": lat["99"], "non2xx": errors, "socket": sock, "total": total}
+
+
+def rss_kib(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def main():
+    if not shutil.which("wrk"):
+        sys.exit("wrk is required (bench/run.sh installs it)")
+    workdir = tempfile.mkdtemp(prefix="keypooler-bench-")
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "ADMIN_TOKEN": ADMIN,
+        "DB_PATH": os.path.join(workdir, "pool.db"),
+        "SERVER_PORT": str(port),
+        "LOG_LEVEL": "warn",
+        "LOG_REQUESTS": "false",
+    }
+    server = subprocess.Popen([BINARY], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    started = time.time()
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        admin = Admin(port)
+        admin.ok("POST", "/admin/tiers", {"name": "small", "features": {"scrape": {"rate_limit": 1_000_000_000, "window_seconds": 1}}})
+        admin.ok("POST", "/admin/tiers", {"name": "big", "features": {"big_scrape": {"rate_limit": 1_000_000_000, "window_seconds": 1}}})
+        admin.ok("POST", "/admin/tiers", {"name": "spent", "features": {"spent_scrape": {"rate_limit": 1_000_000_000, "window_seconds": 1}}})
+        for i in range(10):
+            admin.ok("POST", "/admin/keys", {"name": f"small-{i}", "key": f"sk-small-{i}", "tier": "small", "usage_limit": 1_000_000_000_000, "secrets": {"webhook_secret": f"wh-{i}"}})
+        admin.ok("POST", "/admin/keys", {"name": "spent-0", "key": "sk-spent", "tier": "spent", "usage_limit": 1})
+        consumer = admin.ok("POST", "/admin/consumers", {"name": "bench"})
+        token = consumer["token"]
+        for tier in ("small", "big", "spent"):
+            admin.ok("POST", f"/admin/consumers/{consumer['id']}/scopes", {"tier": tier})
+        status, _ = admin.call("GET", "/key?feature=spent_scrape", token=token)
+        assert status == 200, status
+
+        # The big tier: 10,000 keys added one POST at a time; time the first and last 1,000.
+        chunk_times = []
+        t0 = time.perf_counter()
+        for i in range(BIG):
+            admin.ok("POST", "/admin/keys", {"name": f"big-{i:05}", "key": f"sk-big-{i}", "tier": "big", "usage_limit": 1_000_000_000_000})
+            if (i + 1) % 1000 == 0:
+                t1 = time.perf_counter()
+                chunk_times.append(t1 - t0)
+                t0 = t1
+        for i in range(CONSUMERS - 1):
+            c = admin.ok("POST", "/admin/consumers", {"name": f"consumer-{i:04}"})
+            admin.ok("POST", f"/admin/consumers/{c['id']}/scopes", {"tier": "small"})
+
+        cases = [
+            ("/health", f"{base}/health", None),
+            ("/key 200 (durable, 10 keys)", f"{base}/key?feature=scrape", token),
+            ("/key 429 (budget spent)", f"{base}/key?feature=spent_scrape", token),
+            ("/key 401 (unknown token)", f"{base}/key?feature=scrape", "not-a-token-" + os.urandom(16).hex()),
+            ("/key 200 (durable, 10,000 keys)", f"{base}/key?feature=big_scrape", token),
+        ]
+        results = {name: [] for name, _, _ in cases}
+        for _ in range(ROUNDS):
+            for name, url, tok in cases:
+                results[name].append(wrk(url, tok))
+        peak_rss = rss_kib(server.pid, "VmHWM")
+
+        # Invariants after load, through the API: every 200 was counted and audited.
+        keys = admin.ok("GET", "/admin/keys")
+        counted = sum(k["usage_count"] for k in keys)
+        served = sum(r["total"] - r["non2xx"] for name, rs in results.items() if name.startswith("/key 200") for r in rs) + 1
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    audit_rows = int(subprocess.run(["sqlite3", env["DB_PATH"], "SELECT COUNT(*) FROM usage_events"], capture_output=True, text=True).stdout.strip() or -1) if shutil.which("sqlite3") else None
+    shutil.rmtree(workdir, ignore_errors=True)
+
+    def best(name):
+        return max(results[name], key=lambda r: r["rps"])
+
+    health = best("/health")
+    print()
+    print(f"keypooler benchmark — {os.cpu_count()} CPUs, wrk -t2 -c{CONNECTIONS} -d{SECONDS}s, best of {ROUNDS} alternating rounds")
+    print(f"{'case':34} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'× /health req/s':>16} {'× /health p99':>14} {'errors':>7}")
+    for name, _, _ in cases:
+        r = best(name)
+        expected_non2xx = "429" in name or "401" in name
+        errors = r["socket"] + (0 if expected_non2xx else r["non2xx"])
+        if expected_non2xx and r["non2xx"] != r["total"]:
+            errors += r["total"] - r["non2xx"]
+        print(f"{name:34} {r['rps']:>10.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['rps'] / health['rps']:>16.2f} {r['p99'] / health['p99']:>14.2f} {errors:>7}")
+    small, big = best("/key 200 (durable, 10 keys)"), best("/key 200 (durable, 10,000 keys)")
+    print(f"{'/key 10,000 keys ÷ 10 keys':34} {big['rps'] / small['rps']:>10.2f}")
+    print(f"{'admin: first 1,000 key POSTs':34} {chunk_times[0]:>10.2f} s")
+    print(f"{'admin: last 1,000 key POSTs':34} {chunk_times[-1]:>10.2f} s   (last ÷ first = {chunk_times[-1] / chunk_times[0]:.2f})")
+    print(f"{'peak RSS, 10,010 keys, 1,000 consumers':34} {peak_rss / 1024:>10.1f} MiB")
+    print(f"{'serves delivered / counted / audited':34} {served} / {counted} / {audit_rows}")
+    print(f"total run time {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The load benchmark (not a test; not run in CI). Builds the release binary, installs wrk
+# from Debian if missing, then runs bench/bench.py: loopback only, bounded, stops by itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v wrk >/dev/null 2>&1; then
+  echo "installing wrk from Debian…" >&2
+  (apt-get install -y wrk || (apt-get update && apt-get install -y wrk)) >/dev/null
+fi
+cargo build --release --locked
+exec python3 bench/bench.py "$@"
