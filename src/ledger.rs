@@ -22,6 +22,8 @@ use crate::store::Db;
 
 /// Serves committed together at most.
 pub const MAX_BATCH: usize = 512;
+/// Times the writer yields to running requests before committing what it has.
+const MAX_YIELDS: usize = 2;
 
 /// The serve could not be recorded; its count was given back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -99,10 +101,17 @@ async fn run(db: Db, mut inbox: mpsc::UnboundedReceiver<Message>) {
             Some(Message::Serve(s)) => batch.push(s),
             Some(Message::Shutdown) | None => stopping = true,
         }
-        while batch.len() < MAX_BATCH {
+        // Drain what is queued; then let the requests already running on this runtime reach
+        // the queue too (one yield), as long as that keeps growing the batch.
+        let mut yields = 0;
+        while batch.len() < MAX_BATCH && !stopping {
             match inbox.try_recv() {
                 Ok(Message::Serve(s)) => batch.push(s),
                 Ok(Message::Shutdown) => stopping = true,
+                Err(_) if yields < MAX_YIELDS => {
+                    yields += 1;
+                    tokio::task::yield_now().await;
+                }
                 Err(_) => break,
             }
         }
@@ -149,7 +158,9 @@ async fn commit(db: &Db, batch: Vec<Serve>) {
     let events: Vec<UsageEvent> = live
         .iter()
         .map(|s| UsageEvent {
-            id: uuid::Uuid::new_v4().to_string(),
+            // Time-ordered (v7): each audit row appends to the primary-key index instead of
+            // dirtying a random page per row, which made commits 2-3x slower with v4.
+            id: uuid::Uuid::now_v7().to_string(),
             key_id: s.reservation.key.id.to_string(),
             consumer_id: s.reservation.consumer_id.to_string(),
             feature: s.reservation.feature.clone(),
@@ -174,7 +185,10 @@ async fn commit(db: &Db, batch: Vec<Serve>) {
         }
     }
 
-    match db.commit_serves(&events, &updates).await {
+    let started = std::time::Instant::now();
+    let outcome = db.commit_serves(&events, &updates).await;
+    tracing::debug!(target: "keypooler::ledger", serves = events.len(), keys = updates.len(), micros = started.elapsed().as_micros() as u64, "batch committed");
+    match outcome {
         Ok(()) => {
             for s in live {
                 let _ = s.ack.send(Ok(()));

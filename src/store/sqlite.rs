@@ -1,11 +1,13 @@
 //! The embedded SQLite driver (sqlx): WAL, a busy timeout, and the shared SQL of `store::sql`.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, SqlitePool};
+use sqlx::{ConnectOptions, Row, SqlitePool};
 
 use super::{parse_stored_time, sql, SnapshotRows, StoreError, MIGRATIONS};
 use crate::config::{Config, Synchronous};
@@ -15,6 +17,55 @@ use crate::timestamp::{self, to_db};
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    checkpointer: Arc<Checkpointer>,
+}
+
+/// Copies the WAL back into the database file from its own connection and thread, so the
+/// group commit never pays for a checkpoint (`wal_autocheckpoint` stays as a safety net).
+struct Checkpointer {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// How often the background checkpoint runs.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// WAL pages after which a commit checkpoints by itself (if the background one fell behind).
+const AUTOCHECKPOINT_PAGES: &str = "20000";
+/// SQLite page cache per connection, in KiB (negative = KiB in SQLite's convention).
+const CACHE_SIZE: &str = "-16384";
+
+impl Checkpointer {
+    async fn start(options: &SqliteConnectOptions) -> Result<Checkpointer, StoreError> {
+        let mut conn = options.connect().await.map_err(map_err)?;
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+                    _ = stopped.changed() => break,
+                }
+                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&mut conn)
+                    .await
+                {
+                    tracing::warn!(error = %e, "background WAL checkpoint failed; commits will checkpoint themselves");
+                }
+            }
+            let _ = sqlx::Connection::close(conn).await;
+        });
+        Ok(Checkpointer {
+            stop,
+            task: parking_lot::Mutex::new(Some(task)),
+        })
+    }
+
+    async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        let task = self.task.lock().take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
 }
 
 fn map_err(e: sqlx::Error) -> StoreError {
@@ -69,7 +120,9 @@ impl SqliteStore {
             .busy_timeout(config.db_busy_timeout)
             // SPEC §3: foreign keys are not enforced; deletes remove children explicitly.
             .foreign_keys(false)
-            .statement_cache_capacity(512);
+            .statement_cache_capacity(512)
+            .pragma("cache_size", CACHE_SIZE)
+            .pragma("wal_autocheckpoint", AUTOCHECKPOINT_PAGES);
         let pool = SqlitePoolOptions::new()
             .max_connections(config.db_max_open_conns)
             .min_connections(1)
@@ -78,10 +131,11 @@ impl SqliteStore {
                     .db_busy_timeout
                     .max(std::time::Duration::from_secs(1)),
             )
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        let store = SqliteStore { pool };
+        let checkpointer = Arc::new(Checkpointer::start(&options).await?);
+        let store = SqliteStore { pool, checkpointer };
         store.migrate().await?;
         Ok(store)
     }
@@ -367,28 +421,35 @@ impl SqliteStore {
         Ok(out)
     }
 
+    /// One round trip to the SQLite worker thread: `BEGIN IMMEDIATE; INSERT …; UPDATE …; COMMIT`
+    /// as a single multi-statement query whose bound values run across its statements
+    /// (sqlx binds them in order). On any failure the open transaction is rolled back.
     pub async fn commit_serves(
         &self,
         events: &[UsageEvent],
         updates: &[KeyUsageUpdate],
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let mut statement = String::from("BEGIN IMMEDIATE; ");
         for chunk in events.chunks(sql::EVENTS_PER_INSERT) {
-            let statement = sql::insert_events(chunk.len());
-            let mut query = sqlx::query(&statement);
-            for e in chunk {
-                query = query
-                    .bind(&e.id)
-                    .bind(&e.key_id)
-                    .bind(&e.consumer_id)
-                    .bind(&e.feature)
-                    .bind(to_db(e.created_at));
-            }
-            query.execute(&mut *tx).await.map_err(map_err)?;
+            statement.push_str(&sql::insert_events(chunk.len()));
+            statement.push_str("; ");
         }
         for chunk in updates.chunks(sql::KEYS_PER_UPDATE) {
-            let statement = sql::update_counters(chunk.len());
-            let mut query = sqlx::query(&statement);
+            statement.push_str(&sql::update_counters(chunk.len()));
+            statement.push_str("; ");
+        }
+        statement.push_str("COMMIT");
+
+        let mut query = sqlx::query(&statement);
+        for e in events {
+            query = query
+                .bind(&e.id)
+                .bind(&e.key_id)
+                .bind(&e.consumer_id)
+                .bind(&e.feature)
+                .bind(to_db(e.created_at));
+        }
+        for chunk in updates.chunks(sql::KEYS_PER_UPDATE) {
             for u in chunk {
                 query = query.bind(&u.key_id).bind(u.usage_count);
             }
@@ -398,12 +459,22 @@ impl SqliteStore {
             for u in chunk {
                 query = query.bind(&u.key_id);
             }
-            query.execute(&mut *tx).await.map_err(map_err)?;
         }
-        tx.commit().await.map_err(map_err)
+        let mut conn = self.pool.acquire().await.map_err(map_err)?;
+        match query.execute(&mut *conn).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // Whichever statement failed, nothing of the batch may stay applied.
+                if let Err(rollback) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
+                    tracing::debug!(error = %rollback, "rollback after a failed commit (no transaction was open)");
+                }
+                Err(map_err(e))
+            }
+        }
     }
 
     pub async fn close(&self) {
+        self.checkpointer.shutdown().await;
         self.pool.close().await;
     }
 }
