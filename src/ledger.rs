@@ -14,7 +14,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 use crate::model::{KeyUsageUpdate, UsageEvent};
 use crate::pool::{PoolKey, Reservation};
@@ -22,8 +21,6 @@ use crate::store::Db;
 
 /// Serves committed together at most.
 pub const MAX_BATCH: usize = 512;
-/// Times the writer yields to running requests before committing what it has.
-const MAX_YIELDS: usize = 2;
 
 /// The serve could not be recorded; its count was given back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -59,17 +56,18 @@ impl Pending {
 /// Handle to the writer task.
 pub struct Ledger {
     queue: mpsc::UnboundedSender<Message>,
-    worker: parking_lot::Mutex<Option<JoinHandle<()>>>,
+    worker: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Ledger {
-    pub fn start(db: Db) -> Ledger {
+    /// Starts the writer task on the current runtime.
+    pub fn start(db: Db) -> std::io::Result<Ledger> {
         let (queue, inbox) = mpsc::unbounded_channel();
         let worker = tokio::spawn(run(db, inbox));
-        Ledger {
+        Ok(Ledger {
             queue,
             worker: parking_lot::Mutex::new(Some(worker)),
-        }
+        })
     }
 
     /// Queues a reservation; call while the key is locked (see `Pool::draw`). Never blocks.
@@ -86,8 +84,8 @@ impl Ledger {
         let _ = self.queue.send(Message::Shutdown);
         let worker = self.worker.lock().take();
         if let Some(worker) = worker {
-            if let Err(e) = worker.await {
-                tracing::error!(error = %e, "ledger writer ended abnormally");
+            if worker.await.is_err() {
+                tracing::error!("ledger writer ended abnormally");
             }
         }
     }
@@ -95,42 +93,84 @@ impl Ledger {
 
 async fn run(db: Db, mut inbox: mpsc::UnboundedReceiver<Message>) {
     let mut stopping = false;
+    let mut in_flight: Option<tokio::task::JoinHandle<()>> = None;
     while !stopping {
         let mut batch = Vec::new();
         match inbox.recv().await {
-            Some(Message::Serve(s)) => batch.push(s),
+            Some(Message::Serve(s)) => batch.push(prepare(s)),
             Some(Message::Shutdown) | None => stopping = true,
         }
-        // Drain what is queued; then let the requests already running on this runtime reach
-        // the queue too (one yield), as long as that keeps growing the batch.
-        let mut yields = 0;
-        while batch.len() < MAX_BATCH && !stopping {
-            match inbox.try_recv() {
-                Ok(Message::Serve(s)) => batch.push(s),
-                Ok(Message::Shutdown) => stopping = true,
-                Err(_) if yields < MAX_YIELDS => {
-                    yields += 1;
-                    tokio::task::yield_now().await;
-                }
-                Err(_) => break,
-            }
+        drain(&mut inbox, &mut batch, &mut stopping);
+        if in_flight.is_none() && !stopping {
+            // Idle writer: let requests already running on the runtime reach the queue first.
+            tokio::task::yield_now().await;
+            drain(&mut inbox, &mut batch, &mut stopping);
+        }
+        // Commits run one at a time and in order; this batch was gathered and prepared while
+        // the previous one was being written, and takes whatever arrived in the meantime.
+        if let Some(previous) = in_flight.take() {
+            let _ = previous.await;
+            drain(&mut inbox, &mut batch, &mut stopping);
         }
         if stopping {
             inbox.close();
             while let Ok(message) = inbox.try_recv() {
                 if let Message::Serve(s) = message {
-                    batch.push(s);
+                    batch.push(prepare(s));
                 }
             }
         }
-        for chunk in chunked(batch) {
-            commit(&db, chunk).await;
+        if batch.is_empty() {
+            continue;
         }
+        let db = db.clone();
+        in_flight = Some(tokio::spawn(async move {
+            for chunk in chunked(batch) {
+                commit(&db, chunk).await;
+            }
+        }));
+    }
+    if let Some(last) = in_flight.take() {
+        let _ = last.await;
     }
     tracing::debug!("ledger writer stopped with nothing pending");
 }
 
-fn chunked(mut batch: Vec<Serve>) -> Vec<Vec<Serve>> {
+fn drain(
+    inbox: &mut mpsc::UnboundedReceiver<Message>,
+    batch: &mut Vec<Prepared>,
+    stopping: &mut bool,
+) {
+    while batch.len() < MAX_BATCH && !*stopping {
+        match inbox.try_recv() {
+            Ok(Message::Serve(s)) => batch.push(prepare(s)),
+            Ok(Message::Shutdown) => *stopping = true,
+            Err(_) => break,
+        }
+    }
+}
+
+/// A serve with its audit row built (ahead of the commit, off its critical path).
+struct Prepared {
+    serve: Serve,
+    event: UsageEvent,
+}
+
+fn prepare(serve: Serve) -> Prepared {
+    let r = &serve.reservation;
+    let event = UsageEvent {
+        // Time-ordered (v7): each audit row appends to the primary-key index instead of
+        // dirtying a random page per row, which made commits 2-3x slower with v4.
+        id: uuid::Uuid::now_v7().to_string(),
+        key_id: r.key.id.to_string(),
+        consumer_id: r.consumer_id.to_string(),
+        feature: r.feature.clone(),
+        created_at: r.at,
+    };
+    Prepared { serve, event }
+}
+
+fn chunked(mut batch: Vec<Prepared>) -> Vec<Vec<Prepared>> {
     let mut out = Vec::new();
     while batch.len() > MAX_BATCH {
         let rest = batch.split_off(MAX_BATCH);
@@ -143,30 +183,20 @@ fn chunked(mut batch: Vec<Serve>) -> Vec<Vec<Serve>> {
     out
 }
 
-async fn commit(db: &Db, batch: Vec<Serve>) {
-    let (live, stale): (Vec<Serve>, Vec<Serve>) = batch
+async fn commit(db: &Db, batch: Vec<Prepared>) {
+    // Checked only now, after the previous commit's outcome (and any rollback) is known.
+    let (live, stale): (Vec<Prepared>, Vec<Prepared>) = batch
         .into_iter()
-        .partition(|s| s.reservation.key.is_current(&s.reservation));
-    for s in stale {
-        s.reservation.key.give_back_rate(&s.reservation);
-        let _ = s.ack.send(Err(CommitFailed));
+        .partition(|p| p.serve.reservation.key.is_current(&p.serve.reservation));
+    for p in stale {
+        p.serve.reservation.key.give_back_rate(&p.serve.reservation);
+        let _ = p.serve.ack.send(Err(CommitFailed));
     }
     if live.is_empty() {
         return;
     }
-
-    let events: Vec<UsageEvent> = live
-        .iter()
-        .map(|s| UsageEvent {
-            // Time-ordered (v7): each audit row appends to the primary-key index instead of
-            // dirtying a random page per row, which made commits 2-3x slower with v4.
-            id: uuid::Uuid::now_v7().to_string(),
-            key_id: s.reservation.key.id.to_string(),
-            consumer_id: s.reservation.consumer_id.to_string(),
-            feature: s.reservation.feature.clone(),
-            created_at: s.reservation.at,
-        })
-        .collect();
+    let (live, events): (Vec<Serve>, Vec<UsageEvent>) =
+        live.into_iter().map(|p| (p.serve, p.event)).unzip();
     let mut updates: Vec<KeyUsageUpdate> = Vec::new();
     let mut position: HashMap<&str, usize> = HashMap::new();
     for s in &live {
