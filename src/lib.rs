@@ -41,6 +41,7 @@ pub enum StartupError {
 pub struct App {
     pub state: SharedState,
     router: Router,
+    idle_timeout: std::time::Duration,
 }
 
 /// Opens the store, loads the pool and starts the group-commit writer.
@@ -70,23 +71,62 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
             log_requests: config.log_requests,
         },
     );
-    Ok(App { state, router })
+    Ok(App {
+        state,
+        router,
+        idle_timeout: config.idle_timeout,
+    })
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, finishes in-flight requests,
 /// commits every pending serve and closes the database.
+///
+/// HTTP/1.1 with keep-alive; a connection waiting longer than `SERVER_IDLE_TIMEOUT_SECONDS`
+/// for the headers of its next request is closed (hyper's header-read timer, which also
+/// bounds slow headers); request bodies and handlers have their own limits in the router.
 pub async fn serve<F>(listener: TcpListener, app: App, shutdown: F) -> std::io::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let App { state, router } = app;
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let App {
+        state,
+        router,
+        idle_timeout,
+    } = app;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(idle_timeout);
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection =
+            connections.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.shutdown().await;
     state.ledger.shutdown().await;
     state.db.close().await;
     tracing::info!("stopped with nothing pending");
-    result
+    Ok(())
 }
 
 /// Logs go to stdout as JSON (or compact text with `pretty`). Dependencies that could print
