@@ -15,11 +15,11 @@ use std::time::Duration;
 use libsql::{params::Params, Value};
 use tokio::sync::Semaphore;
 
-use super::{parse_stored_time, sql, SnapshotRows, StoreError, MIGRATIONS};
+use super::{sql, usage_event, Cells, SnapshotRows, StoreError, MIGRATIONS};
 use crate::config::Config;
 use crate::model::{ConsumerRecord, KeyRecord, KeyUsageUpdate, Snapshot, TierRecord, UsageEvent};
 use crate::secret::Secret;
-use crate::timestamp::{self, to_db};
+use crate::timestamp::to_db;
 
 #[derive(Clone)]
 pub struct LibsqlStore {
@@ -158,7 +158,7 @@ impl LibsqlStore {
                 .await
                 .map_err(|e| self.err(e))?;
             while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
-                applied.push(int(&row, 0).unwrap_or(0));
+                applied.push(row.int(0).unwrap_or(0));
             }
             for (version, name, body) in MIGRATIONS {
                 if applied.contains(version) {
@@ -202,61 +202,10 @@ impl LibsqlStore {
     pub async fn load_snapshot(&self) -> Result<Snapshot, StoreError> {
         self.run(|conn| async move {
             let mut rows = SnapshotRows::default();
-            for r in self.all(&conn, sql::SELECT_TIERS).await? {
-                rows.tiers.push((
-                    text(&r, 0).unwrap_or_default(),
-                    text(&r, 1).unwrap_or_default(),
-                    text(&r, 2).unwrap_or_default(),
-                ));
-            }
-            for r in self.all(&conn, sql::SELECT_TIER_FEATURES).await? {
-                rows.features.push((
-                    text(&r, 0).unwrap_or_default(),
-                    text(&r, 1).unwrap_or_default(),
-                    int(&r, 2).unwrap_or(0),
-                    int(&r, 3).unwrap_or(60),
-                ));
-            }
-            for r in self.all(&conn, sql::SELECT_KEYS).await? {
-                let id = text(&r, 0).unwrap_or_default();
-                rows.keys.push(KeyRecord {
-                    name: text(&r, 1).unwrap_or_default(),
-                    sealed_value: text(&r, 2).unwrap_or_default(),
-                    tier_id: text(&r, 3).unwrap_or_default(),
-                    is_active: int(&r, 4).unwrap_or(1) != 0,
-                    expires_at: parse_stored_time(text(&r, 5), "expires_at", &id),
-                    usage_limit: int(&r, 6),
-                    usage_count: int(&r, 7).unwrap_or(0),
-                    usage_window_seconds: int(&r, 8),
-                    usage_window_start: parse_stored_time(text(&r, 9), "usage_window_start", &id),
-                    metadata_json: text(&r, 10).unwrap_or_else(|| "{}".into()),
-                    created_at: parse_stored_time(text(&r, 11), "created_at", &id),
-                    secrets: Vec::new(),
-                    id,
-                });
-            }
-            for r in self.all(&conn, sql::SELECT_KEY_SECRETS).await? {
-                rows.secrets.push((
-                    text(&r, 0).unwrap_or_default(),
-                    text(&r, 1).unwrap_or_default(),
-                    text(&r, 2).unwrap_or_default(),
-                ));
-            }
-            for r in self.all(&conn, sql::SELECT_CONSUMERS).await? {
-                rows.consumers.push(ConsumerRecord {
-                    id: text(&r, 0).unwrap_or_default(),
-                    name: text(&r, 1).unwrap_or_default(),
-                    token_hash: text(&r, 2).unwrap_or_default(),
-                    description: text(&r, 3).unwrap_or_default(),
-                    is_active: int(&r, 4).unwrap_or(1) != 0,
-                    scopes: Vec::new(),
-                });
-            }
-            for r in self.all(&conn, sql::SELECT_SCOPES).await? {
-                rows.scopes.push((
-                    text(&r, 0).unwrap_or_default(),
-                    text(&r, 1).unwrap_or_default(),
-                ));
+            for (query, keep) in SnapshotRows::READS {
+                for r in self.all(&conn, query).await? {
+                    keep(&mut rows, &r);
+                }
             }
             Ok(rows.assemble())
         })
@@ -433,16 +382,7 @@ impl LibsqlStore {
                 .map_err(|e| self.err(e))?;
             let mut out = Vec::new();
             while let Some(r) = rows.next().await.map_err(|e| self.err(e))? {
-                out.push(UsageEvent {
-                    id: text(&r, 0).unwrap_or_default(),
-                    key_id: text(&r, 1).unwrap_or_default(),
-                    consumer_id: text(&r, 2).unwrap_or_default(),
-                    feature: text(&r, 3).unwrap_or_default(),
-                    created_at: text(&r, 4)
-                        .as_deref()
-                        .and_then(timestamp::parse_db)
-                        .unwrap_or_default(),
-                });
+                out.push(usage_event(&r));
             }
             Ok(out)
         })
@@ -518,22 +458,24 @@ fn redact_all(text: &str, secrets: &[String]) -> String {
     out
 }
 
-fn text(row: &libsql::Row, i: i32) -> Option<String> {
-    match row.get_value(i).ok()? {
-        Value::Text(s) => Some(s),
-        Value::Integer(n) => Some(n.to_string()),
-        Value::Real(f) => Some(f.to_string()),
-        Value::Blob(b) => String::from_utf8(b).ok(),
-        Value::Null => None,
+impl Cells for libsql::Row {
+    fn text(&self, i: usize) -> Option<String> {
+        match self.get_value(i32::try_from(i).ok()?).ok()? {
+            Value::Text(s) => Some(s),
+            Value::Integer(n) => Some(n.to_string()),
+            Value::Real(f) => Some(f.to_string()),
+            Value::Blob(b) => String::from_utf8(b).ok(),
+            Value::Null => None,
+        }
     }
-}
 
-fn int(row: &libsql::Row, i: i32) -> Option<i64> {
-    match row.get_value(i).ok()? {
-        Value::Integer(n) => Some(n),
-        Value::Real(f) => Some(f as i64),
-        Value::Text(s) => s.trim().parse().ok(),
-        _ => None,
+    fn int(&self, i: usize) -> Option<i64> {
+        match self.get_value(i32::try_from(i).ok()?).ok()? {
+            Value::Integer(n) => Some(n),
+            Value::Real(f) => Some(f as i64),
+            Value::Text(s) => s.trim().parse().ok(),
+            _ => None,
+        }
     }
 }
 

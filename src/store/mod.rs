@@ -210,6 +210,16 @@ pub mod sql {
     }
 }
 
+/// A result row read by position, whatever the driver. A cell that cannot be read as asked
+/// (a type a Go row never should hold) reads as NULL.
+pub trait Cells {
+    fn text(&self, i: usize) -> Option<String>;
+    fn int(&self, i: usize) -> Option<i64>;
+}
+
+/// One snapshot query and how its rows are kept.
+pub type SnapshotRead = (&'static str, fn(&mut SnapshotRows, &dyn Cells));
+
 /// Flat rows as every driver reads them, before they are grouped into a [`Snapshot`].
 #[derive(Default)]
 pub struct SnapshotRows {
@@ -228,6 +238,65 @@ pub struct SnapshotRows {
 }
 
 impl SnapshotRows {
+    /// The queries that load the pool, each with how a row of it is kept; a driver runs them
+    /// in order and feeds every row to its function.
+    pub const READS: [SnapshotRead; 6] = [
+        (sql::SELECT_TIERS, |rows, r| {
+            rows.tiers.push((
+                r.text(0).unwrap_or_default(),
+                r.text(1).unwrap_or_default(),
+                r.text(2).unwrap_or_default(),
+            ))
+        }),
+        (sql::SELECT_TIER_FEATURES, |rows, r| {
+            rows.features.push((
+                r.text(0).unwrap_or_default(),
+                r.text(1).unwrap_or_default(),
+                r.int(2).unwrap_or(0),
+                r.int(3).unwrap_or(60),
+            ))
+        }),
+        (sql::SELECT_KEYS, |rows, r| {
+            let id = r.text(0).unwrap_or_default();
+            rows.keys.push(KeyRecord {
+                name: r.text(1).unwrap_or_default(),
+                sealed_value: r.text(2).unwrap_or_default(),
+                tier_id: r.text(3).unwrap_or_default(),
+                is_active: r.int(4).unwrap_or(1) != 0,
+                expires_at: parse_stored_time(r.text(5), "expires_at", &id),
+                usage_limit: r.int(6),
+                usage_count: r.int(7).unwrap_or(0),
+                usage_window_seconds: r.int(8),
+                usage_window_start: parse_stored_time(r.text(9), "usage_window_start", &id),
+                metadata_json: r.text(10).unwrap_or_else(|| "{}".into()),
+                created_at: parse_stored_time(r.text(11), "created_at", &id),
+                secrets: Vec::new(),
+                id,
+            })
+        }),
+        (sql::SELECT_KEY_SECRETS, |rows, r| {
+            rows.secrets.push((
+                r.text(0).unwrap_or_default(),
+                r.text(1).unwrap_or_default(),
+                r.text(2).unwrap_or_default(),
+            ))
+        }),
+        (sql::SELECT_CONSUMERS, |rows, r| {
+            rows.consumers.push(ConsumerRecord {
+                id: r.text(0).unwrap_or_default(),
+                name: r.text(1).unwrap_or_default(),
+                token_hash: r.text(2).unwrap_or_default(),
+                description: r.text(3).unwrap_or_default(),
+                is_active: r.int(4).unwrap_or(1) != 0,
+                scopes: Vec::new(),
+            })
+        }),
+        (sql::SELECT_SCOPES, |rows, r| {
+            rows.scopes
+                .push((r.text(0).unwrap_or_default(), r.text(1).unwrap_or_default()))
+        }),
+    ];
+
     /// Groups children under their parents; orphans (a Go database may hold some) are dropped.
     pub fn assemble(self) -> Snapshot {
         use std::collections::HashMap;
@@ -290,6 +359,21 @@ impl SnapshotRows {
             keys,
             consumers,
         }
+    }
+}
+
+/// An audit row of `sql::RECENT_USAGE`.
+pub fn usage_event(r: &dyn Cells) -> UsageEvent {
+    UsageEvent {
+        id: r.text(0).unwrap_or_default(),
+        key_id: r.text(1).unwrap_or_default(),
+        consumer_id: r.text(2).unwrap_or_default(),
+        feature: r.text(3).unwrap_or_default(),
+        created_at: r
+            .text(4)
+            .as_deref()
+            .and_then(crate::timestamp::parse_db)
+            .unwrap_or_default(),
     }
 }
 

@@ -9,10 +9,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Row, SqlitePool};
 
-use super::{parse_stored_time, sql, SnapshotRows, StoreError, MIGRATIONS};
+use super::{sql, usage_event, Cells, SnapshotRows, StoreError, MIGRATIONS};
 use crate::config::{Config, Synchronous};
 use crate::model::{ConsumerRecord, KeyRecord, KeyUsageUpdate, Snapshot, TierRecord, UsageEvent};
-use crate::timestamp::{self, to_db};
+use crate::timestamp::to_db;
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -89,13 +89,33 @@ fn map_err(e: sqlx::Error) -> StoreError {
     }
 }
 
-fn text(row: &SqliteRow, i: usize) -> Result<Option<String>, StoreError> {
-    row.try_get_unchecked::<Option<String>, _>(i)
-        .map_err(map_err)
+async fn insert_features(
+    tx: &mut sqlx::SqliteConnection,
+    tier: &TierRecord,
+) -> Result<(), StoreError> {
+    for (feature, limit) in &tier.features {
+        sqlx::query(sql::INSERT_TIER_FEATURE)
+            .bind(&tier.id)
+            .bind(feature)
+            .bind(limit.rate_limit)
+            .bind(limit.window_seconds)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+    }
+    Ok(())
 }
 
-fn int(row: &SqliteRow, i: usize) -> Result<Option<i64>, StoreError> {
-    row.try_get_unchecked::<Option<i64>, _>(i).map_err(map_err)
+impl Cells for SqliteRow {
+    fn text(&self, i: usize) -> Option<String> {
+        self.try_get_unchecked::<Option<String>, _>(i)
+            .ok()
+            .flatten()
+    }
+
+    fn int(&self, i: usize) -> Option<i64> {
+        self.try_get_unchecked::<Option<i64>, _>(i).ok().flatten()
+    }
 }
 
 impl SqliteStore {
@@ -175,85 +195,14 @@ impl SqliteStore {
 
     pub async fn load_snapshot(&self) -> Result<Snapshot, StoreError> {
         let mut rows = SnapshotRows::default();
-        for r in sqlx::query(sql::SELECT_TIERS)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?
-        {
-            rows.tiers.push((
-                text(&r, 0)?.unwrap_or_default(),
-                text(&r, 1)?.unwrap_or_default(),
-                text(&r, 2)?.unwrap_or_default(),
-            ));
-        }
-        for r in sqlx::query(sql::SELECT_TIER_FEATURES)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?
-        {
-            rows.features.push((
-                text(&r, 0)?.unwrap_or_default(),
-                text(&r, 1)?.unwrap_or_default(),
-                int(&r, 2)?.unwrap_or(0),
-                int(&r, 3)?.unwrap_or(60),
-            ));
-        }
-        for r in sqlx::query(sql::SELECT_KEYS)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?
-        {
-            let id = text(&r, 0)?.unwrap_or_default();
-            rows.keys.push(KeyRecord {
-                name: text(&r, 1)?.unwrap_or_default(),
-                sealed_value: text(&r, 2)?.unwrap_or_default(),
-                tier_id: text(&r, 3)?.unwrap_or_default(),
-                is_active: int(&r, 4)?.unwrap_or(1) != 0,
-                expires_at: parse_stored_time(text(&r, 5)?, "expires_at", &id),
-                usage_limit: int(&r, 6)?,
-                usage_count: int(&r, 7)?.unwrap_or(0),
-                usage_window_seconds: int(&r, 8)?,
-                usage_window_start: parse_stored_time(text(&r, 9)?, "usage_window_start", &id),
-                metadata_json: text(&r, 10)?.unwrap_or_else(|| "{}".into()),
-                created_at: parse_stored_time(text(&r, 11)?, "created_at", &id),
-                secrets: Vec::new(),
-                id,
-            });
-        }
-        for r in sqlx::query(sql::SELECT_KEY_SECRETS)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?
-        {
-            rows.secrets.push((
-                text(&r, 0)?.unwrap_or_default(),
-                text(&r, 1)?.unwrap_or_default(),
-                text(&r, 2)?.unwrap_or_default(),
-            ));
-        }
-        for r in sqlx::query(sql::SELECT_CONSUMERS)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?
-        {
-            rows.consumers.push(ConsumerRecord {
-                id: text(&r, 0)?.unwrap_or_default(),
-                name: text(&r, 1)?.unwrap_or_default(),
-                token_hash: text(&r, 2)?.unwrap_or_default(),
-                description: text(&r, 3)?.unwrap_or_default(),
-                is_active: int(&r, 4)?.unwrap_or(1) != 0,
-                scopes: Vec::new(),
-            });
-        }
-        for r in sqlx::query(sql::SELECT_SCOPES)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?
-        {
-            rows.scopes.push((
-                text(&r, 0)?.unwrap_or_default(),
-                text(&r, 1)?.unwrap_or_default(),
-            ));
+        for (query, keep) in SnapshotRows::READS {
+            for r in sqlx::query(query)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_err)?
+            {
+                keep(&mut rows, &r);
+            }
         }
         Ok(rows.assemble())
     }
@@ -268,16 +217,7 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
-        for (feature, limit) in &tier.features {
-            sqlx::query(sql::INSERT_TIER_FEATURE)
-                .bind(&tier.id)
-                .bind(feature)
-                .bind(limit.rate_limit)
-                .bind(limit.window_seconds)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-        }
+        insert_features(&mut tx, tier).await?;
         tx.commit().await.map_err(map_err)
     }
 
@@ -297,16 +237,7 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
-        for (feature, limit) in &tier.features {
-            sqlx::query(sql::INSERT_TIER_FEATURE)
-                .bind(&tier.id)
-                .bind(feature)
-                .bind(limit.rate_limit)
-                .bind(limit.window_seconds)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-        }
+        insert_features(&mut tx, tier).await?;
         tx.commit().await.map_err(map_err)
     }
 
@@ -403,22 +334,7 @@ impl SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(map_err)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let id = text(&r, 0)?.unwrap_or_default();
-            let created_at = text(&r, 4)?
-                .as_deref()
-                .and_then(timestamp::parse_db)
-                .unwrap_or_default();
-            out.push(UsageEvent {
-                key_id: text(&r, 1)?.unwrap_or_default(),
-                consumer_id: text(&r, 2)?.unwrap_or_default(),
-                feature: text(&r, 3)?.unwrap_or_default(),
-                created_at,
-                id,
-            });
-        }
-        Ok(out)
+        Ok(rows.iter().map(|r| usage_event(r)).collect())
     }
 
     /// One round trip to the SQLite worker thread: `BEGIN IMMEDIATE; INSERT …; UPDATE …; COMMIT`

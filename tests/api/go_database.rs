@@ -7,7 +7,6 @@
 //! independent AES-GCM implementation (Python's `cryptography`), pasted below as literals.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use aes_gcm::aead::{Aead, KeyInit};
@@ -17,10 +16,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sqlx::SqlitePool;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-use crate::helpers::{open_db, spawn_app_with, Resp, ADMIN_TOKEN};
+use crate::helpers::{open_db, spawn_app_on_file, spawn_app_with, ADMIN_TOKEN};
 
 // ---------------------------------------------------------------------------------------------
 // Fixed material. Made at authoring time with Python 3 and `cryptography` 48:
@@ -475,93 +472,6 @@ async fn go_database() -> (tempfile::TempDir, PathBuf, GoFixture) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A server on a database file that exists before it starts (helpers.rs always starts fresh).
-// ---------------------------------------------------------------------------------------------
-
-struct GoApp {
-    base: String,
-    client: reqwest::Client,
-    shutdown: Option<oneshot::Sender<()>>,
-    handle: Option<JoinHandle<()>>,
-}
-
-/// Builds and serves the real app on 127.0.0.1:0 against `db_path`, as helpers.rs `start()` does.
-async fn start_on(db_path: &Path, extra: &[(&str, &str)]) -> GoApp {
-    let mut env = vec![
-        ("ADMIN_TOKEN".to_string(), ADMIN_TOKEN.to_string()),
-        ("DB_PATH".to_string(), db_path.display().to_string()),
-        ("LOG_REQUESTS".to_string(), "false".to_string()),
-    ];
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let config = keypooler::config::Config::from_vars(env).expect("valid test config");
-    let app = keypooler::build(&config)
-        .await
-        .expect("the service starts on the Go database");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind 127.0.0.1:0");
-    let addr: SocketAddr = listener.local_addr().expect("listener address");
-    let (tx, rx) = oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        keypooler::serve(listener, app, async {
-            let _ = rx.await;
-        })
-        .await
-        .expect("serve");
-    });
-    GoApp {
-        base: format!("http://{addr}"),
-        client: reqwest::Client::new(),
-        shutdown: Some(tx),
-        handle: Some(handle),
-    }
-}
-
-impl GoApp {
-    /// Graceful stop: in-flight requests finish, pending serves are committed, the DB closes.
-    async fn stop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(h) = self.handle.take() {
-            h.await.expect("server task ends cleanly");
-        }
-    }
-
-    async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
-        let r = req.send().await.expect("request sent");
-        let status = r.status();
-        let headers = r.headers().clone();
-        let text = r.text().await.expect("response body");
-        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Resp {
-            status,
-            headers,
-            text,
-            body,
-        }
-    }
-
-    async fn admin_get(&self, path: &str) -> Resp {
-        self.send(
-            self.client
-                .get(format!("{}{path}", self.base))
-                .bearer_auth(ADMIN_TOKEN),
-        )
-        .await
-    }
-
-    async fn draw(&self, feature: &str, token: &str) -> Resp {
-        let req = self
-            .client
-            .get(format!("{}/key", self.base))
-            .query(&[("feature", feature)])
-            .bearer_auth(token);
-        self.send(req).await
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Reading the file behind the service's back.
 // ---------------------------------------------------------------------------------------------
 
@@ -751,7 +661,7 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
     let go_applied_at = migrations(&path).await[0].2.clone();
     let key_ids_before = key_identities(&path).await;
 
-    let mut app = start_on(&path, &[("ENCRYPTION_KEY", GO_KEY_HEX)]).await;
+    let mut app = spawn_app_on_file(&path, &[("ENCRYPTION_KEY", GO_KEY_HEX)]).await;
 
     // Startup adopts the file: every row and table definition as the Go service left it.
     let after_start = dump_all(&path).await;
@@ -1080,7 +990,7 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
 #[tokio::test]
 async fn go_usage_rows_list_newest_first_in_rfc3339_whatever_form_they_were_stored_in() {
     let (_dir, path, _) = go_database().await;
-    let mut app = start_on(&path, &[("ENCRYPTION_KEY", GO_KEY_HEX)]).await;
+    let mut app = spawn_app_on_file(&path, &[("ENCRYPTION_KEY", GO_KEY_HEX)]).await;
     let usage = app.admin_get("/admin/usage").await;
     assert_eq!(usage.status, StatusCode::OK, "{}", usage.text);
     let rows = usage.body.as_array().expect("usage array");
@@ -1124,7 +1034,7 @@ async fn go_usage_rows_list_newest_first_in_rfc3339_whatever_form_they_were_stor
 async fn go_database_without_the_encryption_key_starts_and_never_serves_sealed_keys() {
     let (_dir, path, _) = go_database().await;
     let before = dump_all(&path).await;
-    let mut app = start_on(&path, &[]).await;
+    let mut app = spawn_app_on_file(&path, &[]).await;
     assert_same_rows(
         &before,
         &dump_all(&path).await,
@@ -1217,7 +1127,7 @@ async fn go_database_survives_two_restarts_without_migrating_again() {
     let go_applied_at = migrations(&path).await[0].2.clone();
     let env = [("ENCRYPTION_KEY", GO_KEY_HEX)];
 
-    let mut app = start_on(&path, &env).await;
+    let mut app = spawn_app_on_file(&path, &env).await;
     let first = dump_all(&path).await;
     let first_migrations = migrations(&path).await;
     assert_schema_migrations_kept(&first_migrations, &go_applied_at);
@@ -1245,7 +1155,7 @@ async fn go_database_survives_two_restarts_without_migrating_again() {
     }
 
     for round in 1..=2 {
-        let mut app = start_on(&path, &env).await;
+        let mut app = spawn_app_on_file(&path, &env).await;
         let now = dump_all(&path).await;
         assert_same_rows(&after_serve, &now, &format!("restart {round}"));
         assert_eq!(
@@ -1271,7 +1181,7 @@ async fn go_database_survives_two_restarts_without_migrating_again() {
     }
 
     // The budget still holds across the restarts: one serve left, then 429.
-    let mut app = start_on(&path, &env).await;
+    let mut app = spawn_app_on_file(&path, &env).await;
     assert_eq!(
         app.draw("budget_feature", CONSUMER_TOKEN).await.status,
         StatusCode::OK

@@ -128,6 +128,19 @@ pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
     start(dir, db_path, env, remote, remote_url).await
 }
 
+/// Starts the service (embedded SQLite) on a database file that already exists, e.g. one
+/// the Go service wrote.
+pub async fn spawn_app_on_file(db_path: &std::path::Path, extra: &[(&str, &str)]) -> TestApp {
+    let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+    let mut env = vec![
+        ("ADMIN_TOKEN".to_string(), ADMIN_TOKEN.to_string()),
+        ("DB_PATH".to_string(), db_path.display().to_string()),
+        ("LOG_REQUESTS".to_string(), "false".to_string()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    start(dir, db_path.to_path_buf(), env, None, None).await
+}
+
 /// Drops every table of an external test database so the test starts from nothing.
 async fn wipe_external(url: &str) {
     let token = std::env::var("KEYPOOLER_TEST_DATABASE_AUTH_TOKEN").unwrap_or_default();
