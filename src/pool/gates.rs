@@ -36,8 +36,11 @@ fn until(end: Timestamp, now: Timestamp) -> Duration {
     (end - now).to_std().unwrap_or(Duration::ZERO)
 }
 
+/// Saturates instead of overflowing: a Go row may hold any integer as a window.
 fn window_end(start: Timestamp, seconds: i64) -> Timestamp {
-    start + TimeDelta::seconds(seconds)
+    TimeDelta::try_seconds(seconds)
+        .and_then(|d| start.checked_add_signed(d))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
 }
 
 /// The rate window after one more serve, or how long until one is allowed.
@@ -82,7 +85,7 @@ pub fn usage_after_serve(
 ) -> Result<UsageState, Wait> {
     let current = current_usage(state, budget, now);
     let next = UsageState {
-        count: current.count + 1,
+        count: current.count.saturating_add(1),
         window_start: match (budget.usage_window_seconds, current.window_start) {
             (Some(_), None) => Some(now),
             (_, start) => start,
@@ -231,6 +234,30 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.count, 42);
+    }
+
+    #[test]
+    fn absurd_windows_from_a_go_row_saturate_instead_of_panicking() {
+        let huge = FeatureLimit {
+            rate_limit: 1,
+            window_seconds: i64::MAX,
+        };
+        let w = rate_after_serve(None, huge, t0()).unwrap();
+        assert!(rate_after_serve(Some(w), huge, t0()).is_err());
+        let budget = UsageBudget {
+            usage_limit: Some(1),
+            usage_window_seconds: Some(i64::MAX),
+        };
+        let s = usage_after_serve(
+            UsageState {
+                count: 0,
+                window_start: None,
+            },
+            budget,
+            t0(),
+        )
+        .unwrap();
+        assert!(matches!(usage_after_serve(s, budget, t0()), Err(Some(_))));
     }
 
     #[test]

@@ -220,7 +220,10 @@ impl PoolKey {
                 // A key that expires before it frees up never will.
                 Err(wait.filter(|w| {
                     self.expires_at.is_none_or(|e| {
-                        now + chrono::TimeDelta::from_std(*w).unwrap_or(chrono::TimeDelta::MAX) < e
+                        chrono::TimeDelta::from_std(*w)
+                            .ok()
+                            .and_then(|w| now.checked_add_signed(w))
+                            .is_some_and(|free| free < e)
                     })
                 }))
             }
