@@ -1,9 +1,13 @@
 //! The group-commit writer: serves go in, one transaction per batch, acks come out.
 //!
 //! Guarantee: a serve is acknowledged only after its audit row and its key's counters are
-//! committed, so a 200 never leaves for an uncounted or unaudited serve. Batching policy: no
-//! timer — whatever queued while the previous transaction ran (up to `MAX_BATCH`) goes into
-//! the next one, so an idle server commits each serve at once and a busy one amortises.
+//! committed, so a 200 never leaves for an uncounted or unaudited serve.
+//!
+//! Batching policy, no timer: one commit is written at a time; whatever queues while it is
+//! written (up to `MAX_BATCH`) is gathered, given its audit row, and becomes the next commit
+//! the moment the previous one finishes. An idle writer yields once before committing, so
+//! requests already running join the batch. An idle server thus commits each serve at once
+//! and a busy one amortises one transaction over many serves.
 //!
 //! Ordering: the pool hands a key's reservations to `submit` while holding that key's lock, so
 //! they queue in counting order and the last one of a key in a batch carries its newest
@@ -61,13 +65,13 @@ pub struct Ledger {
 
 impl Ledger {
     /// Starts the writer task on the current runtime.
-    pub fn start(db: Db) -> std::io::Result<Ledger> {
+    pub fn start(db: Db) -> Ledger {
         let (queue, inbox) = mpsc::unbounded_channel();
         let worker = tokio::spawn(run(db, inbox));
-        Ok(Ledger {
+        Ledger {
             queue,
             worker: parking_lot::Mutex::new(Some(worker)),
-        })
+        }
     }
 
     /// Queues a reservation; call while the key is locked (see `Pool::draw`). Never blocks.
@@ -101,7 +105,8 @@ async fn run(db: Db, mut inbox: mpsc::UnboundedReceiver<Message>) {
             Some(Message::Shutdown) | None => stopping = true,
         }
         drain(&mut inbox, &mut batch, &mut stopping);
-        if in_flight.is_none() && !stopping {
+        let writer_idle = in_flight.as_ref().is_none_or(|commit| commit.is_finished());
+        if writer_idle && !stopping {
             // Idle writer: let requests already running on the runtime reach the queue first.
             tokio::task::yield_now().await;
             drain(&mut inbox, &mut batch, &mut stopping);

@@ -33,8 +33,6 @@ use store::{Db, StoreError};
 pub enum StartupError {
     #[error("cannot open the database: {0}")]
     Store(#[from] StoreError),
-    #[error("cannot start the usage writer thread: {0}")]
-    Ledger(std::io::Error),
 }
 
 /// A built service: state plus router, ready to serve on any listener.
@@ -61,7 +59,7 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
         encryption = sealer.enabled(),
         "pool loaded"
     );
-    let ledger = Ledger::start(db.clone()).map_err(StartupError::Ledger)?;
+    let ledger = Ledger::start(db.clone());
     let state = Arc::new(AppState::new(pool, db, ledger, sealer, &config.admin_token));
     let router = api::router(
         state.clone(),
