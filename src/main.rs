@@ -14,6 +14,9 @@ async fn main() -> ExitCode {
         }
     };
     keypooler::init_tracing(&config);
+    if config.admin_token.expose().len() < 16 {
+        tracing::warn!("ADMIN_TOKEN is shorter than 16 characters; use a long random one (openssl rand -hex 32)");
+    }
 
     let app = match keypooler::build(&config).await {
         Ok(app) => app,
