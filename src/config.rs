@@ -35,11 +35,21 @@ pub enum LogFormat {
     Pretty,
 }
 
+/// The 32-byte AES key; its `Debug` prints `***` so a logged `Config` cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EncryptionKey(pub [u8; 32]);
+
+impl std::fmt::Debug for EncryptionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
 /// Validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub admin_token: Secret,
-    pub encryption_key: Option<[u8; 32]>,
+    pub encryption_key: Option<EncryptionKey>,
     pub database: DatabaseConfig,
     pub db_max_open_conns: u32,
     pub db_busy_timeout: Duration,
@@ -193,7 +203,7 @@ impl RawConfig {
                 let mut key = [0u8; 32];
                 hex::decode_to_slice(hex_key, &mut key)
                     .map_err(|_| bad_secret("ENCRYPTION_KEY", allowed))?;
-                Some(key)
+                Some(EncryptionKey(key))
             }
         };
 
@@ -381,6 +391,29 @@ mod tests {
     }
 
     #[test]
+    fn debug_of_the_config_shows_no_secret() {
+        let c = cfg(&[
+            ("ADMIN_TOKEN", "admin-SECRET-token"),
+            ("ENCRYPTION_KEY", &"ab".repeat(32)),
+            (
+                "DATABASE_URL",
+                "libsql://db.example.io?authToken=db-SECRET-token",
+            ),
+        ])
+        .unwrap();
+        let shown = format!("{c:?}");
+        for secret in [
+            "admin-SECRET-token",
+            "abab",
+            "171, 171",
+            "db-SECRET-token",
+            "db.example.io",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+    }
+
+    #[test]
     fn missing_admin_token_names_the_variable() {
         let e = cfg(&[]).unwrap_err().to_string();
         assert!(e.contains("ADMIN_TOKEN is required"), "{e}");
@@ -433,7 +466,7 @@ mod tests {
             cfg(&[("ADMIN_TOKEN", "t"), ("ENCRYPTION_KEY", &k)])
                 .unwrap()
                 .encryption_key,
-            Some([0xab; 32])
+            Some(EncryptionKey([0xab; 32]))
         );
         for bad_key in ["abc", &"zz".repeat(32), &"ab".repeat(33)] {
             let e = cfg(&[("ADMIN_TOKEN", "t"), ("ENCRYPTION_KEY", bad_key)])

@@ -44,7 +44,7 @@ pub struct App {
 
 /// Opens the store, loads the pool and starts the group-commit writer.
 pub async fn build(config: &Config) -> Result<App, StartupError> {
-    let sealer = Sealer::new(config.encryption_key);
+    let sealer = Sealer::new(config.encryption_key.as_ref().map(|k| k.0));
     let db = Db::open(config).await?;
     let pool = Pool::load(db.load_snapshot().await?, &sealer);
     for key in pool.keys() {
