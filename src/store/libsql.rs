@@ -3,8 +3,8 @@
 //! Remote realities it is shaped by: server streams expire when idle and interactive
 //! transactions time out, so no stream is kept between operations — autocommit statements
 //! travel on one-shot streams and each transaction opens its own short stream. A group commit
-//! is one transaction of a fixed number of statements (BEGIN, one multi-row INSERT per 200
-//! serves, one UPDATE … CASE per 200 keys, COMMIT), all with bound parameters. A transport
+//! is one transaction of four statements whatever its size (BEGIN, one INSERT and one UPDATE
+//! each reading the batch from a bound JSON parameter through `json_each`, COMMIT). A transport
 //! failure is retried once on a fresh stream; the batch is idempotent (INSERT OR IGNORE of
 //! unique audit ids, absolute counters), so a retry can never double count. Every operation
 //! is bounded by `DB_BUSY_TIMEOUT_MS`. Errors are redacted: the URL and token never leave.
@@ -394,37 +394,17 @@ impl LibsqlStore {
         events: &[UsageEvent],
         updates: &[KeyUsageUpdate],
     ) -> Result<(), StoreError> {
-        let mut statements = Vec::new();
-        for chunk in events.chunks(sql::EVENTS_PER_INSERT) {
-            let mut values = Vec::with_capacity(chunk.len() * 5);
-            for e in chunk {
-                values.push(Value::Text(e.id.clone()));
-                values.push(Value::Text(e.key_id.clone()));
-                values.push(Value::Text(e.consumer_id.clone()));
-                values.push(Value::Text(e.feature.clone()));
-                values.push(Value::Text(to_db(e.created_at)));
-            }
-            statements.push((sql::insert_events(chunk.len()), values));
-        }
-        for chunk in updates.chunks(sql::KEYS_PER_UPDATE) {
-            let mut values = Vec::with_capacity(chunk.len() * 5);
-            for u in chunk {
-                values.push(Value::Text(u.key_id.clone()));
-                values.push(Value::Integer(u.usage_count));
-            }
-            for u in chunk {
-                values.push(Value::Text(u.key_id.clone()));
-                values.push(
-                    u.usage_window_start
-                        .map(|t| Value::Text(to_db(t)))
-                        .unwrap_or(Value::Null),
-                );
-            }
-            for u in chunk {
-                values.push(Value::Text(u.key_id.clone()));
-            }
-            statements.push((sql::update_counters(chunk.len()), values));
-        }
+        let (events_json, updates_json) = sql::batch_parameters(events, updates);
+        let statements = [
+            (
+                sql::INSERT_EVENTS.to_string(),
+                vec![Value::Text(events_json)],
+            ),
+            (
+                sql::UPDATE_COUNTERS.to_string(),
+                vec![Value::Text(updates_json)],
+            ),
+        ];
         self.transaction(&statements, |_, _| Ok(())).await
     }
 

@@ -163,49 +163,75 @@ pub mod sql {
         "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT) \
         FROM usage_events ORDER BY julianday(created_at) DESC, rowid DESC LIMIT ?";
 
-    /// Audit rows per INSERT statement (5 parameters each, far below SQLite's limit).
-    pub const EVENTS_PER_INSERT: usize = 200;
-    /// Keys per counters UPDATE statement (5 parameters each).
-    pub const KEYS_PER_UPDATE: usize = 200;
+    /// A batch's audit rows from one bound JSON array `[[id, key_id, consumer_id, feature,
+    /// created_at], …]`: constant SQL (prepared once), one parameter whatever the batch size,
+    /// rows inserted in array order.
+    pub const INSERT_EVENTS: &str =
+        "INSERT OR IGNORE INTO usage_events (id, key_id, consumer_id, feature, created_at) \
+        SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 FROM json_each(?)";
+    /// A batch's absolute counters from one bound JSON array `[[key_id, usage_count,
+    /// usage_window_start], …]`.
+    pub const UPDATE_COUNTERS: &str = "UPDATE keys SET usage_count = batch.value ->> 1, \
+        usage_window_start = batch.value ->> 2 FROM json_each(?) AS batch WHERE keys.id = batch.value ->> 0";
 
-    /// `INSERT OR IGNORE INTO usage_events … VALUES (?,?,?,?,?), …` for `rows` rows.
-    pub fn insert_events(rows: usize) -> String {
-        let mut s = String::from("INSERT OR IGNORE INTO usage_events (id, key_id, consumer_id, feature, created_at) VALUES ");
-        for i in 0..rows {
-            s.push_str(if i == 0 {
-                "(?, ?, ?, ?, ?)"
-            } else {
-                ", (?, ?, ?, ?, ?)"
-            });
-        }
-        s
-    }
-
-    /// One UPDATE setting absolute counters for `rows` keys; binds (id, count) × rows,
-    /// (id, window_start) × rows, then id × rows.
-    pub fn update_counters(rows: usize) -> String {
-        let mut s = String::from("UPDATE keys SET usage_count = CASE id");
-        for _ in 0..rows {
-            s.push_str(" WHEN ? THEN ?");
-        }
-        s.push_str(" ELSE usage_count END, usage_window_start = CASE id");
-        for _ in 0..rows {
-            s.push_str(" WHEN ? THEN ?");
-        }
-        s.push_str(" ELSE usage_window_start END WHERE id IN (");
-        for i in 0..rows {
-            s.push_str(if i == 0 { "?" } else { ", ?" });
-        }
-        s.push(')');
-        s
+    /// The JSON parameters of `INSERT_EVENTS` and `UPDATE_COUNTERS` for a batch.
+    pub fn batch_parameters(
+        events: &[crate::model::UsageEvent],
+        updates: &[crate::model::KeyUsageUpdate],
+    ) -> (String, String) {
+        use crate::timestamp::to_db;
+        let events: Vec<(&str, &str, &str, &str, String)> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.id.as_str(),
+                    e.key_id.as_str(),
+                    e.consumer_id.as_str(),
+                    e.feature.as_str(),
+                    to_db(e.created_at),
+                )
+            })
+            .collect();
+        let updates: Vec<(&str, i64, Option<String>)> = updates
+            .iter()
+            .map(|u| {
+                (
+                    u.key_id.as_str(),
+                    u.usage_count,
+                    u.usage_window_start.map(to_db),
+                )
+            })
+            .collect();
+        // Serialising strings, integers and null cannot fail.
+        (
+            serde_json::to_string(&events).unwrap_or_else(|_| "[]".into()),
+            serde_json::to_string(&updates).unwrap_or_else(|_| "[]".into()),
+        )
     }
 
     #[cfg(test)]
     mod tests {
         #[test]
-        fn batch_statements_have_one_placeholder_per_bound_value() {
-            assert_eq!(super::insert_events(3).matches('?').count(), 15);
-            assert_eq!(super::update_counters(4).matches('?').count(), 20);
+        fn batch_parameters_are_arrays_in_column_order() {
+            let t = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+            let events = [crate::model::UsageEvent {
+                id: "e\"1".into(),
+                key_id: "k".into(),
+                consumer_id: "admin".into(),
+                feature: "f".into(),
+                created_at: t,
+            }];
+            let updates = [crate::model::KeyUsageUpdate {
+                key_id: "k".into(),
+                usage_count: 7,
+                usage_window_start: None,
+            }];
+            let (e, u) = super::batch_parameters(&events, &updates);
+            assert_eq!(
+                e,
+                r#"[["e\"1","k","admin","f","2023-11-14 22:13:20.000000"]]"#
+            );
+            assert_eq!(u, r#"[["k",7,null]]"#);
         }
     }
 }

@@ -27,6 +27,15 @@ struct Checkpointer {
     task: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
+/// A whole group commit in one statement text, prepared once.
+static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "BEGIN IMMEDIATE; {}; {}; COMMIT",
+        sql::INSERT_EVENTS,
+        sql::UPDATE_COUNTERS
+    )
+});
+
 /// How often the background checkpoint runs.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// WAL pages after which a commit checkpoints by itself (if the background one fell behind).
@@ -338,44 +347,17 @@ impl SqliteStore {
     }
 
     /// One round trip to the SQLite worker thread: `BEGIN IMMEDIATE; INSERT …; UPDATE …; COMMIT`
-    /// as a single multi-statement query whose bound values run across its statements
-    /// (sqlx binds them in order). On any failure the open transaction is rolled back.
+    /// as one multi-statement query whose two bound values (the batch as JSON) run across its
+    /// statements in order. On any failure the open transaction is rolled back.
     pub async fn commit_serves(
         &self,
         events: &[UsageEvent],
         updates: &[KeyUsageUpdate],
     ) -> Result<(), StoreError> {
-        let mut statement = String::from("BEGIN IMMEDIATE; ");
-        for chunk in events.chunks(sql::EVENTS_PER_INSERT) {
-            statement.push_str(&sql::insert_events(chunk.len()));
-            statement.push_str("; ");
-        }
-        for chunk in updates.chunks(sql::KEYS_PER_UPDATE) {
-            statement.push_str(&sql::update_counters(chunk.len()));
-            statement.push_str("; ");
-        }
-        statement.push_str("COMMIT");
-
-        let mut query = sqlx::query(&statement);
-        for e in events {
-            query = query
-                .bind(&e.id)
-                .bind(&e.key_id)
-                .bind(&e.consumer_id)
-                .bind(&e.feature)
-                .bind(to_db(e.created_at));
-        }
-        for chunk in updates.chunks(sql::KEYS_PER_UPDATE) {
-            for u in chunk {
-                query = query.bind(&u.key_id).bind(u.usage_count);
-            }
-            for u in chunk {
-                query = query.bind(&u.key_id).bind(u.usage_window_start.map(to_db));
-            }
-            for u in chunk {
-                query = query.bind(&u.key_id);
-            }
-        }
+        let (events_json, updates_json) = sql::batch_parameters(events, updates);
+        let query = sqlx::query(COMMIT_BATCH.as_str())
+            .bind(events_json)
+            .bind(updates_json);
         let mut conn = self.pool.acquire().await.map_err(map_err)?;
         match query.execute(&mut *conn).await {
             Ok(_) => Ok(()),
