@@ -155,6 +155,8 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(config.db_max_open_conns)
             .min_connections(1)
+            // A local file has no connection to lose; skip the ping sqlx makes per acquire.
+            .test_before_acquire(false)
             .acquire_timeout(
                 config
                     .db_busy_timeout
