@@ -56,6 +56,12 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => ApiError::NotFound("not found".into()),
             StoreError::Conflict => ApiError::Conflict("already exists".into()),
+            StoreError::Uncertain(detail) => {
+                tracing::error!(error = %detail, "database did not confirm a write");
+                ApiError::Unavailable(
+                    "the database did not confirm the change; list before retrying".into(),
+                )
+            }
             StoreError::Unavailable(detail) => {
                 tracing::error!(error = %detail, "database unavailable");
                 ApiError::Unavailable("database unavailable; nothing was changed, try again".into())

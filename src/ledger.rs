@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::model::{KeyUsageUpdate, UsageEvent};
 use crate::pool::{PoolKey, Reservation};
-use crate::store::Db;
+use crate::store::{Db, StoreError};
 
 /// Serves committed together at most.
 pub const MAX_BATCH: usize = 512;
@@ -95,18 +95,31 @@ impl Ledger {
     }
 }
 
+/// How long uncertain rows wait for a next commit before they are re-sent on their own.
+const UNCERTAIN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn run(db: Db, mut inbox: mpsc::UnboundedReceiver<Message>) {
     let mut stopping = false;
-    let mut in_flight: Option<tokio::task::JoinHandle<()>> = None;
+    let mut in_flight: Option<tokio::task::JoinHandle<Uncertain>> = None;
+    let mut carry = Uncertain::default();
     while !stopping {
         let mut batch = Vec::new();
-        match inbox.recv().await {
-            Some(Message::Serve(s)) => batch.push(prepare(s)),
-            Some(Message::Shutdown) | None => stopping = true,
+        // With a commit outstanding, wake up after a while even without serves, so rows whose
+        // outcome it left unknown are re-sent.
+        let received = match in_flight {
+            Some(_) => tokio::time::timeout(UNCERTAIN_RETRY, inbox.recv())
+                .await
+                .ok(),
+            None => Some(inbox.recv().await),
+        };
+        match received {
+            Some(Some(Message::Serve(s))) => batch.push(prepare(s)),
+            Some(Some(Message::Shutdown)) | Some(None) => stopping = true,
+            None => {}
         }
         drain(&mut inbox, &mut batch, &mut stopping);
         let writer_idle = in_flight.as_ref().is_none_or(|commit| commit.is_finished());
-        if writer_idle && !stopping {
+        if writer_idle && !stopping && !batch.is_empty() {
             // Idle writer: let requests already running on the runtime reach the queue first.
             tokio::task::yield_now().await;
             drain(&mut inbox, &mut batch, &mut stopping);
@@ -114,7 +127,7 @@ async fn run(db: Db, mut inbox: mpsc::UnboundedReceiver<Message>) {
         // Commits run one at a time and in order; this batch was gathered and prepared while
         // the previous one was being written, and takes whatever arrived in the meantime.
         if let Some(previous) = in_flight.take() {
-            let _ = previous.await;
+            carry = finished(previous).await;
             drain(&mut inbox, &mut batch, &mut stopping);
         }
         if stopping {
@@ -125,20 +138,63 @@ async fn run(db: Db, mut inbox: mpsc::UnboundedReceiver<Message>) {
                 }
             }
         }
-        if batch.is_empty() {
+        if batch.is_empty() && carry.is_empty() {
             continue;
         }
         let db = db.clone();
+        let carried = std::mem::take(&mut carry);
         in_flight = Some(tokio::spawn(async move {
+            let mut carry = carried;
             for chunk in chunked(batch) {
-                commit(&db, chunk).await;
+                carry = commit(&db, chunk, carry).await;
             }
+            if !carry.is_empty() {
+                carry = commit(&db, Vec::new(), carry).await;
+            }
+            carry
         }));
     }
     if let Some(last) = in_flight.take() {
-        let _ = last.await;
+        carry = finished(last).await;
     }
-    tracing::debug!("ledger writer stopped with nothing pending");
+    for _ in 0..3 {
+        if carry.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        carry = commit(&db, Vec::new(), carry).await;
+    }
+    if carry.is_empty() {
+        tracing::debug!("ledger writer stopped with nothing pending");
+    } else {
+        tracing::error!(
+            serves = carry.events.len(),
+            "stopping with serves whose commit outcome is unknown; none of them was answered 200"
+        );
+    }
+}
+
+async fn finished(commit: tokio::task::JoinHandle<Uncertain>) -> Uncertain {
+    commit.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a commit task ended abnormally");
+        Uncertain::default()
+    })
+}
+
+/// Audit rows and counters of commits whose outcome is unknown (a remote COMMIT whose answer
+/// was lost): re-sent with every later commit until one is known to succeed. Re-sending is
+/// idempotent — audit ids are unique and ignored when present, counters are absolute — so the
+/// database ends with them exactly once.
+#[derive(Default)]
+struct Uncertain {
+    events: Vec<UsageEvent>,
+    updates: Vec<KeyUsageUpdate>,
+}
+
+impl Uncertain {
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.updates.is_empty()
+    }
 }
 
 fn drain(
@@ -188,7 +244,8 @@ fn chunked(mut batch: Vec<Prepared>) -> Vec<Vec<Prepared>> {
     out
 }
 
-async fn commit(db: &Db, batch: Vec<Prepared>) {
+/// Commits `batch` together with `carry`; returns what is still uncertain afterwards.
+async fn commit(db: &Db, batch: Vec<Prepared>, carry: Uncertain) -> Uncertain {
     // Checked only now, after the previous commit's outcome (and any rollback) is known.
     let (live, stale): (Vec<Prepared>, Vec<Prepared>) = batch
         .into_iter()
@@ -197,10 +254,10 @@ async fn commit(db: &Db, batch: Vec<Prepared>) {
         p.serve.reservation.key.give_back_rate(&p.serve.reservation);
         let _ = p.serve.ack.send(Err(CommitFailed));
     }
-    if live.is_empty() {
-        return;
+    if live.is_empty() && carry.is_empty() {
+        return carry;
     }
-    let (live, events): (Vec<Serve>, Vec<UsageEvent>) =
+    let (live, new_events): (Vec<Serve>, Vec<UsageEvent>) =
         live.into_iter().map(|p| (p.serve, p.event)).unzip();
     let mut updates: Vec<KeyUsageUpdate> = Vec::new();
     let mut position: HashMap<&str, usize> = HashMap::new();
@@ -219,14 +276,38 @@ async fn commit(db: &Db, batch: Vec<Prepared>) {
             }
         }
     }
+    // A carried counter stands unless this batch holds a newer one for the same key.
+    let carried_updates: Vec<KeyUsageUpdate> = carry
+        .updates
+        .iter()
+        .filter(|u| !position.contains_key(u.key_id.as_str()))
+        .cloned()
+        .collect();
+    let carried_events = carry.events.len();
+    let mut events = carry.events;
+    events.extend(new_events);
+    let mut all_updates = carried_updates;
+    all_updates.extend(updates);
 
     let started = std::time::Instant::now();
-    let outcome = db.commit_serves(&events, &updates).await;
-    tracing::debug!(target: "keypooler::ledger", serves = events.len(), keys = updates.len(), micros = started.elapsed().as_micros() as u64, "batch committed");
+    let outcome = db.commit_serves(&events, &all_updates).await;
+    tracing::debug!(target: "keypooler::ledger", serves = events.len(), keys = all_updates.len(), micros = started.elapsed().as_micros() as u64, "batch committed");
     match outcome {
         Ok(()) => {
             for s in live {
                 let _ = s.ack.send(Ok(()));
+            }
+            Uncertain::default()
+        }
+        Err(StoreError::Uncertain(detail)) => {
+            // Maybe applied: keep the counts (never over-serve) and re-send the rows later.
+            tracing::warn!(error = %detail, serves = live.len(), "usage commit outcome unknown; serves answered 503, counted, and re-sent with the next commit");
+            for s in live {
+                let _ = s.ack.send(Err(CommitFailed));
+            }
+            Uncertain {
+                events,
+                updates: all_updates,
             }
         }
         Err(e) => {
@@ -239,6 +320,11 @@ async fn commit(db: &Db, batch: Vec<Prepared>) {
                 }
                 key.give_back_rate(&s.reservation);
                 let _ = s.ack.send(Err(CommitFailed));
+            }
+            events.truncate(carried_events);
+            Uncertain {
+                events,
+                updates: carry.updates,
             }
         }
     }

@@ -214,30 +214,51 @@ impl LibsqlStore {
 
     /// Runs `statements` in one transaction; a transport failure is retried once on a fresh
     /// stream. `check` sees each statement's affected row count and may abort with an error.
+    ///
+    /// Outcomes: `Ok` only after the server answered COMMIT. A failure before any statement
+    /// was sent is definite (nothing happened). A failure after one was sent is `Uncertain`:
+    /// the server may have closed the stream and run later statements outside the transaction,
+    /// or applied a COMMIT whose answer was lost. COMMIT is sent as a statement because the
+    /// client's `commit()` silently does nothing (and reports success) on a stream the server
+    /// has closed; as a statement it fails there instead.
     async fn transaction(
         &self,
         statements: &[(String, Vec<Value>)],
         check: impl Fn(usize, u64) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        use std::sync::atomic::{AtomicBool, Ordering};
         let check = &check;
+        let sent = AtomicBool::new(false);
+        let sent = &sent;
         let attempt = || async {
             self.run(|conn| async move {
                 let tx = conn.transaction().await.map_err(|e| self.err(e))?;
                 for (i, (statement, values)) in statements.iter().enumerate() {
+                    sent.store(true, Ordering::SeqCst);
                     let affected = tx
                         .execute(statement, Params::Positional(values.clone()))
                         .await
                         .map_err(|e| self.err(e))?;
                     check(i, affected)?;
                 }
-                tx.commit().await.map_err(|e| self.err(e))
+                sent.store(true, Ordering::SeqCst);
+                tx.execute("COMMIT", ()).await.map_err(|e| self.err(e))?;
+                Ok(())
             })
             .await
         };
-        match attempt().await {
+        let outcome = match attempt().await {
             Err(StoreError::Unavailable(first)) => {
                 tracing::warn!(error = %first, "libSQL transaction failed; retrying once on a fresh stream");
                 attempt().await
+            }
+            other => other,
+        };
+        match outcome {
+            Err(StoreError::Unavailable(detail) | StoreError::Other(detail))
+                if sent.load(Ordering::SeqCst) =>
+            {
+                Err(StoreError::Uncertain(detail))
             }
             other => other,
         }

@@ -18,6 +18,9 @@ pub enum StoreError {
     Conflict,
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// A commit was sent but its answer was lost: it may or may not have been applied.
+    #[error("commit outcome unknown: {0}")]
+    Uncertain(String),
     #[error("database error: {0}")]
     Other(String),
 }

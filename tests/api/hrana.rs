@@ -502,6 +502,8 @@ struct Config {
     auth_header: Option<String>,
     idle_timeout: Mutex<Duration>,
     delay: Mutex<Duration>,
+    /// Fault injection: this many COMMIT pipelines run, then lose their answer (HTTP 502).
+    lost_commit_answers: AtomicU64,
     baton_counter: AtomicU64,
 }
 
@@ -687,6 +689,21 @@ async fn pipeline(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Re
         let (results, baton) = app
             .with_stream(req.baton, move |s| s.pipeline(requests))
             .await?;
+        // A statement text starting with COMMIT (not the `get_autocommit` request type).
+        let commits = body.windows(7).any(|w| w == b"\"COMMIT");
+        let lose = commits
+            && app
+                .cfg
+                .lost_commit_answers
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        if lose {
+            // The work is done and committed; only the answer never arrives.
+            return Err(Reject(
+                StatusCode::BAD_GATEWAY,
+                HranaError::new("INTERNAL", "answer lost (fault injected by the test)"),
+            ));
+        }
         Ok(json_response(
             StatusCode::OK,
             &json!({ "baton": baton, "base_url": null, "results": results }),
@@ -778,6 +795,7 @@ impl HranaServer {
             auth_header: auth_token.map(|t| format!("Bearer {t}")),
             idle_timeout: Mutex::new(DEFAULT_IDLE_TIMEOUT),
             delay: Mutex::new(Duration::ZERO),
+            lost_commit_answers: AtomicU64::new(0),
             baton_counter: AtomicU64::new(1),
         });
         let mut server = HranaServer {
@@ -842,6 +860,12 @@ impl HranaServer {
     }
 
     /// Make every request sleep this long before answering (fault injection for "slow database"); zero by default.
+    /// The next `n` requests that COMMIT are carried out but answered with HTTP 502, as if
+    /// the answer were lost on the way back.
+    pub fn lose_commit_answers(&self, n: u64) {
+        self.cfg.lost_commit_answers.store(n, Ordering::SeqCst);
+    }
+
     pub fn set_delay(&self, d: Duration) {
         *lock(&self.cfg.delay) = d;
     }
