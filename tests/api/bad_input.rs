@@ -4,18 +4,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::helpers::{open_db, spawn_app, Resp, TestApp, ADMIN_TOKEN};
-
-const TABLES: [&str; 8] = [
-    "tiers",
-    "tier_features",
-    "keys",
-    "key_secrets",
-    "consumers",
-    "consumer_scopes",
-    "usage_events",
-    "schema_migrations",
-];
+use crate::helpers::{open_db, spawn_app, Resp, TestApp, ADMIN_TOKEN, TABLES};
 
 /// An app with one tier `base` (feature `scrape`), one key `k1` in it and one consumer `c1`
 /// scoped to it; returns the app, the key id, the consumer id and the consumer token.

@@ -59,6 +59,18 @@ macro_rules! on_both_drivers {
     )*};
 }
 
+/// Every table the service keeps (the Go schema's seven and `schema_migrations`).
+pub const TABLES: [&str; 8] = [
+    "tiers",
+    "tier_features",
+    "keys",
+    "key_secrets",
+    "consumers",
+    "consumer_scopes",
+    "usage_events",
+    "schema_migrations",
+];
+
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
 pub struct Resp {
@@ -149,16 +161,7 @@ async fn wipe_external(url: &str) {
         .await
         .expect("external db");
     let conn = db.connect().expect("connect");
-    for t in [
-        "tiers",
-        "tier_features",
-        "keys",
-        "key_secrets",
-        "consumers",
-        "consumer_scopes",
-        "usage_events",
-        "schema_migrations",
-    ] {
+    for t in TABLES {
         conn.execute(&format!("DROP TABLE IF EXISTS {t}"), ())
             .await
             .expect("drop");
