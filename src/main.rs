@@ -21,7 +21,7 @@ async fn main() -> ExitCode {
     let app = match keypooler::build(&config).await {
         Ok(app) => app,
         Err(e) => {
-            tracing::error!(error = %e, "startup failed");
+            // One line, on stderr, whatever LOG_FORMAT says.
             eprintln!("keypooler: {e}");
             return ExitCode::from(1);
         }
