@@ -8,7 +8,7 @@
 pub mod gates;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +43,9 @@ pub struct PoolKey {
     pub material: Result<KeyMaterial, SealError>,
     pub secret_names: Vec<String>,
     counters: Mutex<KeyCounters>,
+    /// When the usage budget frees up (Unix µs; 0 = not known to be spent, `i64::MAX` = never).
+    /// Lets a draw step over spent keys with one atomic load instead of taking their lock.
+    budget_free_at: AtomicI64,
 }
 
 struct KeyCounters {
@@ -175,6 +178,7 @@ impl PoolKey {
                 rates: HashMap::new(),
                 generation: 0,
             }),
+            budget_free_at: AtomicI64::new(0),
         }
     }
 
@@ -212,22 +216,39 @@ impl PoolKey {
             }
             (rate, usage) => {
                 let rate_wait = rate.err().unwrap_or(Duration::ZERO);
+                if let Err(usage_wait) = usage {
+                    let free_at = usage_wait
+                        .and_then(|w| self.free_before_expiry(now, w))
+                        .map_or(i64::MAX, |t| t.timestamp_micros());
+                    self.budget_free_at.store(free_at, Ordering::Relaxed);
+                }
                 let wait = match usage {
                     Ok(_) => Some(rate_wait),
                     Err(None) => None,
                     Err(Some(usage_wait)) => Some(rate_wait.max(usage_wait)),
                 };
-                // A key that expires before it frees up never will.
-                Err(wait.filter(|w| {
-                    self.expires_at.is_none_or(|e| {
-                        chrono::TimeDelta::from_std(*w)
-                            .ok()
-                            .and_then(|w| now.checked_add_signed(w))
-                            .is_some_and(|free| free < e)
-                    })
-                }))
+                Err(wait.filter(|w| self.free_before_expiry(now, *w).is_some()))
             }
         }
+    }
+
+    /// When a key waiting `wait` frees up — `None` if it expires first (then it never will).
+    fn free_before_expiry(&self, now: Timestamp, wait: Duration) -> Option<Timestamp> {
+        let free = chrono::TimeDelta::from_std(wait)
+            .ok()
+            .and_then(|w| now.checked_add_signed(w))?;
+        self.expires_at.is_none_or(|e| free < e).then_some(free)
+    }
+
+    /// A spent budget known from an earlier refusal: `Some(wait)` until it frees up
+    /// (`Some(None)` = never), `None` when the key must be checked under its lock.
+    fn known_spent(&self, now: Timestamp) -> Option<Wait> {
+        let free_at = self.budget_free_at.load(Ordering::Relaxed);
+        let now_us = now.timestamp_micros();
+        if free_at <= now_us {
+            return None;
+        }
+        Some((free_at != i64::MAX).then(|| Duration::from_micros(free_at.abs_diff(now_us))))
     }
 
     /// Whether a reservation still belongs to the key's current counters.
@@ -242,6 +263,7 @@ impl PoolKey {
         if counters.generation == reservation.generation {
             counters.usage = reservation.usage_before;
             counters.generation += 1;
+            self.budget_free_at.store(0, Ordering::Relaxed);
         }
     }
 
@@ -338,6 +360,12 @@ impl Pool {
             }
             let Some((key, limit)) = chosen else { continue };
             if !key.servable(now) {
+                continue;
+            }
+            if let Some(wait) = key.known_spent(now) {
+                if let Some(wait) = wait {
+                    earliest = Some(earliest.map_or(wait, |e| e.min(wait)));
+                }
                 continue;
             }
             match key.try_reserve(feature, limit, caller, now) {

@@ -366,3 +366,44 @@ fn usage_limit_holds_under_concurrent_threads() {
     assert_eq!(served.load(Ordering::Relaxed), 500);
     assert_eq!(p.key("k").unwrap().stored_usage().count, 500);
 }
+
+#[test]
+fn spent_keys_are_stepped_over_and_still_report_when_they_free_up() {
+    let mut monthly = key("monthly", "t");
+    monthly.usage_limit = Some(1);
+    monthly.usage_window_seconds = Some(3600);
+    let mut lifetime = key("lifetime", "t");
+    lifetime.usage_limit = Some(1);
+    let p = pool(
+        vec![tier("t", &[("scrape", 100, 60)])],
+        vec![monthly, lifetime],
+        vec![],
+    );
+    for _ in 0..2 {
+        assert!(matches!(
+            draw_id(&p, &Caller::Admin, "scrape", t0()),
+            Draw::Served(_)
+        ));
+    }
+    // First refusal takes the locks and remembers; later ones step over both keys.
+    for s in [10, 20, 30] {
+        assert_eq!(
+            draw_id(&p, &Caller::Admin, "scrape", t0() + TimeDelta::seconds(s)),
+            Draw::Exhausted {
+                retry_after: Some(Duration::from_secs((3600 - s) as u64))
+            }
+        );
+    }
+    // The monthly key serves again once its window elapsed; the lifetime one never does.
+    let later = t0() + TimeDelta::seconds(3600);
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "scrape", later),
+        Draw::Served("monthly".into())
+    );
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "scrape", later),
+        Draw::Exhausted {
+            retry_after: Some(Duration::from_secs(3600))
+        }
+    );
+}
