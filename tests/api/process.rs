@@ -1103,3 +1103,62 @@ async fn bad_configuration_exits_nonzero_with_one_line_naming_the_variable() {
         read_log(&log)
     );
 }
+
+/// The remote driver at LOG_LEVEL=debug: the database token and URL never reach the log, even
+/// though the libsql client logs whole requests at trace (its target is held at warn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_token_and_url_never_appear_in_the_log() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db_token = distinctive("dbtoken");
+    let server_db = dir.path().join("remote.db");
+    let remote = crate::hrana::HranaServer::start(&server_db, Some(&db_token)).await;
+    let url = remote.url();
+    let database_url = format!("{url}?authToken={db_token}");
+    let log = dir.path().join("keypooler.log");
+    let admin_token = distinctive("admin");
+    let env = [
+        ("DATABASE_URL", database_url.as_str()),
+        ("LOG_LEVEL", "debug"),
+        ("LOG_REQUESTS", "true"),
+    ];
+    let mut server = start_server(&env, &admin_token, &log, dir.path()).await;
+    server
+        .admin(
+            Method::POST,
+            "/admin/tiers",
+            Some(json!({ "name": "t", "features": { "scrape": { "rate_limit": 100 } } })),
+            StatusCode::CREATED,
+        )
+        .await;
+    server
+        .add_key(json!({ "name": "k", "key": distinctive("value"), "tier": "t" }))
+        .await;
+    let (_, token) = server.consumer("c", "t").await;
+    for _ in 0..5 {
+        let (status, _) = server
+            .call(Method::GET, "/key?feature=scrape", Some(&token), None)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    server
+        .admin(Method::GET, "/admin/usage", None, StatusCode::OK)
+        .await;
+    let status = server.terminate(Duration::from_secs(15)).await;
+    assert!(status.success(), "{status}");
+    let text = read_log(&log);
+    assert!(text.contains("request"), "requests were logged:\n{text}");
+    for secret in [db_token.as_str(), database_url.as_str()] {
+        assert!(
+            !text.contains(secret),
+            "{secret} leaked into the log:\n{text}"
+        );
+    }
+    assert!(
+        !text.contains(&format!("{url}/v")),
+        "a request URL of the database leaked:\n{text}"
+    );
+    assert!(
+        !text.contains("Bearer"),
+        "an Authorization header leaked:\n{text}"
+    );
+}
