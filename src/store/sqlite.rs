@@ -16,7 +16,10 @@ use crate::timestamp::to_db;
 
 #[derive(Clone)]
 pub struct SqliteStore {
+    /// Admin reads and writes (`DB_MAX_OPEN_CONNS` connections).
     pool: SqlitePool,
+    /// The group commit's own connection, so an admin query never makes `/key` wait for one.
+    writer: Arc<tokio::sync::Mutex<Option<sqlx::SqliteConnection>>>,
     checkpointer: Arc<Checkpointer>,
 }
 
@@ -166,7 +169,12 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
         let checkpointer = Arc::new(Checkpointer::start(&options).await?);
-        let store = SqliteStore { pool, checkpointer };
+        let writer = options.connect().await.map_err(map_err)?;
+        let store = SqliteStore {
+            pool,
+            writer: Arc::new(tokio::sync::Mutex::new(Some(writer))),
+            checkpointer,
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -360,7 +368,10 @@ impl SqliteStore {
         let query = sqlx::query(COMMIT_BATCH.as_str())
             .bind(events_json)
             .bind(updates_json);
-        let mut conn = self.pool.acquire().await.map_err(map_err)?;
+        let mut writer = self.writer.lock().await;
+        let conn = writer
+            .as_mut()
+            .ok_or_else(|| StoreError::Unavailable("the database is closed".into()))?;
         match query.execute(&mut *conn).await {
             Ok(_) => Ok(()),
             Err(e) => {
@@ -375,6 +386,9 @@ impl SqliteStore {
 
     pub async fn close(&self) {
         self.checkpointer.shutdown().await;
+        if let Some(writer) = self.writer.lock().await.take() {
+            let _ = sqlx::Connection::close(writer).await;
+        }
         self.pool.close().await;
     }
 }
