@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sqlx::SqlitePool;
 
-use crate::helpers::{open_db, spawn_app_on_file, spawn_app_with, ADMIN_TOKEN};
+use crate::helpers::{open_db, spawn_app_on_file, spawn_app_with, ADMIN_TOKEN, TABLES};
 
 // ---------------------------------------------------------------------------------------------
 // Fixed material. Made at authoring time with Python 3 and `cryptography` 48:
@@ -76,16 +76,8 @@ const KEY_VAULT: &str = "1c7d2a3b-4e5f-4a6b-9c8d-1e2f3a4b5c07";
 const CONSUMER_ID: &str = "2d8e3b4c-5f6a-4b7c-8d9e-2f3a4b5c6d01";
 const INACTIVE_CONSUMER_ID: &str = "2d8e3b4c-5f6a-4b7c-8d9e-2f3a4b5c6d02";
 
-/// The seven tables of the Go service (SPEC §3).
-const GO_TABLES: [&str; 7] = [
-    "tiers",
-    "tier_features",
-    "keys",
-    "key_secrets",
-    "consumers",
-    "consumer_scopes",
-    "usage_events",
-];
+/// The seven tables of the Go service (SPEC §3): every table but `schema_migrations`.
+const GO_TABLES: &[&str] = TABLES.split_at(7).0;
 
 /// The Go keypooler's consolidated `migrations/001_init.sql` (destructive DROP + CREATE; the
 /// Go migrator ran it once and recorded version 1). `REFERENCES` clauses as Go's SQL had them;
