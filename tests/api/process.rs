@@ -474,17 +474,25 @@ fn as_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)
 
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_load_never_over_serves_and_every_delivered_serve_is_counted() {
-    const LIMIT: i64 = 300;
-    const KILL_AFTER: usize = 200;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db_path = dir.path().join("data").join("pool.db");
-    let log = dir.path().join("server.log");
+/// A started server with a tier `bulk` (feature `scrape`), one key per entry of `key_fields`
+/// (extra fields of its POST body) and a consumer `worker` scoped to the tier.
+struct Bulk {
+    server: Server,
+    db_path: PathBuf,
+    /// key id → its value
+    values: HashMap<String, String>,
+    key_ids: Vec<String>,
+    consumer_id: String,
+    token: String,
+    log: PathBuf,
+}
+
+async fn bulk_server(dir: &Path, key_fields: &[Value]) -> Bulk {
+    let db_path = dir.join("data").join("pool.db");
+    let log = dir.join("server.log");
     let admin = distinctive("adm-");
     let env = quiet_env(&db_path);
-
-    let mut server = start_server(&as_refs(&env), &admin, &log, dir.path()).await;
+    let server = start_server(&as_refs(&env), &admin, &log, dir).await;
     server
         .admin(
             Method::POST,
@@ -495,15 +503,44 @@ async fn kill_9_mid_load_never_over_serves_and_every_delivered_serve_is_counted(
         .await;
     let mut values = HashMap::new();
     let mut key_ids = Vec::new();
-    for i in 0..3 {
+    for (i, extra) in key_fields.iter().enumerate() {
         let value = format!("value-{i}-{}", uuid::Uuid::new_v4().simple());
-        let id = server
-            .add_key(json!({ "name": format!("k{i}"), "key": value, "tier": "bulk", "usage_limit": LIMIT }))
-            .await;
+        let mut body = json!({ "name": format!("k{i}"), "key": value, "tier": "bulk" });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        let id = server.add_key(body).await;
         values.insert(id.clone(), value);
         key_ids.push(id);
     }
     let (consumer_id, token) = server.consumer("worker", "bulk").await;
+    Bulk {
+        server,
+        db_path,
+        values,
+        key_ids,
+        consumer_id,
+        token,
+        log,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_load_never_over_serves_and_every_delivered_serve_is_counted() {
+    const LIMIT: i64 = 300;
+    const KILL_AFTER: usize = 200;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let limited = json!({ "usage_limit": LIMIT });
+    let Bulk {
+        mut server,
+        db_path,
+        values,
+        key_ids,
+        consumer_id,
+        token,
+        log,
+    } = bulk_server(dir.path(), &[limited.clone(), limited.clone(), limited]).await;
+    let (env, admin) = (quiet_env(&db_path), server.admin_token.clone());
 
     // Run 1: load, then SIGKILL once enough 200s have arrived.
     let load = Load::new(&server, "scrape", &token, &values);
@@ -656,41 +693,23 @@ async fn kill_9_mid_load_never_over_serves_and_every_delivered_serve_is_counted(
 async fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
     const SIGNAL_AFTER: usize = 150;
     let dir = tempfile::tempdir().expect("temp dir");
-    let db_path = dir.path().join("data").join("pool.db");
-    let log = dir.path().join("server.log");
-    let admin = distinctive("adm-");
-    let env = quiet_env(&db_path);
-
-    let mut server = start_server(&as_refs(&env), &admin, &log, dir.path()).await;
-    server
-        .admin(
-            Method::POST,
-            "/admin/tiers",
-            Some(json!({ "name": "bulk", "features": { "scrape": { "rate_limit": 1_000_000, "window_seconds": 60 } } })),
-            StatusCode::CREATED,
-        )
-        .await;
-    let mut values = HashMap::new();
-    let mut key_ids = Vec::new();
-    for (i, extra) in [
-        json!({}),
-        json!({ "usage_limit": 1_000_000 }),
-        json!({ "usage_limit": 1_000_000, "usage_window_seconds": 3600 }),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let value = format!("value-{i}-{}", uuid::Uuid::new_v4().simple());
-        let mut body = json!({ "name": format!("k{i}"), "key": value, "tier": "bulk" });
-        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-            b.extend(e.clone());
-        }
-        let id = server.add_key(body).await;
-        values.insert(id.clone(), value);
-        key_ids.push(id);
-    }
-    let (_, token) = server.consumer("worker", "bulk").await;
-
+    let Bulk {
+        mut server,
+        db_path,
+        values,
+        key_ids,
+        token,
+        log,
+        ..
+    } = bulk_server(
+        dir.path(),
+        &[
+            json!({}),
+            json!({ "usage_limit": 1_000_000 }),
+            json!({ "usage_limit": 1_000_000, "usage_window_seconds": 3600 }),
+        ],
+    )
+    .await;
     let load = Load::new(&server, "scrape", &token, &values);
     let handles = load.spawn(CALLERS);
     let before_signal = load
