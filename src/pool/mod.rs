@@ -76,7 +76,11 @@ pub enum Caller {
 impl Caller {
     pub fn audit_id(&self) -> Arc<str> {
         match self {
-            Caller::Admin => Arc::from(ADMIN_CONSUMER_ID),
+            Caller::Admin => {
+                static ADMIN: std::sync::LazyLock<Arc<str>> =
+                    std::sync::LazyLock::new(|| Arc::from(ADMIN_CONSUMER_ID));
+                ADMIN.clone()
+            }
             Caller::Consumer(c) => c.id.clone(),
         }
     }
@@ -200,7 +204,13 @@ impl PoolKey {
         match (rate, usage) {
             (Ok(rate), Ok(usage)) => {
                 let before = counters.usage;
-                counters.rates.insert(feature.to_string(), rate);
+                // Allocate the feature name only the first time this key serves it.
+                match counters.rates.get_mut(feature) {
+                    Some(window) => *window = rate,
+                    None => {
+                        counters.rates.insert(feature.to_string(), rate);
+                    }
+                }
                 counters.usage = usage;
                 let reservation = Reservation {
                     key: self.clone(),
