@@ -37,6 +37,21 @@ async fn counted_and_audited(app: &TestApp) -> (i64, i64) {
     (cell(0), cell(1))
 }
 
+/// Exactly `n` more draws are served, then the budget refuses (429).
+async fn serves_then_refuses(app: &TestApp, n: usize) {
+    for i in 0..n {
+        assert_eq!(
+            app.draw("scrape", ADMIN_TOKEN).await.status,
+            StatusCode::OK,
+            "draw {i}"
+        );
+    }
+    assert_eq!(
+        app.draw("scrape", ADMIN_TOKEN).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
 async fn assert_exact(app: &TestApp, served: i64) {
     assert_eq!(counted_and_audited(app).await, (served, served));
 }
@@ -68,13 +83,7 @@ async fn unreachable_database_answers_503_in_bounded_time_and_recovers() {
 
     remote(&app).await.restart().await;
     // The failed serves were given back: four more fit in the budget of five.
-    for _ in 0..4 {
-        assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
-    }
-    assert_eq!(
-        app.draw("scrape", ADMIN_TOKEN).await.status,
-        StatusCode::TOO_MANY_REQUESTS
-    );
+    serves_then_refuses(&app, 4).await;
     assert_exact(&app, 5).await;
     assert_eq!(
         app.admin_post("/admin/consumers", json!({ "name": "after" }))
@@ -101,13 +110,7 @@ async fn slow_database_answers_503_in_bounded_time_and_never_over_counts() {
         started.elapsed()
     );
     remote(&app).await.set_delay(Duration::ZERO);
-    for _ in 0..3 {
-        assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
-    }
-    assert_eq!(
-        app.draw("scrape", ADMIN_TOKEN).await.status,
-        StatusCode::TOO_MANY_REQUESTS
-    );
+    serves_then_refuses(&app, 3).await;
     assert_exact(&app, 3).await;
 }
 
@@ -277,12 +280,7 @@ async fn a_lost_commit_answer_is_retried_once_without_double_counting() {
     // The first COMMIT lands but its answer is lost; the retry re-sends the same rows.
     assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
     assert_exact(&app, 1).await;
-    assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
-    assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
-    assert_eq!(
-        app.draw("scrape", ADMIN_TOKEN).await.status,
-        StatusCode::TOO_MANY_REQUESTS
-    );
+    serves_then_refuses(&app, 2).await;
     assert_exact(&app, 3).await;
 }
 
@@ -301,11 +299,7 @@ async fn a_commit_of_unknown_outcome_is_kept_counted_and_recorded_exactly_once()
     // The next commit re-sends the uncertain rows with its own: still exactly once.
     assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
     assert_exact(&app, 2).await;
-    assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
-    assert_eq!(
-        app.draw("scrape", ADMIN_TOKEN).await.status,
-        StatusCode::TOO_MANY_REQUESTS
-    );
+    serves_then_refuses(&app, 1).await;
     assert_exact(&app, 3).await;
 }
 
