@@ -162,9 +162,11 @@ pub mod sql {
     pub const INSERT_SCOPE: &str =
         "INSERT OR IGNORE INTO consumer_scopes (consumer_id, tier_id) VALUES (?, ?)";
 
+    /// `julianday` orders the mixed forms of a Go database by time but keeps only
+    /// milliseconds; within one, the text (same canonical form) orders the microseconds.
     pub const RECENT_USAGE: &str =
         "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT) \
-        FROM usage_events ORDER BY julianday(created_at) DESC, rowid DESC LIMIT ?";
+        FROM usage_events ORDER BY julianday(created_at) DESC, created_at DESC, rowid DESC LIMIT ?";
 
     /// A batch's audit rows from one bound JSON array `[[id, key_id, consumer_id, feature,
     /// created_at], …]`: constant SQL (prepared once), one parameter whatever the batch size,

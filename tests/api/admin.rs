@@ -197,7 +197,13 @@ async fn usage_lists_newest_first_with_a_default_and_a_maximum() {
     assert_eq!(rows[0]["feature"], "scrape");
     let times: Vec<&str> = rows.iter().map(|r| r["created_at"].as_str().unwrap()).collect();
     assert!(times.iter().all(|t| t.ends_with('Z') && t.contains('T')), "RFC 3339");
-    assert!(times.windows(2).all(|w| w[0] >= w[1]), "newest first");
+    // Compare instants, not strings: RFC 3339 drops trailing zero fractions ("05Z", "05.12Z"),
+    // so text order is not time order.
+    let instants: Vec<chrono::DateTime<chrono::FixedOffset>> = times
+        .iter()
+        .map(|t| chrono::DateTime::parse_from_rfc3339(t).expect("RFC 3339"))
+        .collect();
+    assert!(instants.windows(2).all(|w| w[0] >= w[1]), "newest first: {times:?}");
     assert_eq!(app.admin_get("/admin/usage?limit=3").await.body.as_array().unwrap().len(), 3);
     assert_eq!(app.admin_get("/admin/usage?limit=5000").await.body.as_array().unwrap().len(), 105);
     assert_eq!(app.admin_get("/admin/usage?limit=0").await.status, StatusCode::BAD_REQUEST);
