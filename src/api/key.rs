@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::SharedState;
 use crate::error::ApiError;
-use crate::pool::{Caller, Draw};
+use crate::pool::{Caller, Draw, Now};
 
 #[derive(Deserialize)]
 struct FeatureQuery {
@@ -42,8 +42,7 @@ pub async fn draw_key(
         })?;
 
     let ledger = &state.ledger;
-    // Microseconds: the precision the database keeps, so memory and rows agree exactly.
-    let now = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
+    let now = Now::read();
     match state
         .pool
         .draw(&caller, &feature, now, |r| ledger.submit(r))

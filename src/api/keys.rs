@@ -14,7 +14,7 @@ use super::extract::{check_name, IdPath, JsonBody};
 use super::SharedState;
 use crate::error::ApiError;
 use crate::model::KeyRecord;
-use crate::pool::PoolKey;
+use crate::pool::{Now, PoolKey};
 use crate::secret::Secret;
 use crate::store::StoreError;
 use crate::timestamp::{self, Timestamp};
@@ -41,7 +41,7 @@ fn api_time(t: Option<Timestamp>) -> Value {
 }
 
 pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Value> {
-    let now = Utc::now();
+    let now = Now::read();
     let mut keys = state.pool.keys();
     keys.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
     let tiers: BTreeMap<String, _> = state
@@ -57,14 +57,14 @@ pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Value> {
     )
 }
 
-fn key_json(key: &PoolKey, tier: Option<&crate::model::TierRecord>, now: Timestamp) -> Value {
-    let usage_state = key.usage(now);
+fn key_json(key: &PoolKey, tier: Option<&crate::model::TierRecord>, now: Now) -> Value {
+    let usage_state = key.usage(now.wall);
     let usage: serde_json::Map<String, Value> = tier
         .map(|t| {
             t.features
                 .iter()
                 .map(|(f, limit)| {
-                    let used = key.rate_used(f, *limit, now);
+                    let used = key.rate_used(f, *limit, now.mono);
                     (f.clone(), json!({ "used": used, "limit": limit.rate_limit, "window_seconds": limit.window_seconds }))
                 })
                 .collect()

@@ -1,7 +1,11 @@
 //! The two gates of SPEC §7, as pure functions of state and `now`:
 //! a fixed rate window per (key, feature) and a usage budget per key.
+//!
+//! Clocks: rate windows live only in this process, so they are measured on the monotonic
+//! clock (`Instant`) — a wall-clock step can neither open a window early nor stretch one.
+//! Budget windows are persisted (`usage_window_start`), so they stay on wall time.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::TimeDelta;
 
@@ -11,7 +15,7 @@ use crate::timestamp::Timestamp;
 /// A fixed rate window that opens at the first serve after the previous one elapsed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateWindow {
-    pub start: Timestamp,
+    pub start: Instant,
     pub count: i64,
 }
 
@@ -36,6 +40,16 @@ fn until(end: Timestamp, now: Timestamp) -> Duration {
     (end - now).to_std().unwrap_or(Duration::ZERO)
 }
 
+/// When a rate window ends; `None` when it lies beyond what `Instant` can hold (never, here).
+fn rate_window_end(start: Instant, seconds: i64) -> Option<Instant> {
+    start.checked_add(Duration::from_secs(u64::try_from(seconds).unwrap_or(0)))
+}
+
+/// Whether the rate window opened at `start` is still open at `now`.
+fn rate_window_open(start: Instant, seconds: i64, now: Instant) -> bool {
+    rate_window_end(start, seconds).is_none_or(|end| now < end)
+}
+
 /// Saturates instead of overflowing: a Go row may hold any integer as a window.
 fn window_end(start: Timestamp, seconds: i64) -> Timestamp {
     TimeDelta::try_seconds(seconds)
@@ -47,17 +61,18 @@ fn window_end(start: Timestamp, seconds: i64) -> Timestamp {
 pub fn rate_after_serve(
     window: Option<RateWindow>,
     limit: FeatureLimit,
-    now: Timestamp,
+    now: Instant,
 ) -> Result<RateWindow, Duration> {
     match window {
-        Some(w) if now < window_end(w.start, limit.window_seconds) => {
+        Some(w) if rate_window_open(w.start, limit.window_seconds, now) => {
             if w.count < limit.rate_limit {
                 Ok(RateWindow {
                     start: w.start,
                     count: w.count + 1,
                 })
             } else {
-                Err(until(window_end(w.start, limit.window_seconds), now))
+                Err(rate_window_end(w.start, limit.window_seconds)
+                    .map_or(Duration::MAX, |end| end.saturating_duration_since(now)))
             }
         }
         _ if limit.rate_limit >= 1 => Ok(RateWindow {
@@ -69,9 +84,9 @@ pub fn rate_after_serve(
 }
 
 /// Serves counted in the current rate window (0 once it elapsed).
-pub fn rate_used(window: Option<RateWindow>, limit: FeatureLimit, now: Timestamp) -> i64 {
+pub fn rate_used(window: Option<RateWindow>, limit: FeatureLimit, now: Instant) -> i64 {
     match window {
-        Some(w) if now < window_end(w.start, limit.window_seconds) => w.count,
+        Some(w) if rate_window_open(w.start, limit.window_seconds, now) => w.count,
         _ => 0,
     }
 }
@@ -102,13 +117,17 @@ pub fn usage_after_serve(
     }
 }
 
-/// The usage state as of `now`: a windowed count whose window elapsed reads as a fresh window.
+/// The usage state as of `now`: a windowed count whose window elapsed reads as a fresh window,
+/// and so does one with no (readable) window start — the Go service opened the window at the
+/// first serve, so a windowed count without a start is one no window holds any more.
 pub fn current_usage(state: UsageState, budget: UsageBudget, now: Timestamp) -> UsageState {
+    let fresh = UsageState {
+        count: 0,
+        window_start: None,
+    };
     match (budget.usage_window_seconds, state.window_start) {
-        (Some(w), Some(start)) if now >= window_end(start, w) => UsageState {
-            count: 0,
-            window_start: None,
-        },
+        (Some(w), Some(start)) if now >= window_end(start, w) => fresh,
+        (Some(_), None) => fresh,
         _ => state,
     }
 }
@@ -124,6 +143,13 @@ mod tests {
     fn secs(n: i64) -> TimeDelta {
         TimeDelta::seconds(n)
     }
+    /// A monotonic origin for rate windows; tests move it forward by adding durations.
+    fn m0() -> Instant {
+        Instant::now()
+    }
+    fn mono(base: Instant, n: u64) -> Instant {
+        base + Duration::from_secs(n)
+    }
     const TEN_PER_MINUTE: FeatureLimit = FeatureLimit {
         rate_limit: 10,
         window_seconds: 60,
@@ -131,37 +157,54 @@ mod tests {
 
     #[test]
     fn rate_window_allows_exactly_the_limit_then_reports_the_wait() {
+        let base = m0();
         let mut w = None;
         for i in 1..=10 {
-            let next = rate_after_serve(w, TEN_PER_MINUTE, t0() + secs(i)).expect("within limit");
-            assert_eq!(next.count, i);
-            assert_eq!(
-                next.start,
-                t0() + secs(1),
-                "window opens at the first serve"
-            );
+            let next = rate_after_serve(w, TEN_PER_MINUTE, mono(base, i)).expect("within limit");
+            assert_eq!(next.count, i as i64);
+            assert_eq!(next.start, mono(base, 1), "window opens at the first serve");
             w = Some(next);
         }
-        let wait = rate_after_serve(w, TEN_PER_MINUTE, t0() + secs(20)).unwrap_err();
+        let wait = rate_after_serve(w, TEN_PER_MINUTE, mono(base, 20)).unwrap_err();
         assert_eq!(wait, Duration::from_secs(41));
-        assert_eq!(rate_used(w, TEN_PER_MINUTE, t0() + secs(20)), 10);
+        assert_eq!(rate_used(w, TEN_PER_MINUTE, mono(base, 20)), 10);
     }
 
     #[test]
     fn rate_window_reopens_at_the_first_serve_after_it_elapsed() {
+        let base = m0();
         let w = Some(RateWindow {
-            start: t0(),
+            start: base,
             count: 10,
         });
-        let next = rate_after_serve(w, TEN_PER_MINUTE, t0() + secs(75)).unwrap();
+        let next = rate_after_serve(w, TEN_PER_MINUTE, mono(base, 75)).unwrap();
         assert_eq!(
             next,
             RateWindow {
-                start: t0() + secs(75),
+                start: mono(base, 75),
                 count: 1
             }
         );
-        assert_eq!(rate_used(w, TEN_PER_MINUTE, t0() + secs(60)), 0);
+        assert_eq!(rate_used(w, TEN_PER_MINUTE, mono(base, 60)), 0);
+    }
+
+    // Issue 7 item 9: rate windows take a monotonic instant, so no wall-clock reading — however
+    // far it steps forward or back — enters their arithmetic; only elapsed monotonic time
+    // opens the next window.
+    #[test]
+    fn rate_windows_follow_elapsed_monotonic_time_only() {
+        let base = m0();
+        let mut w = None;
+        for _ in 0..10 {
+            w = Some(rate_after_serve(w, TEN_PER_MINUTE, base).expect("within limit"));
+        }
+        // 59 s of real time later the window is still closed, and reports the true wait.
+        assert_eq!(
+            rate_after_serve(w, TEN_PER_MINUTE, mono(base, 59)),
+            Err(Duration::from_secs(1))
+        );
+        // A full window of real time later it opens, not a second earlier or later.
+        assert!(rate_after_serve(w, TEN_PER_MINUTE, mono(base, 60)).is_ok());
     }
 
     #[test]
@@ -242,8 +285,8 @@ mod tests {
             rate_limit: 1,
             window_seconds: i64::MAX,
         };
-        let w = rate_after_serve(None, huge, t0()).unwrap();
-        assert!(rate_after_serve(Some(w), huge, t0()).is_err());
+        let w = rate_after_serve(None, huge, m0()).unwrap();
+        assert!(rate_after_serve(Some(w), huge, w.start).is_err());
         let budget = UsageBudget {
             usage_limit: Some(1),
             usage_window_seconds: Some(i64::MAX),
@@ -258,6 +301,50 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(usage_after_serve(s, budget, t0()), Err(Some(_))));
+    }
+
+    // Issue 7 item 7: a windowed budget whose stored window start is missing or unreadable is
+    // a fresh window (the Go service opened one at the first serve), never spent forever.
+    #[test]
+    fn windowed_budget_without_a_window_start_is_a_fresh_window() {
+        let budget = UsageBudget {
+            usage_limit: Some(2),
+            usage_window_seconds: Some(3600),
+        };
+        let spent_without_start = UsageState {
+            count: 2,
+            window_start: None,
+        };
+        assert_eq!(
+            current_usage(spent_without_start, budget, t0()),
+            UsageState {
+                count: 0,
+                window_start: None
+            }
+        );
+        let first = usage_after_serve(spent_without_start, budget, t0()).expect("fresh window");
+        assert_eq!(
+            first,
+            UsageState {
+                count: 1,
+                window_start: Some(t0())
+            }
+        );
+        let second = usage_after_serve(first, budget, t0() + secs(1)).expect("within limit");
+        assert_eq!(
+            usage_after_serve(second, budget, t0() + secs(10)),
+            Err(Some(Duration::from_secs(3590))),
+            "then spent until the window opened at the first serve elapses"
+        );
+        // A lifetime cap without a window is unaffected: spent stays spent.
+        let lifetime = UsageBudget {
+            usage_limit: Some(2),
+            usage_window_seconds: None,
+        };
+        assert_eq!(
+            usage_after_serve(spent_without_start, lifetime, t0()),
+            Err(None)
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub mod gates;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use sha2::{Digest, Sha256};
@@ -23,6 +23,25 @@ use gates::{RateWindow, UsageBudget, UsageState, Wait};
 
 /// The audit id of the admin token on `/key`.
 pub const ADMIN_CONSUMER_ID: &str = "admin";
+
+/// The clocks a draw reads: wall time for what is persisted or shown (budget windows, expiry,
+/// audit rows) and the monotonic clock for the in-process rate windows (see `gates`).
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    pub wall: Timestamp,
+    pub mono: Instant,
+}
+
+impl Now {
+    /// Reads both clocks; wall time in microseconds, the precision the database keeps, so
+    /// memory and rows agree exactly.
+    pub fn read() -> Now {
+        Now {
+            wall: chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6),
+            mono: Instant::now(),
+        }
+    }
+}
 
 /// A key's plaintext value and bound secrets.
 pub struct KeyMaterial {
@@ -61,7 +80,9 @@ pub struct Consumer {
     pub name: String,
     pub description: String,
     pub is_active: bool,
-    pub token_hash: [u8; 32],
+    /// sha256 of the token; `None` when the stored hash is unreadable — such a consumer
+    /// matches no token at all (it still lists and deletes).
+    pub token_hash: Option<[u8; 32]>,
     /// Tier ids.
     pub scopes: HashSet<Arc<str>>,
 }
@@ -94,7 +115,7 @@ pub struct Reservation {
     pub at: Timestamp,
     pub usage_before: UsageState,
     pub usage_after: UsageState,
-    pub rate_window_start: Timestamp,
+    pub rate_window_start: Instant,
     pub generation: u64,
 }
 
@@ -196,11 +217,11 @@ impl PoolKey {
         feature: &str,
         limit: FeatureLimit,
         caller: &Caller,
-        now: Timestamp,
+        now: Now,
     ) -> Result<(Reservation, parking_lot::MutexGuard<'_, KeyCounters>), Wait> {
         let mut counters = self.counters.lock();
-        let rate = gates::rate_after_serve(counters.rates.get(feature).copied(), limit, now);
-        let usage = gates::usage_after_serve(counters.usage, self.budget, now);
+        let rate = gates::rate_after_serve(counters.rates.get(feature).copied(), limit, now.mono);
+        let usage = gates::usage_after_serve(counters.usage, self.budget, now.wall);
         match (rate, usage) {
             (Ok(rate), Ok(usage)) => {
                 let before = counters.usage;
@@ -216,7 +237,7 @@ impl PoolKey {
                     key: self.clone(),
                     feature: feature.to_string(),
                     consumer_id: caller.audit_id(),
-                    at: now,
+                    at: now.wall,
                     usage_before: before,
                     usage_after: usage,
                     rate_window_start: rate.start,
@@ -228,7 +249,7 @@ impl PoolKey {
                 let rate_wait = rate.err().unwrap_or(Duration::ZERO);
                 if let Err(usage_wait) = usage {
                     let free_at = usage_wait
-                        .and_then(|w| self.free_before_expiry(now, w))
+                        .and_then(|w| self.free_before_expiry(now.wall, w))
                         .map_or(i64::MAX, |t| t.timestamp_micros());
                     self.budget_free_at.store(free_at, Ordering::Relaxed);
                 }
@@ -237,7 +258,7 @@ impl PoolKey {
                     Err(None) => None,
                     Err(Some(usage_wait)) => Some(rate_wait.max(usage_wait)),
                 };
-                Err(wait.filter(|w| self.free_before_expiry(now, *w).is_some()))
+                Err(wait.filter(|w| self.free_before_expiry(now.wall, *w).is_some()))
             }
         }
     }
@@ -298,7 +319,7 @@ impl PoolKey {
     }
 
     /// Serves counted in the current rate window of `feature`.
-    pub fn rate_used(&self, feature: &str, limit: FeatureLimit, now: Timestamp) -> i64 {
+    pub fn rate_used(&self, feature: &str, limit: FeatureLimit, now: Instant) -> i64 {
         gates::rate_used(self.counters.lock().rates.get(feature).copied(), limit, now)
     }
 }
@@ -328,11 +349,16 @@ impl Pool {
 
     /// Draws a key for `feature` (SPEC §7). `on_reserve` runs while the chosen key is locked, so
     /// reservations of one key reach it in the order their counts were taken.
+    ///
+    /// Fairness: each draw claims the cursor positions it looks at — the one it starts from
+    /// and every refused key it steps over — so the next draw starts after the key served.
+    /// Serves then spread evenly over the keys that can serve, instead of a refused key's
+    /// turns all going to its successor.
     pub fn draw<R>(
         &self,
         caller: &Caller,
         feature: &str,
-        now: Timestamp,
+        now: Now,
         on_reserve: impl FnOnce(Reservation) -> R,
     ) -> Draw<R> {
         let index = self.index.read();
@@ -369,10 +395,10 @@ impl Pool {
                 position -= tier.keys.len();
             }
             let Some((key, limit)) = chosen else { continue };
-            if !key.servable(now) {
+            if !key.servable(now.wall) {
                 continue;
             }
-            if let Some(wait) = key.known_spent(now) {
+            if let Some(wait) = key.known_spent(now.wall) {
                 if let Some(wait) = wait {
                     earliest = Some(earliest.map_or(wait, |e| e.min(wait)));
                 }
@@ -382,6 +408,9 @@ impl Pool {
                 Ok((reservation, guard)) => {
                     let out = on_reserve(reservation);
                     drop(guard);
+                    if step > 0 {
+                        entry.cursor.fetch_add(step, Ordering::Relaxed);
+                    }
                     return Draw::Served(out);
                 }
                 Err(Some(wait)) => earliest = Some(earliest.map_or(wait, |e| e.min(wait))),
@@ -393,7 +422,8 @@ impl Pool {
         }
     }
 
-    /// The active consumer holding `token`, if any.
+    /// The active consumer holding `token`, if any. A consumer whose stored hash is unreadable
+    /// is not indexed, so no token reaches it.
     pub fn consumer_for_token(&self, token: &str) -> Option<Arc<Consumer>> {
         let hash = token_hash(token);
         self.index
@@ -500,10 +530,13 @@ impl Pool {
 
     pub fn put_consumer(&self, record: ConsumerRecord) {
         let mut hash = [0u8; 32];
-        if hex::decode_to_slice(record.token_hash.trim(), &mut hash).is_err() {
-            // A hash we cannot read matches no token; the consumer still lists and deletes.
-            hash = token_hash(&format!("unreadable-hash:{}", record.id));
-        }
+        let hash = match hex::decode_to_slice(record.token_hash.trim(), &mut hash) {
+            Ok(()) => Some(hash),
+            Err(_) => {
+                tracing::warn!(consumer_id = %record.id, "consumer token hash is unreadable; no token will authenticate as this consumer until its token is replaced");
+                None
+            }
+        };
         let consumer = Consumer {
             id: Arc::from(record.id.as_str()),
             name: record.name,
@@ -526,17 +559,21 @@ impl Pool {
             .consumers
             .insert(consumer.id.clone(), consumer.clone())
         {
-            index.consumers_by_token.remove(&old.token_hash);
+            if let Some(old_hash) = old.token_hash {
+                index.consumers_by_token.remove(&old_hash);
+            }
         }
-        index
-            .consumers_by_token
-            .insert(consumer.token_hash, consumer);
+        if let Some(hash) = consumer.token_hash {
+            index.consumers_by_token.insert(hash, consumer);
+        }
     }
 
     pub fn remove_consumer(&self, id: &str) -> Option<Arc<Consumer>> {
         let mut index = self.index.write();
         let consumer = index.consumers.remove(id)?;
-        index.consumers_by_token.remove(&consumer.token_hash);
+        if let Some(hash) = consumer.token_hash {
+            index.consumers_by_token.remove(&hash);
+        }
         Some(consumer)
     }
 

@@ -67,8 +67,18 @@ fn pool(tiers: Vec<TierRecord>, keys: Vec<KeyRecord>, consumers: Vec<ConsumerRec
     )
 }
 
+/// Both clocks at wall time `t`: the monotonic reading moves with the wall clock from a fixed
+/// origin at `t0()` (these tests only move time forward from there).
+fn at(t: Timestamp) -> Now {
+    static ORIGIN: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+    Now {
+        wall: t,
+        mono: *ORIGIN + (t - t0()).to_std().unwrap_or_default(),
+    }
+}
+
 fn draw_id(p: &Pool, caller: &Caller, feature: &str, now: Timestamp) -> Draw<String> {
-    p.draw(caller, feature, now, |r| r.key.id.to_string())
+    p.draw(caller, feature, at(now), |r| r.key.id.to_string())
 }
 
 #[test]
@@ -218,7 +228,7 @@ fn a_refused_gate_consumes_nothing_from_the_other() {
         rate_limit: 2,
         window_seconds: 60,
     };
-    assert_eq!(key.rate_used("scrape", limit, t0()), 1);
+    assert_eq!(key.rate_used("scrape", limit, at(t0()).mono), 1);
     assert_eq!(key.stored_usage().count, 1);
 }
 
@@ -281,7 +291,7 @@ fn revert_restores_usage_and_voids_later_reservations() {
     let p = pool(vec![tier("t", &[("scrape", 100, 60)])], vec![k], vec![]);
     let mut held = Vec::new();
     for _ in 0..2 {
-        if let Draw::Served(r) = p.draw(&Caller::Admin, "scrape", t0(), |r| r) {
+        if let Draw::Served(r) = p.draw(&Caller::Admin, "scrape", at(t0()), |r| r) {
             held.push(r);
         }
     }
@@ -296,7 +306,7 @@ fn revert_restores_usage_and_voids_later_reservations() {
         rate_limit: 100,
         window_seconds: 60,
     };
-    assert_eq!(key.rate_used("scrape", limit, t0()), 0);
+    assert_eq!(key.rate_used("scrape", limit, at(t0()).mono), 0);
     // the budget is whole again
     for _ in 0..3 {
         assert!(matches!(
@@ -406,4 +416,120 @@ fn spent_keys_are_stepped_over_and_still_report_when_they_free_up() {
             retry_after: Some(Duration::from_secs(3600))
         }
     );
+}
+
+/// How many of `n` admin draws each key served.
+fn spread(p: &Pool, n: usize, now: Timestamp) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for _ in 0..n {
+        if let Draw::Served(id) = draw_id(p, &Caller::Admin, "scrape", now) {
+            *counts.entry(id).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+fn even(ids: &[&str], each: usize) -> BTreeMap<String, usize> {
+    ids.iter().map(|id| (id.to_string(), each)).collect()
+}
+
+// Issue 7 item 4: with one of four keys refused, the other three share the draws evenly —
+// the refused key's turns do not all go to the key after it (was 199/100/100).
+#[test]
+fn serves_spread_evenly_when_a_budget_refuses_a_key() {
+    let mut spent = key("b", "t");
+    spent.usage_limit = Some(1);
+    spent.usage_count = 1;
+    let p = pool(
+        vec![tier("t", &[("scrape", 1_000, 60)])],
+        vec![key("a", "t"), spent, key("c", "t"), key("d", "t")],
+        vec![],
+    );
+    assert_eq!(spread(&p, 300, t0()), even(&["a", "c", "d"], 100));
+}
+
+#[test]
+fn serves_spread_evenly_when_a_rate_window_refuses_a_key() {
+    // Key `b` sits alone in a tier allowing one serve per hour; the first draws use it up.
+    let p = pool(
+        vec![
+            tier("t", &[("scrape", 1_000, 60)]),
+            tier("slow", &[("scrape", 1, 3600)]),
+        ],
+        vec![
+            key("a", "t"),
+            key("c", "t"),
+            key("d", "t"),
+            key("b", "slow"),
+        ],
+        vec![],
+    );
+    let warm_up = spread(&p, 4, t0());
+    assert_eq!(warm_up, even(&["a", "b", "c", "d"], 1));
+    assert_eq!(spread(&p, 300, t0()), even(&["a", "c", "d"], 100));
+}
+
+#[test]
+fn serves_spread_evenly_when_a_key_is_not_servable() {
+    let mut inactive = key("b", "t");
+    inactive.is_active = false;
+    let p = pool(
+        vec![tier("t", &[("scrape", 1_000, 60)])],
+        vec![key("a", "t"), inactive, key("c", "t"), key("d", "t")],
+        vec![],
+    );
+    assert_eq!(spread(&p, 300, t0()), even(&["a", "c", "d"], 100));
+}
+
+// Issue 7 item 2: a consumer whose stored token hash cannot be read authenticates with no
+// token — in particular not with a stand-in derived from its (public) id.
+#[test]
+fn a_consumer_with_an_unreadable_hash_matches_no_token() {
+    let mut broken = consumer("c1", &["t"]);
+    broken.token_hash = "not-a-hash".into();
+    let p = pool(vec![tier("t", &[("scrape", 10, 60)])], vec![], vec![broken]);
+    let listed = p.consumer("c1").expect("still listed");
+    assert_eq!(listed.token_hash, None);
+    for token in ["unreadable-hash:c1", "not-a-hash", "token-c1", ""] {
+        assert!(p.consumer_for_token(token).is_none(), "{token}");
+    }
+    // Granting a scope keeps it unmatchable; removing it works.
+    p.grant_scope("c1", "t");
+    assert!(p.consumer_for_token("unreadable-hash:c1").is_none());
+    assert!(p.remove_consumer("c1").is_some());
+}
+
+// Issue 7 item 9: the wall clock stepping forward (NTP, a VM resumed) must not open a rate
+// window early, and stepping back must not stretch one: only monotonic time counts.
+#[test]
+fn wall_clock_steps_neither_open_nor_stretch_a_rate_window() {
+    let p = pool(
+        vec![tier("t", &[("scrape", 2, 60)])],
+        vec![key("a", "t")],
+        vec![],
+    );
+    let start = at(t0());
+    let step = |wall_jump: i64, elapsed: u64| Now {
+        wall: t0() + TimeDelta::seconds(wall_jump),
+        mono: start.mono + Duration::from_secs(elapsed),
+    };
+    for _ in 0..2 {
+        assert!(matches!(
+            p.draw(&Caller::Admin, "scrape", start, |_| ()),
+            Draw::Served(())
+        ));
+    }
+    // The wall clock jumps a day ahead one second later: the window is still full.
+    assert_eq!(
+        draw_with(&p, step(86_400, 1)),
+        Draw::Exhausted {
+            retry_after: Some(Duration::from_secs(59))
+        }
+    );
+    // The wall clock jumps an hour back, and a full minute has really passed: it is open.
+    assert_eq!(draw_with(&p, step(-3_600, 60)), Draw::Served("a".into()));
+}
+
+fn draw_with(p: &Pool, now: Now) -> Draw<String> {
+    p.draw(&Caller::Admin, "scrape", now, |r| r.key.id.to_string())
 }

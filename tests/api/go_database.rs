@@ -1258,3 +1258,94 @@ async fn values_we_seal_are_the_go_format_and_open_with_plain_aes_gcm() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body["value"], value);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Go rows the review found mishandled (issue 7).
+// ---------------------------------------------------------------------------------------------
+
+/// An empty Go database (schema and `schema_migrations` only) in a temp dir, open for rows.
+async fn empty_go_database() -> (tempfile::TempDir, PathBuf, SqlitePool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("pool.db");
+    let db = open_db(&path).await;
+    sqlx::raw_sql(GO_001_INIT_SQL)
+        .execute(&db)
+        .await
+        .expect("Go 001_init.sql");
+    sqlx::raw_sql(GO_SCHEMA_MIGRATIONS_SQL)
+        .execute(&db)
+        .await
+        .expect("Go schema_migrations");
+    sqlx::raw_sql(
+        "INSERT INTO tiers (id, name) VALUES ('t1', 'go-tier');
+         INSERT INTO tier_features (tier_id, feature, rate_limit, window_seconds) VALUES ('t1', 'scrape', 100, 60);",
+    )
+    .execute(&db)
+    .await
+    .expect("Go tier");
+    (dir, path, db)
+}
+
+// Issue 7 item 7: a windowed budget at its limit whose `usage_window_start` is NULL or
+// unreadable was refused forever (429 without Retry-After). The Go service opened the window
+// at the first serve, so such a key serves again in a fresh window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_windowed_budget_without_a_readable_window_start_is_a_fresh_window() {
+    let (_dir, path, db) = empty_go_database().await;
+    sqlx::raw_sql(
+        "INSERT INTO keys (id, name, key_value, tier_id, usage_limit, usage_count, usage_window_seconds, usage_window_start)
+         VALUES ('k-null', 'null-start', 'v-null', 't1', 2, 2, 3600, NULL),
+                ('k-junk', 'junk-start', 'v-junk', 't1', 2, 2, 3600, 'not a time');",
+    )
+    .execute(&db)
+    .await
+    .expect("Go keys");
+    db.close().await;
+    let app = spawn_app_on_file(&path, &[]).await;
+    for _ in 0..4 {
+        let r = app.draw("scrape", ADMIN_TOKEN).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+    let r = app.draw("scrape", ADMIN_TOKEN).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
+    let retry: u64 = r.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(retry > 3500 && retry <= 3600, "{retry}");
+    let rows = app
+        .rows("SELECT usage_count, usage_window_start IS NOT NULL FROM keys ORDER BY id")
+        .await;
+    let fresh = vec![Some("2".to_string()), Some("1".to_string())];
+    assert_eq!(rows, vec![fresh.clone(), fresh]);
+}
+
+// Issue 7 item 2: a consumer whose stored token hash is unreadable must match no token. It
+// used to get the stand-in hash sha256("unreadable-hash:<id>"), so that bearer token — built
+// from the consumer's id, which is not secret — authenticated as the consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_consumer_with_an_unreadable_token_hash_matches_no_token() {
+    let (_dir, path, db) = empty_go_database().await;
+    sqlx::raw_sql(
+        "INSERT INTO keys (id, name, key_value, tier_id) VALUES ('k1', 'k', 'v', 't1');
+         INSERT INTO consumers (id, name, token_hash) VALUES ('c-broken', 'broken', 'zz-not-hex');
+         INSERT INTO consumer_scopes (consumer_id, tier_id) VALUES ('c-broken', 't1');",
+    )
+    .execute(&db)
+    .await
+    .expect("Go consumer");
+    db.close().await;
+    let app = spawn_app_on_file(&path, &[]).await;
+    for token in ["unreadable-hash:c-broken", "zz-not-hex"] {
+        let r = app.draw("scrape", token).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{token}: {}", r.text);
+    }
+    let listed = app.admin_get("/admin/consumers").await;
+    assert_eq!(listed.body[0]["id"], "c-broken", "{}", listed.text);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM usage_events").await,
+        0,
+        "nothing served"
+    );
+}
