@@ -164,3 +164,28 @@ async fn auth_changes_apply_on_the_very_next_request() {
     assert_eq!(app.draw("scrape", &token).await.status, StatusCode::UNAUTHORIZED);
 }
 }
+
+// Issue 7 item 4: one key of four spent, 300 draws: the other three serve 100 each. The
+// cursor used to move by one per draw, so the key after the spent one got its turns too
+// (199/100/100).
+on_both_drivers! {
+async fn serves_spread_evenly_over_the_keys_that_can_serve() {
+    let app = spawn_app().await;
+    app.create_tier("t", &[("scrape", 1_000, 3600)]).await;
+    for name in ["a", "b", "c", "d"] {
+        let limit = if name == "b" { json!(1) } else { json!(null) };
+        app.add_key(json!({ "name": name, "key": format!("v-{name}"), "tier": "t", "usage_limit": limit }))
+            .await;
+    }
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..301 {
+        let r = app.draw("scrape", ADMIN_TOKEN).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        *seen.entry(r.body["value"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    seen.remove("v-b");
+    let expected: HashMap<String, usize> =
+        ["v-a", "v-c", "v-d"].iter().map(|v| (v.to_string(), 100)).collect();
+    assert_eq!(seen, expected);
+}
+}
