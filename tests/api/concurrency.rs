@@ -141,7 +141,8 @@ async fn budgets_and_rates_hold_together_for_mixed_callers() {
 }
 }
 
-/// SQLite-only: the blocker is a second writer on the same file.
+/// SQLite-only: the blocker is a second writer on the same file. Issue 7: the load pauses at
+/// exact counts while the fault is put in place, so the outage always lands mid-load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn counts_stay_exact_when_commits_fail_under_load() {
     let app = spawn_app_with(&[("DB_BUSY_TIMEOUT_MS", "50")]).await;
@@ -149,59 +150,34 @@ async fn counts_stay_exact_when_commits_fail_under_load() {
     for i in 0..3 {
         app.add_key(json!({ "name": format!("k{i}"), "key": format!("v{i}"), "tier": "t", "usage_limit": 400 })).await;
     }
-    let served = Arc::new(Mutex::new(0usize));
-    let unavailable = Arc::new(Mutex::new(0usize));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for _ in 0..32 {
-        let (client, url) = (app.client.clone(), app.url("/key"));
-        let (served, unavailable, stop) = (served.clone(), unavailable.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let r = client
-                    .get(&url)
-                    .query(&[("feature", "scrape")])
-                    .bearer_auth(ADMIN_TOKEN)
-                    .send()
-                    .await
-                    .expect("send");
-                match r.status() {
-                    StatusCode::OK => *served.lock().await += 1,
-                    StatusCode::SERVICE_UNAVAILABLE => *unavailable.lock().await += 1,
-                    StatusCode::TOO_MANY_REQUESTS => break,
-                    other => panic!("unexpected {other}"),
-                }
-            }
-        }));
-    }
-    // Block the database twice for longer than the busy timeout while the callers run.
+    let load = GatedLoad::start(&app, "scrape", 32, 300);
+    // Block the database twice for longer than the busy timeout: after 300 and 900 serves,
+    // each time until 32 requests were refused while the callers keep running.
     let blocker = app.db().await;
-    for _ in 0..2 {
-        tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+    for (at, next) in [(300, 600), (900, 32)] {
+        load.wait_until("the serves before the outage", |l| l.served() == at)
+            .await;
         let mut conn = blocker.acquire().await.expect("conn");
         sqlx::query("BEGIN IMMEDIATE")
             .execute(&mut *conn)
             .await
             .expect("lock");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let refused = load.unavailable();
+        load.release(next);
+        load.wait_until("503s during the outage", |l| {
+            l.unavailable() >= refused + 32
+        })
+        .await;
         sqlx::query("ROLLBACK")
             .execute(&mut *conn)
             .await
             .expect("unlock");
     }
     blocker.close().await;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    for t in tasks {
-        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if tokio::time::timeout(remaining, t).await.is_err() {
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-    let served = *served.lock().await;
-    let unavailable = *unavailable.lock().await;
+    let (served, unavailable) = load.finish().await;
     assert!(
-        unavailable > 0,
-        "the blocker must have caused failed commits"
+        unavailable >= 64,
+        "the blocker caused failed commits: {unavailable}"
     );
     assert_eq!(
         served, 1200,

@@ -449,3 +449,103 @@ pub async fn open_db(path: &std::path::Path) -> SqlitePool {
         .await
         .expect("open sqlite")
 }
+
+/// Load that a test can pause at an exact count, so a fault lands mid-load however fast the
+/// machine is: every request needs a permit, a 200 spends it, any other answer gives it back.
+/// With `n` permits handed out, exactly `n` serves happen and then the callers wait.
+pub struct GatedLoad {
+    permits: Arc<tokio::sync::Semaphore>,
+    served: Arc<std::sync::atomic::AtomicUsize>,
+    unavailable: Arc<std::sync::atomic::AtomicUsize>,
+    callers: Vec<JoinHandle<()>>,
+}
+
+impl GatedLoad {
+    /// `callers` loops of `GET /key?feature=<feature>` with the admin token, each ending at its
+    /// first 429; any answer but 200, 429 and 503 fails the test. `permits` serves may happen
+    /// before the first `release`.
+    pub fn start(app: &TestApp, feature: &str, callers: usize, permits: usize) -> GatedLoad {
+        use std::sync::atomic::Ordering;
+        let gate = Arc::new(tokio::sync::Semaphore::new(permits));
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let unavailable = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let callers = (0..callers)
+            .map(|_| {
+                let (client, url, feature) =
+                    (app.client.clone(), app.url("/key"), feature.to_string());
+                let (gate, served, unavailable) =
+                    (gate.clone(), served.clone(), unavailable.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let permit = gate.acquire().await.expect("gate open");
+                        let status = client
+                            .get(&url)
+                            .query(&[("feature", &feature)])
+                            .bearer_auth(ADMIN_TOKEN)
+                            .send()
+                            .await
+                            .expect("request sent")
+                            .status();
+                        match status {
+                            StatusCode::OK => {
+                                permit.forget();
+                                served.fetch_add(1, Ordering::SeqCst);
+                            }
+                            StatusCode::SERVICE_UNAVAILABLE => {
+                                unavailable.fetch_add(1, Ordering::SeqCst);
+                            }
+                            StatusCode::TOO_MANY_REQUESTS => break,
+                            other => panic!("unexpected {other}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        GatedLoad {
+            permits: gate,
+            served,
+            unavailable,
+            callers,
+        }
+    }
+
+    pub fn served(&self) -> usize {
+        self.served.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn unavailable(&self) -> usize {
+        self.unavailable.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Lets `n` more serves happen.
+    pub fn release(&self, n: usize) {
+        self.permits.add_permits(n);
+    }
+
+    /// Waits (at most 30 s) until `check` holds.
+    pub async fn wait_until(&self, what: &str, check: impl Fn(&GatedLoad) -> bool) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !check(self) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what} (served {}, 503s {})",
+                self.served(),
+                self.unavailable()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Lets the callers run to their 429s (at most 30 s); returns (served, 503s).
+    pub async fn finish(mut self) -> (usize, usize) {
+        self.release(tokio::sync::Semaphore::MAX_PERMITS / 2);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        for caller in std::mem::take(&mut self.callers) {
+            tokio::time::timeout_at(deadline, caller)
+                .await
+                .expect("callers end within 30 s")
+                .expect("caller task");
+        }
+        (self.served(), self.unavailable())
+    }
+}
