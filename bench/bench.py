@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,6 +81,35 @@ def rss_kib(pid, field):
     return 0
 
 
+class FileSizes:
+    """Samples the database and WAL file sizes every 20 ms while the load runs (peak kept)."""
+
+    def __init__(self, db_path):
+        self.db_path, self.wal_path = db_path, db_path + "-wal"
+        self.peak_wal = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    @staticmethod
+    def size(path):
+        try:
+            return os.path.getsize(path)
+        except OSError:
+            return 0
+
+    def run(self):
+        while not self.stop.wait(0.02):
+            self.peak_wal = max(self.peak_wal, self.size(self.wal_path))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_):
+        self.stop.set()
+        self.thread.join()
+
+
 def main():
     if not shutil.which("wrk"):
         sys.exit("wrk is required (bench/run.sh installs it)")
@@ -138,9 +168,14 @@ def main():
             ("/key 200 (durable, 10,000 keys)", f"{base}/key?feature=big_scrape", token),
         ]
         results = {name: [] for name, _, _ in cases}
-        for _ in range(ROUNDS):
-            for name, url, tok in cases:
-                results[name].append(wrk(url, tok))
+        with FileSizes(env["DB_PATH"]) as sizes:
+            for _ in range(ROUNDS):
+                for name, url, tok in cases:
+                    results[name].append(wrk(url, tok))
+        # The WAL right after the sustained load, then after a second without writes.
+        wal_after_load = sizes.size(sizes.wal_path)
+        time.sleep(1)
+        wal_after_idle, db_size = sizes.size(sizes.wal_path), sizes.size(sizes.db_path)
         peak_rss = rss_kib(server.pid, "VmHWM")
 
         # Invariants after load, through the API: every 200 was counted and audited.
@@ -176,6 +211,8 @@ def main():
     print(f"{'admin: last 1,000 key POSTs':34} {chunk_times[-1]:>10.2f} s   (last ÷ first = {chunk_times[-1] / chunk_times[0]:.2f})")
     print(f"{'peak RSS, 10,010 keys, 1,000 consumers':34} {peak_rss / 1024:>10.1f} MiB")
     print(f"{'serves delivered / counted / audited':34} {served} / {counted} / {audit_rows}")
+    mib = 1024 * 1024
+    print(f"{'WAL peak during load / after / +1 s idle':34} {sizes.peak_wal / mib:.1f} / {wal_after_load / mib:.1f} / {wal_after_idle / mib:.1f} MiB   (database {db_size / mib:.1f} MiB)")
     print(f"total run time {time.time() - started:.0f} s")
 
 

@@ -8,6 +8,7 @@ mod hrana_selftest;
 mod admin;
 mod bad_input;
 mod concurrency;
+mod disk_full;
 mod draw;
 mod durability;
 mod go_database;

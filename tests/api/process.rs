@@ -23,7 +23,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const CALLERS: usize = 32;
 
 /// A distinctive, random-looking string that cannot appear in a log by accident.
-fn distinctive(prefix: &str) -> String {
+pub(crate) fn distinctive(prefix: &str) -> String {
     format!(
         "{prefix}{}{}",
         uuid::Uuid::new_v4().simple(),
@@ -32,7 +32,7 @@ fn distinctive(prefix: &str) -> String {
 }
 
 /// A port that was free a moment ago (the binary binds 0.0.0.0 on it).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind 127.0.0.1:0 to find a free port")
         .local_addr()
@@ -41,15 +41,15 @@ fn free_port() -> u16 {
 }
 
 /// Kills (SIGKILL) and reaps the child when dropped, whatever happened to the test.
-struct ChildGuard(Child);
+pub(crate) struct ChildGuard(pub(crate) Child);
 
 impl ChildGuard {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.0.id()
     }
 
     /// Polls until the child exits or `timeout` passes.
-    async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+    pub(crate) async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.0.try_wait().expect("try_wait on the child") {
@@ -62,12 +62,12 @@ impl ChildGuard {
         }
     }
 
-    fn sigkill(&mut self) {
+    pub(crate) fn sigkill(&mut self) {
         self.0.kill().expect("SIGKILL the server");
         self.0.wait().expect("reap the killed server");
     }
 
-    fn sigterm(&self) {
+    pub(crate) fn sigterm(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status()
@@ -88,12 +88,12 @@ impl Drop for ChildGuard {
 }
 
 /// A running keypooler binary.
-struct Server {
-    child: ChildGuard,
-    base: String,
-    admin_token: String,
-    log: PathBuf,
-    client: reqwest::Client,
+pub(crate) struct Server {
+    pub(crate) child: ChildGuard,
+    pub(crate) base: String,
+    pub(crate) admin_token: String,
+    pub(crate) log: PathBuf,
+    pub(crate) client: reqwest::Client,
 }
 
 fn client() -> reqwest::Client {
@@ -104,7 +104,7 @@ fn client() -> reqwest::Client {
         .expect("reqwest client")
 }
 
-fn read_log(path: &Path) -> String {
+pub(crate) fn read_log(path: &Path) -> String {
     std::fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
@@ -113,7 +113,24 @@ fn read_log(path: &Path) -> String {
 /// Starts the binary with exactly `env` (plus ADMIN_TOKEN and SERVER_PORT), stdout and stderr
 /// appended to `log`, and waits until it answers `/admin/health` with our admin token (so a
 /// different server that happens to own the port cannot pass for ours). Retries on a port race.
-async fn start_server(env: &[(&str, &str)], admin_token: &str, log: &Path, cwd: &Path) -> Server {
+pub(crate) async fn start_server(
+    env: &[(&str, &str)],
+    admin_token: &str,
+    log: &Path,
+    cwd: &Path,
+) -> Server {
+    start_server_via(&[], env, admin_token, log, cwd).await
+}
+
+/// [`start_server`], the binary run through `launcher` (a command that ends by exec'ing its
+/// last argument, e.g. `nsenter … --`), so the child's pid is still the server's.
+pub(crate) async fn start_server_via(
+    launcher: &[&str],
+    env: &[(&str, &str)],
+    admin_token: &str,
+    log: &Path,
+    cwd: &Path,
+) -> Server {
     for attempt in 1..=3 {
         let port = free_port();
         let out = File::options()
@@ -122,7 +139,15 @@ async fn start_server(env: &[(&str, &str)], admin_token: &str, log: &Path, cwd: 
             .open(log)
             .expect("open the log file");
         let err = out.try_clone().expect("clone the log file handle");
-        let child = Command::new(BIN)
+        let mut command = match launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = command
             .env_clear()
             .envs(env.iter().copied())
             .env("ADMIN_TOKEN", admin_token)
@@ -173,11 +198,11 @@ async fn start_server(env: &[(&str, &str)], admin_token: &str, log: &Path, cwd: 
 }
 
 impl Server {
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: Method,
         path: &str,
@@ -204,7 +229,7 @@ impl Server {
     }
 
     /// An admin call that must answer `expected`; returns the body.
-    async fn admin(
+    pub(crate) async fn admin(
         &self,
         method: Method,
         path: &str,
@@ -218,7 +243,7 @@ impl Server {
         got
     }
 
-    async fn add_key(&self, body: Value) -> String {
+    pub(crate) async fn add_key(&self, body: Value) -> String {
         let created = self
             .admin(Method::POST, "/admin/keys", Some(body), StatusCode::CREATED)
             .await;
@@ -229,7 +254,7 @@ impl Server {
     }
 
     /// Creates a consumer scoped to `tier`; returns (id, token).
-    async fn consumer(&self, name: &str, tier: &str) -> (String, String) {
+    pub(crate) async fn consumer(&self, name: &str, tier: &str) -> (String, String) {
         let c = self
             .admin(
                 Method::POST,
@@ -252,7 +277,7 @@ impl Server {
     }
 
     /// SIGTERM, then the exit status within `timeout` (panics with the log if it does not exit).
-    async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+    pub(crate) async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         self.child.sigterm();
         match self.child.wait_exit(timeout).await {
             Some(status) => status,
@@ -458,7 +483,7 @@ async fn committed(db_path: &Path, key_ids: &[String]) -> (HashMap<String, KeyRo
     (rows, total)
 }
 
-fn quiet_env(db_path: &Path) -> Vec<(&'static str, String)> {
+pub(crate) fn quiet_env(db_path: &Path) -> Vec<(&'static str, String)> {
     vec![
         ("DB_PATH", db_path.display().to_string()),
         ("LOG_LEVEL", "warn".into()),
@@ -468,7 +493,7 @@ fn quiet_env(db_path: &Path) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn as_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+pub(crate) fn as_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     env.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
