@@ -6,6 +6,7 @@
 //! included; every wait is bounded.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -114,6 +115,17 @@ fn read_log(path: &Path) -> String {
 /// appended to `log`, and waits until it answers `/admin/health` with our admin token (so a
 /// different server that happens to own the port cannot pass for ours). Retries on a port race.
 async fn start_server(env: &[(&str, &str)], admin_token: &str, log: &Path, cwd: &Path) -> Server {
+    start_server_with(env, &[], admin_token, log, cwd).await
+}
+
+/// [`start_server`] with extra variables given as the OS holds them (they may not be UTF-8).
+async fn start_server_with(
+    env: &[(&str, &str)],
+    os_env: &[(OsString, OsString)],
+    admin_token: &str,
+    log: &Path,
+    cwd: &Path,
+) -> Server {
     for attempt in 1..=3 {
         let port = free_port();
         let out = File::options()
@@ -125,6 +137,7 @@ async fn start_server(env: &[(&str, &str)], admin_token: &str, log: &Path, cwd: 
         let child = Command::new(BIN)
             .env_clear()
             .envs(env.iter().copied())
+            .envs(os_env.iter().map(|(k, v)| (k, v)))
             .env("ADMIN_TOKEN", admin_token)
             .env("SERVER_PORT", port.to_string())
             .current_dir(cwd)
@@ -1039,62 +1052,11 @@ async fn bad_configuration_exits_nonzero_with_one_line_naming_the_variable() {
         ),
     ];
     for (var, vars, hidden) in cases {
-        let port = free_port().to_string();
-        let child = Command::new(BIN)
-            .env_clear()
-            .env("DB_PATH", &db)
-            .env("SERVER_PORT", &port)
-            .env("RUST_BACKTRACE", "1")
-            .envs(vars.iter().copied())
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the keypooler binary");
-        let mut child = ChildGuard(child);
-        let status = child
-            .wait_exit(Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|| {
-                panic!("{var}: a bad configuration must stop the binary, it kept running")
-            });
-        let mut stderr = String::new();
-        let mut stdout = String::new();
-        if let Some(mut e) = child.0.stderr.take() {
-            std::io::Read::read_to_string(&mut e, &mut stderr).expect("read stderr");
-        }
-        if let Some(mut o) = child.0.stdout.take() {
-            std::io::Read::read_to_string(&mut o, &mut stdout).expect("read stdout");
-        }
-        println!("{var} {vars:?}: {status}, stderr: {stderr:?}");
-        assert!(
-            matches!(status.code(), Some(c) if c != 0),
-            "{var}: exit code must be non-zero, got {status}"
-        );
-        let line = stderr.trim_end_matches(['\n', '\r']);
-        assert!(!line.trim().is_empty(), "{var}: stderr is empty");
-        assert!(
-            !line.contains('\n'),
-            "{var}: stderr must be one line, got {stderr:?}"
-        );
-        assert!(
-            line.contains(var),
-            "{var}: stderr must name the variable, got {stderr:?}"
-        );
-        for out in [&stderr, &stdout] {
-            assert!(!out.contains("panicked"), "{var}: panicked: {out}");
-            assert!(
-                !out.to_ascii_lowercase().contains("backtrace"),
-                "{var}: backtrace: {out}"
-            );
-        }
-        if let Some(value) = hidden {
-            assert!(
-                !stderr.contains(value) && !stdout.contains(value),
-                "{var}: the bad value is echoed: {stderr:?}"
-            );
-        }
+        let vars: Vec<(OsString, OsString)> = vars
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect();
+        assert_bad_configuration(dir.path(), &db, var, &vars, hidden.map(str::as_bytes)).await;
     }
     assert!(
         !dir.path().join("data").exists(),
@@ -1121,6 +1083,127 @@ async fn bad_configuration_exits_nonzero_with_one_line_naming_the_variable() {
         "SIGTERM exit: {exit}; log:\n{}",
         read_log(&log)
     );
+}
+
+/// Starts the binary with `vars` (plus DB_PATH and SERVER_PORT) and checks it stops with exit
+/// code 2 and one line on stderr naming `var`, no panic, and `hidden` (if any) echoed nowhere.
+async fn assert_bad_configuration(
+    cwd: &Path,
+    db: &str,
+    var: &str,
+    vars: &[(OsString, OsString)],
+    hidden: Option<&[u8]>,
+) {
+    let port = free_port().to_string();
+    let child = Command::new(BIN)
+        .env_clear()
+        .env("DB_PATH", db)
+        .env("SERVER_PORT", &port)
+        .env("RUST_BACKTRACE", "1")
+        .envs(vars.iter().map(|(k, v)| (k, v)))
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the keypooler binary");
+    let mut child = ChildGuard(child);
+    let status = child
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| {
+            panic!("{var}: a bad configuration must stop the binary, it kept running")
+        });
+    let mut stderr = Vec::new();
+    let mut stdout = Vec::new();
+    if let Some(mut e) = child.0.stderr.take() {
+        std::io::Read::read_to_end(&mut e, &mut stderr).expect("read stderr");
+    }
+    if let Some(mut o) = child.0.stdout.take() {
+        std::io::Read::read_to_end(&mut o, &mut stdout).expect("read stdout");
+    }
+    if let Some(value) = hidden {
+        for out in [&stderr, &stdout] {
+            assert!(
+                !out.windows(value.len()).any(|w| w == value),
+                "{var}: the bad value is echoed: {:?}",
+                String::from_utf8_lossy(out)
+            );
+        }
+    }
+    let stderr = String::from_utf8_lossy(&stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&stdout).into_owned();
+    println!("{var} {vars:?}: {status}, stderr: {stderr:?}");
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "{var}: a bad configuration exits 2, got {status}; stderr: {stderr:?}"
+    );
+    let line = stderr.trim_end_matches(['\n', '\r']);
+    assert!(!line.trim().is_empty(), "{var}: stderr is empty");
+    assert!(
+        !line.contains('\n'),
+        "{var}: stderr must be one line, got {stderr:?}"
+    );
+    assert!(
+        line.contains(var),
+        "{var}: stderr must name the variable, got {stderr:?}"
+    );
+    for out in [&stderr, &stdout] {
+        assert!(!out.contains("panicked"), "{var}: panicked: {out}");
+        assert!(
+            !out.to_ascii_lowercase().contains("backtrace"),
+            "{var}: backtrace: {out}"
+        );
+    }
+}
+
+fn non_utf8(bytes: &[u8]) -> OsString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::OsStr::from_bytes(bytes).to_os_string()
+}
+
+// Issue 7 item 6: a non-UTF-8 variable used to panic the binary at startup (`std::env::vars`).
+// One that is not ours must not matter; one of ours is one line naming it, exit 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_utf8_variables_are_ignored_unless_they_are_ours() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db_path = dir.path().join("data").join("pool.db");
+    let log = dir.path().join("server.log");
+    let unrelated = [
+        (OsString::from("LC_WEIRD"), non_utf8(b"caf\xe9-\xff")),
+        (non_utf8(b"NAME_\xff"), OsString::from("x")),
+    ];
+    let env = quiet_env(&db_path);
+    let mut server = start_server_with(
+        &as_refs(&env),
+        &unrelated,
+        &distinctive("adm-"),
+        &log,
+        dir.path(),
+    )
+    .await;
+    let (status, body) = server.call(Method::GET, "/health", None, None).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({ "status": "ok" })));
+    let exit = server.terminate(Duration::from_secs(15)).await;
+    assert!(
+        exit.success(),
+        "SIGTERM exit: {exit}; log:\n{}",
+        read_log(&log)
+    );
+
+    let db = db_path.display().to_string();
+    let secret = b"s3cret-\xff-token";
+    for (var, value) in [
+        ("ADMIN_TOKEN", &secret[..]),
+        ("ENCRYPTION_KEY", &secret[..]),
+        ("LOG_LEVEL", &b"info\xff"[..]),
+    ] {
+        let mut vars = vec![(OsString::from("ADMIN_TOKEN"), OsString::from("t0k"))];
+        vars.extend(unrelated.iter().cloned());
+        vars.push((OsString::from(var), non_utf8(value)));
+        assert_bad_configuration(dir.path(), &db, var, &vars, Some(b"s3cret")).await;
+    }
 }
 
 /// The remote driver at LOG_LEVEL=debug: the database token and URL never reach the log, even
