@@ -19,11 +19,11 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::Router;
+use axum::{Extension, Router};
 use tokio::net::TcpListener;
 
 use api::{AppState, HttpSettings, SharedState};
-use config::{Config, LogFormat};
+use config::{Config, LogFormat, StartupWarnings};
 use crypto::Sealer;
 use ledger::Ledger;
 use pool::Pool;
@@ -60,6 +60,12 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
         encryption = sealer.enabled(),
         "pool loaded"
     );
+    // A relative DB_PATH is resolved against the working directory; without one it stays
+    // relative, compares as outside any volume and so warns (the safe direction).
+    let warnings = config.startup_warnings(&std::env::current_dir().unwrap_or_default());
+    for warning in &warnings {
+        tracing::warn!("{warning}");
+    }
     let ledger = Ledger::start(db.clone());
     let state = Arc::new(AppState::new(pool, db, ledger, sealer, &config.admin_token));
     let router = api::router(
@@ -69,7 +75,8 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
             write_timeout: config.write_timeout,
             log_requests: config.log_requests,
         },
-    );
+    )
+    .layer(Extension(StartupWarnings(warnings.into())));
     Ok(App {
         state,
         router,

@@ -14,11 +14,11 @@ async fn health_is_public_and_ok() {
 async fn admin_health_counts_every_stored_key_and_reports_encryption() {
     let key = "ab".repeat(32);
     let app = spawn_app_with(&[("ENCRYPTION_KEY", &key)]).await;
-    assert_eq!(app.admin_get("/admin/health").await.body, json!({ "pool_size": 0, "encryption": true }));
+    assert_eq!(app.admin_get("/admin/health").await.body, json!({ "pool_size": 0, "encryption": true, "warnings": [] }));
     app.create_tier("t", &[("scrape", 5, 60)]).await;
     app.add_key(json!({ "name": "k1", "key": "v1", "tier": "t" })).await;
     app.add_key(json!({ "name": "k2", "key": "v2", "tier": "t", "usage_limit": 1 })).await;
-    assert_eq!(app.admin_get("/admin/health").await.body, json!({ "pool_size": 2, "encryption": true }));
+    assert_eq!(app.admin_get("/admin/health").await.body, json!({ "pool_size": 2, "encryption": true, "warnings": [] }));
     let unauth = app.get("/admin/health", None).await;
     assert_eq!(unauth.status, StatusCode::UNAUTHORIZED);
 }
@@ -34,6 +34,52 @@ async fn unknown_routes_and_wrong_methods_answer_json() {
     let r = app.admin_send(reqwest::Method::DELETE, "/admin/tiers", None).await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
 }
+}
+
+// Issue 7 item 10: on Railway, a SQLite file outside the service's volume is wiped by every
+// redeploy; `/admin/health` says so (and the startup log does too).
+#[tokio::test]
+async fn admin_health_warns_when_railway_would_wipe_the_database() {
+    let app = spawn_app_with(&[("RAILWAY_ENVIRONMENT", "production")]).await;
+    let warnings = app.admin_get("/admin/health").await.body["warnings"].clone();
+    let list = warnings.as_array().expect("warnings is a list");
+    assert_eq!(list.len(), 1, "{warnings}");
+    let text = list[0].as_str().expect("a warning is text");
+    let db_path = app.db_path.display().to_string();
+    assert!(
+        text.contains("redeploy")
+            && text.contains(&db_path)
+            && text.contains("RAILWAY_VOLUME_MOUNT_PATH"),
+        "{text}"
+    );
+
+    let elsewhere = app.dir.path().join("volume").display().to_string();
+    let app = spawn_app_with(&[
+        ("RAILWAY_ENVIRONMENT", "production"),
+        ("RAILWAY_VOLUME_MOUNT_PATH", &elsewhere),
+    ])
+    .await;
+    let body = app.admin_get("/admin/health").await.body;
+    assert!(
+        body["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains(&elsewhere)),
+        "{body}"
+    );
+
+    // The test's database lives in a temp dir under the system's temp folder: call that the volume.
+    let mount = std::env::temp_dir().display().to_string();
+    let app = spawn_app_with(&[
+        ("RAILWAY_ENVIRONMENT", "production"),
+        ("RAILWAY_VOLUME_MOUNT_PATH", &mount),
+    ])
+    .await;
+    assert!(app.db_path.starts_with(&mount), "{}", app.db_path.display());
+    assert_eq!(
+        app.admin_get("/admin/health").await.body["warnings"],
+        json!([]),
+        "the file is on the volume"
+    );
 }
 
 /// Reads until the server closes the connection; returns what it sent.
