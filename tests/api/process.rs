@@ -1264,3 +1264,122 @@ async fn the_database_token_and_url_never_appear_in_the_log() {
         "an Authorization header leaked:\n{text}"
     );
 }
+
+/// `id -u` of this process.
+fn own_uid() -> String {
+    let out = Command::new("id").arg("-u").output().expect("run `id -u`");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+// Issue 7 item 10: the container's entrypoint. Started as root, it hands the data folder and
+// the Railway volume (root-owned, like a freshly mounted one) to 10001:10001 and runs the
+// command as that user with no other groups; started as anyone else, it just runs the command.
+// Docker cannot run here, so the script is run directly with a fake data folder.
+#[test]
+fn the_container_entrypoint_hands_the_data_folder_to_uid_10001_then_drops_root() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/docker-entrypoint.sh");
+    let syntax = Command::new("sh")
+        .args(["-n", script])
+        .status()
+        .expect("run sh -n");
+    assert!(syntax.success(), "sh -n {script}: {syntax}");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("let uid 10001 into the temp dir");
+    let data = dir.path().join("app").join("data");
+    let volume = dir.path().join("volume");
+    std::fs::create_dir_all(volume.join("nested")).expect("volume folder");
+    std::fs::write(volume.join("nested").join("pool.db"), b"old").expect("a file on the volume");
+    let run = || {
+        let out = Command::new("sh")
+            .arg(script)
+            .args([
+                "sh",
+                "-c",
+                r#"id -u; id -g; id -G; touch "$0/written" "$1/written""#,
+            ])
+            .arg(&data)
+            .arg(&volume)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .env("KEYPOOLER_DATA_DIR", &data)
+            .env("RAILWAY_VOLUME_MOUNT_PATH", &volume)
+            .output()
+            .expect("run the entrypoint");
+        assert!(
+            out.status.success(),
+            "entrypoint failed: {}; stderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    let uid = own_uid();
+    if uid != "0" {
+        let loud = format!(
+            "!!! NOT RUN: the entrypoint's root path needs root (this test runs as uid {uid}); \
+             only its non-root path was checked !!!"
+        );
+        std::fs::create_dir_all(&data).expect("data folder");
+        let ids: Vec<String> = run().lines().map(str::to_string).collect();
+        assert_eq!(ids[0], uid, "not root: the command runs as is");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{loud} (CI=true: CI runs as root, so this must not happen there)"
+        );
+        eprintln!("{loud}");
+        return;
+    }
+    let out = run();
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["10001", "10001", "10001"],
+        "uid, gid and the only group of the command"
+    );
+    for path in [
+        data.clone(),
+        data.join("written"),
+        volume.clone(),
+        volume.join("nested"),
+        volume.join("nested").join("pool.db"),
+        volume.join("written"),
+    ] {
+        let meta = std::fs::metadata(&path).expect("the path exists");
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (10001, 10001),
+            "{} belongs to 10001:10001",
+            path.display()
+        );
+    }
+}
+
+// Issue 7 item 10: Railway refuses a Dockerfile with a VOLUME instruction (hadolint does not
+// flag one), and the image must start through the entrypoint that hands /app/data over.
+#[test]
+fn the_dockerfile_has_no_volume_and_starts_through_the_entrypoint() {
+    let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile"))
+        .expect("read the Dockerfile");
+    let instructions: Vec<String> = dockerfile
+        .lines()
+        .map(|l| l.trim_start().to_ascii_uppercase())
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    assert!(
+        !instructions.iter().any(|l| l.starts_with("VOLUME")),
+        "Railway refuses Dockerfiles with VOLUME"
+    );
+    assert!(
+        instructions
+            .iter()
+            .any(|l| l.starts_with("ENTRYPOINT") && l.contains("DOCKER-ENTRYPOINT.SH")),
+        "the image starts through docker-entrypoint.sh"
+    );
+    assert!(
+        dockerfile.contains("ENV DB_PATH=/app/data/pool.db"),
+        "the database lives in the folder the entrypoint hands over"
+    );
+}
