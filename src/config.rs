@@ -1,10 +1,11 @@
-//! Configuration from the environment (SPEC §2): envy reads raw strings, `validate` turns them
-//! into typed values once, and every failure is one line naming the variable and what is allowed.
+//! Configuration from the environment (SPEC §2): our variables are picked out of the raw
+//! (possibly non-UTF-8) environment, `validate` turns them into typed values once, and every
+//! failure is one line naming the variable and what is allowed.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
-
-use serde::Deserialize;
 
 use crate::secret::Secret;
 
@@ -62,7 +63,20 @@ pub struct Config {
     pub log_level: tracing::Level,
     pub log_format: LogFormat,
     pub log_requests: bool,
+    /// Present when running on Railway (`RAILWAY_ENVIRONMENT` set): platform facts, not settings.
+    pub railway: Option<Railway>,
 }
+
+/// What Railway tells the service about where it runs; read as given, never rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Railway {
+    /// `RAILWAY_VOLUME_MOUNT_PATH`: where the service's volume is mounted, if it has one.
+    pub volume_mount_path: Option<PathBuf>,
+}
+
+/// Problems found at startup that do not stop the service; logged and shown in `/admin/health`.
+#[derive(Clone, Debug, Default)]
+pub struct StartupWarnings(pub Arc<[String]>);
 
 /// A configuration problem: one line naming the variable and what is allowed.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +84,7 @@ pub struct Config {
 pub struct ConfigError(String);
 
 /// Exactly what the environment says, before validation.
-#[derive(Deserialize, Default)]
+#[derive(Default)]
 struct RawConfig {
     admin_token: Option<String>,
     encryption_key: Option<String>,
@@ -89,47 +103,135 @@ struct RawConfig {
     log_level: Option<String>,
     log_format: Option<String>,
     log_requests: Option<String>,
+    railway_environment: Option<OsString>,
+    railway_volume_mount_path: Option<OsString>,
+}
+
+impl RawConfig {
+    /// Where one of our variables goes; `None` for every other name.
+    fn slot(&mut self, name: &str) -> Option<&mut Option<String>> {
+        Some(match name {
+            "ADMIN_TOKEN" => &mut self.admin_token,
+            "ENCRYPTION_KEY" => &mut self.encryption_key,
+            "DATABASE_URL" => &mut self.database_url,
+            "DATABASE_AUTH_TOKEN" => &mut self.database_auth_token,
+            "DB_PATH" => &mut self.db_path,
+            "DB_MAX_OPEN_CONNS" => &mut self.db_max_open_conns,
+            "DB_BUSY_TIMEOUT_MS" => &mut self.db_busy_timeout_ms,
+            "DB_SYNCHRONOUS" => &mut self.db_synchronous,
+            "SERVER_PORT" => &mut self.server_port,
+            "PORT" => &mut self.port,
+            "SERVER_READ_TIMEOUT_SECONDS" => &mut self.server_read_timeout_seconds,
+            "SERVER_WRITE_TIMEOUT_SECONDS" => &mut self.server_write_timeout_seconds,
+            "SERVER_IDLE_TIMEOUT_SECONDS" => &mut self.server_idle_timeout_seconds,
+            "SERVER_SHUTDOWN_TIMEOUT_SECONDS" => &mut self.server_shutdown_timeout_seconds,
+            "LOG_LEVEL" => &mut self.log_level,
+            "LOG_FORMAT" => &mut self.log_format,
+            "LOG_REQUESTS" => &mut self.log_requests,
+            _ => return None,
+        })
+    }
 }
 
 impl Config {
-    /// Reads the process environment.
+    /// Reads the process environment, which may hold variables that are not UTF-8.
     pub fn from_env() -> Result<Config, ConfigError> {
-        Self::from_vars(std::env::vars())
+        Self::from_os_vars(std::env::vars_os())
     }
 
-    /// Reads the given variables (tests pass their own).
+    /// Reads the given UTF-8 variables (tests pass their own).
     pub fn from_vars<I>(vars: I) -> Result<Config, ConfigError>
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        // Non-UTF-8 or unrelated variables never reach envy; only ours are parsed.
-        let raw: RawConfig = envy::from_iter(vars.into_iter().filter(|(k, _)| is_ours(k)))
-            .map_err(|e| ConfigError(format!("invalid configuration: {e}")))?;
+        Self::from_os_vars(
+            vars.into_iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+        )
+    }
+
+    /// Reads the given variables as the OS holds them. Any variable that is not ours is
+    /// ignored whatever its bytes; one of ours that is not UTF-8 is an error naming it (its
+    /// bytes are never echoed: it may be a secret).
+    pub fn from_os_vars<I>(vars: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (OsString, OsString)>,
+    {
+        let mut raw = RawConfig::default();
+        for (name, value) in vars {
+            let Some(name) = name.to_str() else {
+                continue; // none of our names is anything but ASCII
+            };
+            match name {
+                "RAILWAY_ENVIRONMENT" => raw.railway_environment = Some(value),
+                "RAILWAY_VOLUME_MOUNT_PATH" => raw.railway_volume_mount_path = Some(value),
+                _ => {
+                    if let Some(slot) = raw.slot(name) {
+                        *slot = Some(value.into_string().map_err(|_| {
+                            ConfigError(format!(
+                                "invalid configuration: {name} is not valid UTF-8; set it to UTF-8 text"
+                            ))
+                        })?);
+                    }
+                }
+            }
+        }
         raw.validate()
+    }
+
+    /// Startup warnings about where the data lives; `cwd` resolves a relative `DB_PATH`.
+    pub fn startup_warnings(&self, cwd: &Path) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let (Some(railway), DatabaseConfig::Local { path }) = (&self.railway, &self.database) {
+            warnings.extend(railway_storage_warning(railway, path, cwd));
+        }
+        warnings
     }
 }
 
-fn is_ours(name: &str) -> bool {
-    matches!(
-        name,
-        "ADMIN_TOKEN"
-            | "ENCRYPTION_KEY"
-            | "DATABASE_URL"
-            | "DATABASE_AUTH_TOKEN"
-            | "DB_PATH"
-            | "DB_MAX_OPEN_CONNS"
-            | "DB_BUSY_TIMEOUT_MS"
-            | "DB_SYNCHRONOUS"
-            | "SERVER_PORT"
-            | "PORT"
-            | "SERVER_READ_TIMEOUT_SECONDS"
-            | "SERVER_WRITE_TIMEOUT_SECONDS"
-            | "SERVER_IDLE_TIMEOUT_SECONDS"
-            | "SERVER_SHUTDOWN_TIMEOUT_SECONDS"
-            | "LOG_LEVEL"
-            | "LOG_FORMAT"
-            | "LOG_REQUESTS"
-    )
+/// On Railway only a volume outlives a redeploy: a SQLite file anywhere else is lost with
+/// every new deployment, silently, so say so loudly and say how to fix it.
+fn railway_storage_warning(railway: &Railway, db_path: &Path, cwd: &Path) -> Option<String> {
+    let db_file = absolute(db_path, cwd);
+    let folder = db_file.parent().map_or_else(
+        || db_file.display().to_string(),
+        |p| p.display().to_string(),
+    );
+    match &railway.volume_mount_path {
+        Some(mount) if db_file.starts_with(absolute(mount, cwd)) => None,
+        Some(mount) => Some(format!(
+            "DATA LOSS AHEAD: running on Railway with the SQLite file {} outside the service's volume \
+             (RAILWAY_VOLUME_MOUNT_PATH={}); every redeploy starts from an empty filesystem and wipes \
+             the pool (keys, consumers, usage). Fix: mount the volume at {folder}, or set DB_PATH to a \
+             file under {}",
+            db_file.display(),
+            mount.display(),
+            mount.display(),
+        )),
+        None => Some(format!(
+            "DATA LOSS AHEAD: running on Railway with the SQLite file {} and no volume \
+             (RAILWAY_VOLUME_MOUNT_PATH is unset); every redeploy starts from an empty filesystem and \
+             wipes the pool (keys, consumers, usage). Fix: add a volume mounted at {folder} (the \
+             DB_PATH folder), or use a remote database (DATABASE_URL)",
+            db_file.display(),
+        )),
+    }
+}
+
+/// `path` made absolute against `cwd`, with `.` and `..` resolved lexically (symlinks are not
+/// followed: the file may not exist yet).
+fn absolute(path: &Path, cwd: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for part in cwd.join(path).components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Empty means unset, so `SERVER_PORT=` falls back to the default like a missing variable.
@@ -321,6 +423,15 @@ impl RawConfig {
             log_level,
             log_format,
             log_requests,
+            railway: self
+                .railway_environment
+                .filter(|env| !env.is_empty())
+                .map(|_| Railway {
+                    volume_mount_path: self
+                        .railway_volume_mount_path
+                        .filter(|p| !p.is_empty())
+                        .map(PathBuf::from),
+                }),
         })
     }
 }
@@ -475,6 +586,134 @@ mod tests {
             assert!(e.contains("ENCRYPTION_KEY") && e.contains("64 hex"), "{e}");
             assert!(!e.contains(bad_key));
         }
+    }
+
+    fn os(bytes: &[u8]) -> OsString {
+        use std::os::unix::ffi::OsStrExt;
+        std::ffi::OsStr::from_bytes(bytes).to_os_string()
+    }
+
+    // Issue 7 item 6: a non-UTF-8 variable that is not ours is ignored, name or value.
+    #[test]
+    fn unrelated_variables_that_are_not_utf8_are_ignored() {
+        let c = Config::from_os_vars([
+            (os(b"ADMIN_TOKEN"), os(b"t0ken")),
+            (os(b"LANG_\xff"), os(b"x")),
+            (os(b"OTHER"), os(b"caf\xe9")),
+            (os(b"SERVER_PORT"), os(b"9000")),
+        ])
+        .expect("unrelated non-UTF-8 variables do not matter");
+        assert_eq!(c.port, 9000);
+    }
+
+    // Issue 7 item 6: one of ours that is not UTF-8 is one line naming it, its bytes not shown.
+    #[test]
+    fn our_variable_that_is_not_utf8_is_named_and_not_echoed() {
+        for var in ["ADMIN_TOKEN", "ENCRYPTION_KEY", "DB_PATH", "LOG_LEVEL"] {
+            let mut vars = vec![(os(b"ADMIN_TOKEN"), os(b"t0ken"))];
+            vars.push((os(var.as_bytes()), os(b"sekret\xff\xfe")));
+            let e = Config::from_os_vars(vars).unwrap_err().to_string();
+            assert!(e.contains(var) && e.contains("UTF-8"), "{var}: {e}");
+            assert!(!e.contains("sekret") && !e.contains('\n'), "{var}: {e}");
+        }
+    }
+
+    fn warnings(pairs: &[(&str, &str)], cwd: &str) -> Vec<String> {
+        let mut vars = vec![("ADMIN_TOKEN", "t")];
+        vars.extend_from_slice(pairs);
+        cfg(&vars).unwrap().startup_warnings(Path::new(cwd))
+    }
+
+    // Issue 7 item 10: SQLite outside the Railway volume is lost on every redeploy.
+    #[test]
+    fn railway_without_the_database_on_its_volume_warns() {
+        let on_railway = ("RAILWAY_ENVIRONMENT", "production");
+        assert!(warnings(&[], "/app").is_empty(), "not on Railway");
+        assert!(
+            warnings(
+                &[("DATABASE_URL", "libsql://db.example.io"), on_railway],
+                "/app"
+            )
+            .is_empty(),
+            "remote data survives a redeploy"
+        );
+        for (vars, cwd) in [
+            (vec![on_railway], "/app"),
+            (
+                vec![on_railway, ("RAILWAY_VOLUME_MOUNT_PATH", "/app/data2")],
+                "/app",
+            ),
+            (
+                vec![on_railway, ("RAILWAY_VOLUME_MOUNT_PATH", "/data")],
+                "/app",
+            ),
+            (
+                vec![
+                    on_railway,
+                    ("RAILWAY_VOLUME_MOUNT_PATH", "/app/data"),
+                    ("DB_PATH", "/app/data/../pool.db"),
+                ],
+                "/",
+            ),
+        ] {
+            let w = warnings(&vars, cwd);
+            assert_eq!(w.len(), 1, "{vars:?}: {w:?}");
+            assert!(
+                w[0].contains("Railway") && w[0].contains("redeploy") && w[0].contains("DB_PATH"),
+                "{w:?}"
+            );
+        }
+        let w = warnings(&[on_railway], "/app");
+        assert!(
+            w[0].contains("/app/data/pool.db") && w[0].contains("volume mounted at /app/data"),
+            "{w:?}"
+        );
+        for (vars, cwd) in [
+            (
+                vec![on_railway, ("RAILWAY_VOLUME_MOUNT_PATH", "/app/data")],
+                "/app",
+            ),
+            (
+                vec![on_railway, ("RAILWAY_VOLUME_MOUNT_PATH", "/app/data/")],
+                "/app",
+            ),
+            (
+                vec![on_railway, ("RAILWAY_VOLUME_MOUNT_PATH", "/app")],
+                "/app",
+            ),
+            (
+                vec![
+                    on_railway,
+                    ("RAILWAY_VOLUME_MOUNT_PATH", "/data"),
+                    ("DB_PATH", "../data/./kp/pool.db"),
+                ],
+                "/app",
+            ),
+        ] {
+            assert!(warnings(&vars, cwd).is_empty(), "{vars:?} is on the volume");
+        }
+    }
+
+    #[test]
+    fn railway_facts_are_read_whatever_their_bytes() {
+        let c = Config::from_os_vars([
+            (os(b"ADMIN_TOKEN"), os(b"t")),
+            (os(b"RAILWAY_ENVIRONMENT"), os(b"prod\xff")),
+            (os(b"RAILWAY_VOLUME_MOUNT_PATH"), os(b"/vol\xff")),
+        ])
+        .expect("platform facts never stop startup");
+        assert_eq!(
+            c.railway,
+            Some(Railway {
+                volume_mount_path: Some(PathBuf::from(os(b"/vol\xff")))
+            })
+        );
+        assert_eq!(
+            cfg(&[("ADMIN_TOKEN", "t"), ("RAILWAY_ENVIRONMENT", "")])
+                .unwrap()
+                .railway,
+            None
+        );
     }
 
     #[test]

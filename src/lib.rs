@@ -16,13 +16,14 @@ pub mod store;
 pub mod timestamp;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::Router;
+use axum::{Extension, Router};
 use tokio::net::TcpListener;
 
 use api::{AppState, HttpSettings, SharedState};
-use config::{Config, LogFormat};
+use config::{Config, LogFormat, StartupWarnings};
 use crypto::Sealer;
 use ledger::Ledger;
 use pool::Pool;
@@ -59,6 +60,12 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
         encryption = sealer.enabled(),
         "pool loaded"
     );
+    // A relative DB_PATH is resolved against the working directory; without one it stays
+    // relative, compares as outside any volume and so warns (the safe direction).
+    let warnings = config.startup_warnings(&std::env::current_dir().unwrap_or_default());
+    for warning in &warnings {
+        tracing::warn!("{warning}");
+    }
     let ledger = Ledger::start(db.clone());
     let state = Arc::new(AppState::new(pool, db, ledger, sealer, &config.admin_token));
     let router = api::router(
@@ -68,7 +75,8 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
             write_timeout: config.write_timeout,
             log_requests: config.log_requests,
         },
-    );
+    )
+    .layer(Extension(StartupWarnings(warnings.into())));
     Ok(App {
         state,
         router,
@@ -82,6 +90,12 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
 /// HTTP/1.1 with keep-alive; a connection waiting longer than `SERVER_IDLE_TIMEOUT_SECONDS`
 /// for the headers of its next request is closed (hyper's header-read timer, which also
 /// bounds slow headers); request bodies and handlers have their own limits in the router.
+///
+/// On shutdown every connection is closed at once unless a request is being handled on it:
+/// one that never handed us a request (idle, or still sending its first headers) is dropped —
+/// nothing was ever answered on it, so nothing can be lost; every other one is told to shut
+/// down gracefully, which hyper does at once when it sits between requests (idle, or partway
+/// through the headers of its next one) and after the response otherwise.
 pub async fn serve<F>(listener: TcpListener, app: App, shutdown: F) -> std::io::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
@@ -94,7 +108,9 @@ where
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(idle_timeout);
-    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    // `true` once shutdown began; each connection holds a receiver, so `closed()` on the
+    // sender resolves when the last connection is gone.
+    let (stopping, _) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -110,21 +126,61 @@ where
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let connection =
-            connections.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        let handed_a_request = Arc::new(AtomicBool::new(false));
+        let service = MarkRequests {
+            inner: hyper_util::service::TowerToHyperService::new(router.clone()),
+            handed_a_request: handed_a_request.clone(),
+        };
+        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let mut stop = stopping.subscribe();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
+                    // Checked between polls of this connection, so hyper cannot be halfway
+                    // through handing a request over.
+                    if !handed_a_request.load(Ordering::Acquire) {
+                        return;
+                    }
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(stop);
         });
     }
     drop(listener);
-    connections.shutdown().await;
+    stopping.send_replace(true);
+    stopping.closed().await;
     state.ledger.shutdown().await;
     state.db.close().await;
     tracing::info!("stopped with nothing pending");
     Ok(())
+}
+
+/// Records that hyper handed its connection a request (it calls the service as soon as a
+/// request's headers are parsed, before any of the request is handled).
+struct MarkRequests<S> {
+    inner: S,
+    handed_a_request: Arc<AtomicBool>,
+}
+
+impl<S, R> hyper::service::Service<R> for MarkRequests<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, request: R) -> S::Future {
+        self.handed_a_request.store(true, Ordering::Release);
+        self.inner.call(request)
+    }
 }
 
 /// Logs go to stdout as JSON (or compact text with `pretty`). Dependencies that could print

@@ -1,5 +1,7 @@
 //! Extractors whose rejections use the API's own `{"error"}` shape.
 
+use std::time::Duration;
+
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -9,14 +11,31 @@ use serde::{Deserialize, Deserializer};
 
 use crate::error::ApiError;
 
-/// A JSON body of any content type; malformed → 400, over 1 MiB → 413.
+/// `SERVER_READ_TIMEOUT_SECONDS`, as a request extension: the longest reading a whole request
+/// body may take, from when the handler starts reading it.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadTimeout(pub Duration);
+
+/// A JSON body of any content type; malformed → 400, over 1 MiB → 413, not all received
+/// within the read timeout → 408 (however steadily it trickles in).
 pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        let limit = req.extensions().get::<ReadTimeout>().copied();
+        let read = Bytes::from_request(req, state);
+        let read = match limit {
+            Some(ReadTimeout(limit)) => tokio::time::timeout(limit, read).await.map_err(|_| {
+                ApiError::RequestTimeout(format!(
+                    "the request body did not arrive within {} s (SERVER_READ_TIMEOUT_SECONDS)",
+                    limit.as_secs()
+                ))
+            })?,
+            None => read.await,
+        };
+        let bytes = read.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge
             } else {

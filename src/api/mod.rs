@@ -17,7 +17,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
-use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::crypto::Sealer;
 use crate::error::ApiError;
@@ -93,7 +92,7 @@ pub fn router(state: SharedState, settings: HttpSettings) -> Router {
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(RequestBodyTimeoutLayer::new(settings.read_timeout))
+        .layer(axum::Extension(extract::ReadTimeout(settings.read_timeout)))
         .layer(middleware::from_fn(
             move |req: Request, next: Next| async move {
                 match tokio::time::timeout(write_timeout, next.run(req)).await {

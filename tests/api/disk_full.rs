@@ -208,13 +208,13 @@ impl Disk {
         match self {
             Disk::Tmpfs { nsenter, .. } => {
                 let launcher: Vec<&str> = nsenter.iter().map(String::as_str).collect();
-                start_server_via(&launcher, env, admin, log, cwd).await
+                start_server_via(&launcher, env, &[], admin, log, cwd).await
             }
             Disk::Rlimit { sh, pid, .. } => {
                 // Growing a file past the limit must fail the write, not kill the process.
                 let sh = sh.display().to_string();
                 let launcher = [sh.as_str(), "-c", "trap '' XFSZ; exec \"$0\""];
-                let server = start_server_via(&launcher, env, admin, log, cwd).await;
+                let server = start_server_via(&launcher, env, &[], admin, log, cwd).await;
                 *pid = Some(server.child.pid());
                 server
             }

@@ -663,7 +663,7 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
     let health = app.admin_get("/admin/health").await;
     assert_eq!(
         health.body,
-        json!({ "pool_size": 7, "encryption": true }),
+        json!({ "pool_size": 7, "encryption": true, "warnings": [] }),
         "{}",
         health.text
     );
@@ -1036,7 +1036,7 @@ async fn go_database_without_the_encryption_key_starts_and_never_serves_sealed_k
     let health = app.admin_get("/admin/health").await;
     assert_eq!(
         health.body,
-        json!({ "pool_size": 7, "encryption": false }),
+        json!({ "pool_size": 7, "encryption": false, "warnings": [] }),
         "{}",
         health.text
     );

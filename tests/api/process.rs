@@ -6,6 +6,7 @@
 //! included; every wait is bounded.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -119,7 +120,18 @@ pub(crate) async fn start_server(
     log: &Path,
     cwd: &Path,
 ) -> Server {
-    start_server_via(&[], env, admin_token, log, cwd).await
+    start_server_via(&[], env, &[], admin_token, log, cwd).await
+}
+
+/// [`start_server`] with extra variables given as the OS holds them (they may not be UTF-8).
+async fn start_server_with(
+    env: &[(&str, &str)],
+    os_env: &[(OsString, OsString)],
+    admin_token: &str,
+    log: &Path,
+    cwd: &Path,
+) -> Server {
+    start_server_via(&[], env, os_env, admin_token, log, cwd).await
 }
 
 /// [`start_server`], the binary run through `launcher` (a command that ends by exec'ing its
@@ -127,6 +139,7 @@ pub(crate) async fn start_server(
 pub(crate) async fn start_server_via(
     launcher: &[&str],
     env: &[(&str, &str)],
+    os_env: &[(OsString, OsString)],
     admin_token: &str,
     log: &Path,
     cwd: &Path,
@@ -150,6 +163,7 @@ pub(crate) async fn start_server_via(
         let child = command
             .env_clear()
             .envs(env.iter().copied())
+            .envs(os_env.iter().map(|(k, v)| (k, v)))
             .env("ADMIN_TOKEN", admin_token)
             .env("SERVER_PORT", port.to_string())
             .current_dir(cwd)
@@ -1064,62 +1078,11 @@ async fn bad_configuration_exits_nonzero_with_one_line_naming_the_variable() {
         ),
     ];
     for (var, vars, hidden) in cases {
-        let port = free_port().to_string();
-        let child = Command::new(BIN)
-            .env_clear()
-            .env("DB_PATH", &db)
-            .env("SERVER_PORT", &port)
-            .env("RUST_BACKTRACE", "1")
-            .envs(vars.iter().copied())
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the keypooler binary");
-        let mut child = ChildGuard(child);
-        let status = child
-            .wait_exit(Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|| {
-                panic!("{var}: a bad configuration must stop the binary, it kept running")
-            });
-        let mut stderr = String::new();
-        let mut stdout = String::new();
-        if let Some(mut e) = child.0.stderr.take() {
-            std::io::Read::read_to_string(&mut e, &mut stderr).expect("read stderr");
-        }
-        if let Some(mut o) = child.0.stdout.take() {
-            std::io::Read::read_to_string(&mut o, &mut stdout).expect("read stdout");
-        }
-        println!("{var} {vars:?}: {status}, stderr: {stderr:?}");
-        assert!(
-            matches!(status.code(), Some(c) if c != 0),
-            "{var}: exit code must be non-zero, got {status}"
-        );
-        let line = stderr.trim_end_matches(['\n', '\r']);
-        assert!(!line.trim().is_empty(), "{var}: stderr is empty");
-        assert!(
-            !line.contains('\n'),
-            "{var}: stderr must be one line, got {stderr:?}"
-        );
-        assert!(
-            line.contains(var),
-            "{var}: stderr must name the variable, got {stderr:?}"
-        );
-        for out in [&stderr, &stdout] {
-            assert!(!out.contains("panicked"), "{var}: panicked: {out}");
-            assert!(
-                !out.to_ascii_lowercase().contains("backtrace"),
-                "{var}: backtrace: {out}"
-            );
-        }
-        if let Some(value) = hidden {
-            assert!(
-                !stderr.contains(value) && !stdout.contains(value),
-                "{var}: the bad value is echoed: {stderr:?}"
-            );
-        }
+        let vars: Vec<(OsString, OsString)> = vars
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect();
+        assert_bad_configuration(dir.path(), &db, var, &vars, hidden.map(str::as_bytes)).await;
     }
     assert!(
         !dir.path().join("data").exists(),
@@ -1146,6 +1109,127 @@ async fn bad_configuration_exits_nonzero_with_one_line_naming_the_variable() {
         "SIGTERM exit: {exit}; log:\n{}",
         read_log(&log)
     );
+}
+
+/// Starts the binary with `vars` (plus DB_PATH and SERVER_PORT) and checks it stops with exit
+/// code 2 and one line on stderr naming `var`, no panic, and `hidden` (if any) echoed nowhere.
+async fn assert_bad_configuration(
+    cwd: &Path,
+    db: &str,
+    var: &str,
+    vars: &[(OsString, OsString)],
+    hidden: Option<&[u8]>,
+) {
+    let port = free_port().to_string();
+    let child = Command::new(BIN)
+        .env_clear()
+        .env("DB_PATH", db)
+        .env("SERVER_PORT", &port)
+        .env("RUST_BACKTRACE", "1")
+        .envs(vars.iter().map(|(k, v)| (k, v)))
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the keypooler binary");
+    let mut child = ChildGuard(child);
+    let status = child
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| {
+            panic!("{var}: a bad configuration must stop the binary, it kept running")
+        });
+    let mut stderr = Vec::new();
+    let mut stdout = Vec::new();
+    if let Some(mut e) = child.0.stderr.take() {
+        std::io::Read::read_to_end(&mut e, &mut stderr).expect("read stderr");
+    }
+    if let Some(mut o) = child.0.stdout.take() {
+        std::io::Read::read_to_end(&mut o, &mut stdout).expect("read stdout");
+    }
+    if let Some(value) = hidden {
+        for out in [&stderr, &stdout] {
+            assert!(
+                !out.windows(value.len()).any(|w| w == value),
+                "{var}: the bad value is echoed: {:?}",
+                String::from_utf8_lossy(out)
+            );
+        }
+    }
+    let stderr = String::from_utf8_lossy(&stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&stdout).into_owned();
+    println!("{var} {vars:?}: {status}, stderr: {stderr:?}");
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "{var}: a bad configuration exits 2, got {status}; stderr: {stderr:?}"
+    );
+    let line = stderr.trim_end_matches(['\n', '\r']);
+    assert!(!line.trim().is_empty(), "{var}: stderr is empty");
+    assert!(
+        !line.contains('\n'),
+        "{var}: stderr must be one line, got {stderr:?}"
+    );
+    assert!(
+        line.contains(var),
+        "{var}: stderr must name the variable, got {stderr:?}"
+    );
+    for out in [&stderr, &stdout] {
+        assert!(!out.contains("panicked"), "{var}: panicked: {out}");
+        assert!(
+            !out.to_ascii_lowercase().contains("backtrace"),
+            "{var}: backtrace: {out}"
+        );
+    }
+}
+
+fn non_utf8(bytes: &[u8]) -> OsString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::OsStr::from_bytes(bytes).to_os_string()
+}
+
+// Issue 7 item 6: a non-UTF-8 variable used to panic the binary at startup (`std::env::vars`).
+// One that is not ours must not matter; one of ours is one line naming it, exit 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_utf8_variables_are_ignored_unless_they_are_ours() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db_path = dir.path().join("data").join("pool.db");
+    let log = dir.path().join("server.log");
+    let unrelated = [
+        (OsString::from("LC_WEIRD"), non_utf8(b"caf\xe9-\xff")),
+        (non_utf8(b"NAME_\xff"), OsString::from("x")),
+    ];
+    let env = quiet_env(&db_path);
+    let mut server = start_server_with(
+        &as_refs(&env),
+        &unrelated,
+        &distinctive("adm-"),
+        &log,
+        dir.path(),
+    )
+    .await;
+    let (status, body) = server.call(Method::GET, "/health", None, None).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({ "status": "ok" })));
+    let exit = server.terminate(Duration::from_secs(15)).await;
+    assert!(
+        exit.success(),
+        "SIGTERM exit: {exit}; log:\n{}",
+        read_log(&log)
+    );
+
+    let db = db_path.display().to_string();
+    let secret = b"s3cret-\xff-token";
+    for (var, value) in [
+        ("ADMIN_TOKEN", &secret[..]),
+        ("ENCRYPTION_KEY", &secret[..]),
+        ("LOG_LEVEL", &b"info\xff"[..]),
+    ] {
+        let mut vars = vec![(OsString::from("ADMIN_TOKEN"), OsString::from("t0k"))];
+        vars.extend(unrelated.iter().cloned());
+        vars.push((OsString::from(var), non_utf8(value)));
+        assert_bad_configuration(dir.path(), &db, var, &vars, Some(b"s3cret")).await;
+    }
 }
 
 /// The remote driver at LOG_LEVEL=debug: the database token and URL never reach the log, even
@@ -1204,5 +1288,124 @@ async fn the_database_token_and_url_never_appear_in_the_log() {
     assert!(
         !text.contains("Bearer"),
         "an Authorization header leaked:\n{text}"
+    );
+}
+
+/// `id -u` of this process.
+fn own_uid() -> String {
+    let out = Command::new("id").arg("-u").output().expect("run `id -u`");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+// Issue 7 item 10: the container's entrypoint. Started as root, it hands the data folder and
+// the Railway volume (root-owned, like a freshly mounted one) to 10001:10001 and runs the
+// command as that user with no other groups; started as anyone else, it just runs the command.
+// Docker cannot run here, so the script is run directly with a fake data folder.
+#[test]
+fn the_container_entrypoint_hands_the_data_folder_to_uid_10001_then_drops_root() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/docker-entrypoint.sh");
+    let syntax = Command::new("sh")
+        .args(["-n", script])
+        .status()
+        .expect("run sh -n");
+    assert!(syntax.success(), "sh -n {script}: {syntax}");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("let uid 10001 into the temp dir");
+    let data = dir.path().join("app").join("data");
+    let volume = dir.path().join("volume");
+    std::fs::create_dir_all(volume.join("nested")).expect("volume folder");
+    std::fs::write(volume.join("nested").join("pool.db"), b"old").expect("a file on the volume");
+    let run = || {
+        let out = Command::new("sh")
+            .arg(script)
+            .args([
+                "sh",
+                "-c",
+                r#"id -u; id -g; id -G; touch "$0/written" "$1/written""#,
+            ])
+            .arg(&data)
+            .arg(&volume)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .env("KEYPOOLER_DATA_DIR", &data)
+            .env("RAILWAY_VOLUME_MOUNT_PATH", &volume)
+            .output()
+            .expect("run the entrypoint");
+        assert!(
+            out.status.success(),
+            "entrypoint failed: {}; stderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    let uid = own_uid();
+    if uid != "0" {
+        let loud = format!(
+            "!!! NOT RUN: the entrypoint's root path needs root (this test runs as uid {uid}); \
+             only its non-root path was checked !!!"
+        );
+        std::fs::create_dir_all(&data).expect("data folder");
+        let ids: Vec<String> = run().lines().map(str::to_string).collect();
+        assert_eq!(ids[0], uid, "not root: the command runs as is");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{loud} (CI=true: CI runs as root, so this must not happen there)"
+        );
+        eprintln!("{loud}");
+        return;
+    }
+    let out = run();
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["10001", "10001", "10001"],
+        "uid, gid and the only group of the command"
+    );
+    for path in [
+        data.clone(),
+        data.join("written"),
+        volume.clone(),
+        volume.join("nested"),
+        volume.join("nested").join("pool.db"),
+        volume.join("written"),
+    ] {
+        let meta = std::fs::metadata(&path).expect("the path exists");
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (10001, 10001),
+            "{} belongs to 10001:10001",
+            path.display()
+        );
+    }
+}
+
+// Issue 7 item 10: Railway refuses a Dockerfile with a VOLUME instruction (hadolint does not
+// flag one), and the image must start through the entrypoint that hands /app/data over.
+#[test]
+fn the_dockerfile_has_no_volume_and_starts_through_the_entrypoint() {
+    let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile"))
+        .expect("read the Dockerfile");
+    let instructions: Vec<String> = dockerfile
+        .lines()
+        .map(|l| l.trim_start().to_ascii_uppercase())
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    assert!(
+        !instructions.iter().any(|l| l.starts_with("VOLUME")),
+        "Railway refuses Dockerfiles with VOLUME"
+    );
+    assert!(
+        instructions
+            .iter()
+            .any(|l| l.starts_with("ENTRYPOINT") && l.contains("DOCKER-ENTRYPOINT.SH")),
+        "the image starts through docker-entrypoint.sh"
+    );
+    assert!(
+        dockerfile.contains("ENV DB_PATH=/app/data/pool.db"),
+        "the database lives in the folder the entrypoint hands over"
     );
 }
