@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+use super::write::WriteMarker;
 use super::SharedState;
 use crate::error::ApiError;
 use crate::pool::{Caller, Draw};
@@ -28,6 +29,7 @@ struct Served<'a> {
 pub async fn draw_key(
     caller: Caller,
     State(state): State<SharedState>,
+    marker: WriteMarker,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let feature = Query::<FeatureQuery>::try_from_uri(&uri)
@@ -41,6 +43,13 @@ pub async fn draw_key(
             )
         })?;
 
+    // From the draw on, the write timeout no longer answers: a serve counted here is answered
+    // after its commit (200, or 503 with its count given back), never cut off in between.
+    if !marker.begin_write() {
+        return Err(ApiError::Unavailable(
+            "request timed out; nothing was changed".into(),
+        ));
+    }
     let ledger = &state.ledger;
     // Microseconds: the precision the database keeps, so memory and rows agree exactly.
     let now = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
