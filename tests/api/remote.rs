@@ -576,3 +576,106 @@ async fn an_admin_write_of_unknown_outcome_answers_503_and_memory_follows_the_da
     }
     assert_eq!(app.count("SELECT COUNT(*) FROM consumers").await, 1);
 }
+
+// Issue 7: the re-send queue of serves whose commit outcome is unknown is bounded. At the
+// bound, new serves are refused definitively (nothing counted) until the backlog drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_uncertain_backlog_bound_new_serves_are_refused_and_not_counted() {
+    use keypooler::ledger::{BacklogLimits, Ledger};
+    use keypooler::model::{FeatureLimit, KeyRecord, TierRecord};
+    use keypooler::pool::{Caller, Draw, Pool};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let server = HranaServer::start(&dir.path().join("remote.db"), None).await;
+    let db = keypooler::store::Db::open(&config(&server.url(), None))
+        .await
+        .expect("db");
+    let tier = TierRecord {
+        id: "tier-1".into(),
+        name: "t".into(),
+        description: String::new(),
+        features: [(
+            "scrape".to_string(),
+            FeatureLimit {
+                rate_limit: 1000,
+                window_seconds: 3600,
+            },
+        )]
+        .into(),
+    };
+    db.create_tier(&tier).await.expect("tier");
+    let key = KeyRecord {
+        id: "key-1".into(),
+        name: "k".into(),
+        sealed_value: "v".into(),
+        tier_id: "tier-1".into(),
+        is_active: true,
+        expires_at: None,
+        usage_limit: None,
+        usage_count: 0,
+        usage_window_seconds: None,
+        usage_window_start: None,
+        metadata_json: "{}".into(),
+        created_at: None,
+        secrets: Vec::new(),
+    };
+    db.create_key(&key).await.expect("key");
+    let sealer = keypooler::crypto::Sealer::new(None);
+    let pool = Pool::load(db.load_snapshot().await.expect("snapshot"), &sealer);
+    let ledger = Ledger::start_with_limits(
+        db.clone(),
+        BacklogLimits {
+            max_serves: 2,
+            max_bytes: usize::MAX,
+        },
+    );
+    let serve = || async {
+        let now = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
+        match pool.draw(&Caller::Admin, "scrape", now, |r| ledger.submit(r)) {
+            Draw::Served(pending) => pending.committed().await.is_ok(),
+            _ => panic!("the key can always serve"),
+        }
+    };
+    let counted = || pool.key("key-1").expect("key").stored_usage().count;
+
+    // Every COMMIT lands but its answer is lost: each serve is uncertain and stays counted.
+    server.lose_commit_answers(u64::MAX);
+    assert!(!serve().await);
+    assert!(!serve().await);
+    assert_eq!(counted(), 2);
+    // The backlog holds two serves: the bound. The next ones are refused and given back.
+    for _ in 0..3 {
+        assert!(!serve().await);
+        assert_eq!(counted(), 2, "a refused serve is not counted");
+    }
+    // The database answers again: the backlog is confirmed by its next re-send, then serves flow.
+    server.lose_commit_answers(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !serve().await {
+        assert!(Instant::now() < deadline, "the backlog never drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(counted(), 3);
+    ledger.shutdown().await;
+    let conn = libsql::Builder::new_remote(server.url(), String::new())
+        .build()
+        .await
+        .expect("libsql")
+        .connect()
+        .expect("connect");
+    let mut rows = conn
+        .query(
+            "SELECT (SELECT usage_count FROM keys), (SELECT COUNT(*) FROM usage_events)",
+            (),
+        )
+        .await
+        .expect("query");
+    let row = rows.next().await.expect("row").expect("one row");
+    assert_eq!(
+        (
+            row.get::<i64>(0).expect("count"),
+            row.get::<i64>(1).expect("events")
+        ),
+        (3, 3)
+    );
+}
