@@ -433,3 +433,46 @@ async fn commit(db: &Db, batch: Vec<Prepared>, carry: Uncertain) -> Uncertain {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backlog(max_serves: usize, max_bytes: usize) -> Backlog {
+        Backlog {
+            limits: BacklogLimits {
+                max_serves,
+                max_bytes,
+            },
+            refusing: AtomicBool::new(false),
+        }
+    }
+
+    fn uncertain(serves: usize) -> Uncertain {
+        let event = UsageEvent {
+            id: "0190a0a0-0000-7000-8000-000000000000".into(),
+            key_id: "key".into(),
+            consumer_id: "admin".into(),
+            feature: "scrape".into(),
+            created_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+        };
+        Uncertain {
+            events: vec![event; serves],
+            updates: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_backlog_is_full_at_either_bound_and_clears_when_drained() {
+        let by_count = backlog(2, usize::MAX);
+        assert!(!by_count.full(&uncertain(1)));
+        assert!(by_count.full(&uncertain(2)));
+        assert!(!by_count.full(&Uncertain::default()));
+
+        let one = uncertain(1).approx_bytes();
+        assert!(one > std::mem::size_of::<UsageEvent>());
+        let by_bytes = backlog(usize::MAX, 3 * one);
+        assert!(!by_bytes.full(&uncertain(2)));
+        assert!(by_bytes.full(&uncertain(3)));
+    }
+}

@@ -244,3 +244,23 @@ fn reconcile_later<R: Stored>(state: &SharedState, id: String) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::WriteMarker;
+
+    #[test]
+    fn a_write_under_way_keeps_the_timeout_from_answering() {
+        let marker = WriteMarker::default();
+        assert!(marker.begin_write());
+        assert!(marker.begin_write(), "claiming twice is fine");
+        assert!(!marker.time_out());
+    }
+
+    #[test]
+    fn a_timed_out_request_starts_no_write() {
+        let marker = WriteMarker::default();
+        assert!(marker.time_out());
+        assert!(!marker.begin_write());
+    }
+}
