@@ -163,3 +163,37 @@ async fn an_admin_write_whose_client_disconnects_mid_write_leaves_memory_equal_t
     }
 }
 }
+
+on_both_drivers! {
+// Issue 7 item 1: the read-back of one tier, key or consumer (used after an unconfirmed admin
+// write) returns exactly what the database holds, children included, and nothing for an unknown id.
+async fn one_tier_key_or_consumer_reads_back_as_stored() {
+    let app = spawn_app().await;
+    let tier = app.create_tier("t", &[("scrape", 5, 60), ("search", 7, 120)]).await;
+    let key = app
+        .add_key(json!({ "name": "k", "key": "v", "tier": "t", "usage_limit": 9, "secrets": { "a": "1", "b": "2" } }))
+        .await;
+    let (consumer, _) = app.consumer("c", &["t"]).await;
+    let config = keypooler::config::Config::from_vars(app.env.clone()).unwrap();
+    let db = keypooler::store::Db::open(&config).await.unwrap();
+
+    let tier_id = tier["id"].as_str().unwrap();
+    let stored = db.read_tier(tier_id).await.unwrap().expect("tier");
+    assert_eq!((stored.name.as_str(), stored.features.len()), ("t", 2));
+    assert_eq!(stored.features["search"].rate_limit, 7);
+
+    let stored = db.read_key(&key).await.unwrap().expect("key");
+    assert_eq!((stored.name.as_str(), stored.tier_id.as_str(), stored.usage_limit), ("k", tier_id, Some(9)));
+    let mut secrets: Vec<&str> = stored.secrets.iter().map(|(n, _)| n.as_str()).collect();
+    secrets.sort();
+    assert_eq!(secrets, ["a", "b"]);
+
+    let stored = db.read_consumer(&consumer).await.unwrap().expect("consumer");
+    assert_eq!((stored.name.as_str(), stored.scopes.clone()), ("c", vec![tier_id.to_string()]));
+
+    assert!(db.read_tier("no-such-id").await.unwrap().is_none());
+    assert!(db.read_key("no-such-id").await.unwrap().is_none());
+    assert!(db.read_consumer("no-such-id").await.unwrap().is_none());
+    db.close().await;
+}
+}
