@@ -44,7 +44,7 @@ pub async fn draw_key(
         })?;
 
     // From the draw on, the write timeout no longer answers: a serve counted here is answered
-    // after its commit (200, or 503 with its count given back), never cut off in between.
+    // after its commit ends (200 once committed, else 503), never cut off in between.
     if !marker.begin_write() {
         return Err(ApiError::Unavailable(
             "request timed out; nothing was changed".into(),

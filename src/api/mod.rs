@@ -106,7 +106,7 @@ pub fn router(state: SharedState, settings: HttpSettings) -> Router {
     router
 }
 
-/// `SERVER_WRITE_TIMEOUT_SECONDS`: a request still running after it is answered 503 — unless
+/// `SERVER_WRITE_TIMEOUT_SECONDS`: a request still running after this long is answered 503 — unless
 /// its write is under way (a serve counted, an admin write started; see `write::WriteMarker`):
 /// then its answer waits for the commit, which the database bounds (README), because a
 /// counted serve must be answered 200 and an applied admin change must not be answered 503.
