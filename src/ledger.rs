@@ -13,8 +13,13 @@
 //! they queue in counting order and the last one of a key in a batch carries its newest
 //! absolute counters. When a commit fails, each key is rolled back to before its earliest
 //! failed serve and every later reservation of that key (already queued) is voided.
+//!
+//! Uncertain commits (remote only): their rows stay counted and are re-sent until confirmed,
+//! never dropped. That backlog is bounded (`BacklogLimits`): while it is at the bound, new
+//! serves are refused definitively — 503, their counts given back — until it drains.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -25,6 +30,25 @@ use crate::store::{Db, StoreError};
 
 /// Serves committed together at most.
 pub const MAX_BATCH: usize = 512;
+
+/// How many serves whose commit outcome is unknown may wait in memory to be re-sent. At the
+/// bound new serves are refused until the backlog drains; it may overshoot by one batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BacklogLimits {
+    pub max_serves: usize,
+    /// Approximate heap and inline size of the kept audit rows and counters.
+    pub max_bytes: usize,
+}
+
+impl Default for BacklogLimits {
+    /// 10,000 serves or 4 MiB: a re-send of the whole backlog stays one modest request.
+    fn default() -> Self {
+        BacklogLimits {
+            max_serves: 10_000,
+            max_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
 
 /// The serve could not be recorded; its count was given back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -66,8 +90,17 @@ pub struct Ledger {
 impl Ledger {
     /// Starts the writer task on the current runtime.
     pub fn start(db: Db) -> Ledger {
+        Ledger::start_with_limits(db, BacklogLimits::default())
+    }
+
+    /// Starts the writer with its uncertain backlog bounded by `limits`.
+    pub fn start_with_limits(db: Db, limits: BacklogLimits) -> Ledger {
         let (queue, inbox) = mpsc::unbounded_channel();
-        let worker = tokio::spawn(run(db, inbox));
+        let backlog = Arc::new(Backlog {
+            limits,
+            refusing: AtomicBool::new(false),
+        });
+        let worker = tokio::spawn(run(db, inbox, backlog));
         Ledger {
             queue,
             worker: parking_lot::Mutex::new(Some(worker)),
@@ -98,7 +131,7 @@ impl Ledger {
 /// How long uncertain rows wait for a next commit before they are re-sent on their own.
 const UNCERTAIN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
-async fn run(db: Db, mut inbox: mpsc::UnboundedReceiver<Message>) {
+async fn run(db: Db, mut inbox: mpsc::UnboundedReceiver<Message>, backlog: Arc<Backlog>) {
     let mut stopping = false;
     let mut in_flight: Option<tokio::task::JoinHandle<Uncertain>> = None;
     let mut carry = Uncertain::default();
@@ -142,15 +175,21 @@ async fn run(db: Db, mut inbox: mpsc::UnboundedReceiver<Message>) {
             continue;
         }
         let db = db.clone();
+        let backlog = backlog.clone();
         let carried = std::mem::take(&mut carry);
         in_flight = Some(tokio::spawn(async move {
             let mut carry = carried;
             for chunk in chunked(batch) {
-                carry = commit(&db, chunk, carry).await;
+                if backlog.full(&carry) {
+                    give_back(chunk.into_iter().map(|p| p.serve));
+                } else {
+                    carry = commit(&db, chunk, carry).await;
+                }
             }
             if !carry.is_empty() {
                 carry = commit(&db, Vec::new(), carry).await;
             }
+            backlog.full(&carry);
             carry
         }));
     }
@@ -194,6 +233,63 @@ struct Uncertain {
 impl Uncertain {
     fn is_empty(&self) -> bool {
         self.events.is_empty() && self.updates.is_empty()
+    }
+
+    /// Approximate memory held: each row's inline size plus its strings.
+    fn approx_bytes(&self) -> usize {
+        let events: usize = self
+            .events
+            .iter()
+            .map(|e| {
+                std::mem::size_of::<UsageEvent>()
+                    + e.id.len()
+                    + e.key_id.len()
+                    + e.consumer_id.len()
+                    + e.feature.len()
+            })
+            .sum();
+        let updates: usize = self
+            .updates
+            .iter()
+            .map(|u| std::mem::size_of::<KeyUsageUpdate>() + u.key_id.len())
+            .sum();
+        events + updates
+    }
+}
+
+/// The uncertain backlog's bound and whether new serves are being refused because of it.
+struct Backlog {
+    limits: BacklogLimits,
+    refusing: AtomicBool,
+}
+
+impl Backlog {
+    /// Whether `carry` is at the bound (new serves must be refused); logs once when that
+    /// starts and once when it ends.
+    fn full(&self, carry: &Uncertain) -> bool {
+        let serves = carry.events.len();
+        let bytes = if carry.is_empty() {
+            0
+        } else {
+            carry.approx_bytes()
+        };
+        let full = serves >= self.limits.max_serves || bytes >= self.limits.max_bytes;
+        let was = self.refusing.swap(full, Ordering::Relaxed);
+        if full && !was {
+            tracing::error!(
+                serves,
+                bytes,
+                max_serves = self.limits.max_serves,
+                max_bytes = self.limits.max_bytes,
+                "serves of unknown commit outcome reached the bound; new serves are refused (503, nothing counted) until the database confirms them"
+            );
+        } else if !full && was {
+            tracing::warn!(
+                serves,
+                "the backlog of unknown commit outcome is below its bound again; serving"
+            );
+        }
+        full
     }
 }
 
@@ -242,6 +338,22 @@ fn chunked(mut batch: Vec<Prepared>) -> Vec<Vec<Prepared>> {
         out.push(batch);
     }
     out
+}
+
+/// Fails serves definitively: each key goes back to before its earliest serve here (queued in
+/// counting order) and its later reservations are voided; rate slots are returned.
+fn give_back(serves: impl IntoIterator<Item = Serve>) {
+    let mut reverted: HashSet<Arc<str>> = HashSet::new();
+    for s in serves {
+        let key = &s.reservation.key;
+        // A reservation voided by an earlier rollback has nothing left to revert.
+        if !reverted.contains(&key.id) && key.is_current(&s.reservation) {
+            key.revert_usage(&s.reservation);
+            reverted.insert(key.id.clone());
+        }
+        key.give_back_rate(&s.reservation);
+        let _ = s.ack.send(Err(CommitFailed));
+    }
 }
 
 /// Commits `batch` together with `carry`; returns what is still uncertain afterwards.
@@ -312,20 +424,55 @@ async fn commit(db: &Db, batch: Vec<Prepared>, carry: Uncertain) -> Uncertain {
         }
         Err(e) => {
             tracing::error!(error = %e, serves = live.len(), "usage commit failed; serves answered 503 and given back");
-            let mut reverted: HashSet<Arc<str>> = HashSet::new();
-            for s in live {
-                let key = &s.reservation.key;
-                if reverted.insert(key.id.clone()) {
-                    key.revert_usage(&s.reservation);
-                }
-                key.give_back_rate(&s.reservation);
-                let _ = s.ack.send(Err(CommitFailed));
-            }
+            give_back(live);
             events.truncate(carried_events);
             Uncertain {
                 events,
                 updates: carry.updates,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backlog(max_serves: usize, max_bytes: usize) -> Backlog {
+        Backlog {
+            limits: BacklogLimits {
+                max_serves,
+                max_bytes,
+            },
+            refusing: AtomicBool::new(false),
+        }
+    }
+
+    fn uncertain(serves: usize) -> Uncertain {
+        let event = UsageEvent {
+            id: "0190a0a0-0000-7000-8000-000000000000".into(),
+            key_id: "key".into(),
+            consumer_id: "admin".into(),
+            feature: "scrape".into(),
+            created_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+        };
+        Uncertain {
+            events: vec![event; serves],
+            updates: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_backlog_is_full_at_either_bound_and_clears_when_drained() {
+        let by_count = backlog(2, usize::MAX);
+        assert!(!by_count.full(&uncertain(1)));
+        assert!(by_count.full(&uncertain(2)));
+        assert!(!by_count.full(&Uncertain::default()));
+
+        let one = uncertain(1).approx_bytes();
+        assert!(one > std::mem::size_of::<UsageEvent>());
+        let by_bytes = backlog(usize::MAX, 3 * one);
+        assert!(!by_bytes.full(&uncertain(2)));
+        assert!(by_bytes.full(&uncertain(3)));
     }
 }

@@ -11,7 +11,7 @@ pub struct FeatureLimit {
     pub window_seconds: i64,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TierRecord {
     pub id: String,
     pub name: String,
@@ -38,7 +38,7 @@ pub struct KeyRecord {
     pub secrets: Vec<(String, String)>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConsumerRecord {
     pub id: String,
     pub name: String,
@@ -48,6 +48,29 @@ pub struct ConsumerRecord {
     pub is_active: bool,
     /// Tier ids the consumer may draw from.
     pub scopes: Vec<String>,
+}
+
+impl KeyRecord {
+    /// Whether `other` holds the same row and secrets, timestamps compared at the microsecond
+    /// the database keeps and secrets in any order.
+    pub fn same_as_stored(&self, other: &KeyRecord) -> bool {
+        let micros = |t: Option<Timestamp>| t.map(|t| t.timestamp_micros());
+        let sorted = |k: &KeyRecord| {
+            let mut s = k.secrets.clone();
+            s.sort();
+            s
+        };
+        self.id == other.id
+            && self.name == other.name
+            && self.sealed_value == other.sealed_value
+            && self.tier_id == other.tier_id
+            && self.is_active == other.is_active
+            && micros(self.expires_at) == micros(other.expires_at)
+            && self.usage_limit == other.usage_limit
+            && self.usage_window_seconds == other.usage_window_seconds
+            && self.metadata_json == other.metadata_json
+            && sorted(self) == sorted(other)
+    }
 }
 
 /// One audited serve: a `usage_events` row.

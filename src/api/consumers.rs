@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use super::auth::Admin;
 use super::extract::{check_description, check_name, IdPath, JsonBody};
+use super::write::{admin_write, settle, WriteMarker};
 use super::SharedState;
 use crate::error::ApiError;
 use crate::model::ConsumerRecord;
@@ -56,6 +57,7 @@ pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Value> {
 pub async fn create(
     _: Admin,
     State(state): State<SharedState>,
+    marker: WriteMarker,
     JsonBody(body): JsonBody<ConsumerBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     check_name("name", &body.name)?;
@@ -72,59 +74,102 @@ pub async fn create(
         is_active: true,
         scopes: Vec::new(),
     };
-    let _guard = state.admin_writes.lock().await;
-    state
-        .db
-        .create_consumer(&record)
-        .await
-        .map_err(|e| match e {
-            StoreError::Conflict => {
-                ApiError::Conflict(format!("a consumer named '{}' already exists", record.name))
+    admin_write(&state, marker, move |state| async move {
+        match state.db.create_consumer(&record).await {
+            Ok(()) => state.pool.put_consumer(record.clone()),
+            Err(StoreError::Uncertain(detail)) => {
+                settle(
+                    &state,
+                    &record.id,
+                    &detail,
+                    |stored| stored == Some(&record),
+                    |stored| stored.is_none(),
+                )
+                .await?;
             }
-            other => other.into(),
-        })?;
-    let response = json!({ "id": record.id, "name": record.name, "token": token });
-    tracing::info!(consumer_id = %record.id, "consumer created");
-    state.pool.put_consumer(record);
-    Ok((StatusCode::CREATED, Json(response)))
+            Err(StoreError::Conflict) => {
+                return Err(ApiError::Conflict(format!(
+                    "a consumer named '{}' already exists",
+                    record.name
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(consumer_id = %record.id, "consumer created");
+        let response = json!({ "id": record.id, "name": record.name, "token": token });
+        Ok((StatusCode::CREATED, Json(response)))
+    })
+    .await
 }
 
 pub async fn remove(
     _: Admin,
     State(state): State<SharedState>,
+    marker: WriteMarker,
     IdPath(id): IdPath,
 ) -> Result<Json<Value>, ApiError> {
-    let _guard = state.admin_writes.lock().await;
-    state.db.delete_consumer(&id).await.map_err(|e| match e {
-        StoreError::NotFound => ApiError::NotFound("no consumer with that id".into()),
-        other => other.into(),
-    })?;
-    state.pool.remove_consumer(&id);
-    tracing::info!(consumer_id = %id, "consumer deleted");
-    Ok(Json(json!({ "status": "deleted" })))
+    admin_write(&state, marker, move |state| async move {
+        match state.db.delete_consumer(&id).await {
+            Ok(()) => {
+                state.pool.remove_consumer(&id);
+            }
+            Err(StoreError::Uncertain(detail)) => {
+                settle::<ConsumerRecord>(
+                    &state,
+                    &id,
+                    &detail,
+                    |stored| stored.is_none(),
+                    |stored| stored.is_some(),
+                )
+                .await?;
+            }
+            Err(StoreError::NotFound) => {
+                return Err(ApiError::NotFound("no consumer with that id".into()))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(consumer_id = %id, "consumer deleted");
+        Ok(Json(json!({ "status": "deleted" })))
+    })
+    .await
 }
 
 pub async fn grant_scope(
     _: Admin,
     State(state): State<SharedState>,
+    marker: WriteMarker,
     IdPath(id): IdPath,
     JsonBody(body): JsonBody<ScopeBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     check_name("tier", &body.tier)?;
-    let _guard = state.admin_writes.lock().await;
-    let consumer = state
-        .pool
-        .consumer(&id)
-        .ok_or_else(|| ApiError::NotFound("no consumer with that id".into()))?;
-    let tier = state
-        .pool
-        .tier_by_name(&body.tier)
-        .ok_or_else(|| ApiError::NotFound(format!("no tier named '{}'", body.tier)))?;
-    state.db.grant_scope(&consumer.id, &tier.id).await?;
-    state.pool.grant_scope(&consumer.id, &tier.id);
-    tracing::info!(consumer_id = %consumer.id, tier_id = %tier.id, "scope granted");
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "consumer_id": consumer.id.as_ref(), "tier": tier.name })),
-    ))
+    admin_write(&state, marker, move |state| async move {
+        let consumer = state
+            .pool
+            .consumer(&id)
+            .ok_or_else(|| ApiError::NotFound("no consumer with that id".into()))?;
+        let tier = state
+            .pool
+            .tier_by_name(&body.tier)
+            .ok_or_else(|| ApiError::NotFound(format!("no tier named '{}'", body.tier)))?;
+        match state.db.grant_scope(&consumer.id, &tier.id).await {
+            Ok(()) => state.pool.grant_scope(&consumer.id, &tier.id),
+            Err(StoreError::Uncertain(detail)) => {
+                let granted = |stored: Option<&ConsumerRecord>| {
+                    stored.is_some_and(|c| c.scopes.contains(&tier.id))
+                };
+                // A consumer gone from the database holds no scope either: nothing was granted.
+                settle(&state, &consumer.id, &detail, granted, |stored| {
+                    !granted(stored)
+                })
+                .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(consumer_id = %consumer.id, tier_id = %tier.id, "scope granted");
+        Ok((
+            StatusCode::CREATED,
+            Json(json!({ "consumer_id": consumer.id.as_ref(), "tier": tier.name })),
+        ))
+    })
+    .await
 }

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+use super::write::WriteMarker;
 use super::SharedState;
 use crate::error::ApiError;
 use crate::pool::{Caller, Draw, Now};
@@ -28,6 +29,7 @@ struct Served<'a> {
 pub async fn draw_key(
     caller: Caller,
     State(state): State<SharedState>,
+    marker: WriteMarker,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let feature = Query::<FeatureQuery>::try_from_uri(&uri)
@@ -41,6 +43,13 @@ pub async fn draw_key(
             )
         })?;
 
+    // From the draw on, the write timeout no longer answers: a serve counted here is answered
+    // after its commit ends (200 once committed, else 503), never cut off in between.
+    if !marker.begin_write() {
+        return Err(ApiError::Unavailable(
+            "request timed out; nothing was changed".into(),
+        ));
+    }
     let ledger = &state.ledger;
     let now = Now::read();
     match state

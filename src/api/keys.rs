@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::auth::Admin;
 use super::extract::{check_name, IdPath, JsonBody};
+use super::write::{admin_write, settle, WriteMarker};
 use super::SharedState;
 use crate::error::ApiError;
 use crate::model::KeyRecord;
@@ -98,6 +99,7 @@ fn key_json(key: &PoolKey, tier: Option<&crate::model::TierRecord>, now: Now) ->
 pub async fn create(
     _: Admin,
     State(state): State<SharedState>,
+    marker: WriteMarker,
     JsonBody(body): JsonBody<KeyBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     check_name("name", &body.name)?;
@@ -158,63 +160,95 @@ pub async fn create(
         }
     }
 
-    let seal = |v: &str| {
-        state
-            .sealer
-            .seal(&Secret::new(v))
-            .map_err(|_| ApiError::Internal)
-    };
-    let _guard = state.admin_writes.lock().await;
-    let tier = state
-        .pool
-        .tier_by_name(&body.tier)
-        .ok_or_else(|| ApiError::NotFound(format!("no tier named '{}'", body.tier)))?;
-    let record = KeyRecord {
-        id: uuid::Uuid::new_v4().to_string(),
-        name: body.name,
-        sealed_value: seal(&body.key)?,
-        tier_id: tier.id.clone(),
-        is_active: true,
-        expires_at,
-        usage_limit: body.usage_limit,
-        usage_count: 0,
-        usage_window_seconds: body.usage_window_seconds,
-        usage_window_start: None,
-        metadata_json: Value::Object(metadata.clone()).to_string(),
-        created_at: Some(now),
-        secrets: secrets
-            .iter()
-            .map(|(n, v)| Ok((n.clone(), seal(v)?)))
-            .collect::<Result<_, ApiError>>()?,
-    };
-    state.db.create_key(&record).await?;
-    let key = PoolKey::from_record(record, &state.sealer);
-    let response = json!({
-        "id": key.id.as_ref(),
-        "name": key.name,
-        "tier": tier.name,
-        "expires_at": api_time(key.expires_at),
-        "usage_limit": key.budget.usage_limit,
-        "usage_window_seconds": key.budget.usage_window_seconds,
-        "metadata": metadata,
-        "secret_names": key.secret_names,
-    });
-    tracing::info!(key_id = %key.id, tier_id = %key.tier_id, "key added");
-    state.pool.add_key(key);
-    Ok((StatusCode::CREATED, Json(response)))
+    let sealer = state.sealer.clone();
+    let seal = move |v: &str| sealer.seal(&Secret::new(v)).map_err(|_| ApiError::Internal);
+    let sealed_value = seal(&body.key)?;
+    let sealed_secrets = secrets
+        .iter()
+        .map(|(n, v)| Ok((n.clone(), seal(v)?)))
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    admin_write(&state, marker, move |state| async move {
+        let tier = state
+            .pool
+            .tier_by_name(&body.tier)
+            .ok_or_else(|| ApiError::NotFound(format!("no tier named '{}'", body.tier)))?;
+        let record = KeyRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: body.name,
+            sealed_value,
+            tier_id: tier.id.clone(),
+            is_active: true,
+            expires_at,
+            usage_limit: body.usage_limit,
+            usage_count: 0,
+            usage_window_seconds: body.usage_window_seconds,
+            usage_window_start: None,
+            metadata_json: Value::Object(metadata.clone()).to_string(),
+            created_at: Some(now),
+            secrets: sealed_secrets,
+        };
+        match state.db.create_key(&record).await {
+            Ok(()) => state
+                .pool
+                .add_key(PoolKey::from_record(record.clone(), &state.sealer)),
+            Err(StoreError::Uncertain(detail)) => {
+                settle(
+                    &state,
+                    &record.id,
+                    &detail,
+                    |stored: Option<&KeyRecord>| stored.is_some_and(|k| k.same_as_stored(&record)),
+                    |stored| stored.is_none(),
+                )
+                .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let mut secret_names: Vec<&String> = record.secrets.iter().map(|(n, _)| n).collect();
+        secret_names.sort();
+        let response = json!({
+            "id": record.id,
+            "name": record.name,
+            "tier": tier.name,
+            "expires_at": api_time(record.expires_at),
+            "usage_limit": record.usage_limit,
+            "usage_window_seconds": record.usage_window_seconds.filter(|w| *w > 0),
+            "metadata": metadata,
+            "secret_names": secret_names,
+        });
+        tracing::info!(key_id = %record.id, tier_id = %record.tier_id, "key added");
+        Ok((StatusCode::CREATED, Json(response)))
+    })
+    .await
 }
 
 pub async fn remove(
     _: Admin,
     State(state): State<SharedState>,
+    marker: WriteMarker,
     IdPath(id): IdPath,
 ) -> Result<Json<Value>, ApiError> {
-    let _guard = state.admin_writes.lock().await;
-    state.db.delete_key(&id).await.map_err(|e| match e {
-        StoreError::NotFound => ApiError::NotFound("no key with that id".into()),
-        other => other.into(),
-    })?;
-    state.pool.remove_key(&id);
-    tracing::info!(key_id = %id, "key deleted");
-    Ok(Json(json!({ "status": "deleted" })))
+    admin_write(&state, marker, move |state| async move {
+        match state.db.delete_key(&id).await {
+            Ok(()) => {
+                state.pool.remove_key(&id);
+            }
+            Err(StoreError::Uncertain(detail)) => {
+                settle::<KeyRecord>(
+                    &state,
+                    &id,
+                    &detail,
+                    |stored| stored.is_none(),
+                    |stored| stored.is_some(),
+                )
+                .await?;
+            }
+            Err(StoreError::NotFound) => {
+                return Err(ApiError::NotFound("no key with that id".into()))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(key_id = %id, "key deleted");
+        Ok(Json(json!({ "status": "deleted" })))
+    })
+    .await
 }

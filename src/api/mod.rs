@@ -8,6 +8,7 @@ mod key;
 mod keys;
 mod tiers;
 mod usage;
+mod write;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -93,19 +94,41 @@ pub fn router(state: SharedState, settings: HttpSettings) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::Extension(extract::ReadTimeout(settings.read_timeout)))
-        .layer(middleware::from_fn(
-            move |req: Request, next: Next| async move {
-                match tokio::time::timeout(write_timeout, next.run(req)).await {
-                    Ok(response) => response,
-                    Err(_) => ApiError::Unavailable("request timed out".into()).into_response(),
-                }
-            },
+        .layer(middleware::from_fn_with_state(
+            write_timeout,
+            enforce_write_timeout,
         ))
         .with_state(state);
     if settings.log_requests {
         router = router.layer(middleware::from_fn(log_request));
     }
     router
+}
+
+/// `SERVER_WRITE_TIMEOUT_SECONDS`: a request still running after this long is answered 503 — unless
+/// its write is under way (a serve counted, an admin write started; see `write::WriteMarker`):
+/// then its answer waits for the commit, which the database bounds (README), because a
+/// counted serve must be answered 200 and an applied admin change must not be answered 503.
+async fn enforce_write_timeout(
+    axum::extract::State(write_timeout): axum::extract::State<Duration>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let marker = write::WriteMarker::default();
+    req.extensions_mut().insert(marker.clone());
+    let handler = next.run(req);
+    tokio::pin!(handler);
+    tokio::select! {
+        biased;
+        response = &mut handler => response,
+        () = tokio::time::sleep(write_timeout) => {
+            if marker.time_out() {
+                ApiError::Unavailable("request timed out; nothing was changed".into()).into_response()
+            } else {
+                handler.await
+            }
+        }
+    }
 }
 
 /// One line per request: method, path (never the query or headers), status, latency.

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::auth::Admin;
 use super::extract::{check_description, check_name, JsonBody, ObjectOnly};
+use super::write::{admin_write, settle, WriteMarker};
 use super::SharedState;
 use crate::error::ApiError;
 use crate::model::{FeatureLimit, TierRecord};
@@ -96,6 +97,7 @@ pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Value> {
 pub async fn create(
     _: Admin,
     State(state): State<SharedState>,
+    marker: WriteMarker,
     JsonBody(body): JsonBody<TierBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     check_name("name", &body.name)?;
@@ -107,23 +109,38 @@ pub async fn create(
         description,
         features: features(&body)?,
     };
-    let _guard = state.admin_writes.lock().await;
-    let conflict = || ApiError::Conflict(format!("a tier named '{}' already exists", tier.name));
-    if state.pool.tier_by_name(&tier.name).is_some() {
-        return Err(conflict());
-    }
-    state.db.create_tier(&tier).await.map_err(|e| match e {
-        StoreError::Conflict => conflict(),
-        other => other.into(),
-    })?;
-    state.pool.put_tier(tier.clone());
-    tracing::info!(tier_id = %tier.id, "tier created");
-    Ok((StatusCode::CREATED, Json(tier_json(&tier))))
+    let created = admin_write(&state, marker, move |state| async move {
+        let conflict =
+            || ApiError::Conflict(format!("a tier named '{}' already exists", tier.name));
+        if state.pool.tier_by_name(&tier.name).is_some() {
+            return Err(conflict());
+        }
+        match state.db.create_tier(&tier).await {
+            Ok(()) => state.pool.put_tier(tier.clone()),
+            Err(StoreError::Uncertain(detail)) => {
+                settle(
+                    &state,
+                    &tier.id,
+                    &detail,
+                    |stored| stored == Some(&tier),
+                    |stored| stored.is_none(),
+                )
+                .await?;
+            }
+            Err(StoreError::Conflict) => return Err(conflict()),
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(tier_id = %tier.id, "tier created");
+        Ok(tier)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(tier_json(&created))))
 }
 
 pub async fn update(
     _: Admin,
     State(state): State<SharedState>,
+    marker: WriteMarker,
     JsonBody(body): JsonBody<TierBody>,
 ) -> Result<Json<Value>, ApiError> {
     check_name("name", &body.name)?;
@@ -131,18 +148,33 @@ pub async fn update(
         check_description(d)?;
     }
     let features = features(&body)?;
-    let _guard = state.admin_writes.lock().await;
-    let existing = state
-        .pool
-        .tier_by_name(&body.name)
-        .ok_or_else(|| ApiError::NotFound(format!("no tier named '{}'", body.name)))?;
-    let tier = TierRecord {
-        description: body.description.unwrap_or(existing.description),
-        features,
-        ..existing
-    };
-    state.db.update_tier(&tier).await?;
-    state.pool.put_tier(tier.clone());
-    tracing::info!(tier_id = %tier.id, "tier updated");
-    Ok(Json(tier_json(&tier)))
+    let updated = admin_write(&state, marker, move |state| async move {
+        let existing = state
+            .pool
+            .tier_by_name(&body.name)
+            .ok_or_else(|| ApiError::NotFound(format!("no tier named '{}'", body.name)))?;
+        let tier = TierRecord {
+            description: body.description.unwrap_or(existing.description.clone()),
+            features,
+            ..existing.clone()
+        };
+        match state.db.update_tier(&tier).await {
+            Ok(()) => state.pool.put_tier(tier.clone()),
+            Err(StoreError::Uncertain(detail)) => {
+                settle(
+                    &state,
+                    &tier.id,
+                    &detail,
+                    |stored| stored == Some(&tier),
+                    |stored| stored == Some(&existing),
+                )
+                .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(tier_id = %tier.id, "tier updated");
+        Ok(tier)
+    })
+    .await?;
+    Ok(Json(tier_json(&updated)))
 }

@@ -5,17 +5,19 @@
 //! travel on one-shot streams and each transaction opens its own short stream. A group commit
 //! is one transaction of four statements whatever its size (BEGIN, one INSERT and one UPDATE
 //! each reading the batch from a bound JSON parameter through `json_each`, COMMIT). A transport
-//! failure is retried once on a fresh stream; the batch is idempotent (INSERT OR IGNORE of
-//! unique audit ids, absolute counters), so a retry can never double count. Every operation
+//! failure of a group commit is retried once on a fresh stream; the batch is idempotent (INSERT
+//! OR IGNORE of unique audit ids, absolute counters), so a retry can never double count. An
+//! admin write is retried only if it failed before anything reached the server; after that its
+//! outcome is `Uncertain` and the caller reads the row back (`read_by_id`). Every operation
 //! is bounded by `DB_BUSY_TIMEOUT_MS`. Errors are redacted: the URL and token never leave.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use libsql::{params::Params, Value};
+use libsql::{params::Params, TransactionBehavior, Value};
 use tokio::sync::Semaphore;
 
-use super::{sql, usage_event, Cells, SnapshotRows, StoreError, MIGRATIONS};
+use super::{sql, usage_event, Cells, SnapshotRead, SnapshotRows, StoreError, MIGRATIONS};
 use crate::config::Config;
 use crate::model::{ConsumerRecord, KeyRecord, KeyUsageUpdate, Snapshot, TierRecord, UsageEvent};
 use crate::secret::Secret;
@@ -212,8 +214,11 @@ impl LibsqlStore {
         .await
     }
 
-    /// Runs `statements` in one transaction; a transport failure is retried once on a fresh
-    /// stream. `check` sees each statement's affected row count and may abort with an error.
+    /// Runs `statements` in one transaction. A transport failure is retried once on a fresh
+    /// stream if the statements are `idempotent` (the serve batch) or if nothing had reached
+    /// the server yet; never otherwise, since re-running an insert or delete that did land
+    /// would answer "already exists" or "not found" for a change that was made. `check` sees
+    /// each statement's affected row count and may abort with an error.
     ///
     /// Outcomes: `Ok` only after the server answered COMMIT. A failure before any statement
     /// was sent is definite (nothing happened). A failure after one was sent is `Uncertain`:
@@ -224,6 +229,7 @@ impl LibsqlStore {
     async fn transaction(
         &self,
         statements: &[(String, Vec<Value>)],
+        idempotent: bool,
         check: impl Fn(usize, u64) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         use std::sync::atomic::{AtomicBool, Ordering};
@@ -248,7 +254,7 @@ impl LibsqlStore {
             .await
         };
         let outcome = match attempt().await {
-            Err(StoreError::Unavailable(first)) => {
+            Err(StoreError::Unavailable(first)) if idempotent || !sent.load(Ordering::SeqCst) => {
                 tracing::warn!(error = %first, "libSQL transaction failed; retrying once on a fresh stream");
                 attempt().await
             }
@@ -264,6 +270,38 @@ impl LibsqlStore {
         }
     }
 
+    /// Runs `reads`, each binding `id`, inside `BEGIN IMMEDIATE`: the write lock is granted
+    /// only once no other transaction holds it, so a transaction abandoned with its COMMIT
+    /// still on the way has committed or rolled back by then, and what is read is final.
+    pub async fn read_by_id(
+        &self,
+        reads: &[SnapshotRead],
+        id: &str,
+    ) -> Result<Snapshot, StoreError> {
+        self.run(|conn| async move {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .await
+                .map_err(|e| self.err(e))?;
+            let mut rows = SnapshotRows::default();
+            for (query, keep) in reads {
+                let mut found = tx
+                    .query(query, Params::Positional(vec![Value::Text(id.to_string())]))
+                    .await
+                    .map_err(|e| self.err(e))?;
+                while let Some(r) = found.next().await.map_err(|e| self.err(e))? {
+                    keep(&mut rows, &r);
+                }
+            }
+            // Nothing was written; a failed ROLLBACK leaves the server to expire the stream.
+            if let Err(e) = tx.rollback().await {
+                tracing::debug!(error = %self.err(e), "rollback after a read-back failed");
+            }
+            Ok(rows.assemble())
+        })
+        .await
+    }
+
     pub async fn create_tier(&self, tier: &TierRecord) -> Result<(), StoreError> {
         let mut statements = vec![(
             sql::INSERT_TIER.to_string(),
@@ -275,7 +313,7 @@ impl LibsqlStore {
             ],
         )];
         statements.extend(feature_rows(tier));
-        self.transaction(&statements, |_, _| Ok(())).await
+        self.transaction(&statements, false, |_, _| Ok(())).await
     }
 
     pub async fn update_tier(&self, tier: &TierRecord) -> Result<(), StoreError> {
@@ -293,7 +331,7 @@ impl LibsqlStore {
             ),
         ];
         statements.extend(feature_rows(tier));
-        self.transaction(&statements, |i, affected| {
+        self.transaction(&statements, false, |i, affected| {
             if i == 0 && affected == 0 {
                 Err(StoreError::NotFound)
             } else {
@@ -333,7 +371,7 @@ impl LibsqlStore {
                 ],
             ));
         }
-        self.transaction(&statements, |_, _| Ok(())).await
+        self.transaction(&statements, false, |_, _| Ok(())).await
     }
 
     pub async fn delete_key(&self, id: &str) -> Result<(), StoreError> {
@@ -353,7 +391,7 @@ impl LibsqlStore {
                 Value::Text(to_db(chrono::Utc::now())),
             ],
         )];
-        self.transaction(&statements, |_, _| Ok(())).await
+        self.transaction(&statements, false, |_, _| Ok(())).await
     }
 
     pub async fn delete_consumer(&self, id: &str) -> Result<(), StoreError> {
@@ -371,7 +409,7 @@ impl LibsqlStore {
             (children.to_string(), vec![Value::Text(id.to_string())]),
             (parent.to_string(), vec![Value::Text(id.to_string())]),
         ];
-        self.transaction(&statements, |i, affected| {
+        self.transaction(&statements, false, |i, affected| {
             if i == 1 && affected == 0 {
                 Err(StoreError::NotFound)
             } else {
@@ -389,7 +427,7 @@ impl LibsqlStore {
                 Value::Text(tier_id.to_string()),
             ],
         )];
-        self.transaction(&statements, |_, _| Ok(())).await
+        self.transaction(&statements, false, |_, _| Ok(())).await
     }
 
     pub async fn recent_usage(&self, limit: i64) -> Result<Vec<UsageEvent>, StoreError> {
@@ -426,7 +464,7 @@ impl LibsqlStore {
                 vec![Value::Text(updates_json)],
             ),
         ];
-        self.transaction(&statements, |_, _| Ok(())).await
+        self.transaction(&statements, true, |_, _| Ok(())).await
     }
 
     pub async fn close(&self) {

@@ -99,6 +99,25 @@ impl Db {
         dispatch!(self, s => s.grant_scope(consumer_id, tier_id).await)
     }
 
+    /// One tier with its features as the database holds it now (after a write of unknown
+    /// outcome; see `read_by_id`).
+    pub async fn read_tier(&self, id: &str) -> Result<Option<TierRecord>, StoreError> {
+        let found = dispatch!(self, s => s.read_by_id(&SnapshotRows::TIER_READS, id).await)?;
+        Ok(found.tiers.into_iter().next())
+    }
+
+    /// One key with its secrets as the database holds it now.
+    pub async fn read_key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let found = dispatch!(self, s => s.read_by_id(&SnapshotRows::KEY_READS, id).await)?;
+        Ok(found.keys.into_iter().next())
+    }
+
+    /// One consumer with its scopes as the database holds it now.
+    pub async fn read_consumer(&self, id: &str) -> Result<Option<ConsumerRecord>, StoreError> {
+        let found = dispatch!(self, s => s.read_by_id(&SnapshotRows::CONSUMER_READS, id).await)?;
+        Ok(found.consumers.into_iter().next())
+    }
+
     /// The newest `limit` audit rows, newest first.
     pub async fn recent_usage(&self, limit: i64) -> Result<Vec<UsageEvent>, StoreError> {
         dispatch!(self, s => s.recent_usage(limit).await)
@@ -128,16 +147,32 @@ pub mod sql {
     pub const RECORD_MIGRATION: &str =
         "INSERT OR IGNORE INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)";
 
-    pub const SELECT_TIERS: &str = "SELECT id, name, description FROM tiers";
-    pub const SELECT_TIER_FEATURES: &str =
-        "SELECT tier_id, feature, rate_limit, window_seconds FROM tier_features";
-    pub const SELECT_KEYS: &str = "SELECT id, name, key_value, tier_id, is_active, \
-        CAST(expires_at AS TEXT), usage_limit, usage_count, usage_window_seconds, \
-        CAST(usage_window_start AS TEXT), metadata_json, CAST(created_at AS TEXT) FROM keys";
-    pub const SELECT_KEY_SECRETS: &str = "SELECT key_id, name, value FROM key_secrets";
-    pub const SELECT_CONSUMERS: &str =
-        "SELECT id, name, token_hash, description, is_active FROM consumers";
-    pub const SELECT_SCOPES: &str = "SELECT consumer_id, tier_id FROM consumer_scopes";
+    /// The snapshot queries, and each as one row by id (`…_OF`: the children of one parent),
+    /// so one entity reads back with the same columns and decoding as the whole pool.
+    macro_rules! select {
+        (tiers) => { "SELECT id, name, description FROM tiers" };
+        (tier_features) => { "SELECT tier_id, feature, rate_limit, window_seconds FROM tier_features" };
+        (keys) => {
+            "SELECT id, name, key_value, tier_id, is_active, \
+            CAST(expires_at AS TEXT), usage_limit, usage_count, usage_window_seconds, \
+            CAST(usage_window_start AS TEXT), metadata_json, CAST(created_at AS TEXT) FROM keys"
+        };
+        (key_secrets) => { "SELECT key_id, name, value FROM key_secrets" };
+        (consumers) => { "SELECT id, name, token_hash, description, is_active FROM consumers" };
+        (consumer_scopes) => { "SELECT consumer_id, tier_id FROM consumer_scopes" };
+    }
+    pub const SELECT_TIERS: &str = select!(tiers);
+    pub const SELECT_TIER_FEATURES: &str = select!(tier_features);
+    pub const SELECT_KEYS: &str = select!(keys);
+    pub const SELECT_KEY_SECRETS: &str = select!(key_secrets);
+    pub const SELECT_CONSUMERS: &str = select!(consumers);
+    pub const SELECT_SCOPES: &str = select!(consumer_scopes);
+    pub const SELECT_TIER: &str = concat!(select!(tiers), " WHERE id = ?");
+    pub const SELECT_FEATURES_OF: &str = concat!(select!(tier_features), " WHERE tier_id = ?");
+    pub const SELECT_KEY: &str = concat!(select!(keys), " WHERE id = ?");
+    pub const SELECT_SECRETS_OF: &str = concat!(select!(key_secrets), " WHERE key_id = ?");
+    pub const SELECT_CONSUMER: &str = concat!(select!(consumers), " WHERE id = ?");
+    pub const SELECT_SCOPES_OF: &str = concat!(select!(consumer_scopes), " WHERE consumer_id = ?");
 
     pub const INSERT_TIER: &str =
         "INSERT INTO tiers (id, name, description, created_at) VALUES (?, ?, ?, ?)";
@@ -272,60 +307,27 @@ impl SnapshotRows {
     /// The queries that load the pool, each with how a row of it is kept; a driver runs them
     /// in order and feeds every row to its function.
     pub const READS: [SnapshotRead; 6] = [
-        (sql::SELECT_TIERS, |rows, r| {
-            rows.tiers.push((
-                r.text(0).unwrap_or_default(),
-                r.text(1).unwrap_or_default(),
-                r.text(2).unwrap_or_default(),
-            ))
-        }),
-        (sql::SELECT_TIER_FEATURES, |rows, r| {
-            rows.features.push((
-                r.text(0).unwrap_or_default(),
-                r.text(1).unwrap_or_default(),
-                r.int(2).unwrap_or(0),
-                r.int(3).unwrap_or(60),
-            ))
-        }),
-        (sql::SELECT_KEYS, |rows, r| {
-            let id = r.text(0).unwrap_or_default();
-            rows.keys.push(KeyRecord {
-                name: r.text(1).unwrap_or_default(),
-                sealed_value: r.text(2).unwrap_or_default(),
-                tier_id: r.text(3).unwrap_or_default(),
-                is_active: r.int(4).unwrap_or(1) != 0,
-                expires_at: parse_stored_time(r.text(5), "expires_at", &id),
-                usage_limit: r.int(6),
-                usage_count: r.int(7).unwrap_or(0),
-                usage_window_seconds: r.int(8),
-                usage_window_start: parse_stored_time(r.text(9), "usage_window_start", &id),
-                metadata_json: r.text(10).unwrap_or_else(|| "{}".into()),
-                created_at: parse_stored_time(r.text(11), "created_at", &id),
-                secrets: Vec::new(),
-                id,
-            })
-        }),
-        (sql::SELECT_KEY_SECRETS, |rows, r| {
-            rows.secrets.push((
-                r.text(0).unwrap_or_default(),
-                r.text(1).unwrap_or_default(),
-                r.text(2).unwrap_or_default(),
-            ))
-        }),
-        (sql::SELECT_CONSUMERS, |rows, r| {
-            rows.consumers.push(ConsumerRecord {
-                id: r.text(0).unwrap_or_default(),
-                name: r.text(1).unwrap_or_default(),
-                token_hash: r.text(2).unwrap_or_default(),
-                description: r.text(3).unwrap_or_default(),
-                is_active: r.int(4).unwrap_or(1) != 0,
-                scopes: Vec::new(),
-            })
-        }),
-        (sql::SELECT_SCOPES, |rows, r| {
-            rows.scopes
-                .push((r.text(0).unwrap_or_default(), r.text(1).unwrap_or_default()))
-        }),
+        (sql::SELECT_TIERS, keep_tier),
+        (sql::SELECT_TIER_FEATURES, keep_feature),
+        (sql::SELECT_KEYS, keep_key),
+        (sql::SELECT_KEY_SECRETS, keep_secret),
+        (sql::SELECT_CONSUMERS, keep_consumer),
+        (sql::SELECT_SCOPES, keep_scope),
+    ];
+    /// One tier with its features; each query binds the tier id.
+    pub const TIER_READS: [SnapshotRead; 2] = [
+        (sql::SELECT_TIER, keep_tier),
+        (sql::SELECT_FEATURES_OF, keep_feature),
+    ];
+    /// One key with its secrets; each query binds the key id.
+    pub const KEY_READS: [SnapshotRead; 2] = [
+        (sql::SELECT_KEY, keep_key),
+        (sql::SELECT_SECRETS_OF, keep_secret),
+    ];
+    /// One consumer with its scopes; each query binds the consumer id.
+    pub const CONSUMER_READS: [SnapshotRead; 2] = [
+        (sql::SELECT_CONSUMER, keep_consumer),
+        (sql::SELECT_SCOPES_OF, keep_scope),
     ];
 
     /// Groups children under their parents; orphans (a Go database may hold some) are dropped.
@@ -391,6 +393,66 @@ impl SnapshotRows {
             consumers,
         }
     }
+}
+
+fn keep_tier(rows: &mut SnapshotRows, r: &dyn Cells) {
+    rows.tiers.push((
+        r.text(0).unwrap_or_default(),
+        r.text(1).unwrap_or_default(),
+        r.text(2).unwrap_or_default(),
+    ))
+}
+
+fn keep_feature(rows: &mut SnapshotRows, r: &dyn Cells) {
+    rows.features.push((
+        r.text(0).unwrap_or_default(),
+        r.text(1).unwrap_or_default(),
+        r.int(2).unwrap_or(0),
+        r.int(3).unwrap_or(60),
+    ))
+}
+
+fn keep_key(rows: &mut SnapshotRows, r: &dyn Cells) {
+    let id = r.text(0).unwrap_or_default();
+    rows.keys.push(KeyRecord {
+        name: r.text(1).unwrap_or_default(),
+        sealed_value: r.text(2).unwrap_or_default(),
+        tier_id: r.text(3).unwrap_or_default(),
+        is_active: r.int(4).unwrap_or(1) != 0,
+        expires_at: parse_stored_time(r.text(5), "expires_at", &id),
+        usage_limit: r.int(6),
+        usage_count: r.int(7).unwrap_or(0),
+        usage_window_seconds: r.int(8),
+        usage_window_start: parse_stored_time(r.text(9), "usage_window_start", &id),
+        metadata_json: r.text(10).unwrap_or_else(|| "{}".into()),
+        created_at: parse_stored_time(r.text(11), "created_at", &id),
+        secrets: Vec::new(),
+        id,
+    })
+}
+
+fn keep_secret(rows: &mut SnapshotRows, r: &dyn Cells) {
+    rows.secrets.push((
+        r.text(0).unwrap_or_default(),
+        r.text(1).unwrap_or_default(),
+        r.text(2).unwrap_or_default(),
+    ))
+}
+
+fn keep_consumer(rows: &mut SnapshotRows, r: &dyn Cells) {
+    rows.consumers.push(ConsumerRecord {
+        id: r.text(0).unwrap_or_default(),
+        name: r.text(1).unwrap_or_default(),
+        token_hash: r.text(2).unwrap_or_default(),
+        description: r.text(3).unwrap_or_default(),
+        is_active: r.int(4).unwrap_or(1) != 0,
+        scopes: Vec::new(),
+    })
+}
+
+fn keep_scope(rows: &mut SnapshotRows, r: &dyn Cells) {
+    rows.scopes
+        .push((r.text(0).unwrap_or_default(), r.text(1).unwrap_or_default()))
 }
 
 /// An audit row of `sql::RECENT_USAGE`.

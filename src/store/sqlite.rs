@@ -468,4 +468,25 @@ impl SqliteStore {
         }
         self.pool.close().await;
     }
+
+    /// Runs `reads`, each binding `id`, in one read transaction (one consistent snapshot).
+    pub async fn read_by_id(
+        &self,
+        reads: &[super::SnapshotRead],
+        id: &str,
+    ) -> Result<Snapshot, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let mut rows = SnapshotRows::default();
+        for (query, keep) in reads {
+            for r in sqlx::query(query)
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err)?
+            {
+                keep(&mut rows, &r);
+            }
+        }
+        Ok(rows.assemble())
+    }
 }

@@ -504,6 +504,11 @@ struct Config {
     delay: Mutex<Duration>,
     /// Fault injection: this many COMMIT pipelines run, then lose their answer (HTTP 502).
     lost_commit_answers: AtomicU64,
+    /// Fault injection: this many COMMIT pipelines never run (their transaction rolls back).
+    dropped_commits: AtomicU64,
+    /// Fault injection: after a lost COMMIT answer, refuse every request (HTTP 503) this long.
+    dark_after_lost_answer: Mutex<Duration>,
+    dark_until: Mutex<Option<Instant>>,
     baton_counter: AtomicU64,
 }
 
@@ -577,8 +582,14 @@ fn drop_streams(streams: Vec<Stream>) {
 }
 
 impl App {
-    /// Applies the injected delay, then checks the bearer token.
+    /// Applies the injected outage and delay, then checks the bearer token.
     async fn admit(&self, headers: &HeaderMap) -> Result<(), Reject> {
+        if lock(&self.cfg.dark_until).is_some_and(|until| Instant::now() < until) {
+            return Err(Reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                HranaError::new("INTERNAL", "unavailable (fault injected by the test)"),
+            ));
+        }
         let delay = *lock(&self.cfg.delay);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -685,19 +696,28 @@ async fn pipeline(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Re
     let run = async {
         app.admit(&headers).await?;
         let req: PipelineBody = parse_body(&body)?;
+        // A statement text starting with COMMIT (not the `get_autocommit` request type).
+        let commits = body.windows(7).any(|w| w == b"\"COMMIT");
+        if commits && take_one(&app.cfg.dropped_commits) {
+            // The request is lost on the way: its stream is dropped, rolling back.
+            if let Ok(Some(stream)) = app.acquire(req.baton.as_deref()) {
+                let _ = tokio::task::spawn_blocking(move || drop(stream)).await;
+            }
+            return Err(Reject(
+                StatusCode::BAD_GATEWAY,
+                HranaError::new("INTERNAL", "request lost (fault injected by the test)"),
+            ));
+        }
         let requests = req.requests;
         let (results, baton) = app
             .with_stream(req.baton, move |s| s.pipeline(requests))
             .await?;
-        // A statement text starting with COMMIT (not the `get_autocommit` request type).
-        let commits = body.windows(7).any(|w| w == b"\"COMMIT");
-        let lose = commits
-            && app
-                .cfg
-                .lost_commit_answers
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
+        let lose = commits && take_one(&app.cfg.lost_commit_answers);
         if lose {
+            let dark = *lock(&app.cfg.dark_after_lost_answer);
+            if !dark.is_zero() {
+                *lock(&app.cfg.dark_until) = Some(Instant::now() + dark);
+            }
             // The work is done and committed; only the answer never arrives.
             return Err(Reject(
                 StatusCode::BAD_GATEWAY,
@@ -710,6 +730,13 @@ async fn pipeline(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Re
         ))
     };
     run.await.unwrap_or_else(Reject::into_response)
+}
+
+/// Takes one from a fault-injection counter; `false` when it is spent.
+fn take_one(counter: &AtomicU64) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 async fn cursor(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
@@ -796,6 +823,9 @@ impl HranaServer {
             idle_timeout: Mutex::new(DEFAULT_IDLE_TIMEOUT),
             delay: Mutex::new(Duration::ZERO),
             lost_commit_answers: AtomicU64::new(0),
+            dropped_commits: AtomicU64::new(0),
+            dark_after_lost_answer: Mutex::new(Duration::ZERO),
+            dark_until: Mutex::new(None),
             baton_counter: AtomicU64::new(1),
         });
         let mut server = HranaServer {
@@ -859,13 +889,24 @@ impl HranaServer {
         *lock(&self.cfg.idle_timeout) = d;
     }
 
-    /// Make every request sleep this long before answering (fault injection for "slow database"); zero by default.
     /// The next `n` requests that COMMIT are carried out but answered with HTTP 502, as if
     /// the answer were lost on the way back.
     pub fn lose_commit_answers(&self, n: u64) {
         self.cfg.lost_commit_answers.store(n, Ordering::SeqCst);
     }
 
+    /// The next `n` requests that COMMIT are lost before they reach the database: their
+    /// transaction rolls back and the client gets HTTP 502.
+    pub fn drop_commits(&self, n: u64) {
+        self.cfg.dropped_commits.store(n, Ordering::SeqCst);
+    }
+
+    /// After each lost COMMIT answer, every request is refused (HTTP 503) for `d`.
+    pub fn go_dark_after_lost_answers(&self, d: Duration) {
+        *lock(&self.cfg.dark_after_lost_answer) = d;
+    }
+
+    /// Make every request sleep this long before answering (fault injection for "slow database"); zero by default.
     pub fn set_delay(&self, d: Duration) {
         *lock(&self.cfg.delay) = d;
     }

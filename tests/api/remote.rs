@@ -289,3 +289,359 @@ async fn uncertain_rows_are_re_sent_on_their_own_when_no_serve_follows() {
     assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
     assert_exact(app, 2).await;
 }
+
+// Issue 7 item 1: an admin write whose COMMIT answer is lost is read back, not re-run; the
+// answer tells what the database holds and memory follows it. Two answers are lost so that a
+// retry (today's or any) would lose its answer too; the read-back does not COMMIT, so the fix
+// consumes one. Each test then checks the rows and what /key and auth do afterwards.
+
+async fn lose_two_commit_answers(app: &TestApp) {
+    remote(app).await.lose_commit_answers(2);
+}
+
+async fn stop_losing(app: &TestApp) {
+    remote(app).await.lose_commit_answers(0);
+}
+
+fn tier_body(name: &str, feature: &str) -> serde_json::Value {
+    json!({ "name": name, "features": { feature: { "rate_limit": 100, "window_seconds": 3600 } } })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_create_with_a_lost_commit_answer_answers_201_and_the_tier_serves() {
+    let app = remote_app(&[]).await;
+    lose_two_commit_answers(&app).await;
+    let r = app
+        .admin_post("/admin/tiers", tier_body("t", "scrape"))
+        .await;
+    stop_losing(&app).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.body["features"]["scrape"]["rate_limit"], 100);
+    assert_eq!(
+        app.rows("SELECT t.name, f.feature FROM tiers t JOIN tier_features f ON f.tier_id = t.id")
+            .await,
+        vec![vec![Some("t".to_string()), Some("scrape".to_string())]]
+    );
+    assert_eq!(
+        app.admin_get("/admin/tiers").await.body[0]["id"],
+        r.body["id"]
+    );
+    app.add_key(json!({ "name": "k", "key": "v", "tier": "t" }))
+        .await;
+    assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
+    let again = app
+        .admin_post("/admin/tiers", tier_body("t", "scrape"))
+        .await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{}", again.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_patch_with_a_lost_commit_answer_answers_200_and_the_new_features_apply() {
+    let app = remote_app(&[]).await;
+    app.create_tier("t", &[("scrape", 100, 3600)]).await;
+    app.add_key(json!({ "name": "k", "key": "v", "tier": "t" }))
+        .await;
+    lose_two_commit_answers(&app).await;
+    let r = app
+        .admin_send(
+            reqwest::Method::PATCH,
+            "/admin/tiers",
+            Some(&tier_body("t", "search")),
+        )
+        .await;
+    stop_losing(&app).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        app.rows("SELECT feature FROM tier_features").await,
+        vec![vec![Some("search".to_string())]]
+    );
+    assert_eq!(app.draw("search", ADMIN_TOKEN).await.status, StatusCode::OK);
+    assert_eq!(
+        app.draw("scrape", ADMIN_TOKEN).await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_create_with_a_lost_commit_answer_answers_201_and_the_key_serves() {
+    let app = remote_app(&[]).await;
+    app.create_tier("t", &[("scrape", 100, 3600)]).await;
+    lose_two_commit_answers(&app).await;
+    let r = app
+        .admin_post(
+            "/admin/keys",
+            json!({ "name": "k", "key": "v-new", "tier": "t", "secrets": { "s": "sec" } }),
+        )
+        .await;
+    stop_losing(&app).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.body["secret_names"], json!(["s"]));
+    let id = r.body["id"].as_str().expect("id");
+    assert_eq!(
+        app.rows_with("SELECT COUNT(*) FROM key_secrets WHERE key_id = ?", &[id])
+            .await,
+        vec![vec![Some("1".to_string())]]
+    );
+    let served = app.draw("scrape", ADMIN_TOKEN).await;
+    assert_eq!(served.status, StatusCode::OK, "{}", served.text);
+    assert_eq!(served.body["value"], "v-new");
+    assert_eq!(served.body["secrets"]["s"], "sec");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_delete_with_a_lost_commit_answer_answers_200_and_the_key_is_no_longer_served() {
+    let app = remote_app(&[]).await;
+    app.create_tier("t", &[("scrape", 100, 3600)]).await;
+    let id = app
+        .add_key(json!({ "name": "k", "key": "v-deleted", "tier": "t" }))
+        .await;
+    assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
+    lose_two_commit_answers(&app).await;
+    let r = app
+        .admin_send(reqwest::Method::DELETE, &format!("/admin/keys/{id}"), None)
+        .await;
+    stop_losing(&app).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["status"], "deleted");
+    assert_eq!(app.count("SELECT COUNT(*) FROM keys").await, 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM key_secrets").await, 0);
+    let after = app.draw("scrape", ADMIN_TOKEN).await;
+    assert_eq!(
+        after.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        after.text
+    );
+    assert_eq!(app.admin_get("/admin/keys").await.body, json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_create_with_a_lost_commit_answer_answers_201_with_a_working_token() {
+    let app = remote_app(&[]).await;
+    app.create_tier("t", &[("scrape", 100, 3600)]).await;
+    app.add_key(json!({ "name": "k", "key": "v", "tier": "t" }))
+        .await;
+    lose_two_commit_answers(&app).await;
+    let r = app
+        .admin_post("/admin/consumers", json!({ "name": "c" }))
+        .await;
+    stop_losing(&app).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = r.body["id"].as_str().expect("id");
+    let token = r.body["token"].as_str().expect("token shown");
+    assert_eq!(
+        app.rows_with("SELECT name FROM consumers WHERE id = ?", &[id])
+            .await,
+        vec![vec![Some("c".to_string())]]
+    );
+    let grant = app
+        .admin_post(
+            &format!("/admin/consumers/{id}/scopes"),
+            json!({ "tier": "t" }),
+        )
+        .await;
+    assert_eq!(grant.status, StatusCode::CREATED, "{}", grant.text);
+    assert_eq!(app.draw("scrape", token).await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_delete_with_a_lost_commit_answer_answers_200_and_the_token_stops_working() {
+    let app = remote_app(&[]).await;
+    app.create_tier("t", &[("scrape", 100, 3600)]).await;
+    app.add_key(json!({ "name": "k", "key": "v", "tier": "t" }))
+        .await;
+    let (id, token) = app.consumer("c", &["t"]).await;
+    assert_eq!(app.draw("scrape", &token).await.status, StatusCode::OK);
+    lose_two_commit_answers(&app).await;
+    let r = app
+        .admin_send(
+            reqwest::Method::DELETE,
+            &format!("/admin/consumers/{id}"),
+            None,
+        )
+        .await;
+    stop_losing(&app).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(app.count("SELECT COUNT(*) FROM consumers").await, 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM consumer_scopes").await, 0);
+    assert_eq!(
+        app.draw("scrape", &token).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scope_grant_with_a_lost_commit_answer_answers_201_and_the_consumer_draws() {
+    let app = remote_app(&[]).await;
+    app.create_tier("t", &[("scrape", 100, 3600)]).await;
+    app.add_key(json!({ "name": "k", "key": "v", "tier": "t" }))
+        .await;
+    let (id, token) = app.consumer("c", &[]).await;
+    assert_eq!(
+        app.draw("scrape", &token).await.status,
+        StatusCode::FORBIDDEN
+    );
+    lose_two_commit_answers(&app).await;
+    let r = app
+        .admin_post(
+            &format!("/admin/consumers/{id}/scopes"),
+            json!({ "tier": "t" }),
+        )
+        .await;
+    stop_losing(&app).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(app.count("SELECT COUNT(*) FROM consumer_scopes").await, 1);
+    assert_eq!(app.draw("scrape", &token).await.status, StatusCode::OK);
+}
+
+// Issue 7 item 1: a COMMIT that never reached the database is read back as not applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_write_whose_commit_never_landed_answers_503_nothing_was_changed() {
+    let app = remote_app(&[]).await;
+    remote(&app).await.drop_commits(1);
+    let r = app
+        .admin_post("/admin/consumers", json!({ "name": "c" }))
+        .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
+    assert!(r.error().contains("nothing was changed"), "{}", r.text);
+    assert_eq!(app.count("SELECT COUNT(*) FROM consumers").await, 0);
+    assert_eq!(app.admin_get("/admin/consumers").await.body, json!([]));
+    let again = app
+        .admin_post("/admin/consumers", json!({ "name": "c" }))
+        .await;
+    assert_eq!(again.status, StatusCode::CREATED, "{}", again.text);
+}
+
+// Issue 7 item 1: when the outcome cannot be read back at once, the answer says it is unknown
+// and memory follows the database as soon as it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_write_of_unknown_outcome_answers_503_and_memory_follows_the_database_later() {
+    let app = remote_app(&[("DB_BUSY_TIMEOUT_MS", "300")]).await;
+    {
+        let server = remote(&app).await;
+        server.go_dark_after_lost_answers(Duration::from_secs(1));
+        server.lose_commit_answers(1);
+    }
+    let r = app
+        .admin_post("/admin/consumers", json!({ "name": "c" }))
+        .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
+    assert!(r.error().contains("outcome is unknown"), "{}", r.text);
+    // The consumer was created; the service lists it once the database answers again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let listed = app.admin_get("/admin/consumers").await.body;
+        if listed.as_array().is_some_and(|a| a.len() == 1) {
+            assert_eq!(listed[0]["name"], "c");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "memory never followed the database"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.count("SELECT COUNT(*) FROM consumers").await, 1);
+}
+
+// Issue 7: the re-send queue of serves whose commit outcome is unknown is bounded. At the
+// bound, new serves are refused definitively (nothing counted) until the backlog drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_uncertain_backlog_bound_new_serves_are_refused_and_not_counted() {
+    use keypooler::ledger::{BacklogLimits, Ledger};
+    use keypooler::model::{FeatureLimit, KeyRecord, TierRecord};
+    use keypooler::pool::{Caller, Draw, Now, Pool};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let server = HranaServer::start(&dir.path().join("remote.db"), None).await;
+    let db = keypooler::store::Db::open(&config(&server.url(), None))
+        .await
+        .expect("db");
+    let tier = TierRecord {
+        id: "tier-1".into(),
+        name: "t".into(),
+        description: String::new(),
+        features: [(
+            "scrape".to_string(),
+            FeatureLimit {
+                rate_limit: 1000,
+                window_seconds: 3600,
+            },
+        )]
+        .into(),
+    };
+    db.create_tier(&tier).await.expect("tier");
+    let key = KeyRecord {
+        id: "key-1".into(),
+        name: "k".into(),
+        sealed_value: "v".into(),
+        tier_id: "tier-1".into(),
+        is_active: true,
+        expires_at: None,
+        usage_limit: None,
+        usage_count: 0,
+        usage_window_seconds: None,
+        usage_window_start: None,
+        metadata_json: "{}".into(),
+        created_at: None,
+        secrets: Vec::new(),
+    };
+    db.create_key(&key).await.expect("key");
+    let sealer = keypooler::crypto::Sealer::new(None);
+    let pool = Pool::load(db.load_snapshot().await.expect("snapshot"), &sealer);
+    let ledger = Ledger::start_with_limits(
+        db.clone(),
+        BacklogLimits {
+            max_serves: 2,
+            max_bytes: usize::MAX,
+        },
+    );
+    let serve = || async {
+        match pool.draw(&Caller::Admin, "scrape", Now::read(), |r| ledger.submit(r)) {
+            Draw::Served(pending) => pending.committed().await.is_ok(),
+            _ => panic!("the key can always serve"),
+        }
+    };
+    let counted = || pool.key("key-1").expect("key").stored_usage().count;
+
+    // Every COMMIT lands but its answer is lost: each serve is uncertain and stays counted.
+    server.lose_commit_answers(u64::MAX);
+    assert!(!serve().await);
+    assert!(!serve().await);
+    assert_eq!(counted(), 2);
+    // The backlog holds two serves: the bound. The next ones are refused and given back.
+    for _ in 0..3 {
+        assert!(!serve().await);
+        assert_eq!(counted(), 2, "a refused serve is not counted");
+    }
+    // The database answers again: the backlog is confirmed by its next re-send, then serves flow.
+    server.lose_commit_answers(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !serve().await {
+        assert!(Instant::now() < deadline, "the backlog never drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(counted(), 3);
+    ledger.shutdown().await;
+    let conn = libsql::Builder::new_remote(server.url(), String::new())
+        .build()
+        .await
+        .expect("libsql")
+        .connect()
+        .expect("connect");
+    let mut rows = conn
+        .query(
+            "SELECT (SELECT usage_count FROM keys), (SELECT COUNT(*) FROM usage_events)",
+            (),
+        )
+        .await
+        .expect("query");
+    let row = rows.next().await.expect("row").expect("one row");
+    assert_eq!(
+        (
+            row.get::<i64>(0).expect("count"),
+            row.get::<i64>(1).expect("events")
+        ),
+        (3, 3)
+    );
+}
