@@ -272,8 +272,8 @@ impl GoKey {
     }
 }
 
-/// Writes the Go service's database at `path` (its folder must exist).
-async fn write_go_database(path: &Path) -> GoFixture {
+/// The Go service's schema and `schema_migrations` at `path` (its folder must exist), open.
+async fn go_schema(path: &Path) -> SqlitePool {
     let db = open_db(path).await;
     sqlx::raw_sql(GO_001_INIT_SQL)
         .execute(&db)
@@ -283,6 +283,12 @@ async fn write_go_database(path: &Path) -> GoFixture {
         .execute(&db)
         .await
         .expect("Go schema_migrations");
+    db
+}
+
+/// Writes the Go service's database at `path` (its folder must exist).
+async fn write_go_database(path: &Path) -> GoFixture {
+    let db = go_schema(path).await;
 
     for (id, name, description) in [
         (
@@ -1267,15 +1273,7 @@ async fn values_we_seal_are_the_go_format_and_open_with_plain_aes_gcm() {
 async fn empty_go_database() -> (tempfile::TempDir, PathBuf, SqlitePool) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("pool.db");
-    let db = open_db(&path).await;
-    sqlx::raw_sql(GO_001_INIT_SQL)
-        .execute(&db)
-        .await
-        .expect("Go 001_init.sql");
-    sqlx::raw_sql(GO_SCHEMA_MIGRATIONS_SQL)
-        .execute(&db)
-        .await
-        .expect("Go schema_migrations");
+    let db = go_schema(&path).await;
     sqlx::raw_sql(
         "INSERT INTO tiers (id, name) VALUES ('t1', 'go-tier');
          INSERT INTO tier_features (tier_id, feature, rate_limit, window_seconds) VALUES ('t1', 'scrape', 100, 60);",
