@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::auth::Admin;
 use super::extract::{check_description, check_name, IdPath, JsonBody};
-use super::write::{admin_write, settle, WriteMarker};
+use super::write::{admin_write, deleted, settle, WriteMarker};
 use super::SharedState;
 use crate::error::ApiError;
 use crate::model::ConsumerRecord;
@@ -109,25 +109,8 @@ pub async fn remove(
     IdPath(id): IdPath,
 ) -> Result<Json<Value>, ApiError> {
     admin_write(&state, marker, move |state| async move {
-        match state.db.delete_consumer(&id).await {
-            Ok(()) => {
-                state.pool.remove_consumer(&id);
-            }
-            Err(StoreError::Uncertain(detail)) => {
-                settle::<ConsumerRecord>(
-                    &state,
-                    &id,
-                    &detail,
-                    |stored| stored.is_none(),
-                    |stored| stored.is_some(),
-                )
-                .await?;
-            }
-            Err(StoreError::NotFound) => {
-                return Err(ApiError::NotFound("no consumer with that id".into()))
-            }
-            Err(e) => return Err(e.into()),
-        }
+        let outcome = state.db.delete_consumer(&id).await;
+        deleted::<ConsumerRecord>(&state, &id, outcome, "no consumer with that id").await?;
         tracing::info!(consumer_id = %id, "consumer deleted");
         Ok(Json(json!({ "status": "deleted" })))
     })

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::auth::Admin;
 use super::extract::{check_name, IdPath, JsonBody};
-use super::write::{admin_write, settle, WriteMarker};
+use super::write::{admin_write, deleted, settle, WriteMarker};
 use super::SharedState;
 use crate::error::ApiError;
 use crate::model::KeyRecord;
@@ -228,25 +228,8 @@ pub async fn remove(
     IdPath(id): IdPath,
 ) -> Result<Json<Value>, ApiError> {
     admin_write(&state, marker, move |state| async move {
-        match state.db.delete_key(&id).await {
-            Ok(()) => {
-                state.pool.remove_key(&id);
-            }
-            Err(StoreError::Uncertain(detail)) => {
-                settle::<KeyRecord>(
-                    &state,
-                    &id,
-                    &detail,
-                    |stored| stored.is_none(),
-                    |stored| stored.is_some(),
-                )
-                .await?;
-            }
-            Err(StoreError::NotFound) => {
-                return Err(ApiError::NotFound("no key with that id".into()))
-            }
-            Err(e) => return Err(e.into()),
-        }
+        let outcome = state.db.delete_key(&id).await;
+        deleted::<KeyRecord>(&state, &id, outcome, "no key with that id").await?;
         tracing::info!(key_id = %id, "key deleted");
         Ok(Json(json!({ "status": "deleted" })))
     })

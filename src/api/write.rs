@@ -160,6 +160,29 @@ impl Stored for ConsumerRecord {
     }
 }
 
+/// The outcome of deleting record `id` (call it under the admin lock): done → the pool drops it
+/// too; unconfirmed → settled by reading it back; no such row → 404 saying `missing`.
+pub async fn deleted<R: Stored>(
+    state: &SharedState,
+    id: &str,
+    outcome: Result<(), StoreError>,
+    missing: &str,
+) -> Result<(), ApiError> {
+    match outcome {
+        Ok(()) => {
+            R::follow(state, id, None);
+            Ok(())
+        }
+        Err(StoreError::Uncertain(detail)) => {
+            settle::<R>(state, id, &detail, |s| s.is_none(), |s| s.is_some())
+                .await
+                .map(|_| ())
+        }
+        Err(StoreError::NotFound) => Err(ApiError::NotFound(missing.into())),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Read-backs tried before the outcome is declared unknown; each is bounded by
 /// `DB_BUSY_TIMEOUT_MS`, with a short pause between them.
 const READ_BACK_ATTEMPTS: u32 = 3;
