@@ -156,47 +156,33 @@ async fn livez_and_readyz_answer_200_while_the_database_answers() {
 }
 }
 
-// Issue 8 item 3: a commit that fails answers 503 and moves the feature's 503 counter (the
-// libSQL test server stopped is the cheapest reliable failure).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_both_drivers! {
+// Issue 8 item 3: a commit that fails answers 503 and moves the feature's 503 counter (another
+// writer holding the database past the busy timeout, as in the durability tests).
 async fn a_failed_commit_moves_the_features_503_counter() {
-    let app = BACKEND
-        .scope(
-            Backend::Libsql,
-            spawn_app_with(&[("DB_BUSY_TIMEOUT_MS", "500")]),
-        )
-        .await;
+    let app = spawn_app_with(&[("DB_BUSY_TIMEOUT_MS", "100")]).await;
     app.create_tier("t", &[("scrape", 100, 3600)]).await;
-    app.add_key(json!({ "name": "k", "key": "v", "tier": "t" }))
-        .await;
+    app.add_key(json!({ "name": "k", "key": "v", "tier": "t" })).await;
     assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
-    remote(&app).await.stop().await;
+    let blocker = app.db().await;
+    let mut conn = blocker.acquire().await.expect("connection");
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await.expect("write lock");
     let r = app.draw("scrape", ADMIN_TOKEN).await;
+    sqlx::query("ROLLBACK").execute(&mut *conn).await.expect("release");
+    drop(conn);
+    blocker.close().await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
+
     let text = scrape(&app).await;
-    let key = |status| {
-        sample(
-            &text,
-            "keypooler_key_responses_total",
-            &[("feature", "scrape"), ("status", status)],
-        )
-    };
+    let key = |status| sample(&text, "keypooler_key_responses_total", &[("feature", "scrape"), ("status", status)]);
     assert_eq!((key("200"), key("503")), (Some(1.0), Some(1.0)), "{text}");
-    let failed = ["failed", "uncertain"]
+    let not_committed: f64 = ["failed", "uncertain"]
         .iter()
         .filter_map(|o| sample(&text, "keypooler_commits_total", &[("outcome", o)]))
-        .sum::<f64>();
-    assert!(failed >= 1.0, "{text}");
-    assert_eq!(
-        sample(
-            &text,
-            "keypooler_http_requests_total",
-            &[("route", "/key"), ("status", "503")]
-        ),
-        Some(1.0),
-        "{text}"
-    );
-    remote(&app).await.restart().await;
+        .sum();
+    assert!(not_committed >= 1.0, "{text}");
+    assert_eq!(sample(&text, "keypooler_http_requests_total", &[("route", "/key"), ("status", "503")]), Some(1.0), "{text}");
+}
 }
 
 // Issue 8 item 3: METRICS_TOKEN set ⇒ only its bearer reads /metrics (401 JSON otherwise, the
@@ -257,7 +243,7 @@ async fn readyz_is_503_while_the_database_is_unreachable_and_200_once_it_is_back
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
     assert!(r.error().contains("database"), "{}", r.text);
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        started.elapsed() < Duration::from_secs(5),
         "{:?}",
         started.elapsed()
     );
@@ -275,19 +261,19 @@ async fn readyz_is_503_when_the_database_answers_slower_than_the_bound() {
         .scope(
             Backend::Libsql,
             spawn_app_with(&[
-                ("DB_BUSY_TIMEOUT_MS", "10000"),
+                ("DB_BUSY_TIMEOUT_MS", "30000"),
                 ("SERVER_WRITE_TIMEOUT_SECONDS", "1"),
             ]),
         )
         .await;
-    remote(&app).await.set_delay(Duration::from_secs(3));
+    remote(&app).await.set_delay(Duration::from_secs(10));
     let started = Instant::now();
     let r = app.get("/readyz", None).await;
     let took = started.elapsed();
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
     assert!(r.error().contains("within 1000 ms"), "{}", r.text);
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
         "{took:?}"
     );
     let timed_out = app.admin_get("/admin/usage").await;
