@@ -63,6 +63,8 @@ pub struct Config {
     pub log_level: tracing::Level,
     pub log_format: LogFormat,
     pub log_requests: bool,
+    /// `METRICS_TOKEN`: the bearer token `/metrics` requires; `None` = `/metrics` is public.
+    pub metrics_token: Option<Secret>,
     /// Present when running on Railway (`RAILWAY_ENVIRONMENT` set): platform facts, not settings.
     pub railway: Option<Railway>,
 }
@@ -103,6 +105,7 @@ struct RawConfig {
     log_level: Option<String>,
     log_format: Option<String>,
     log_requests: Option<String>,
+    metrics_token: Option<String>,
     railway_environment: Option<OsString>,
     railway_volume_mount_path: Option<OsString>,
 }
@@ -128,6 +131,7 @@ impl RawConfig {
             "LOG_LEVEL" => &mut self.log_level,
             "LOG_FORMAT" => &mut self.log_format,
             "LOG_REQUESTS" => &mut self.log_requests,
+            "METRICS_TOKEN" => &mut self.metrics_token,
             _ => return None,
         })
     }
@@ -392,6 +396,18 @@ impl RawConfig {
             }
         };
 
+        // Like ADMIN_TOKEN it is a secret: the error names the rule, never the value.
+        let metrics_token = match self.metrics_token.as_deref() {
+            None | Some("") => None,
+            Some(t) if t.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                return Err(bad_secret(
+                    "METRICS_TOKEN",
+                    "it must not contain spaces or control characters (leave it unset for a public /metrics)",
+                ))
+            }
+            Some(t) => Some(Secret::new(t)),
+        };
+
         Ok(Config {
             admin_token,
             encryption_key,
@@ -423,6 +439,7 @@ impl RawConfig {
             log_level,
             log_format,
             log_requests,
+            metrics_token,
             railway: self
                 .railway_environment
                 .filter(|env| !env.is_empty())
@@ -493,6 +510,7 @@ mod tests {
         assert_eq!(c.db_max_open_conns, 1);
         assert_eq!(c.db_busy_timeout, Duration::from_millis(5000));
         assert!(c.encryption_key.is_none());
+        assert!(c.metrics_token.is_none());
         assert!(c.log_requests);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
@@ -510,11 +528,13 @@ mod tests {
                 "DATABASE_URL",
                 "libsql://db.example.io?authToken=db-SECRET-token",
             ),
+            ("METRICS_TOKEN", "metrics-SECRET-token"),
         ])
         .unwrap();
         let shown = format!("{c:?}");
         for secret in [
             "admin-SECRET-token",
+            "metrics-SECRET-token",
             "abab",
             "171, 171",
             "db-SECRET-token",
@@ -530,6 +550,22 @@ mod tests {
         assert!(e.contains("ADMIN_TOKEN is required"), "{e}");
         let e = cfg(&[("ADMIN_TOKEN", "")]).unwrap_err().to_string();
         assert!(e.contains("ADMIN_TOKEN"), "{e}");
+    }
+
+    // Issue 8 item 3: METRICS_TOKEN is optional, a secret, and never echoed when refused.
+    #[test]
+    fn metrics_token_is_optional_and_never_echoed() {
+        let c = cfg(&[("ADMIN_TOKEN", "t"), ("METRICS_TOKEN", "scrape-me")]).unwrap();
+        assert_eq!(
+            c.metrics_token.as_ref().map(Secret::expose),
+            Some("scrape-me")
+        );
+        let c = cfg(&[("ADMIN_TOKEN", "t"), ("METRICS_TOKEN", "")]).unwrap();
+        assert!(c.metrics_token.is_none());
+        let e = cfg(&[("ADMIN_TOKEN", "t"), ("METRICS_TOKEN", "has space-SECRET")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("METRICS_TOKEN") && !e.contains("SECRET"), "{e}");
     }
 
     #[test]

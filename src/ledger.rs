@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::LedgerMeters;
 use crate::model::{KeyUsageUpdate, UsageEvent};
 use crate::pool::{PoolKey, Reservation};
 use crate::store::{Db, StoreError};
@@ -88,19 +89,23 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Starts the writer task on the current runtime.
-    pub fn start(db: Db) -> Ledger {
-        Ledger::start_with_limits(db, BacklogLimits::default())
+    /// Starts the writer task on the current runtime, recording into `meters`.
+    pub fn start(db: Db, meters: LedgerMeters) -> Ledger {
+        Ledger::spawn(db, BacklogLimits::default(), meters)
     }
 
-    /// Starts the writer with its uncertain backlog bounded by `limits`.
+    /// Starts the writer with its uncertain backlog bounded by `limits` (records no metrics).
     pub fn start_with_limits(db: Db, limits: BacklogLimits) -> Ledger {
+        Ledger::spawn(db, limits, crate::metrics::Metrics::disabled().ledger())
+    }
+
+    fn spawn(db: Db, limits: BacklogLimits, meters: LedgerMeters) -> Ledger {
         let (queue, inbox) = mpsc::unbounded_channel();
         let backlog = Arc::new(Backlog {
             limits,
             refusing: AtomicBool::new(false),
         });
-        let worker = tokio::spawn(run(db, inbox, backlog));
+        let worker = tokio::spawn(run(db, inbox, backlog, Arc::new(meters)));
         Ledger {
             queue,
             worker: parking_lot::Mutex::new(Some(worker)),
@@ -131,7 +136,12 @@ impl Ledger {
 /// How long uncertain rows wait for a next commit before they are re-sent on their own.
 const UNCERTAIN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
-async fn run(db: Db, mut inbox: mpsc::UnboundedReceiver<Message>, backlog: Arc<Backlog>) {
+async fn run(
+    db: Db,
+    mut inbox: mpsc::UnboundedReceiver<Message>,
+    backlog: Arc<Backlog>,
+    meters: Arc<LedgerMeters>,
+) {
     let mut stopping = false;
     let mut in_flight: Option<tokio::task::JoinHandle<Uncertain>> = None;
     let mut carry = Uncertain::default();
@@ -176,6 +186,7 @@ async fn run(db: Db, mut inbox: mpsc::UnboundedReceiver<Message>, backlog: Arc<B
         }
         let db = db.clone();
         let backlog = backlog.clone();
+        let meters = meters.clone();
         let carried = std::mem::take(&mut carry);
         in_flight = Some(tokio::spawn(async move {
             let mut carry = carried;
@@ -183,11 +194,11 @@ async fn run(db: Db, mut inbox: mpsc::UnboundedReceiver<Message>, backlog: Arc<B
                 if backlog.full(&carry) {
                     give_back(chunk.into_iter().map(|p| p.serve));
                 } else {
-                    carry = commit(&db, chunk, carry).await;
+                    carry = commit(&db, chunk, carry, &meters).await;
                 }
             }
             if !carry.is_empty() {
-                carry = commit(&db, Vec::new(), carry).await;
+                carry = commit(&db, Vec::new(), carry, &meters).await;
             }
             backlog.full(&carry);
             carry
@@ -201,7 +212,7 @@ async fn run(db: Db, mut inbox: mpsc::UnboundedReceiver<Message>, backlog: Arc<B
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        carry = commit(&db, Vec::new(), carry).await;
+        carry = commit(&db, Vec::new(), carry, &meters).await;
     }
     if carry.is_empty() {
         tracing::debug!("ledger writer stopped with nothing pending");
@@ -357,7 +368,12 @@ fn give_back(serves: impl IntoIterator<Item = Serve>) {
 }
 
 /// Commits `batch` together with `carry`; returns what is still uncertain afterwards.
-async fn commit(db: &Db, batch: Vec<Prepared>, carry: Uncertain) -> Uncertain {
+async fn commit(
+    db: &Db,
+    batch: Vec<Prepared>,
+    carry: Uncertain,
+    meters: &LedgerMeters,
+) -> Uncertain {
     // Checked only now, after the previous commit's outcome (and any rollback) is known.
     let (live, stale): (Vec<Prepared>, Vec<Prepared>) = batch
         .into_iter()
@@ -403,9 +419,13 @@ async fn commit(db: &Db, batch: Vec<Prepared>, carry: Uncertain) -> Uncertain {
 
     let started = std::time::Instant::now();
     let outcome = db.commit_serves(&events, &all_updates).await;
-    tracing::debug!(target: "keypooler::ledger", serves = events.len(), keys = all_updates.len(), micros = started.elapsed().as_micros() as u64, "batch committed");
+    let took = started.elapsed();
+    tracing::debug!(target: "keypooler::ledger", serves = events.len(), keys = all_updates.len(), micros = took.as_micros() as u64, "batch committed");
+    meters.batch_size.record(events.len() as f64);
+    meters.duration.record(took.as_secs_f64());
     match outcome {
         Ok(()) => {
+            meters.committed.increment(1);
             for s in live {
                 let _ = s.ack.send(Ok(()));
             }
@@ -413,6 +433,7 @@ async fn commit(db: &Db, batch: Vec<Prepared>, carry: Uncertain) -> Uncertain {
         }
         Err(StoreError::Uncertain(detail)) => {
             // Maybe applied: keep the counts (never over-serve) and re-send the rows later.
+            meters.uncertain.increment(1);
             tracing::warn!(error = %detail, serves = live.len(), "usage commit outcome unknown; serves answered 503, counted, and re-sent with the next commit");
             for s in live {
                 let _ = s.ack.send(Err(CommitFailed));
@@ -423,6 +444,7 @@ async fn commit(db: &Db, batch: Vec<Prepared>, carry: Uncertain) -> Uncertain {
             }
         }
         Err(e) => {
+            meters.failed.increment(1);
             tracing::error!(error = %e, serves = live.len(), "usage commit failed; serves answered 503 and given back");
             give_back(live);
             events.truncate(carried_events);

@@ -9,6 +9,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod ledger;
+pub mod metrics;
 pub mod model;
 pub mod pool;
 pub mod secret;
@@ -26,6 +27,7 @@ use api::{AppState, HttpSettings, SharedState};
 use config::{Config, LogFormat, StartupWarnings};
 use crypto::Sealer;
 use ledger::Ledger;
+use metrics::Metrics;
 use pool::Pool;
 use store::{Db, StoreError};
 
@@ -47,7 +49,11 @@ pub struct App {
 pub async fn build(config: &Config) -> Result<App, StartupError> {
     let sealer = Sealer::new(config.encryption_key.as_ref().map(|k| k.0));
     let db = Db::open(config).await?;
-    let pool = Pool::load(db.load_snapshot().await?, &sealer);
+    let metrics = Metrics::new();
+    metrics.spawn_upkeep();
+    let loading = std::time::Instant::now();
+    let pool = Pool::load_metered(db.load_snapshot().await?, &sealer, metrics.clone());
+    metrics.set_pool_load_time(loading.elapsed());
     for key in pool.keys() {
         if let Err(e) = &key.material {
             tracing::warn!(key_id = %key.id, error = %e, "key cannot be read and will not be served");
@@ -66,8 +72,16 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
     for warning in &warnings {
         tracing::warn!("{warning}");
     }
-    let ledger = Ledger::start(db.clone());
-    let state = Arc::new(AppState::new(pool, db, ledger, sealer, &config.admin_token));
+    let ledger = Ledger::start(db.clone(), metrics.ledger());
+    let state = Arc::new(AppState::new(
+        pool,
+        db,
+        ledger,
+        sealer,
+        &config.admin_token,
+        metrics,
+        config.metrics_token.as_ref(),
+    ));
     let router = api::router(
         state.clone(),
         HttpSettings {

@@ -42,6 +42,26 @@ impl FromRequestParts<SharedState> for Admin {
     }
 }
 
+/// Whoever may read `/metrics`: anyone when `METRICS_TOKEN` is unset, else only its bearer
+/// (compared in constant time); anything else is 401.
+pub struct MetricsReader;
+
+impl FromRequestParts<SharedState> for MetricsReader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, ApiError> {
+        let Some(expected) = &state.metrics_token_hash else {
+            return Ok(MetricsReader);
+        };
+        let token = bearer(parts).ok_or(ApiError::Unauthorized)?;
+        if bool::from(token_hash(token).ct_eq(expected)) {
+            Ok(MetricsReader)
+        } else {
+            Err(ApiError::Unauthorized)
+        }
+    }
+}
+
 impl FromRequestParts<SharedState> for Caller {
     type Rejection = ApiError;
 

@@ -52,17 +52,21 @@ pub async fn draw_key(
     }
     let ledger = &state.ledger;
     let now = Now::read();
-    match state
-        .pool
-        .draw(&caller, &feature, now, |r| ledger.submit(r))
-    {
-        Draw::Served(pending) => {
+    // Outcomes are recorded on the feature's cached handles (atomic increments, no lock); the
+    // pool records its 429s itself.
+    match state.pool.draw(&caller, &feature, now, |r| {
+        let meters = r.meters.clone();
+        (ledger.submit(r), meters)
+    }) {
+        Draw::Served((pending, meters)) => {
             let key = pending.committed().await.map_err(|_| {
+                meters.unavailable.increment(1);
                 ApiError::Unavailable(
                     "usage could not be recorded, so no key was served; try again".into(),
                 )
             })?;
             let material = key.material.as_ref().map_err(|_| ApiError::Internal)?;
+            meters.served.increment(1);
             Ok(Json(Served {
                 key_id: &key.id,
                 value: material.value.expose(),

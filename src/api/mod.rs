@@ -6,6 +6,7 @@ mod extract;
 mod health;
 mod key;
 mod keys;
+pub mod observe;
 mod tiers;
 mod usage;
 mod write;
@@ -22,6 +23,7 @@ use axum::Router;
 use crate::crypto::Sealer;
 use crate::error::ApiError;
 use crate::ledger::Ledger;
+use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::secret::Secret;
 use crate::store::Db;
@@ -39,6 +41,10 @@ pub struct AppState {
     pub admin_token_hash: [u8; 32],
     /// Serialises admin writes so the database and the pool change in the same order.
     pub admin_writes: tokio::sync::Mutex<()>,
+    /// This app's metrics registry (the pool and the ledger hold handles of the same one).
+    pub metrics: Metrics,
+    /// sha256 of `METRICS_TOKEN`, compared in constant time; `None` = `/metrics` is public.
+    pub metrics_token_hash: Option<[u8; 32]>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -50,6 +56,8 @@ impl AppState {
         ledger: Ledger,
         sealer: Sealer,
         admin_token: &Secret,
+        metrics: Metrics,
+        metrics_token: Option<&Secret>,
     ) -> AppState {
         AppState {
             pool: Arc::new(pool),
@@ -58,6 +66,8 @@ impl AppState {
             sealer,
             admin_token_hash: crate::pool::token_hash(admin_token.expose()),
             admin_writes: tokio::sync::Mutex::new(()),
+            metrics,
+            metrics_token_hash: metrics_token.map(|t| crate::pool::token_hash(t.expose())),
         }
     }
 }
@@ -73,8 +83,12 @@ pub struct HttpSettings {
 /// The whole API.
 pub fn router(state: SharedState, settings: HttpSettings) -> Router {
     let write_timeout = settings.write_timeout;
+    let metrics = state.metrics.clone();
     let mut router = Router::new()
         .route("/health", get(health::health))
+        .route("/livez", get(observe::livez))
+        .route("/readyz", get(observe::readyz))
+        .route("/metrics", get(observe::metrics))
         .route("/key", get(key::draw_key))
         .route("/admin/health", get(health::admin_health))
         .route(
@@ -102,7 +116,8 @@ pub fn router(state: SharedState, settings: HttpSettings) -> Router {
     if settings.log_requests {
         router = router.layer(middleware::from_fn(log_request));
     }
-    router
+    // Outermost, so every answer of the router — fallbacks, 413s, timeouts — carries its id.
+    router.layer(observe::ObserveLayer::new(metrics))
 }
 
 /// `SERVER_WRITE_TIMEOUT_SECONDS`: a request still running after this long is answered 503 — unless
@@ -131,11 +146,16 @@ async fn enforce_write_timeout(
     }
 }
 
-/// One line per request: method, path (never the query or headers), status, latency.
+/// One line per request: method, path (never the query or headers), status, latency, and the
+/// request id the response carries (`observe::ObserveLayer` set it; it is sanitised there).
 async fn log_request(req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let request_id = req
+        .extensions()
+        .get::<observe::RequestId>()
+        .map(|id| id.0.clone());
     let response = next.run(req).await;
     tracing::info!(
         target: "keypooler::http",
@@ -143,6 +163,7 @@ async fn log_request(req: Request, next: Next) -> Response {
         path = %path,
         status = response.status().as_u16(),
         latency_us = started.elapsed().as_micros() as u64,
+        request_id = request_id.as_ref().and_then(|id| id.to_str().ok()).unwrap_or_default(),
         "request"
     );
     response

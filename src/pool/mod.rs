@@ -16,6 +16,7 @@ use parking_lot::{Mutex, RwLock};
 use sha2::{Digest, Sha256};
 
 use crate::crypto::{SealError, Sealer};
+use crate::metrics::{FeatureMeters, Metrics};
 use crate::model::{ConsumerRecord, FeatureLimit, KeyRecord, Snapshot, TierRecord};
 use crate::secret::Secret;
 use crate::timestamp::Timestamp;
@@ -117,6 +118,8 @@ pub struct Reservation {
     pub usage_after: UsageState,
     pub rate_window_start: Instant,
     pub generation: u64,
+    /// The feature's metric handles, so the caller records the serve's outcome lock-free.
+    pub meters: Arc<FeatureMeters>,
 }
 
 /// The result of a draw; `Served` carries what the caller's `on_reserve` returned.
@@ -138,11 +141,12 @@ struct TierEntry {
     keys: Vec<Arc<PoolKey>>,
 }
 
-#[derive(Default)]
 struct FeatureEntry {
     /// Tier ids whose feature set lists this feature.
     tiers: Vec<Arc<str>>,
     cursor: AtomicUsize,
+    /// Registered when a tier first lists the feature; recording is atomic increments only.
+    meters: Arc<FeatureMeters>,
 }
 
 #[derive(Default)]
@@ -159,6 +163,8 @@ struct Index {
 #[derive(Default)]
 pub struct Pool {
     index: RwLock<Index>,
+    /// Where per-feature handles are registered (disabled in `Pool::default()`).
+    metrics: Metrics,
 }
 
 /// hex(sha256(token)) as stored, and its raw bytes as indexed.
@@ -218,6 +224,7 @@ impl PoolKey {
         limit: FeatureLimit,
         caller: &Caller,
         now: Now,
+        meters: &Arc<FeatureMeters>,
     ) -> Result<(Reservation, parking_lot::MutexGuard<'_, KeyCounters>), Wait> {
         let mut counters = self.counters.lock();
         let rate = gates::rate_after_serve(counters.rates.get(feature).copied(), limit, now.mono);
@@ -242,6 +249,7 @@ impl PoolKey {
                     usage_after: usage,
                     rate_window_start: rate.start,
                     generation: counters.generation,
+                    meters: meters.clone(),
                 };
                 Ok((reservation, counters))
             }
@@ -332,9 +340,17 @@ pub struct TierView {
 }
 
 impl Pool {
-    /// Builds the pool from what the store holds.
+    /// Builds the pool from what the store holds, recording no metrics.
     pub fn load(snapshot: Snapshot, sealer: &Sealer) -> Pool {
-        let pool = Pool::default();
+        Pool::load_metered(snapshot, sealer, Metrics::disabled())
+    }
+
+    /// Builds the pool from what the store holds; features register their handles in `metrics`.
+    pub fn load_metered(snapshot: Snapshot, sealer: &Sealer, metrics: Metrics) -> Pool {
+        let pool = Pool {
+            index: RwLock::default(),
+            metrics,
+        };
         for tier in snapshot.tiers {
             pool.put_tier(tier);
         }
@@ -380,6 +396,7 @@ impl Pool {
         }
         let total: usize = tiers.iter().map(|(t, _)| t.keys.len()).sum();
         if total == 0 {
+            entry.meters.exhausted.increment(1);
             return Draw::Exhausted { retry_after: None };
         }
         let start = entry.cursor.fetch_add(1, Ordering::Relaxed) % total;
@@ -404,7 +421,7 @@ impl Pool {
                 }
                 continue;
             }
-            match key.try_reserve(feature, limit, caller, now) {
+            match key.try_reserve(feature, limit, caller, now, &entry.meters) {
                 Ok((reservation, guard)) => {
                     let out = on_reserve(reservation);
                     drop(guard);
@@ -417,6 +434,7 @@ impl Pool {
                 Err(None) => {}
             }
         }
+        entry.meters.exhausted.increment(1);
         Draw::Exhausted {
             retry_after: earliest,
         }
@@ -453,7 +471,14 @@ impl Pool {
             None => Vec::new(),
         };
         for feature in record.features.keys() {
-            let entry = index.features.entry(feature.clone()).or_default();
+            let entry = index
+                .features
+                .entry(feature.clone())
+                .or_insert_with(|| FeatureEntry {
+                    tiers: Vec::new(),
+                    cursor: AtomicUsize::new(0),
+                    meters: Arc::new(self.metrics.feature(feature)),
+                });
             if !entry.tiers.contains(&id) {
                 entry.tiers.push(id.clone());
             }

@@ -430,6 +430,15 @@ impl LibsqlStore {
         self.transaction(&statements, false, |_, _| Ok(())).await
     }
 
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.run(|conn| async move {
+            let mut rows = conn.query(sql::PING, ()).await.map_err(|e| self.err(e))?;
+            rows.next().await.map_err(|e| self.err(e))?;
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn recent_usage(&self, limit: i64) -> Result<Vec<UsageEvent>, StoreError> {
         self.run(|conn| async move {
             let mut rows = conn

@@ -133,6 +133,13 @@ impl Db {
         dispatch!(self, s => s.commit_serves(events, updates).await)
     }
 
+    /// A trivial read of the database (readiness probe; the caller bounds how long it waits).
+    /// SQLite: on the admin read pool, never the group commit's connection; libSQL: one
+    /// statement, bounded by `DB_BUSY_TIMEOUT_MS` like every remote operation.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.ping().await)
+    }
+
     /// Waits for pending writes to reach the file (WAL checkpoint) before exit.
     pub async fn close(&self) {
         dispatch!(self, s => s.close().await)
@@ -144,6 +151,8 @@ pub mod sql {
     pub const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (\
         version INTEGER PRIMARY KEY, name TEXT, applied_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP)";
     pub const APPLIED_VERSIONS: &str = "SELECT version FROM schema_migrations";
+    /// Readiness: reads the database itself (a bare `SELECT 1` would not touch the file).
+    pub const PING: &str = "SELECT 1 FROM schema_migrations LIMIT 1";
     pub const RECORD_MIGRATION: &str =
         "INSERT OR IGNORE INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)";
 

@@ -411,6 +411,14 @@ impl SqliteStore {
             .map(|_| ())
     }
 
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query(sql::PING)
+            .fetch_optional(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
     pub async fn recent_usage(&self, limit: i64) -> Result<Vec<UsageEvent>, StoreError> {
         let rows = sqlx::query(sql::RECENT_USAGE)
             .bind(limit)

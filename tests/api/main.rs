@@ -13,5 +13,6 @@ mod draw;
 mod durability;
 mod go_database;
 mod health;
+mod observe;
 mod process;
 mod remote;

@@ -833,18 +833,31 @@ async fn secrets_stay_out_of_the_log(format: &str) {
     );
     assert_eq!(encryption_key.len(), 64);
     let db = db_path.display().to_string();
+    let metrics_token = distinctive("metrics-");
     let env = [
         ("DB_PATH", db.as_str()),
         ("LOG_LEVEL", "debug"),
         ("LOG_FORMAT", format),
         ("LOG_REQUESTS", "true"),
         ("ENCRYPTION_KEY", encryption_key.as_str()),
+        ("METRICS_TOKEN", metrics_token.as_str()),
     ];
     let mut server = start_server(&env, &admin, &log, dir.path()).await;
     let mut secrets: Vec<(String, String)> = vec![
         ("admin token".into(), admin.clone()),
         ("encryption key".into(), encryption_key.clone()),
+        ("metrics token".into(), metrics_token.clone()),
     ];
+    // Issue 8 item 3: scrapes with the right and a wrong metrics token.
+    for (token, status) in [
+        (metrics_token.as_str(), StatusCode::OK),
+        (admin.as_str(), StatusCode::UNAUTHORIZED),
+    ] {
+        let (got, _) = server
+            .call(Method::GET, "/metrics", Some(token), None)
+            .await;
+        assert_eq!(got, status);
+    }
 
     server
         .admin(
