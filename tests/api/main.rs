@@ -13,5 +13,6 @@ mod draw;
 mod durability;
 mod go_database;
 mod health;
+mod openapi;
 mod process;
 mod remote;
