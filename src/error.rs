@@ -4,8 +4,16 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Serialize;
 
 use crate::store::StoreError;
+
+/// The body of every error answer, whatever its status.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, in words meant for the caller; it names the field at fault.
+    pub error: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -80,11 +88,10 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status_code();
-        let mut response = (
-            status,
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response();
+        let body = ErrorBody {
+            error: self.to_string(),
+        };
+        let mut response = (status, Json(body)).into_response();
         let headers = response.headers_mut();
         match &self {
             ApiError::TooManyRequests {

@@ -4,32 +4,75 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use rand::RngCore;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::auth::Admin;
-use super::extract::{check_description, check_name, IdPath, JsonBody};
-use super::write::{admin_write, deleted, settle, WriteMarker};
+use super::extract::{
+    check_description, check_name, description_schema, name_schema, IdPath, JsonBody,
+};
+use super::openapi::{AdminOnly, JsonBodyErrors, StorageErrors};
+use super::write::{admin_write, deleted, settle, Deleted, WriteMarker};
 use super::SharedState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::model::ConsumerRecord;
 use crate::pool::token_hash;
 use crate::store::StoreError;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerBody {
+    #[schema(schema_with = name_schema)]
     name: String,
+    #[schema(schema_with = description_schema)]
     description: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScopeBody {
+    /// The name of the tier the consumer may now draw from.
+    #[schema(schema_with = name_schema)]
     tier: String,
 }
 
-pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Value> {
+/// A consumer as listed: never its token or the token's hash.
+#[derive(Serialize, ToSchema)]
+pub struct Consumer {
+    id: String,
+    name: String,
+    description: String,
+    is_active: bool,
+    /// The names of the tiers it may draw from.
+    scopes: Vec<String>,
+}
+
+/// A new consumer with its token, shown this once.
+#[derive(Serialize, ToSchema)]
+pub struct NewConsumer {
+    id: String,
+    name: String,
+    /// 64 hex characters; only its sha256 is stored.
+    #[schema(pattern = "^[0-9a-f]{64}$")]
+    token: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Scope {
+    consumer_id: String,
+    /// The tier's name.
+    tier: String,
+}
+
+#[utoipa::path(
+    get,
+    path = "/admin/consumers",
+    tag = "consumers",
+    operation_id = "list_consumers",
+    security(("admin_token" = [])),
+    responses((status = 200, description = "Every consumer, by name", body = [Consumer]), AdminOnly)
+)]
+pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Vec<Consumer>> {
     let mut consumers = state.pool.consumers();
     consumers.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
     Json(
@@ -42,24 +85,41 @@ pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Value> {
                     .filter_map(|t| state.pool.tier_name(t))
                     .collect();
                 scopes.sort();
-                json!({
-                    "id": c.id.as_ref(),
-                    "name": c.name,
-                    "description": c.description,
-                    "is_active": c.is_active,
-                    "scopes": scopes,
-                })
+                Consumer {
+                    id: c.id.to_string(),
+                    name: c.name.clone(),
+                    description: c.description.clone(),
+                    is_active: c.is_active,
+                    scopes,
+                }
             })
             .collect(),
     )
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/consumers",
+    tag = "consumers",
+    operation_id = "create_consumer",
+    security(("admin_token" = [])),
+    request_body = ConsumerBody,
+    responses(
+        (status = 201, description = "Created; its token is in this answer only", body = NewConsumer, links(
+            ("DeleteConsumer" = (operation_id = "delete_consumer", parameters(("id" = "$response.body#/id")))),
+            ("GrantScope" = (operation_id = "grant_scope", parameters(("id" = "$response.body#/id")))),
+        )),
+        AdminOnly, JsonBodyErrors,
+        (status = 409, description = "A consumer with that name exists", body = ErrorBody),
+        StorageErrors,
+    )
+)]
 pub async fn create(
     _: Admin,
     State(state): State<SharedState>,
     marker: WriteMarker,
     JsonBody(body): JsonBody<ConsumerBody>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<NewConsumer>), ApiError> {
     check_name("name", &body.name)?;
     let description = body.description.unwrap_or_default();
     check_description(&description)?;
@@ -96,34 +156,68 @@ pub async fn create(
             Err(e) => return Err(e.into()),
         }
         tracing::info!(consumer_id = %record.id, "consumer created");
-        let response = json!({ "id": record.id, "name": record.name, "token": token });
+        let response = NewConsumer {
+            id: record.id.clone(),
+            name: record.name.clone(),
+            token,
+        };
         Ok((StatusCode::CREATED, Json(response)))
     })
     .await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/admin/consumers/{id}",
+    tag = "consumers",
+    operation_id = "delete_consumer",
+    params(("id" = String, Path, min_length = 1, description = "The consumer's id")),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The consumer and its scopes are gone; its token stops working", body = Deleted),
+        (status = 400, description = "The id is not valid UTF-8", body = ErrorBody),
+        AdminOnly,
+        (status = 404, description = "No consumer has that id", body = ErrorBody),
+        StorageErrors,
+    )
+)]
 pub async fn remove(
     _: Admin,
     State(state): State<SharedState>,
     marker: WriteMarker,
     IdPath(id): IdPath,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Deleted>, ApiError> {
     admin_write(&state, marker, move |state| async move {
         let outcome = state.db.delete_consumer(&id).await;
         deleted::<ConsumerRecord>(&state, &id, outcome, "no consumer with that id").await?;
         tracing::info!(consumer_id = %id, "consumer deleted");
-        Ok(Json(json!({ "status": "deleted" })))
+        Ok(Json(Deleted::default()))
     })
     .await
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/consumers/{id}/scopes",
+    tag = "consumers",
+    operation_id = "grant_scope",
+    params(("id" = String, Path, min_length = 1, description = "The consumer's id")),
+    security(("admin_token" = [])),
+    request_body = ScopeBody,
+    responses(
+        (status = 201, description = "Granted (granting twice is fine); applies to the next `/key`", body = Scope),
+        AdminOnly, JsonBodyErrors,
+        (status = 404, description = "No consumer has that id, or no tier that name", body = ErrorBody),
+        StorageErrors,
+    )
+)]
 pub async fn grant_scope(
     _: Admin,
     State(state): State<SharedState>,
     marker: WriteMarker,
     IdPath(id): IdPath,
     JsonBody(body): JsonBody<ScopeBody>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Scope>), ApiError> {
     check_name("tier", &body.tier)?;
     admin_write(&state, marker, move |state| async move {
         let consumer = state
@@ -151,7 +245,10 @@ pub async fn grant_scope(
         tracing::info!(consumer_id = %consumer.id, tier_id = %tier.id, "scope granted");
         Ok((
             StatusCode::CREATED,
-            Json(json!({ "consumer_id": consumer.id.as_ref(), "tier": tier.name })),
+            Json(Scope {
+                consumer_id: consumer.id.to_string(),
+                tier: tier.name.clone(),
+            }),
         ))
     })
     .await

@@ -9,6 +9,8 @@ use axum::http::StatusCode;
 use serde::de::{DeserializeOwned, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
+use utoipa::openapi::schema::{Object, ObjectBuilder, SchemaType, Type};
+
 use crate::error::ApiError;
 
 /// `SERVER_READ_TIMEOUT_SECONDS`, as a request extension: the longest reading a whole request
@@ -78,6 +80,36 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for ObjectOnly<T> {
     }
 }
 
+/// A whole number in any way JSON can write one: `3`, `3.0`, `3e0` (JSON Schema's `integer`
+/// is the number's value, not its spelling); `3.5`, out-of-range values and strings are refused.
+pub fn whole_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    let number = serde_json::Number::deserialize(deserializer)?;
+    number
+        .as_i64()
+        .or_else(|| {
+            // f64 holds every whole number up to 2^53 exactly; the bound excludes 2^63 itself.
+            number
+                .as_f64()
+                .filter(|f| {
+                    f.fract() == 0.0
+                        && (-9.223_372_036_854_775e18..9.223_372_036_854_775e18).contains(f)
+                })
+                .map(|f| f as i64)
+        })
+        .ok_or_else(|| {
+            serde::de::Error::custom(format_args!("expected a whole number, found {number}"))
+        })
+}
+
+/// `whole_number` for an optional field (`null` or absent: `None`); use with `#[serde(default)]`.
+pub fn optional_whole_number<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    struct Whole(#[serde(deserialize_with = "whole_number")] i64);
+    Ok(Option::<Whole>::deserialize(deserializer)?.map(|Whole(n)| n))
+}
+
 /// The `{id}` path segment, whatever bytes it holds.
 pub struct IdPath(pub String);
 
@@ -115,6 +147,34 @@ pub fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Characters `check_name` refuses anywhere: `char::is_control` (Unicode Cc).
+const CONTROL: &str = r"\x00-\x1f\x7f-\x9f";
+/// What `str::trim` strips (Unicode White_Space) besides the controls; a name needs one
+/// character outside both sets.
+const BLANK: &str = r"\x20\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000";
+
+/// The JSON Schema of what `check_name` accepts (same limits, same characters).
+pub fn name_schema() -> Object {
+    let pattern = format!("^[^{CONTROL}]*[^{CONTROL}{BLANK}][^{CONTROL}]*$");
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(MAX_NAME_CHARS))
+        .pattern(Some(pattern))
+        .description(Some(format!(
+            "Any script; not blank, at most {MAX_NAME_CHARS} characters, no control characters."
+        )))
+        .build()
+}
+
+/// The JSON Schema of an optional description (`null` or absent: empty, or unchanged on PATCH).
+pub fn description_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .max_length(Some(MAX_DESCRIPTION_CHARS))
+        .build()
+}
+
 pub fn check_description(value: &str) -> Result<(), ApiError> {
     if value.chars().count() > MAX_DESCRIPTION_CHARS {
         return Err(ApiError::BadRequest(format!(
@@ -122,4 +182,29 @@ pub fn check_description(value: &str) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Issue 8 item 1: the documented name pattern accepts exactly what `check_name` accepts,
+    // character by character (lengths are checked over HTTP in tests/api/openapi.rs).
+    #[test]
+    fn name_pattern_agrees_with_check_name_for_every_character() {
+        let schema = name_schema();
+        let pattern = regex::Regex::new(schema.pattern.as_deref().expect("a pattern"))
+            .expect("the pattern is a valid regex");
+        let chars = (0..=0x3100u32).chain([0xfeff, 0x1f600, 0x10ffff]);
+        for c in chars.filter_map(char::from_u32) {
+            for name in [c.to_string(), format!("a{c}a"), format!("{c}{c}")] {
+                assert_eq!(
+                    pattern.is_match(&name),
+                    check_name("name", &name).is_ok(),
+                    "{name:?} (U+{:04X})",
+                    c as u32
+                );
+            }
+        }
+    }
 }

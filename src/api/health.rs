@@ -2,27 +2,64 @@
 
 use axum::extract::State;
 use axum::{Extension, Json};
-use serde_json::{json, Value};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::auth::Admin;
+use super::openapi::AdminOnly;
 use super::SharedState;
 use crate::config::StartupWarnings;
 
-pub async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok` while the process answers.
+    #[schema(examples("ok"))]
+    status: &'static str,
 }
 
-/// `warnings`: what startup found wrong without stopping (e.g. data that a redeploy would
-/// lose); always present, empty when all is well.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "meta",
+    operation_id = "health",
+    responses((status = 200, description = "The process is up", body = Health))
+)]
+pub async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AdminHealth {
+    /// Every stored key, whatever its state.
+    #[schema(minimum = 0)]
+    pool_size: usize,
+    /// Whether new values are sealed at rest (`ENCRYPTION_KEY` set).
+    encryption: bool,
+    /// What startup found wrong without stopping (e.g. data that a redeploy would lose);
+    /// empty when all is well.
+    warnings: Vec<String>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/admin/health",
+    tag = "usage",
+    operation_id = "admin_health",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The pool's size, encryption and startup warnings", body = AdminHealth),
+        AdminOnly,
+    )
+)]
 pub async fn admin_health(
     _: Admin,
     State(state): State<SharedState>,
     warnings: Option<Extension<StartupWarnings>>,
-) -> Json<Value> {
+) -> Json<AdminHealth> {
     let warnings = warnings.map(|Extension(w)| w).unwrap_or_default();
-    Json(json!({
-        "pool_size": state.pool.key_count(),
-        "encryption": state.sealer.enabled(),
-        "warnings": &*warnings.0,
-    }))
+    Json(AdminHealth {
+        pool_size: state.pool.key_count(),
+        encryption: state.sealer.enabled(),
+        warnings: warnings.0.to_vec(),
+    })
 }

@@ -7,10 +7,12 @@ use axum::http::Uri;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
+use super::openapi::{StorageErrors, Unauthorized};
 use super::write::WriteMarker;
 use super::SharedState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::pool::{Caller, Draw, Now};
 
 #[derive(Deserialize)]
@@ -18,14 +20,42 @@ struct FeatureQuery {
     feature: Option<String>,
 }
 
-#[derive(Serialize)]
-struct Served<'a> {
+/// A served key: its value, metadata and bound secrets.
+#[derive(Serialize, ToSchema)]
+pub struct Served<'a> {
     key_id: &'a str,
+    /// The upstream API key.
     value: &'a str,
+    /// The key's metadata object, as stored.
+    #[schema(value_type = Object)]
     metadata: &'a serde_json::Map<String, serde_json::Value>,
+    /// Bound secrets by name.
     secrets: BTreeMap<&'a str, &'a str>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/key",
+    tag = "draw",
+    operation_id = "draw_key",
+    params(
+        ("feature" = String, Query, min_length = 1,
+            description = "The feature to draw a key for (a feature name of some tier)"),
+    ),
+    security(("admin_token" = []), ("consumer_token" = [])),
+    responses(
+        (status = 200, description = "A key, counted and audited before this answer left", body = Served),
+        (status = 400, description = "`feature` is missing or empty, or the query string is malformed", body = ErrorBody),
+        Unauthorized,
+        (status = 403, description = "A consumer whose tiers do not list the feature", body = ErrorBody),
+        (status = 404, description = "No tier lists the feature", body = ErrorBody),
+        (status = 429, description = "Every candidate key is at its rate limit or budget, expired or inactive",
+            body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Whole seconds (≥ 1) until the earliest \
+                candidate frees up; absent when none will (lifetime budgets spent, all expired or inactive)"))),
+        StorageErrors,
+    )
+)]
 pub async fn draw_key(
     caller: Caller,
     State(state): State<SharedState>,

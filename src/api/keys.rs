@@ -6,14 +6,20 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::openapi::schema::{
+    AllOfBuilder, AnyOfBuilder, Object, ObjectBuilder, Schema, SchemaType, Type,
+};
+use utoipa::openapi::RefOr;
+use utoipa::{PartialSchema, ToSchema};
 
 use super::auth::Admin;
-use super::extract::{check_name, IdPath, JsonBody};
-use super::write::{admin_write, deleted, settle, WriteMarker};
+use super::extract::{check_name, name_schema, optional_whole_number, IdPath, JsonBody};
+use super::openapi::{AdminOnly, JsonBodyErrors, StorageErrors};
+use super::write::{admin_write, deleted, settle, Deleted, WriteMarker};
 use super::SharedState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::model::KeyRecord;
 use crate::pool::{Now, PoolKey};
 use crate::secret::Secret;
@@ -23,25 +29,175 @@ use crate::timestamp::{self, Timestamp};
 const MAX_USAGE_LIMIT: i64 = 1_000_000_000_000;
 const MAX_WINDOW_SECONDS: i64 = 315_360_000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyBody {
+    #[schema(schema_with = name_schema)]
     name: String,
+    /// The upstream API key (sealed at rest when `ENCRYPTION_KEY` is set).
+    #[schema(min_length = 1)]
     key: String,
+    /// The name of an existing tier.
+    #[schema(schema_with = name_schema)]
     tier: String,
+    /// When the key stops being served: RFC 3339, in the future.
+    #[schema(format = DateTime)]
     expires_at: Option<String>,
+    #[serde(default, deserialize_with = "optional_whole_number")]
+    #[schema(schema_with = usage_limit_schema)]
     usage_limit: Option<i64>,
+    #[serde(default, deserialize_with = "optional_whole_number")]
+    #[schema(schema_with = usage_window_schema)]
     usage_window_seconds: Option<i64>,
+    /// Any JSON object, handed out with the key.
+    #[schema(schema_with = metadata_schema)]
     metadata: Option<Value>,
+    #[schema(schema_with = secrets_schema)]
     secrets: Option<BTreeMap<String, String>>,
 }
 
-fn api_time(t: Option<Timestamp>) -> Value {
-    t.map(|t| Value::String(timestamp::to_api(t)))
-        .unwrap_or(Value::Null)
+fn nullable(t: Type) -> SchemaType {
+    SchemaType::from_iter([t, Type::Null])
 }
 
-pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Value> {
+fn usage_limit_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(nullable(Type::Integer))
+        .minimum(Some(1))
+        .maximum(Some(MAX_USAGE_LIMIT))
+        .description(Some(
+            "At most this many serves (per window if one is set); absent or `null`: no cap",
+        ))
+        .build()
+}
+
+fn usage_window_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(nullable(Type::Integer))
+        .minimum(Some(1))
+        .maximum(Some(MAX_WINDOW_SECONDS))
+        .description(Some("The budget resets this long after its window opened; needs `usage_limit`. Absent or `null`: a lifetime cap"))
+        .build()
+}
+
+fn metadata_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(nullable(Type::Object))
+        .build()
+}
+
+fn secrets_schema() -> Object {
+    let value = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1));
+    ObjectBuilder::new()
+        .schema_type(nullable(Type::Object))
+        .property_names(Some(name_schema()))
+        .additional_properties(Some(value))
+        .description(Some(
+            "Secrets bound to the key by name, handed out with it (sealed at rest)",
+        ))
+        .build()
+}
+
+/// The body of `POST /admin/keys`: `KeyBody` plus the one rule between its fields,
+/// `usage_window_seconds` only with a `usage_limit`.
+pub struct NewKey;
+
+impl PartialSchema for NewKey {
+    fn schema() -> RefOr<Schema> {
+        let window_absent = ObjectBuilder::new()
+            .schema_type(SchemaType::AnyValue)
+            .property(
+                "usage_window_seconds",
+                ObjectBuilder::new().schema_type(Type::Null),
+            );
+        let limit_given = ObjectBuilder::new()
+            .schema_type(SchemaType::AnyValue)
+            .property(
+                "usage_limit",
+                ObjectBuilder::new().schema_type(Type::Integer),
+            )
+            .required("usage_limit");
+        AllOfBuilder::new()
+            .item(KeyBody::schema())
+            .item(AnyOfBuilder::new().item(window_absent).item(limit_given))
+            .into()
+    }
+}
+
+impl ToSchema for NewKey {}
+
+/// A key as `GET /admin/keys` shows it: never its value or secrets.
+#[derive(Serialize, ToSchema)]
+pub struct KeyView {
+    id: String,
+    name: String,
+    tier_id: String,
+    /// The tier's name; `null` if the tier no longer exists.
+    #[schema(required = true)]
+    tier: Option<String>,
+    is_active: bool,
+    #[schema(format = DateTime, required = true)]
+    expires_at: Option<String>,
+    #[schema(required = true)]
+    usage_limit: Option<i64>,
+    /// Serves counted in the current budget window (0 once a windowed budget's window elapsed).
+    usage_count: i64,
+    #[schema(required = true)]
+    usage_window_seconds: Option<i64>,
+    #[schema(format = DateTime, required = true)]
+    usage_window_start: Option<String>,
+    #[schema(value_type = Object)]
+    metadata: serde_json::Map<String, Value>,
+    secret_names: Vec<String>,
+    /// Rate use per feature of the key's tier, in the current window.
+    usage: BTreeMap<String, RateUsage>,
+    /// `false` when the stored value cannot be decrypted: the key is never served then.
+    readable: bool,
+    /// Why an unreadable key cannot be served (present only then; never the value).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RateUsage {
+    used: i64,
+    limit: i64,
+    window_seconds: i64,
+}
+
+/// The answer to `POST /admin/keys`.
+#[derive(Serialize, ToSchema)]
+pub struct NewKeyView {
+    id: String,
+    name: String,
+    /// The tier's name.
+    tier: String,
+    #[schema(format = DateTime, required = true)]
+    expires_at: Option<String>,
+    #[schema(required = true)]
+    usage_limit: Option<i64>,
+    #[schema(required = true)]
+    usage_window_seconds: Option<i64>,
+    #[schema(value_type = Object)]
+    metadata: serde_json::Map<String, Value>,
+    secret_names: Vec<String>,
+}
+
+fn api_time(t: Option<Timestamp>) -> Option<String> {
+    t.map(timestamp::to_api)
+}
+
+#[utoipa::path(
+    get,
+    path = "/admin/keys",
+    tag = "keys",
+    operation_id = "list_keys",
+    security(("admin_token" = [])),
+    responses((status = 200, description = "Every key, by name, with its usage", body = [KeyView]), AdminOnly)
+)]
+pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Vec<KeyView>> {
     let now = Now::read();
     let mut keys = state.pool.keys();
     keys.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
@@ -53,55 +209,73 @@ pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Value> {
         .collect();
     Json(
         keys.iter()
-            .map(|k| key_json(k, tiers.get(&*k.tier_id), now))
+            .map(|k| key_view(k, tiers.get(&*k.tier_id), now))
             .collect(),
     )
 }
 
-fn key_json(key: &PoolKey, tier: Option<&crate::model::TierRecord>, now: Now) -> Value {
+fn key_view(key: &PoolKey, tier: Option<&crate::model::TierRecord>, now: Now) -> KeyView {
     let usage_state = key.usage(now.wall);
-    let usage: serde_json::Map<String, Value> = tier
+    let usage = tier
         .map(|t| {
             t.features
                 .iter()
                 .map(|(f, limit)| {
                     let used = key.rate_used(f, *limit, now.mono);
-                    (f.clone(), json!({ "used": used, "limit": limit.rate_limit, "window_seconds": limit.window_seconds }))
+                    let usage = RateUsage {
+                        used,
+                        limit: limit.rate_limit,
+                        window_seconds: limit.window_seconds,
+                    };
+                    (f.clone(), usage)
                 })
                 .collect()
         })
         .unwrap_or_default();
-    let mut out = json!({
-        "id": key.id.as_ref(),
-        "name": key.name,
-        "tier_id": key.tier_id.as_ref(),
-        "tier": tier.map(|t| t.name.clone()),
-        "is_active": key.is_active,
-        "expires_at": api_time(key.expires_at),
-        "usage_limit": key.budget.usage_limit,
-        "usage_count": usage_state.count,
-        "usage_window_seconds": key.budget.usage_window_seconds,
-        "usage_window_start": api_time(usage_state.window_start),
-        "metadata": key.metadata,
-        "secret_names": key.secret_names,
-        "usage": usage,
-        "readable": key.material.is_ok(),
-    });
-    if let (Err(e), Some(map)) = (&key.material, out.as_object_mut()) {
-        map.insert(
-            "error".into(),
-            Value::String(format!("value cannot be served: {e}")),
-        );
+    KeyView {
+        id: key.id.to_string(),
+        name: key.name.clone(),
+        tier_id: key.tier_id.to_string(),
+        tier: tier.map(|t| t.name.clone()),
+        is_active: key.is_active,
+        expires_at: api_time(key.expires_at),
+        usage_limit: key.budget.usage_limit,
+        usage_count: usage_state.count,
+        usage_window_seconds: key.budget.usage_window_seconds,
+        usage_window_start: api_time(usage_state.window_start),
+        metadata: key.metadata.clone(),
+        secret_names: key.secret_names.clone(),
+        usage,
+        readable: key.material.is_ok(),
+        error: key
+            .material
+            .as_ref()
+            .err()
+            .map(|e| format!("value cannot be served: {e}")),
     }
-    out
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/keys",
+    tag = "keys",
+    operation_id = "create_key",
+    security(("admin_token" = [])),
+    request_body = NewKey,
+    responses(
+        (status = 201, description = "Added to the pool; served from the next `/key`", body = NewKeyView,
+            links(("DeleteKey" = (operation_id = "delete_key", parameters(("id" = "$response.body#/id")))))),
+        AdminOnly, JsonBodyErrors,
+        (status = 404, description = "No tier has that name", body = ErrorBody),
+        StorageErrors,
+    )
+)]
 pub async fn create(
     _: Admin,
     State(state): State<SharedState>,
     marker: WriteMarker,
     JsonBody(body): JsonBody<KeyBody>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<NewKeyView>), ApiError> {
     check_name("name", &body.name)?;
     if body.key.is_empty() {
         return Err(ApiError::BadRequest("key must not be empty".into()));
@@ -203,35 +377,50 @@ pub async fn create(
             }
             Err(e) => return Err(e.into()),
         }
-        let mut secret_names: Vec<&String> = record.secrets.iter().map(|(n, _)| n).collect();
+        let mut secret_names: Vec<String> = record.secrets.iter().map(|(n, _)| n.clone()).collect();
         secret_names.sort();
-        let response = json!({
-            "id": record.id,
-            "name": record.name,
-            "tier": tier.name,
-            "expires_at": api_time(record.expires_at),
-            "usage_limit": record.usage_limit,
-            "usage_window_seconds": record.usage_window_seconds.filter(|w| *w > 0),
-            "metadata": metadata,
-            "secret_names": secret_names,
-        });
+        let response = NewKeyView {
+            id: record.id.clone(),
+            name: record.name.clone(),
+            tier: tier.name.clone(),
+            expires_at: api_time(record.expires_at),
+            usage_limit: record.usage_limit,
+            usage_window_seconds: record.usage_window_seconds.filter(|w| *w > 0),
+            metadata,
+            secret_names,
+        };
         tracing::info!(key_id = %record.id, tier_id = %record.tier_id, "key added");
         Ok((StatusCode::CREATED, Json(response)))
     })
     .await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/admin/keys/{id}",
+    tag = "keys",
+    operation_id = "delete_key",
+    params(("id" = String, Path, min_length = 1, description = "The key's id")),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The key and its secrets are gone; never served again", body = Deleted),
+        (status = 400, description = "The id is not valid UTF-8", body = ErrorBody),
+        AdminOnly,
+        (status = 404, description = "No key has that id", body = ErrorBody),
+        StorageErrors,
+    )
+)]
 pub async fn remove(
     _: Admin,
     State(state): State<SharedState>,
     marker: WriteMarker,
     IdPath(id): IdPath,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Deleted>, ApiError> {
     admin_write(&state, marker, move |state| async move {
         let outcome = state.db.delete_key(&id).await;
         deleted::<KeyRecord>(&state, &id, outcome, "no key with that id").await?;
         tracing::info!(key_id = %id, "key deleted");
-        Ok(Json(json!({ "status": "deleted" })))
+        Ok(Json(Deleted::default()))
     })
     .await
 }

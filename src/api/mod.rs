@@ -7,6 +7,7 @@ mod health;
 mod key;
 mod keys;
 pub mod observe;
+pub mod openapi;
 mod tiers;
 mod usage;
 mod write;
@@ -17,8 +18,9 @@ use std::time::{Duration, Instant};
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use axum::Router;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::crypto::Sealer;
 use crate::error::ApiError;
@@ -80,30 +82,36 @@ pub struct HttpSettings {
     pub log_requests: bool,
 }
 
+/// Every route with its OpenAPI description. `routes!` registers a handler under the method
+/// and path of its `#[utoipa::path]` annotation and adds that annotation to the document, so
+/// a route cannot exist without its description (add routes here only through `routes!`).
+fn documented_routes() -> OpenApiRouter<SharedState> {
+    use utoipa::OpenApi;
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(health::health))
+        .routes(routes!(observe::livez))
+        .routes(routes!(observe::readyz))
+        .routes(routes!(observe::metrics))
+        .routes(routes!(openapi::openapi_json))
+        .routes(routes!(key::draw_key))
+        .routes(routes!(health::admin_health))
+        .routes(routes!(tiers::list, tiers::create, tiers::update))
+        .routes(routes!(keys::list, keys::create))
+        .routes(routes!(keys::remove))
+        .routes(routes!(consumers::list, consumers::create))
+        .routes(routes!(consumers::remove))
+        .routes(routes!(consumers::grant_scope))
+        .routes(routes!(usage::list))
+}
+
 /// The whole API.
 pub fn router(state: SharedState, settings: HttpSettings) -> Router {
     let write_timeout = settings.write_timeout;
     let metrics = state.metrics.clone();
-    let mut router = Router::new()
-        .route("/health", get(health::health))
-        .route("/livez", get(observe::livez))
-        .route("/readyz", get(observe::readyz))
-        .route("/metrics", get(observe::metrics))
-        .route("/key", get(key::draw_key))
-        .route("/admin/health", get(health::admin_health))
-        .route(
-            "/admin/tiers",
-            get(tiers::list).post(tiers::create).patch(tiers::update),
-        )
-        .route("/admin/keys", get(keys::list).post(keys::create))
-        .route("/admin/keys/{id}", delete(keys::remove))
-        .route(
-            "/admin/consumers",
-            get(consumers::list).post(consumers::create),
-        )
-        .route("/admin/consumers/{id}", delete(consumers::remove))
-        .route("/admin/consumers/{id}/scopes", post(consumers::grant_scope))
-        .route("/admin/usage", get(usage::list))
+    // Generate the served document now, so no request pays for it.
+    openapi::document();
+    let (routes, _) = documented_routes().split_for_parts();
+    let mut router = routes
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

@@ -14,11 +14,13 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::auth::MetricsReader;
+use super::openapi::Unauthorized;
 use super::SharedState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::metrics::{write_gauge, HttpSeries, Metrics};
 use crate::pool::Pool;
 
@@ -34,16 +36,40 @@ pub const MAX_REQUEST_ID: usize = 128;
 /// The route label of a request that matched no route (404s): a fixed word, never the path.
 pub const UNMATCHED: &str = "unmatched";
 
+#[derive(Serialize, ToSchema)]
+pub struct Probe {
+    /// `ok` for `/livez`, `ready` for `/readyz`.
+    #[schema(examples("ok", "ready"))]
+    status: &'static str,
+}
+
 /// `GET /livez`: the process is up and serving HTTP; touches nothing else.
-pub async fn livez() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+#[utoipa::path(
+    get,
+    path = "/livez",
+    tag = "meta",
+    operation_id = "livez",
+    responses((status = 200, description = "The process is up (touches nothing else)", body = Probe))
+)]
+pub async fn livez() -> Json<Probe> {
+    Json(Probe { status: "ok" })
 }
 
 /// `GET /readyz`: the database answers a trivial read within `READY_BOUND`, and the pool is
 /// loaded (always so here: the router only exists once `build` has loaded it).
-pub async fn readyz(State(state): State<SharedState>) -> Result<Json<serde_json::Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "meta",
+    operation_id = "readyz",
+    responses(
+        (status = 200, description = "The pool is loaded and the database answered within 1 s", body = Probe),
+        (status = 503, description = "Not ready: the reason (database unavailable or too slow)", body = ErrorBody),
+    )
+)]
+pub async fn readyz(State(state): State<SharedState>) -> Result<Json<Probe>, ApiError> {
     let reason = match tokio::time::timeout(READY_BOUND, state.db.ping()).await {
-        Ok(Ok(())) => return Ok(Json(json!({ "status": "ready" }))),
+        Ok(Ok(())) => return Ok(Json(Probe { status: "ready" })),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "not ready: the database did not answer the probe");
             "database unavailable".to_string()
@@ -63,6 +89,18 @@ pub async fn readyz(State(state): State<SharedState>) -> Result<Json<serde_json:
 }
 
 /// `GET /metrics`: what was recorded, plus key and consumer counts taken from the pool now.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "meta",
+    operation_id = "metrics",
+    security((), ("metrics_token" = [])),
+    responses(
+        (status = 200, description = "Prometheus text format (README, Observability)",
+            content_type = "text/plain; version=0.0.4; charset=utf-8", body = String),
+        Unauthorized,
+    )
+)]
 pub async fn metrics(_: MetricsReader, State(state): State<SharedState>) -> Response {
     let mut text = state.metrics.render();
     pool_census(&state.pool, &mut text);

@@ -5,14 +5,19 @@ use std::collections::BTreeMap;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::openapi::schema::{Object, ObjectBuilder, SchemaType, Type};
+use utoipa::{PartialSchema, ToSchema};
 
 use super::auth::Admin;
-use super::extract::{check_description, check_name, JsonBody, ObjectOnly};
+use super::extract::{
+    check_description, check_name, description_schema, name_schema, optional_whole_number,
+    whole_number, JsonBody, ObjectOnly,
+};
+use super::openapi::{AdminOnly, JsonBodyErrors, StorageErrors};
 use super::write::{admin_write, settle, WriteMarker};
 use super::SharedState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::model::{FeatureLimit, TierRecord};
 use crate::store::StoreError;
 
@@ -20,19 +25,72 @@ use crate::store::StoreError;
 const MAX_WINDOW_SECONDS: i64 = 315_360_000;
 const MAX_RATE_LIMIT: i64 = 1_000_000_000;
 
-#[derive(Deserialize)]
+/// A tier to create, or (PATCH) the tier named `name` with its new feature set.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TierBody {
+    #[schema(schema_with = name_schema)]
     name: String,
+    /// Absent or `null`: empty on create, unchanged on PATCH.
+    #[schema(schema_with = description_schema)]
     description: Option<String>,
+    /// The features the tier's keys serve, each with its rate limit per key; replaces the
+    /// whole set on PATCH.
+    #[schema(schema_with = features_schema)]
     features: BTreeMap<String, ObjectOnly<FeatureBody>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct FeatureBody {
+    #[serde(deserialize_with = "whole_number")]
+    #[schema(schema_with = rate_limit_schema)]
     rate_limit: i64,
+    #[serde(default, deserialize_with = "optional_whole_number")]
+    #[schema(schema_with = window_seconds_schema)]
     window_seconds: Option<i64>,
+}
+
+fn features_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .min_properties(Some(1))
+        .property_names(Some(name_schema()))
+        .additional_properties(Some(FeatureBody::schema()))
+        .build()
+}
+
+fn rate_limit_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(1))
+        .maximum(Some(MAX_RATE_LIMIT))
+        .description(Some("Serves per key per window"))
+        .build()
+}
+
+fn window_seconds_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Integer, Type::Null]))
+        .minimum(Some(0))
+        .maximum(Some(MAX_WINDOW_SECONDS))
+        .description(Some("The rate window; absent, `null` or 0 means 60"))
+        .build()
+}
+
+/// A tier as the API shows it.
+#[derive(Serialize, ToSchema)]
+pub struct Tier {
+    id: String,
+    name: String,
+    description: String,
+    features: BTreeMap<String, FeatureLimits>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct FeatureLimits {
+    rate_limit: i64,
+    window_seconds: i64,
 }
 
 fn features(body: &TierBody) -> Result<BTreeMap<String, FeatureLimit>, ApiError> {
@@ -69,37 +127,71 @@ fn features(body: &TierBody) -> Result<BTreeMap<String, FeatureLimit>, ApiError>
     Ok(out)
 }
 
-pub fn tier_json(tier: &TierRecord) -> Value {
-    let features: serde_json::Map<String, Value> = tier
-        .features
-        .iter()
-        .map(|(f, l)| {
-            (
-                f.clone(),
-                json!({ "rate_limit": l.rate_limit, "window_seconds": l.window_seconds }),
-            )
-        })
-        .collect();
-    json!({ "id": tier.id, "name": tier.name, "description": tier.description, "features": features })
+impl From<&TierRecord> for Tier {
+    fn from(tier: &TierRecord) -> Tier {
+        Tier {
+            id: tier.id.clone(),
+            name: tier.name.clone(),
+            description: tier.description.clone(),
+            features: tier
+                .features
+                .iter()
+                .map(|(f, l)| {
+                    let limits = FeatureLimits {
+                        rate_limit: l.rate_limit,
+                        window_seconds: l.window_seconds,
+                    };
+                    (f.clone(), limits)
+                })
+                .collect(),
+        }
+    }
 }
 
-pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Value> {
+#[utoipa::path(
+    get,
+    path = "/admin/tiers",
+    tag = "tiers",
+    operation_id = "list_tiers",
+    security(("admin_token" = [])),
+    responses((status = 200, description = "Every tier, by name", body = [Tier]), AdminOnly)
+)]
+pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Vec<Tier>> {
     Json(
         state
             .pool
             .tiers()
             .iter()
-            .map(|t| tier_json(&t.record))
+            .map(|t| (&t.record).into())
             .collect(),
     )
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/tiers",
+    tag = "tiers",
+    operation_id = "create_tier",
+    security(("admin_token" = [])),
+    request_body = TierBody,
+    responses(
+        (status = 201, description = "Created", body = Tier, links(
+            ("UpdateTier" = (operation_id = "update_tier",
+                request_body = json!({ "name": "$response.body#/name" }))),
+            ("AddKey" = (operation_id = "create_key",
+                request_body = json!({ "tier": "$response.body#/name" }))),
+        )),
+        AdminOnly, JsonBodyErrors,
+        (status = 409, description = "A tier with that name exists", body = ErrorBody),
+        StorageErrors,
+    )
+)]
 pub async fn create(
     _: Admin,
     State(state): State<SharedState>,
     marker: WriteMarker,
     JsonBody(body): JsonBody<TierBody>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Tier>), ApiError> {
     check_name("name", &body.name)?;
     let description = body.description.clone().unwrap_or_default();
     check_description(&description)?;
@@ -134,15 +226,29 @@ pub async fn create(
         Ok(tier)
     })
     .await?;
-    Ok((StatusCode::CREATED, Json(tier_json(&created))))
+    Ok((StatusCode::CREATED, Json((&created).into())))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/admin/tiers",
+    tag = "tiers",
+    operation_id = "update_tier",
+    security(("admin_token" = [])),
+    request_body = TierBody,
+    responses(
+        (status = 200, description = "Updated; the next `/key` uses the new limits", body = Tier),
+        AdminOnly, JsonBodyErrors,
+        (status = 404, description = "No tier has that name", body = ErrorBody),
+        StorageErrors,
+    )
+)]
 pub async fn update(
     _: Admin,
     State(state): State<SharedState>,
     marker: WriteMarker,
     JsonBody(body): JsonBody<TierBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Tier>, ApiError> {
     check_name("name", &body.name)?;
     if let Some(d) = &body.description {
         check_description(d)?;
@@ -176,5 +282,5 @@ pub async fn update(
         Ok(tier)
     })
     .await?;
-    Ok(Json(tier_json(&updated)))
+    Ok(Json((&updated).into()))
 }

@@ -3,12 +3,15 @@
 use axum::extract::{Query, State};
 use axum::http::Uri;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::ToSchema;
 
 use super::auth::Admin;
+use super::openapi::{AdminOnly, StorageErrors};
 use super::SharedState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::timestamp;
 
 const DEFAULT_LIMIT: i64 = 100;
@@ -19,11 +22,63 @@ struct UsageQuery {
     limit: Option<String>,
 }
 
+/// `limit`: a whole number ≥ 1 of any size (no `int64` bound: larger ones read as the
+/// maximum), or empty (`?limit=`), which reads as absent.
+pub struct LimitParam;
+
+impl utoipa::PartialSchema for LimitParam {
+    fn schema() -> RefOr<Schema> {
+        AnyOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(1)),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some([""])),
+            )
+            .into()
+    }
+}
+
+impl ToSchema for LimitParam {}
+
+/// One audited serve.
+#[derive(Serialize, ToSchema)]
+pub struct UsageEvent {
+    id: String,
+    key_id: String,
+    /// The consumer's id, or `admin`.
+    consumer_id: String,
+    feature: String,
+    #[schema(format = DateTime)]
+    created_at: String,
+}
+
+#[utoipa::path(
+    get,
+    path = "/admin/usage",
+    tag = "usage",
+    operation_id = "list_usage",
+    params(
+        ("limit" = inline(Option<LimitParam>), Query,
+            description = "How many rows, newest first: default 100; above 1000 (however large) reads as 1000"),
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Audit rows, newest first", body = [UsageEvent]),
+        (status = 400, description = "`limit` is not a whole number ≥ 1, or the query string is malformed", body = ErrorBody),
+        AdminOnly,
+        StorageErrors,
+    )
+)]
 pub async fn list(
     _: Admin,
     State(state): State<SharedState>,
     uri: Uri,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Vec<UsageEvent>>, ApiError> {
     let query = Query::<UsageQuery>::try_from_uri(&uri)
         .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?;
     // Above the maximum is clamped to it; not a positive whole number is an error.
@@ -48,14 +103,12 @@ pub async fn list(
     Ok(Json(
         events
             .iter()
-            .map(|e| {
-                json!({
-                    "id": e.id,
-                    "key_id": e.key_id,
-                    "consumer_id": e.consumer_id,
-                    "feature": e.feature,
-                    "created_at": timestamp::to_api(e.created_at),
-                })
+            .map(|e| UsageEvent {
+                id: e.id.clone(),
+                key_id: e.key_id.clone(),
+                consumer_id: e.consumer_id.clone(),
+                feature: e.feature.clone(),
+                created_at: timestamp::to_api(e.created_at),
             })
             .collect(),
     ))

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use serde::Serialize;
 
 use super::{AppState, SharedState};
 use crate::error::ApiError;
@@ -62,6 +63,19 @@ impl<S: Send + Sync> FromRequestParts<S> for WriteMarker {
             .get::<WriteMarker>()
             .cloned()
             .unwrap_or_default())
+    }
+}
+
+/// The answer to a delete: `{"status": "deleted"}`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Deleted {
+    #[schema(examples("deleted"))]
+    status: &'static str,
+}
+
+impl Default for Deleted {
+    fn default() -> Deleted {
+        Deleted { status: "deleted" }
     }
 }
 

@@ -14,5 +14,6 @@ mod durability;
 mod go_database;
 mod health;
 mod observe;
+mod openapi;
 mod process;
 mod remote;
