@@ -6,26 +6,20 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::auth::Admin;
+use super::observe::Probe;
 use super::openapi::AdminOnly;
 use super::SharedState;
 use crate::config::StartupWarnings;
-
-#[derive(Serialize, ToSchema)]
-pub struct Health {
-    /// Always `ok` while the process answers.
-    #[schema(examples("ok"))]
-    status: &'static str,
-}
 
 #[utoipa::path(
     get,
     path = "/health",
     tag = "meta",
     operation_id = "health",
-    responses((status = 200, description = "The process is up", body = Health))
+    responses((status = 200, description = "The process is up (the Go service's meaning)", body = Probe))
 )]
-pub async fn health() -> Json<Health> {
-    Json(Health { status: "ok" })
+pub async fn health() -> Json<Probe> {
+    Probe::ok()
 }
 
 #[derive(Serialize, ToSchema)]

@@ -36,11 +36,18 @@ pub const MAX_REQUEST_ID: usize = 128;
 /// The route label of a request that matched no route (404s): a fixed word, never the path.
 pub const UNMATCHED: &str = "unmatched";
 
+/// The body of `/health`, `/livez` and `/readyz`.
 #[derive(Serialize, ToSchema)]
 pub struct Probe {
-    /// `ok` for `/livez`, `ready` for `/readyz`.
+    /// `ok` for `/health` and `/livez`, `ready` for `/readyz`.
     #[schema(examples("ok", "ready"))]
     status: &'static str,
+}
+
+impl Probe {
+    pub fn ok() -> Json<Probe> {
+        Json(Probe { status: "ok" })
+    }
 }
 
 /// `GET /livez`: the process is up and serving HTTP; touches nothing else.
@@ -52,7 +59,7 @@ pub struct Probe {
     responses((status = 200, description = "The process is up (touches nothing else)", body = Probe))
 )]
 pub async fn livez() -> Json<Probe> {
-    Json(Probe { status: "ok" })
+    Probe::ok()
 }
 
 /// `GET /readyz`: the database answers a trivial read within `READY_BOUND`, and the pool is

@@ -10,8 +10,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
-use crate::hrana::HranaServer;
 use crate::process::distinctive;
+use crate::remote::remote;
 
 const METRICS_TOKEN: &str = "metrics-scrape-token-0123456789";
 
@@ -66,14 +66,6 @@ fn assert_generated(r: &Resp, sent: &[u8]) {
     assert_ne!(id.as_bytes(), sent);
     let uuid = uuid::Uuid::parse_str(id).unwrap_or_else(|_| panic!("{id} is not a UUID"));
     assert_eq!(uuid.get_version_num(), 7, "{id}");
-}
-
-async fn remote(app: &TestApp) -> tokio::sync::MutexGuard<'_, HranaServer> {
-    app.remote
-        .as_ref()
-        .expect("libSQL test server")
-        .lock()
-        .await
 }
 
 on_both_drivers! {

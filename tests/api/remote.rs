@@ -14,7 +14,8 @@ async fn remote_app(extra: &[(&str, &str)]) -> TestApp {
     BACKEND.scope(Backend::Libsql, spawn_app_with(extra)).await
 }
 
-async fn remote(app: &TestApp) -> tokio::sync::MutexGuard<'_, HranaServer> {
+/// The test libSQL server behind a remote app (for faults).
+pub async fn remote(app: &TestApp) -> tokio::sync::MutexGuard<'_, HranaServer> {
     app.remote
         .as_ref()
         .expect("libSQL test server")
