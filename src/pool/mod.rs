@@ -6,6 +6,7 @@
 //! and tier, so a draw never scans the whole pool.
 
 pub mod gates;
+pub mod health;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -27,7 +28,7 @@ pub const ADMIN_CONSUMER_ID: &str = "admin";
 
 /// The clocks a draw reads: wall time for what is persisted or shown (budget windows, expiry,
 /// audit rows) and the monotonic clock for the in-process rate windows (see `gates`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Now {
     pub wall: Timestamp,
     pub mono: Instant,
