@@ -76,7 +76,7 @@ fn key_json(key: &PoolKey, tier: Option<&crate::model::TierRecord>, now: Now) ->
         "name": key.name,
         "tier_id": key.tier_id.as_ref(),
         "tier": tier.map(|t| t.name.clone()),
-        "is_active": key.is_active,
+        "is_active": key.is_active(),
         "expires_at": api_time(key.expires_at),
         "usage_limit": key.budget.usage_limit,
         "usage_count": usage_state.count,

@@ -62,6 +62,7 @@ fn pool(tiers: Vec<TierRecord>, keys: Vec<KeyRecord>, consumers: Vec<ConsumerRec
             tiers,
             keys,
             consumers,
+            health: Default::default(),
         },
         &Sealer::new(None),
     )

@@ -130,7 +130,7 @@ async fn metrics_move_with_serves_and_429s_and_label_routes_by_template() {
     assert_eq!(sample(&text, "keypooler_commits_total", &[("outcome", "committed")]), Some(batches), "{text}");
     // Scrape-time census: the budgeted key is spent; the deleted one is gone.
     let keys = |state| sample(&text, "keypooler_keys", &[("tier", "vault"), ("state", state)]);
-    assert_eq!((keys("spent"), keys("active"), keys("inactive")), (Some(1.0), Some(0.0), Some(0.0)), "{text}");
+    assert_eq!((keys("spent"), keys("active"), keys("disabled")), (Some(1.0), Some(0.0), Some(0.0)), "{text}");
     assert_eq!(sample(&text, "keypooler_consumers", &[("state", "active")]), Some(1.0), "{text}");
 
     for (what, needle) in [
