@@ -22,6 +22,7 @@ pub async fn admin_health(
     let warnings = warnings.map(|Extension(w)| w).unwrap_or_default();
     Json(json!({
         "pool_size": state.pool.key_count(),
+        "key_states": state.pool.health_counts(),
         "encryption": state.sealer.enabled(),
         "warnings": &*warnings.0,
     }))

@@ -21,6 +21,8 @@ struct FeatureQuery {
 #[derive(Serialize)]
 struct Served<'a> {
     key_id: &'a str,
+    /// The audit row's id, for `POST /serves/{serve_id}/outcome` (SPEC §8.2).
+    serve_id: &'a str,
     value: &'a str,
     metadata: &'a serde_json::Map<String, serde_json::Value>,
     secrets: BTreeMap<&'a str, &'a str>,
@@ -59,6 +61,7 @@ pub async fn draw_key(
         (ledger.submit(r), meters)
     }) {
         Draw::Served((pending, meters)) => {
+            let serve_id = pending.serve_id.clone();
             let key = pending.committed().await.map_err(|_| {
                 meters.unavailable.increment(1);
                 ApiError::Unavailable(
@@ -69,6 +72,7 @@ pub async fn draw_key(
             meters.served.increment(1);
             Ok(Json(Served {
                 key_id: &key.id,
+                serve_id: &serve_id,
                 value: material.value.expose(),
                 metadata: &key.metadata,
                 secrets: material

@@ -86,6 +86,7 @@ fn key_json(key: &PoolKey, tier: Option<&crate::model::TierRecord>, now: Now) ->
         "secret_names": key.secret_names,
         "usage": usage,
         "readable": key.material.is_ok(),
+        "health": super::outcomes::health_json(&key.health()),
     });
     if let (Err(e), Some(map)) = (&key.material, out.as_object_mut()) {
         map.insert(

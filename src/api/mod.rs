@@ -5,8 +5,10 @@ mod consumers;
 mod extract;
 mod health;
 mod key;
+mod key_state;
 mod keys;
 pub mod observe;
+mod outcomes;
 mod tiers;
 mod usage;
 mod write;
@@ -45,6 +47,11 @@ pub struct AppState {
     pub metrics: Metrics,
     /// sha256 of `METRICS_TOKEN`, compared in constant time; `None` = `/metrics` is public.
     pub metrics_token_hash: Option<[u8; 32]>,
+    /// `OUTCOME_WINDOW_SECONDS` (default one hour).
+    pub outcome_window: Duration,
+    /// Outcome reports in flight, one per serve (see `outcomes.rs`).
+    pub reports: outcomes::InFlight,
+    pub outcome_meters: crate::metrics::OutcomeMeters,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -66,8 +73,11 @@ impl AppState {
             sealer,
             admin_token_hash: crate::pool::token_hash(admin_token.expose()),
             admin_writes: tokio::sync::Mutex::new(()),
+            outcome_meters: metrics.outcome_reports(),
             metrics,
             metrics_token_hash: metrics_token.map(|t| crate::pool::token_hash(t.expose())),
+            outcome_window: Duration::from_secs(3600),
+            reports: outcomes::InFlight::default(),
         }
     }
 }
@@ -96,7 +106,10 @@ pub fn router(state: SharedState, settings: HttpSettings) -> Router {
             get(tiers::list).post(tiers::create).patch(tiers::update),
         )
         .route("/admin/keys", get(keys::list).post(keys::create))
-        .route("/admin/keys/{id}", delete(keys::remove))
+        .route(
+            "/admin/keys/{id}",
+            delete(keys::remove).patch(key_state::update),
+        )
         .route(
             "/admin/consumers",
             get(consumers::list).post(consumers::create),
@@ -104,6 +117,7 @@ pub fn router(state: SharedState, settings: HttpSettings) -> Router {
         .route("/admin/consumers/{id}", delete(consumers::remove))
         .route("/admin/consumers/{id}/scopes", post(consumers::grant_scope))
         .route("/admin/usage", get(usage::list))
+        .route("/serves/{serve_id}/outcome", post(outcomes::report))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

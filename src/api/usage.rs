@@ -55,6 +55,11 @@ pub async fn list(
                     "consumer_id": e.consumer_id,
                     "feature": e.feature,
                     "created_at": timestamp::to_api(e.created_at),
+                    "outcome": e.outcome.as_ref().map(|o| json!({
+                        "class": o.class,
+                        "status": o.status,
+                        "reported_at": o.reported_at.map(timestamp::to_api),
+                    })),
                 })
             })
             .collect(),
