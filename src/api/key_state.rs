@@ -118,7 +118,7 @@ async fn stored_as(state: &SharedState, id: &str, enabled: bool) -> bool {
         match state.db.read_key_health(id).await {
             Ok(Some((is_active, health))) => {
                 let state = health.map(|h| h.state);
-                return is_active == enabled && (state == Some(StateKind::Disabled)) == !enabled;
+                return is_active == enabled && (state == Some(StateKind::Disabled)) != enabled;
             }
             Ok(None) => return false,
             Err(e) => tracing::warn!(error = %e, "reading back a key of unknown commit failed"),

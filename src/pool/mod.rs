@@ -289,9 +289,11 @@ impl PoolKey {
 
     /// Restores the stored health (a key stored inactive stays disabled).
     fn restore_health(&self, record: &HealthRecord, now: Now) {
-        // `is_active` decides disabled: a stored `disabled` beside an active row is stale.
+        // `is_active` decides disabled: a stored `disabled` beside an active row is stale, and
+        // so is an automatic state beside an inactive one.
         let mut counters = self.counters.lock();
-        if counters.health.kind() != StateKind::Disabled && record.state != StateKind::Disabled {
+        let inactive = counters.health.kind() == StateKind::Disabled;
+        if inactive == (record.state == StateKind::Disabled) {
             counters.health = Health::restore(record, now);
         }
     }

@@ -472,4 +472,35 @@ async fn patch_is_active_disables_and_enables_a_key_and_clears_automatic_states(
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     assert_eq!(app.health_of(&ids[0]).await["state"], "active");
 }
+
+// Issue 9 items 1 and 6: a report whose commit fails is answered 503 and changes nothing —
+// not the audit row, not the key's health in memory; sent again later it applies once.
+async fn a_report_whose_commit_fails_is_503_and_changes_nothing() {
+    let app = spawn_app_with(&[("DB_BUSY_TIMEOUT_MS", "100")]).await;
+    let (ids, token) = pool_of(&app, 2).await;
+    let serve = serve_of(&app, &token, &ids[0]).await;
+    let blocker = app.db().await;
+    let mut conn = blocker.acquire().await.expect("connection");
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await.expect("write lock");
+    let r = app.report(&serve, &token, json!({ "status": 429, "retry_after_seconds": 600 })).await;
+    let health = app.health_of(&ids[0]).await;
+    sqlx::query("ROLLBACK").execute(&mut *conn).await.expect("release");
+    drop(conn);
+    blocker.close().await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
+    assert_eq!(health["state"], "active", "the cooldown was undone in memory: {health}");
+    assert_eq!(app.count("SELECT COUNT(*) FROM usage_events WHERE outcome_class IS NOT NULL").await, 0);
+
+    let again = app.report(&serve, &token, json!({ "status": 429, "retry_after_seconds": 600 })).await;
+    assert_eq!((again.status, again.body["key_state"].clone()), (StatusCode::OK, json!("cooling")), "{}", again.text);
+    let stored = app.rows(&format!("SELECT state, reason FROM key_health WHERE key_id = '{}'", ids[0])).await;
+    assert_eq!(stored, vec![vec![Some("cooling".into()), Some("rate_limited".into())]]);
+
+    // Issue 9 item 8: reports per class and keys per health state in /metrics.
+    let text = crate::observe::scrape(&app).await;
+    let reports = crate::observe::sample(&text, "keypooler_outcome_reports_total", &[("class", "rate_limited")]);
+    assert_eq!(reports, Some(1.0), "only the recorded report counts: {text}");
+    let keys = |state| crate::observe::sample(&text, "keypooler_keys", &[("tier", "t"), ("state", state)]);
+    assert_eq!((keys("cooling"), keys("active")), (Some(1.0), Some(1.0)), "{text}");
+}
 }

@@ -16,7 +16,7 @@ use crate::process::distinctive;
 const METRICS_TOKEN: &str = "metrics-scrape-token-0123456789";
 
 /// The value of the sample `name{labels}` (labels matched as a set, in any order).
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let wanted: BTreeMap<String, String> = labels
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -44,7 +44,7 @@ fn parse_labels(text: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-async fn scrape(app: &TestApp) -> String {
+pub async fn scrape(app: &TestApp) -> String {
     let r = app.get("/metrics", None).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let content_type = r.headers["content-type"].to_str().expect("ascii");
