@@ -23,6 +23,8 @@
 //! never dropped. That backlog is bounded (`BacklogLimits`): while it is at the bound, new
 //! serves are refused definitively — 503, their counts given back — until it drains.
 
+pub mod recent;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,6 +35,7 @@ use crate::metrics::LedgerMeters;
 use crate::model::{HealthWrite, KeyUsageUpdate, OutcomeWrite, UsageEvent};
 use crate::pool::{PoolKey, Reservation};
 use crate::store::{Batch, Db, StoreError};
+use recent::{RecentServe, RecentServes};
 
 /// Serves committed together at most.
 pub const MAX_BATCH: usize = 512;
@@ -116,6 +119,8 @@ impl Pending {
 pub struct Ledger {
     queue: mpsc::UnboundedSender<Message>,
     worker: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The newest committed serves, for outcome reports (`recent`).
+    pub recent: Arc<RecentServes>,
 }
 
 impl Ledger {
@@ -135,10 +140,12 @@ impl Ledger {
             limits,
             refusing: AtomicBool::new(false),
         });
-        let worker = tokio::spawn(run(db, inbox, backlog, Arc::new(meters)));
+        let recent = Arc::new(RecentServes::default());
+        let worker = tokio::spawn(run(db, inbox, backlog, Arc::new(meters), recent.clone()));
         Ledger {
             queue,
             worker: parking_lot::Mutex::new(Some(worker)),
+            recent,
         }
     }
 
@@ -191,6 +198,7 @@ async fn run(
     mut inbox: mpsc::UnboundedReceiver<Message>,
     backlog: Arc<Backlog>,
     meters: Arc<LedgerMeters>,
+    recent: Arc<RecentServes>,
 ) {
     let mut stopping = false;
     let mut in_flight: Option<tokio::task::JoinHandle<Uncertain>> = None;
@@ -235,6 +243,7 @@ async fn run(
         let db = db.clone();
         let backlog = backlog.clone();
         let meters = meters.clone();
+        let recent = recent.clone();
         let carried = std::mem::take(&mut carry);
         in_flight = Some(tokio::spawn(async move {
             let mut carry = carried;
@@ -243,11 +252,19 @@ async fn run(
                 if backlog.full(&carry) {
                     give_back(chunk.into_iter().map(|p| p.serve));
                 } else {
-                    carry = commit(&db, chunk, std::mem::take(&mut jobs), carry, &meters).await;
+                    carry = commit(
+                        &db,
+                        chunk,
+                        std::mem::take(&mut jobs),
+                        carry,
+                        &meters,
+                        &recent,
+                    )
+                    .await;
                 }
             }
             if !carry.is_empty() || !jobs.is_empty() {
-                carry = commit(&db, Vec::new(), jobs, carry, &meters).await;
+                carry = commit(&db, Vec::new(), jobs, carry, &meters, &recent).await;
             }
             backlog.full(&carry);
             carry
@@ -261,7 +278,7 @@ async fn run(
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        carry = commit(&db, Vec::new(), Vec::new(), carry, &meters).await;
+        carry = commit(&db, Vec::new(), Vec::new(), carry, &meters, &recent).await;
     }
     if carry.is_empty() {
         tracing::debug!("ledger writer stopped with nothing pending");
@@ -443,6 +460,7 @@ async fn commit(
     jobs: Vec<Job>,
     carry: Uncertain,
     meters: &LedgerMeters,
+    recent: &RecentServes,
 ) -> Uncertain {
     // Checked only now, after the previous commit's outcome (and any rollback) is known.
     let (live, stale): (Vec<Prepared>, Vec<Prepared>) = batch
@@ -516,8 +534,24 @@ async fn commit(
     match outcome {
         Ok(()) => {
             meters.committed.increment(1);
+            let mut committed = Vec::with_capacity(live.len());
             for s in live {
                 let _ = s.ack.send(Ok(()));
+                committed.push(s.reservation);
+            }
+            // After the acks (off their path); a report that outruns this reads the database.
+            for (r, event) in committed.into_iter().zip(&events[carried_events..]) {
+                if let Ok(id) = uuid::Uuid::try_parse(&event.id) {
+                    recent.insert(
+                        id.as_u128(),
+                        RecentServe {
+                            key_id: r.key.id.clone(),
+                            consumer_id: r.consumer_id,
+                            created_at: r.at,
+                            outcome: None,
+                        },
+                    );
+                }
             }
             Uncertain::default()
         }

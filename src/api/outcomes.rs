@@ -21,7 +21,7 @@ use super::write::WriteMarker;
 use super::SharedState;
 use crate::error::ApiError;
 use crate::ledger::{HealthJob, JobOutcome};
-use crate::model::{HealthWrite, OutcomeWrite, UsageEvent};
+use crate::model::{HealthWrite, OutcomeWrite, StoredOutcome, UsageEvent};
 use crate::pool::health::{
     HealthRecord, Jitter, Outcome, OutcomeClass, OutcomeReport, ServeRef, TransportError,
 };
@@ -71,25 +71,26 @@ pub async fn report(
     IdPath(serve_id): IdPath,
     JsonBody(body): JsonBody<Map<String, Value>>,
 ) -> Result<Json<Value>, ApiError> {
-    if uuid::Uuid::try_parse(&serve_id).is_err() {
+    let Ok(uuid) = uuid::Uuid::try_parse(&serve_id) else {
         return Err(ApiError::BadRequest(
             "serve_id must be a UUID, as GET /key answered it".into(),
         ));
-    }
+    };
     let outcome = parse_report(body)?
         .validate()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     loop {
-        let serve = find_serve(&state, &caller, &serve_id).await?;
-        if let Some(answer) = already_reported(&state, &serve, &outcome)? {
-            return Ok(answer);
-        }
         match claim(&state, &serve_id) {
             Claim::Wait(mut done) => {
                 // Ends with an error once the report in flight drops its slot; then look again.
                 let _ = done.changed().await;
             }
             Claim::Mine(slot) => {
+                // Read while holding the slot, so no report of this serve can land unseen.
+                let serve = find_serve(&state, &caller, &serve_id, uuid.as_u128()).await?;
+                if let Some(answer) = already_reported(&state, &serve, &outcome)? {
+                    return Ok(answer);
+                }
                 if !marker.begin_write() {
                     return Err(ApiError::Unavailable(
                         "request timed out; nothing was changed".into(),
@@ -105,16 +106,30 @@ pub async fn report(
     }
 }
 
-/// The serve as the database holds it, if this caller may report on it and it is recent.
+/// The serve (from the ledger's recent serves, else the database), if this caller may report
+/// on it and it is recent enough.
 async fn find_serve(
     state: &SharedState,
     caller: &Caller,
     serve_id: &str,
+    uuid: u128,
 ) -> Result<UsageEvent, ApiError> {
-    let serve = state
-        .db
-        .read_serve(serve_id, false)
-        .await?
+    let found = match state.ledger.recent.get(uuid) {
+        Some(recent) => Some(UsageEvent {
+            id: serve_id.to_owned(),
+            key_id: recent.key_id.to_string(),
+            consumer_id: recent.consumer_id.to_string(),
+            feature: String::new(),
+            created_at: recent.created_at,
+            outcome: recent.outcome.map(|(class, status)| StoredOutcome {
+                class: class.as_str().to_owned(),
+                status: status.map(i64::from),
+                reported_at: None,
+            }),
+        }),
+        None => state.db.read_serve(serve_id, false).await?,
+    };
+    let serve = found
         .filter(|s| match caller {
             Caller::Admin => true,
             Caller::Consumer(c) => *c.id == *s.consumer_id,
@@ -215,6 +230,12 @@ async fn apply(
     }
     for change in &changes {
         log_transition(&change.key.id, &change.transition);
+    }
+    if let Ok(id) = uuid::Uuid::try_parse(&serve.id) {
+        state
+            .ledger
+            .recent
+            .set_outcome(id.as_u128(), outcome.class, outcome.status);
     }
     state.outcome_meters.record(outcome.class);
     Ok(answer(&serve.id, outcome.class, key_state))
