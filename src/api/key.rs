@@ -61,13 +61,13 @@ pub async fn draw_key(
         (ledger.submit(r), meters)
     }) {
         Draw::Served((pending, meters)) => {
-            let serve_id = pending.serve_id.clone();
-            let key = pending.committed().await.map_err(|_| {
+            let committed = pending.committed().await.map_err(|_| {
                 meters.unavailable.increment(1);
                 ApiError::Unavailable(
                     "usage could not be recorded, so no key was served; try again".into(),
                 )
             })?;
+            let (key, serve_id) = (committed.key, committed.serve_id);
             let material = key.material.as_ref().map_err(|_| ApiError::Internal)?;
             meters.served.increment(1);
             Ok(Json(Served {

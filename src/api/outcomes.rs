@@ -2,8 +2,8 @@
 //! how the key fared upstream; the pool's key health acts on it.
 //!
 //! Guarantees: the first report of a serve wins, in this process (one report per serve in
-//! flight; others wait for it) and across processes and restarts (the database sets an outcome
-//! only on a row without one, and the serve is looked up there). A 200 leaves only after the
+//! flight; others wait for it) and across restarts (the serve is looked up in the ledger's
+//! recent serves, else the database, which sets an outcome only on a row without one). A 200 leaves only after the
 //! outcome and the health changes it made are committed (the group commit); if the commit
 //! fails, the changes are undone in memory and the answer is 503; if its outcome is unknown,
 //! the row is read back first. Once applied, the work runs in a task of its own, so neither

@@ -711,35 +711,54 @@ impl Pool {
     ) -> Option<Reported<R>> {
         let index = self.index.read();
         let key = index.keys.get(key_id)?.clone();
-        let fallback = TierEntry {
-            record: TierRecord {
-                id: String::new(),
-                name: String::new(),
-                description: String::new(),
-                features: Default::default(),
-            },
-            keys: vec![key.clone()],
-            health: Arc::default(),
+        // A key whose tier is gone (a Go database may hold one) is its own tier.
+        let fallback;
+        let tier = match index.tiers.get(&key.tier_id) {
+            Some(tier) => tier,
+            None => {
+                fallback = TierEntry {
+                    record: TierRecord {
+                        id: String::new(),
+                        name: String::new(),
+                        description: String::new(),
+                        features: Default::default(),
+                    },
+                    keys: vec![key.clone()],
+                    health: Arc::default(),
+                };
+                &fallback
+            }
         };
-        let tier = index.tiers.get(&key.tier_id).unwrap_or(&fallback);
         let mut tier_health = tier.health.reports.lock();
-        let since = now.mono.checked_sub(SERVED_WINDOW);
-        let served_keys = tier
-            .keys
-            .iter()
-            .filter(|k| {
-                let at = k.last_served.load(Ordering::Relaxed);
-                at != 0 && since.is_none_or(|s| at >= mono_micros(s))
-            })
-            .count();
+        // Only rate/5xx reports need the tier's counts (a scan of its keys), so an `ok` from
+        // a large tier stays cheap.
+        let throttling = matches!(
+            outcome.class,
+            health::OutcomeClass::RateLimited | health::OutcomeClass::UpstreamError
+        );
+        let since = now.mono.checked_sub(SERVED_WINDOW).map(mono_micros);
+        let served_keys = if throttling {
+            tier.keys
+                .iter()
+                .filter(|k| {
+                    let at = k.last_served.load(Ordering::Relaxed);
+                    at != 0 && since.is_none_or(|s| at >= s)
+                })
+                .count()
+        } else {
+            0
+        };
         let verdict = tier_health.observe(&key.id, serve.at, outcome, served_keys, now);
         let mut changes = Vec::new();
         if verdict.apply_to_key {
-            let held = tier
-                .keys
-                .iter()
-                .filter(|k| k.counters.lock().health.held_for_rate_or_5xx())
-                .count();
+            let held = if throttling {
+                tier.keys
+                    .iter()
+                    .filter(|k| k.counters.lock().health.held_for_rate_or_5xx())
+                    .count()
+            } else {
+                0
+            };
             let mut counters = key.counters.lock();
             let ctx = ReportContext {
                 window_reset: key.window_reset(counters.usage),
