@@ -1,12 +1,12 @@
 //! The most recent committed serves, in memory, so an outcome report on one needs no database
 //! read (SPEC §8.2): who received it, which key, when, and its outcome once one is recorded.
 //!
-//! Bounded and cheap for the group commit, which adds every serve: a direct-mapped table of
-//! `CAPACITY` slots (about 64 bytes each) in locked shards; a serve takes the slot its id maps
-//! to, replacing whatever was there — no allocation, no eviction list. A serve no longer in
-//! its slot (replaced, older, of another process or from before a restart) is read from the
-//! database instead: the database stays the truth; this only saves the read.
+//! Bounded: the newest `CAPACITY` serves (about 64 bytes each), in shards so the group commit
+//! adding a batch and reports looking serves up rarely meet on a lock. An older serve, or one
+//! of another process or from before a restart, is read from the database instead — the
+//! database stays the truth; this only saves the read.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -14,10 +14,9 @@ use parking_lot::Mutex;
 use crate::pool::health::OutcomeClass;
 use crate::timestamp::Timestamp;
 
-/// Slots in all.
+/// Serves kept.
 pub const CAPACITY: usize = 65_536;
 const SHARDS: usize = 16;
-const SLOTS_PER_SHARD: usize = CAPACITY / SHARDS;
 
 /// A committed serve as a report needs it.
 #[derive(Clone, Debug)]
@@ -29,7 +28,11 @@ pub struct RecentServe {
     pub outcome: Option<(OutcomeClass, Option<u16>)>,
 }
 
-type Shard = Box<[Option<(u128, RecentServe)>]>;
+#[derive(Default)]
+struct Shard {
+    serves: HashMap<u128, RecentServe>,
+    order: VecDeque<u128>,
+}
 
 /// See the module doc.
 pub struct RecentServes {
@@ -39,41 +42,38 @@ pub struct RecentServes {
 impl Default for RecentServes {
     fn default() -> Self {
         RecentServes {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(vec![None; SLOTS_PER_SHARD].into_boxed_slice()))
-                .collect(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
         }
     }
 }
 
 impl RecentServes {
-    /// The shard and slot of `id`. UUID v7 ends in random bits, so they spread evenly.
-    fn place(id: u128) -> (usize, usize) {
-        let low = id as usize;
-        (low % SHARDS, (low / SHARDS) % SLOTS_PER_SHARD)
+    fn shard(&self, id: u128) -> &Mutex<Shard> {
+        // UUID v7: the low bits are random, so they spread serves evenly.
+        &self.shards[(id as usize) % SHARDS]
     }
 
-    /// Remembers a committed serve in its slot.
+    /// Remembers committed serves, forgetting the oldest past the bound.
     pub fn insert(&self, id: u128, serve: RecentServe) {
-        let (shard, slot) = Self::place(id);
-        self.shards[shard].lock()[slot] = Some((id, serve));
+        let mut shard = self.shard(id).lock();
+        if shard.serves.insert(id, serve).is_none() {
+            shard.order.push_back(id);
+        }
+        while shard.order.len() > CAPACITY / SHARDS {
+            if let Some(old) = shard.order.pop_front() {
+                shard.serves.remove(&old);
+            }
+        }
     }
 
     pub fn get(&self, id: u128) -> Option<RecentServe> {
-        let (shard, slot) = Self::place(id);
-        match &self.shards[shard].lock()[slot] {
-            Some((held, serve)) if *held == id => Some(serve.clone()),
-            _ => None,
-        }
+        self.shard(id).lock().serves.get(&id).cloned()
     }
 
     /// Notes a serve's committed outcome (if the serve is still kept).
     pub fn set_outcome(&self, id: u128, class: OutcomeClass, status: Option<u16>) {
-        let (shard, slot) = Self::place(id);
-        if let Some((held, serve)) = &mut self.shards[shard].lock()[slot] {
-            if *held == id {
-                serve.outcome.get_or_insert((class, status));
-            }
+        if let Some(serve) = self.shard(id).lock().serves.get_mut(&id) {
+            serve.outcome.get_or_insert((class, status));
         }
     }
 }
@@ -97,9 +97,7 @@ mod tests {
         for id in 0..(CAPACITY as u128 + SHARDS as u128) {
             recent.insert(id, serve());
         }
-        assert!(recent.get(0).is_none(), "replaced by a newer serve");
-        assert!(recent.get(SHARDS as u128).is_some(), "not yet replaced");
-        assert!(recent.get(u128::MAX).is_none(), "never inserted");
+        assert!(recent.get(0).is_none(), "the oldest are forgotten");
         let newest = CAPACITY as u128 + SHARDS as u128 - 1;
         assert!(recent.get(newest).is_some());
         recent.set_outcome(newest, OutcomeClass::Ok, Some(200));
