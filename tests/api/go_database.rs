@@ -762,8 +762,9 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
     ok += 1;
     assert_eq!(
         vault.body,
-        json!({ "key_id": KEY_VAULT, "value": ENC_VAULT_PLAIN, "metadata": {}, "secrets": {} })
+        json!({ "key_id": KEY_VAULT, "serve_id": vault.body["serve_id"].clone(), "value": ENC_VAULT_PLAIN, "metadata": {}, "secrets": {} })
     );
+    assert!(vault.body["serve_id"].is_string(), "{}", vault.text);
     let out_of_scope = app.draw("vault_feature", CONSUMER_TOKEN).await;
     assert_eq!(
         out_of_scope.status,
