@@ -470,6 +470,8 @@ impl Pool {
             index: RwLock::default(),
             metrics,
         };
+        // Fixes the monotonic origin now, before any reading it is compared with.
+        mono_micros(Instant::now());
         for tier in snapshot.tiers {
             pool.put_tier(tier);
         }
