@@ -552,8 +552,19 @@ fn report(
     o: &health::Outcome,
     now: Timestamp,
 ) -> StateKind {
+    report_on(p, key_id, "serve", serve_at, o, now)
+}
+
+fn report_on(
+    p: &Pool,
+    key_id: &str,
+    serve_id: &str,
+    serve_at: Timestamp,
+    o: &health::Outcome,
+    now: Timestamp,
+) -> StateKind {
     let serve = health::ServeRef {
-        id: "serve",
+        id: serve_id,
         at: serve_at,
     };
     p.report(key_id, serve, o, at(now), health::Jitter::NONE, |_| ())
@@ -680,4 +691,26 @@ fn an_operator_disable_is_skipped_without_retry_after_and_enable_restores_it() {
         draw_id(&p, &Caller::Admin, "scrape", t0()),
         Draw::Served("a".into())
     );
+}
+
+#[test]
+fn a_tier_of_quarantined_keys_answers_when_the_first_probe_is_due() {
+    let p = pool(
+        vec![tier("t", &[("scrape", 100, 60)])],
+        vec![key("a", "t")],
+        vec![],
+    );
+    let auth = outcome(health::OutcomeClass::AuthInvalid, None);
+    report_on(&p, "a", "s1", t0(), &auth, t0());
+    let state = report_on(&p, "a", "s2", t0(), &auth, t0());
+    assert_eq!(state, StateKind::Quarantined);
+    match draw_id(&p, &Caller::Admin, "scrape", t0()) {
+        Draw::Exhausted {
+            retry_after: Some(wait),
+        } => assert!(
+            wait.abs_diff(Duration::from_secs(6 * 3600)) < Duration::from_millis(1),
+            "it comes back by itself for a probe in 6 h: {wait:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
 }
