@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import signal
 import socket
 import subprocess
@@ -19,7 +20,8 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BINARY = os.path.join(ROOT, "target", "release", "keypooler")
+BINARY = os.environ.get("BENCH_BINARY") or os.path.join(ROOT, "target", "release", "keypooler")
+REPORT_SCRIPT = os.path.join(ROOT, "bench", "report.lua")
 ADMIN = "bench-admin-token-" + os.urandom(8).hex()
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "4"))
@@ -54,10 +56,13 @@ class Admin:
         return data
 
 
-def wrk(url, token=None):
+def wrk(url, token=None, script=None, script_args=()):
     cmd = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--latency", url]
     if token:
         cmd[1:1] = ["-H", f"Authorization: Bearer {token}"]
+    if script:
+        cmd[1:1] = ["-s", script]
+        cmd += ["--", *script_args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=SECONDS + 30).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     lat = {}
@@ -160,17 +165,44 @@ def main():
             c = admin.ok("POST", "/admin/consumers", {"name": f"consumer-{i:04}"})
             admin.ok("POST", f"/admin/consumers/{c['id']}/scopes", {"tier": "small"})
 
+        # Outcome reports (issue 9) need serves to report on: the ones the /key case just made,
+        # each reported once (only when the binary answers serve_id; a pre-issue-9 build skips).
+        drawn_status, drawn = admin.call("GET", "/key?feature=scrape", token=token)
+        reports = drawn_status == 200 and "serve_id" in drawn
+        serve_file = os.path.join(workdir, "serves.txt")
+        reported = set()
+
+        def unreported_serves():
+            db = sqlite3.connect(f"file:{env['DB_PATH']}?mode=ro", uri=True)
+            rows = db.execute(
+                "SELECT id FROM usage_events WHERE consumer_id = ? AND feature = 'scrape' ORDER BY rowid DESC LIMIT 600000",
+                (consumer["id"],),
+            ).fetchall()
+            db.close()
+            fresh = [r[0] for r in rows if r[0] not in reported]
+            reported.update(fresh)
+            with open(serve_file, "w") as f:
+                f.write("\n".join(fresh) + "\n")
+            return len(fresh)
+
         cases = [
             ("/health", f"{base}/health", None),
             ("/key 200 (durable, 10 keys)", f"{base}/key?feature=scrape", token),
+            ("POST outcome 200 (durable)", None, token),
             ("/key 429 (budget spent)", f"{base}/key?feature=spent_scrape", token),
             ("/key 401 (unknown token)", f"{base}/key?feature=scrape", "not-a-token-" + os.urandom(16).hex()),
             ("/key 200 (durable, 10,000 keys)", f"{base}/key?feature=big_scrape", token),
         ]
         results = {name: [] for name, _, _ in cases}
+        serves_available = []
         with FileSizes(env["DB_PATH"]) as sizes:
             for _ in range(ROUNDS):
                 for name, url, tok in cases:
+                    if url is None:
+                        if reports:
+                            serves_available.append(unreported_serves())
+                            results[name].append(wrk(base, tok, REPORT_SCRIPT, (serve_file, "2")))
+                        continue
                     results[name].append(wrk(url, tok))
         # The WAL right after the sustained load, then after a second without writes.
         wal_after_load = sizes.size(sizes.wal_path)
@@ -181,18 +213,21 @@ def main():
         # Invariants after load, through the API: every 200 was counted and audited.
         keys = admin.ok("GET", "/admin/keys")
         counted = sum(k["usage_count"] for k in keys)
-        served = sum(r["total"] - r["non2xx"] for name, rs in results.items() if name.startswith("/key 200") for r in rs) + 1
+        served = sum(r["total"] - r["non2xx"] for name, rs in results.items() if name.startswith("/key 200") for r in rs) + 1 + (1 if drawn_status == 200 else 0)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+    recorded_outcomes = None
+    if shutil.which("sqlite3"):
+        recorded_outcomes = int(subprocess.run(["sqlite3", env["DB_PATH"], "SELECT COUNT(*) FROM usage_events WHERE outcome_class IS NOT NULL"], capture_output=True, text=True).stdout.strip() or -1)
     audit_rows = int(subprocess.run(["sqlite3", env["DB_PATH"], "SELECT COUNT(*) FROM usage_events"], capture_output=True, text=True).stdout.strip() or -1) if shutil.which("sqlite3") else None
     shutil.rmtree(workdir, ignore_errors=True)
 
     def best(name):
-        return max(results[name], key=lambda r: r["rps"])
+        return max(results[name], key=lambda r: r["rps"]) if results[name] else None
 
     health = best("/health")
     print()
@@ -200,6 +235,9 @@ def main():
     print(f"{'case':34} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'× /health req/s':>16} {'× /health p99':>14} {'errors':>7}")
     for name, _, _ in cases:
         r = best(name)
+        if r is None:
+            print(f"{name:34} {'n/a (this build has no outcome reports)':>40}")
+            continue
         expected_non2xx = "429" in name or "401" in name
         errors = r["socket"] + (0 if expected_non2xx else r["non2xx"])
         if expected_non2xx and r["non2xx"] != r["total"]:
@@ -207,6 +245,10 @@ def main():
         print(f"{name:34} {r['rps']:>10.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['rps'] / health['rps']:>16.2f} {r['p99'] / health['p99']:>14.2f} {errors:>7}")
     small, big = best("/key 200 (durable, 10 keys)"), best("/key 200 (durable, 10,000 keys)")
     print(f"{'/key 10,000 keys ÷ 10 keys':34} {big['rps'] / small['rps']:>10.2f}")
+    if results["POST outcome 200 (durable)"]:
+        sent = [r["total"] for r in results["POST outcome 200 (durable)"]]
+        print(f"{'outcome reports sent / serves':34} {sent} / {serves_available} per round (a report past its round's serves repeats one)")
+        print(f"{'outcomes recorded (audit rows)':34} {recorded_outcomes}")
     print(f"{'admin: first 1,000 key POSTs':34} {chunk_times[0]:>10.2f} s")
     print(f"{'admin: last 1,000 key POSTs':34} {chunk_times[-1]:>10.2f} s   (last ÷ first = {chunk_times[-1] / chunk_times[0]:.2f})")
     print(f"{'peak RSS, 10,010 keys, 1,000 consumers':34} {peak_rss / 1024:>10.1f} MiB")

@@ -65,6 +65,8 @@ pub struct Config {
     pub log_requests: bool,
     /// `METRICS_TOKEN`: the bearer token `/metrics` requires; `None` = `/metrics` is public.
     pub metrics_token: Option<Secret>,
+    /// `OUTCOME_WINDOW_SECONDS`: how long after a serve its outcome may be reported (SPEC §8.2).
+    pub outcome_window: Duration,
     /// Present when running on Railway (`RAILWAY_ENVIRONMENT` set): platform facts, not settings.
     pub railway: Option<Railway>,
 }
@@ -106,6 +108,7 @@ struct RawConfig {
     log_format: Option<String>,
     log_requests: Option<String>,
     metrics_token: Option<String>,
+    outcome_window_seconds: Option<String>,
     railway_environment: Option<OsString>,
     railway_volume_mount_path: Option<OsString>,
 }
@@ -132,6 +135,7 @@ impl RawConfig {
             "LOG_FORMAT" => &mut self.log_format,
             "LOG_REQUESTS" => &mut self.log_requests,
             "METRICS_TOKEN" => &mut self.metrics_token,
+            "OUTCOME_WINDOW_SECONDS" => &mut self.outcome_window_seconds,
             _ => return None,
         })
     }
@@ -276,6 +280,9 @@ where
     }
     Ok(v)
 }
+
+/// The longest `OUTCOME_WINDOW_SECONDS`: 30 days.
+pub const MAX_OUTCOME_WINDOW_SECONDS: u64 = 2_592_000;
 
 fn seconds(var: &str, raw: &Option<String>, default: u64) -> Result<Duration, ConfigError> {
     int_at_least(var, raw, default, 1, 86_400).map(Duration::from_secs)
@@ -440,6 +447,14 @@ impl RawConfig {
             log_format,
             log_requests,
             metrics_token,
+            outcome_window: int_at_least(
+                "OUTCOME_WINDOW_SECONDS",
+                &self.outcome_window_seconds,
+                3600,
+                1,
+                MAX_OUTCOME_WINDOW_SECONDS,
+            )
+            .map(Duration::from_secs)?,
             railway: self
                 .railway_environment
                 .filter(|env| !env.is_empty())
@@ -513,6 +528,7 @@ mod tests {
         assert!(c.metrics_token.is_none());
         assert!(c.log_requests);
         assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.outcome_window, Duration::from_secs(3600));
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert!(
             matches!(c.database, DatabaseConfig::Local { ref path } if path == &PathBuf::from("./data/pool.db"))
@@ -597,6 +613,10 @@ mod tests {
             ("LOG_FORMAT", "xml", "json or pretty"),
             ("LOG_REQUESTS", "maybe", "true or false"),
             ("DB_SYNCHRONOUS", "off", "normal or full"),
+            // Issue 9 item 1: the outcome window is 1 s to 30 days.
+            ("OUTCOME_WINDOW_SECONDS", "0", "1 to 2592000"),
+            ("OUTCOME_WINDOW_SECONDS", "2592001", "1 to 2592000"),
+            ("OUTCOME_WINDOW_SECONDS", "1h", "whole number"),
         ] {
             let e = cfg(&[("ADMIN_TOKEN", "t"), (var, value)])
                 .unwrap_err()

@@ -14,9 +14,16 @@
 //! absolute counters. When a commit fails, each key is rolled back to before its earliest
 //! failed serve and every later reservation of that key (already queued) is voided.
 //!
+//! Outcome reports and key health changes (SPEC §8.2) ride the same commits: a report's
+//! outcome row and the health records it changed are one job, acknowledged after the batch
+//! holding it commits. A job whose commit outcome is unknown is not re-sent: its caller reads
+//! back what landed before answering.
+//!
 //! Uncertain commits (remote only): their rows stay counted and are re-sent until confirmed,
 //! never dropped. That backlog is bounded (`BacklogLimits`): while it is at the bound, new
 //! serves are refused definitively — 503, their counts given back — until it drains.
+
+pub mod recent;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,9 +32,10 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::LedgerMeters;
-use crate::model::{KeyUsageUpdate, UsageEvent};
+use crate::model::{HealthWrite, KeyUsageUpdate, OutcomeWrite, UsageEvent};
 use crate::pool::{PoolKey, Reservation};
-use crate::store::{Db, StoreError};
+use crate::store::{Batch, Db, StoreError};
+use recent::{RecentServe, RecentServes};
 
 /// Serves committed together at most.
 pub const MAX_BATCH: usize = 512;
@@ -58,25 +66,58 @@ pub struct CommitFailed;
 
 struct Serve {
     reservation: Reservation,
-    ack: oneshot::Sender<Result<(), CommitFailed>>,
+    /// Answered the serve's audit id once committed.
+    ack: oneshot::Sender<Result<String, CommitFailed>>,
+}
+
+/// What a report or an operator changed: at most one outcome and the health records.
+pub struct HealthJob {
+    pub outcome: Option<OutcomeWrite>,
+    pub health: Vec<HealthWrite>,
+}
+
+/// How a health job's commit ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobOutcome {
+    Committed,
+    /// Nothing of it was written.
+    Failed,
+    /// The commit's answer was lost; it may or may not have landed (read back to know).
+    Uncertain,
+}
+
+struct Job {
+    job: HealthJob,
+    ack: oneshot::Sender<JobOutcome>,
 }
 
 enum Message {
     Serve(Serve),
+    Health(Job),
     Shutdown,
 }
 
 /// A submitted serve awaiting its commit.
 pub struct Pending {
     pub key: Arc<PoolKey>,
-    ack: oneshot::Receiver<Result<(), CommitFailed>>,
+    ack: oneshot::Receiver<Result<String, CommitFailed>>,
+}
+
+/// A serve that is durable.
+pub struct Committed {
+    pub key: Arc<PoolKey>,
+    /// The serve's audit row id (`usage_events.id`), answered as `serve_id`.
+    pub serve_id: String,
 }
 
 impl Pending {
     /// Resolves once the serve is durable (or failed and was given back).
-    pub async fn committed(self) -> Result<Arc<PoolKey>, CommitFailed> {
+    pub async fn committed(self) -> Result<Committed, CommitFailed> {
         match self.ack.await {
-            Ok(Ok(())) => Ok(self.key),
+            Ok(Ok(serve_id)) => Ok(Committed {
+                key: self.key,
+                serve_id,
+            }),
             _ => Err(CommitFailed),
         }
     }
@@ -86,6 +127,8 @@ impl Pending {
 pub struct Ledger {
     queue: mpsc::UnboundedSender<Message>,
     worker: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The newest committed serves, for outcome reports (`recent`).
+    pub recent: Arc<RecentServes>,
 }
 
 impl Ledger {
@@ -105,10 +148,12 @@ impl Ledger {
             limits,
             refusing: AtomicBool::new(false),
         });
-        let worker = tokio::spawn(run(db, inbox, backlog, Arc::new(meters)));
+        let recent = Arc::new(RecentServes::default());
+        let worker = tokio::spawn(run(db, inbox, backlog, Arc::new(meters), recent.clone()));
         Ledger {
             queue,
             worker: parking_lot::Mutex::new(Some(worker)),
+            recent,
         }
     }
 
@@ -119,6 +164,15 @@ impl Ledger {
         // After shutdown the message comes back unsent, the ack drops and the caller sees a failure.
         let _ = self.queue.send(Message::Serve(Serve { reservation, ack }));
         Pending { key, ack: rx }
+    }
+
+    /// Queues an outcome and health changes; call while holding the lock that ordered them
+    /// (the tier's report lock), so a key's records reach the database in the order made.
+    /// The answer resolves once the batch holding them has committed (or not).
+    pub fn submit_health(&self, job: HealthJob) -> impl std::future::Future<Output = JobOutcome> {
+        let (ack, rx) = oneshot::channel();
+        let _ = self.queue.send(Message::Health(Job { job, ack }));
+        async move { rx.await.unwrap_or(JobOutcome::Failed) }
     }
 
     /// Commits everything queued so far, then stops the writer.
@@ -141,12 +195,13 @@ async fn run(
     mut inbox: mpsc::UnboundedReceiver<Message>,
     backlog: Arc<Backlog>,
     meters: Arc<LedgerMeters>,
+    recent: Arc<RecentServes>,
 ) {
     let mut stopping = false;
     let mut in_flight: Option<tokio::task::JoinHandle<Uncertain>> = None;
     let mut carry = Uncertain::default();
     while !stopping {
-        let mut batch = Vec::new();
+        let mut batch = Gathered::default();
         // With a commit outstanding, wake up after a while even without serves, so rows whose
         // outcome it left unknown are re-sent.
         let received = match in_flight {
@@ -156,8 +211,8 @@ async fn run(
             None => Some(inbox.recv().await),
         };
         match received {
-            Some(Some(Message::Serve(s))) => batch.push(prepare(s)),
             Some(Some(Message::Shutdown)) | Some(None) => stopping = true,
+            Some(Some(message)) => batch.take(message),
             None => {}
         }
         drain(&mut inbox, &mut batch, &mut stopping);
@@ -176,9 +231,7 @@ async fn run(
         if stopping {
             inbox.close();
             while let Ok(message) = inbox.try_recv() {
-                if let Message::Serve(s) = message {
-                    batch.push(prepare(s));
-                }
+                batch.take(message);
             }
         }
         if batch.is_empty() && carry.is_empty() {
@@ -187,18 +240,28 @@ async fn run(
         let db = db.clone();
         let backlog = backlog.clone();
         let meters = meters.clone();
+        let recent = recent.clone();
         let carried = std::mem::take(&mut carry);
         in_flight = Some(tokio::spawn(async move {
             let mut carry = carried;
-            for chunk in chunked(batch) {
+            let mut jobs = batch.jobs;
+            for chunk in chunked(batch.serves) {
                 if backlog.full(&carry) {
                     give_back(chunk.into_iter().map(|p| p.serve));
                 } else {
-                    carry = commit(&db, chunk, carry, &meters).await;
+                    carry = commit(
+                        &db,
+                        chunk,
+                        std::mem::take(&mut jobs),
+                        carry,
+                        &meters,
+                        &recent,
+                    )
+                    .await;
                 }
             }
-            if !carry.is_empty() {
-                carry = commit(&db, Vec::new(), carry, &meters).await;
+            if !carry.is_empty() || !jobs.is_empty() {
+                carry = commit(&db, Vec::new(), jobs, carry, &meters, &recent).await;
             }
             backlog.full(&carry);
             carry
@@ -212,7 +275,7 @@ async fn run(
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        carry = commit(&db, Vec::new(), carry, &meters).await;
+        carry = commit(&db, Vec::new(), Vec::new(), carry, &meters, &recent).await;
     }
     if carry.is_empty() {
         tracing::debug!("ledger writer stopped with nothing pending");
@@ -304,15 +367,36 @@ impl Backlog {
     }
 }
 
-fn drain(
-    inbox: &mut mpsc::UnboundedReceiver<Message>,
-    batch: &mut Vec<Prepared>,
-    stopping: &mut bool,
-) {
+/// What the writer gathered for the next commit: serves and health jobs.
+#[derive(Default)]
+struct Gathered {
+    serves: Vec<Prepared>,
+    jobs: Vec<Job>,
+}
+
+impl Gathered {
+    fn take(&mut self, message: Message) {
+        match message {
+            Message::Serve(s) => self.serves.push(prepare(s)),
+            Message::Health(job) => self.jobs.push(job),
+            Message::Shutdown => {}
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.serves.len() + self.jobs.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn drain(inbox: &mut mpsc::UnboundedReceiver<Message>, batch: &mut Gathered, stopping: &mut bool) {
     while batch.len() < MAX_BATCH && !*stopping {
         match inbox.try_recv() {
-            Ok(Message::Serve(s)) => batch.push(prepare(s)),
             Ok(Message::Shutdown) => *stopping = true,
+            Ok(message) => batch.take(message),
             Err(_) => break,
         }
     }
@@ -328,12 +412,14 @@ fn prepare(serve: Serve) -> Prepared {
     let r = &serve.reservation;
     let event = UsageEvent {
         // Time-ordered (v7): each audit row appends to the primary-key index instead of
-        // dirtying a random page per row, which made commits 2-3x slower with v4.
+        // dirtying a random page per row, which made commits 2-3x slower with v4. Made here,
+        // on the writer task: v7's generator is one process-wide lock.
         id: uuid::Uuid::now_v7().to_string(),
         key_id: r.key.id.to_string(),
         consumer_id: r.consumer_id.to_string(),
         feature: r.feature.clone(),
         created_at: r.at,
+        outcome: None,
     };
     Prepared { serve, event }
 }
@@ -367,12 +453,14 @@ fn give_back(serves: impl IntoIterator<Item = Serve>) {
     }
 }
 
-/// Commits `batch` together with `carry`; returns what is still uncertain afterwards.
+/// Commits `batch` and `jobs` together with `carry`; returns what is still uncertain afterwards.
 async fn commit(
     db: &Db,
     batch: Vec<Prepared>,
+    jobs: Vec<Job>,
     carry: Uncertain,
     meters: &LedgerMeters,
+    recent: &RecentServes,
 ) -> Uncertain {
     // Checked only now, after the previous commit's outcome (and any rollback) is known.
     let (live, stale): (Vec<Prepared>, Vec<Prepared>) = batch
@@ -382,7 +470,7 @@ async fn commit(
         p.serve.reservation.key.give_back_rate(&p.serve.reservation);
         let _ = p.serve.ack.send(Err(CommitFailed));
     }
-    if live.is_empty() && carry.is_empty() {
+    if live.is_empty() && carry.is_empty() && jobs.is_empty() {
         return carry;
     }
     let (live, new_events): (Vec<Serve>, Vec<UsageEvent>) =
@@ -417,8 +505,28 @@ async fn commit(
     let mut all_updates = carried_updates;
     all_updates.extend(updates);
 
+    let outcomes: Vec<OutcomeWrite> = jobs.iter().filter_map(|j| j.job.outcome.clone()).collect();
+    let health: Vec<HealthWrite> = jobs
+        .iter()
+        .flat_map(|j| j.job.health.iter().cloned())
+        .collect();
     let started = std::time::Instant::now();
-    let outcome = db.commit_serves(&events, &all_updates).await;
+    let outcome = db
+        .commit_batch(&Batch {
+            events: &events,
+            updates: &all_updates,
+            outcomes: &outcomes,
+            health: &health,
+        })
+        .await;
+    let job_outcome = match &outcome {
+        Ok(()) => JobOutcome::Committed,
+        Err(StoreError::Uncertain(_)) => JobOutcome::Uncertain,
+        Err(_) => JobOutcome::Failed,
+    };
+    for job in jobs {
+        let _ = job.ack.send(job_outcome);
+    }
     let took = started.elapsed();
     tracing::debug!(target: "keypooler::ledger", serves = events.len(), keys = all_updates.len(), micros = took.as_micros() as u64, "batch committed");
     meters.batch_size.record(events.len() as f64);
@@ -426,8 +534,24 @@ async fn commit(
     match outcome {
         Ok(()) => {
             meters.committed.increment(1);
-            for s in live {
-                let _ = s.ack.send(Ok(()));
+            let mut committed = Vec::with_capacity(live.len());
+            for (s, event) in live.into_iter().zip(&events[carried_events..]) {
+                let _ = s.ack.send(Ok(event.id.clone()));
+                committed.push(s.reservation);
+            }
+            // After the acks (off their path); a report that outruns this reads the database.
+            for (r, event) in committed.into_iter().zip(&events[carried_events..]) {
+                if let Ok(id) = uuid::Uuid::try_parse(&event.id) {
+                    recent.insert(
+                        id.as_u128(),
+                        RecentServe {
+                            key_id: r.key.id.clone(),
+                            consumer_id: r.consumer_id,
+                            created_at: r.at,
+                            outcome: None,
+                        },
+                    );
+                }
             }
             Uncertain::default()
         }
@@ -477,6 +601,7 @@ mod tests {
             consumer_id: "admin".into(),
             feature: "scrape".into(),
             created_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            outcome: None,
         };
         Uncertain {
             events: vec![event; serves],

@@ -73,7 +73,7 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
         tracing::warn!("{warning}");
     }
     let ledger = Ledger::start(db.clone(), metrics.ledger());
-    let state = Arc::new(AppState::new(
+    let mut state = AppState::new(
         pool,
         db,
         ledger,
@@ -81,7 +81,9 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
         &config.admin_token,
         metrics,
         config.metrics_token.as_ref(),
-    ));
+    );
+    state.outcome_window = config.outcome_window;
+    let state = Arc::new(state);
     let router = api::router(
         state.clone(),
         HttpSettings {

@@ -20,6 +20,7 @@ pub const COMMIT_BATCH_SIZE: &str = "keypooler_commit_batch_size";
 pub const COMMIT_DURATION: &str = "keypooler_commit_duration_seconds";
 pub const COMMITS: &str = "keypooler_commits_total";
 pub const POOL_LOAD: &str = "keypooler_pool_load_seconds";
+pub const OUTCOME_REPORTS: &str = "keypooler_outcome_reports_total";
 
 /// Latency buckets (seconds): sub-millisecond serves up to the 30 s default write timeout.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -55,6 +56,20 @@ pub struct LedgerMeters {
     pub committed: Counter,
     pub failed: Counter,
     pub uncertain: Counter,
+}
+
+/// Outcome reports by class (`Metrics::outcome_reports`): atomic increments, no lock.
+pub struct OutcomeMeters([Counter; 7]);
+
+impl OutcomeMeters {
+    pub fn record(&self, class: crate::pool::health::OutcomeClass) {
+        if let Some(i) = crate::pool::health::OutcomeClass::ALL
+            .iter()
+            .position(|c| *c == class)
+        {
+            self.0[i].increment(1);
+        }
+    }
 }
 
 /// One (route template, status) series of the HTTP metrics.
@@ -105,6 +120,11 @@ impl Metrics {
             COMMITS,
             None,
             "Group commits by outcome: committed, failed (given back) or uncertain (re-sent)",
+        );
+        describe(
+            OUTCOME_REPORTS,
+            None,
+            "Outcome reports recorded (answered 200, repeats excluded) by class",
         );
         describe(
             POOL_LOAD,
@@ -184,6 +204,16 @@ impl Metrics {
             requests: self.counter(HTTP_REQUESTS, labels()),
             duration: self.histogram(HTTP_DURATION, labels()),
         }
+    }
+
+    /// One counter per outcome class, indexed as `OutcomeClass::ALL`, registered once.
+    pub fn outcome_reports(&self) -> OutcomeMeters {
+        OutcomeMeters(crate::pool::health::OutcomeClass::ALL.map(|class| {
+            self.counter(
+                OUTCOME_REPORTS,
+                vec![Label::from_static_parts("class", class.as_str())],
+            )
+        }))
     }
 
     pub fn set_pool_load_time(&self, took: Duration) {

@@ -81,6 +81,32 @@ pub struct UsageEvent {
     pub consumer_id: String,
     pub feature: String,
     pub created_at: Timestamp,
+    /// The first outcome reported for this serve, if any (SPEC §8.2).
+    pub outcome: Option<StoredOutcome>,
+}
+
+/// A serve's recorded outcome. The class is kept as stored text (shown as is).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredOutcome {
+    pub class: String,
+    pub status: Option<i64>,
+    pub reported_at: Option<Timestamp>,
+}
+
+/// An outcome to record on a serve's audit row, unless one is recorded already.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutcomeWrite {
+    pub serve_id: String,
+    pub class: &'static str,
+    pub status: Option<u16>,
+    pub reported_at: Timestamp,
+}
+
+/// A key's health as stored in `key_health` (the key's `is_active` follows it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthWrite {
+    pub key_id: String,
+    pub record: crate::pool::health::HealthRecord,
 }
 
 /// A key's usage counters after a batch of serves.
@@ -97,4 +123,6 @@ pub struct Snapshot {
     pub tiers: Vec<TierRecord>,
     pub keys: Vec<KeyRecord>,
     pub consumers: Vec<ConsumerRecord>,
+    /// Stored key health by key id (keys without a row are active).
+    pub health: std::collections::HashMap<String, crate::pool::health::HealthRecord>,
 }

@@ -27,6 +27,8 @@ pub struct AdminHealth {
     /// Every stored key, whatever its state.
     #[schema(minimum = 0)]
     pool_size: usize,
+    /// Keys per health state (SPEC §8.2), every state listed.
+    key_states: std::collections::BTreeMap<&'static str, usize>,
     /// Whether new values are sealed at rest (`ENCRYPTION_KEY` set).
     encryption: bool,
     /// What startup found wrong without stopping (e.g. data that a redeploy would lose);
@@ -53,6 +55,7 @@ pub async fn admin_health(
     let warnings = warnings.map(|Extension(w)| w).unwrap_or_default();
     Json(AdminHealth {
         pool_size: state.pool.key_count(),
+        key_states: state.pool.health_counts(),
         encryption: state.sealer.enabled(),
         warnings: warnings.0.to_vec(),
     })

@@ -24,6 +24,8 @@ struct FeatureQuery {
 #[derive(Serialize, ToSchema)]
 pub struct Served<'a> {
     key_id: &'a str,
+    /// The audit row's id, for `POST /serves/{serve_id}/outcome` (SPEC §8.2).
+    serve_id: &'a str,
     /// The upstream API key.
     value: &'a str,
     /// The key's metadata object, as stored.
@@ -89,16 +91,18 @@ pub async fn draw_key(
         (ledger.submit(r), meters)
     }) {
         Draw::Served((pending, meters)) => {
-            let key = pending.committed().await.map_err(|_| {
+            let committed = pending.committed().await.map_err(|_| {
                 meters.unavailable.increment(1);
                 ApiError::Unavailable(
                     "usage could not be recorded, so no key was served; try again".into(),
                 )
             })?;
+            let (key, serve_id) = (committed.key, committed.serve_id);
             let material = key.material.as_ref().map_err(|_| ApiError::Internal)?;
             meters.served.increment(1);
             Ok(Json(Served {
                 key_id: &key.id,
+                serve_id: &serve_id,
                 value: material.value.expose(),
                 metadata: &key.metadata,
                 secrets: material

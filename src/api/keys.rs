@@ -158,6 +158,8 @@ pub struct KeyView {
     /// Why an unreadable key cannot be served (present only then; never the value).
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// Its health (SPEC §8.2).
+    health: super::outcomes::HealthView,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -237,7 +239,7 @@ fn key_view(key: &PoolKey, tier: Option<&crate::model::TierRecord>, now: Now) ->
         name: key.name.clone(),
         tier_id: key.tier_id.to_string(),
         tier: tier.map(|t| t.name.clone()),
-        is_active: key.is_active,
+        is_active: key.is_active(),
         expires_at: api_time(key.expires_at),
         usage_limit: key.budget.usage_limit,
         usage_count: usage_state.count,
@@ -252,6 +254,7 @@ fn key_view(key: &PoolKey, tier: Option<&crate::model::TierRecord>, now: Now) ->
             .as_ref()
             .err()
             .map(|e| format!("value cannot be served: {e}")),
+        health: super::outcomes::health_view(&key.health()),
     }
 }
 

@@ -5,9 +5,11 @@ mod consumers;
 mod extract;
 mod health;
 mod key;
+mod key_state;
 mod keys;
 pub mod observe;
 pub mod openapi;
+mod outcomes;
 mod tiers;
 mod usage;
 mod write;
@@ -47,6 +49,11 @@ pub struct AppState {
     pub metrics: Metrics,
     /// sha256 of `METRICS_TOKEN`, compared in constant time; `None` = `/metrics` is public.
     pub metrics_token_hash: Option<[u8; 32]>,
+    /// `OUTCOME_WINDOW_SECONDS` (default one hour).
+    pub outcome_window: Duration,
+    /// Outcome reports in flight, one per serve (see `outcomes.rs`).
+    pub reports: outcomes::InFlight,
+    pub outcome_meters: crate::metrics::OutcomeMeters,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -68,8 +75,11 @@ impl AppState {
             sealer,
             admin_token_hash: crate::pool::token_hash(admin_token.expose()),
             admin_writes: tokio::sync::Mutex::new(()),
+            outcome_meters: metrics.outcome_reports(),
             metrics,
             metrics_token_hash: metrics_token.map(|t| crate::pool::token_hash(t.expose())),
+            outcome_window: Duration::from_secs(3600),
+            reports: outcomes::InFlight::default(),
         }
     }
 }
@@ -97,7 +107,8 @@ fn documented_routes() -> OpenApiRouter<SharedState> {
         .routes(routes!(health::admin_health))
         .routes(routes!(tiers::list, tiers::create, tiers::update))
         .routes(routes!(keys::list, keys::create))
-        .routes(routes!(keys::remove))
+        .routes(routes!(keys::remove, key_state::update))
+        .routes(routes!(outcomes::report))
         .routes(routes!(consumers::list, consumers::create))
         .routes(routes!(consumers::remove))
         .routes(routes!(consumers::grant_scope))

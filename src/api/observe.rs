@@ -22,6 +22,7 @@ use super::openapi::Unauthorized;
 use super::SharedState;
 use crate::error::{ApiError, ErrorBody};
 use crate::metrics::{write_gauge, HttpSeries, Metrics};
+use crate::pool::health::StateKind;
 use crate::pool::Pool;
 
 /// How long `/readyz` waits for the database's answer: short, so a probe never hangs for a
@@ -124,7 +125,17 @@ pub async fn metrics(_: MetricsReader, State(state): State<SharedState>) -> Resp
 /// Keys by tier and state, consumers by state; every tier gets every state (0s included) so a
 /// series never vanishes while its tier exists.
 fn pool_census(pool: &Pool, out: &mut String) {
-    const KEY_STATES: [&str; 5] = ["active", "spent", "expired", "inactive", "unreadable"];
+    const KEY_STATES: [&str; 9] = [
+        "active",
+        "spent",
+        "expired",
+        "unreadable",
+        "cooling",
+        "probing",
+        "exhausted",
+        "quarantined",
+        "disabled",
+    ];
     let now = chrono::Utc::now();
     let tiers = pool.tiers();
     let tier_names: HashMap<&str, &str> = tiers
@@ -139,12 +150,13 @@ fn pool_census(pool: &Pool, out: &mut String) {
     }
     for key in pool.keys() {
         // One state per key, the first that applies: why it cannot serve, else active.
+        let health = key.health().state;
         let state = if key.material.is_err() {
             "unreadable"
-        } else if !key.is_active {
-            "inactive"
         } else if key.expires_at.is_some_and(|e| e <= now) {
             "expired"
+        } else if health != StateKind::Active {
+            health.as_str()
         } else if key
             .budget
             .usage_limit
@@ -164,7 +176,7 @@ fn pool_census(pool: &Pool, out: &mut String) {
     write_gauge(
         out,
         "keypooler_keys",
-        "Stored keys by tier name and state (active, spent budget, expired, inactive, unreadable)",
+        "Stored keys by tier name and state (unreadable, expired, a health state other than active, spent budget, active)",
         keys.into_iter().map(|((tier, state), n)| {
             (vec![("tier", tier), ("state", state.to_string())], n as f64)
         }),

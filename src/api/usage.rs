@@ -55,6 +55,19 @@ pub struct UsageEvent {
     feature: String,
     #[schema(format = DateTime)]
     created_at: String,
+    /// The reported outcome (SPEC §8.2), `null` until one is reported.
+    #[schema(required = true)]
+    outcome: Option<OutcomeView>,
+}
+
+/// A serve's reported outcome.
+#[derive(Serialize, ToSchema)]
+pub struct OutcomeView {
+    class: String,
+    #[schema(required = true)]
+    status: Option<i64>,
+    #[schema(format = DateTime, required = true)]
+    reported_at: Option<String>,
 }
 
 #[utoipa::path(
@@ -109,6 +122,11 @@ pub async fn list(
                 consumer_id: e.consumer_id.clone(),
                 feature: e.feature.clone(),
                 created_at: timestamp::to_api(e.created_at),
+                outcome: e.outcome.as_ref().map(|o| OutcomeView {
+                    class: o.class.clone(),
+                    status: o.status,
+                    reported_at: o.reported_at.map(timestamp::to_api),
+                }),
             })
             .collect(),
     ))

@@ -1,11 +1,14 @@
 //! The in-memory pool: tiers, keys, consumers and the per-key counters, with the draw of SPEC §7.
 //!
 //! Pure logic, no I/O: every method takes `now`. Concurrency: the index sits behind one
-//! `RwLock` that draws only read; each key's counters sit behind the key's own `Mutex`, so
-//! draws on different keys never wait for each other. Candidate keys are indexed per feature
-//! and tier, so a draw never scans the whole pool.
+//! `RwLock` that draws only read; each key's counters and health (`health.rs`) sit behind the
+//! key's own `Mutex`, so draws on different keys never wait for each other. Candidate keys are
+//! indexed per feature and tier, so a draw never scans the whole pool. Outcome reports of one
+//! tier are handled one at a time under that tier's report lock, which draws never take: a
+//! tier's host-throttling cooldown is published to them as one atomic.
 
 pub mod gates;
+pub mod health;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -21,13 +24,17 @@ use crate::model::{ConsumerRecord, FeatureLimit, KeyRecord, Snapshot, TierRecord
 use crate::secret::Secret;
 use crate::timestamp::Timestamp;
 use gates::{RateWindow, UsageBudget, UsageState, Wait};
+use health::{
+    Admission, Health, HealthRecord, Jitter, Outcome, ReportContext, ServeRef, StateKind,
+    TierHealth, TierLoad, Transition,
+};
 
 /// The audit id of the admin token on `/key`.
 pub const ADMIN_CONSUMER_ID: &str = "admin";
 
 /// The clocks a draw reads: wall time for what is persisted or shown (budget windows, expiry,
 /// audit rows) and the monotonic clock for the in-process rate windows (see `gates`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Now {
     pub wall: Timestamp,
     pub mono: Instant,
@@ -55,7 +62,6 @@ pub struct PoolKey {
     pub id: Arc<str>,
     pub name: String,
     pub tier_id: Arc<str>,
-    pub is_active: bool,
     pub expires_at: Option<Timestamp>,
     pub budget: UsageBudget,
     pub metadata: serde_json::Map<String, serde_json::Value>,
@@ -66,6 +72,9 @@ pub struct PoolKey {
     /// When the usage budget frees up (Unix µs; 0 = not known to be spent, `i64::MAX` = never).
     /// Lets a draw step over spent keys with one atomic load instead of taking their lock.
     budget_free_at: AtomicI64,
+    /// When the key last served, on the monotonic clock (`mono_micros`; 0 = not yet): a tier's
+    /// report counts the keys served in the last minute (host throttling, SPEC §8.2).
+    last_served: AtomicI64,
 }
 
 struct KeyCounters {
@@ -73,6 +82,28 @@ struct KeyCounters {
     rates: HashMap<String, RateWindow>,
     /// Bumped when a failed commit rolls the usage back; serves reserved before are void.
     generation: u64,
+    /// Active, held or disabled (SPEC §8.2); `is_active` is the draw's one branch.
+    health: Health,
+}
+
+/// Microseconds of `at` since this process's first reading, plus one (0 stays "never").
+fn mono_micros(at: Instant) -> i64 {
+    static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+    i64::try_from(at.saturating_duration_since(*EPOCH).as_micros())
+        .unwrap_or(i64::MAX - 1)
+        .saturating_add(1)
+}
+
+/// One line per health change: key id, from → to, reason (never a value).
+pub fn log_transition(key_id: &str, transition: &Transition) {
+    tracing::info!(
+        key_id = %key_id,
+        from = transition.from.as_str(),
+        to = transition.to.as_str(),
+        reason = transition.reason.as_str(),
+        until = transition.until.map(crate::timestamp::to_api),
+        "key health changed"
+    );
 }
 
 /// A scoped client.
@@ -139,7 +170,44 @@ pub enum Draw<R> {
 struct TierEntry {
     record: TierRecord,
     keys: Vec<Arc<PoolKey>>,
+    health: Arc<TierCell>,
 }
+
+/// A tier's host-throttling detector (reports only) and its cooldown as draws read it.
+#[derive(Default)]
+struct TierCell {
+    reports: Mutex<TierHealth>,
+    /// `mono_micros` of the cooldown's end; 0 = none.
+    cooled_until: AtomicI64,
+}
+
+impl TierCell {
+    fn wait(&self, now: Instant) -> Option<Duration> {
+        let until = self.cooled_until.load(Ordering::Relaxed);
+        let now = mono_micros(now);
+        (until > now).then(|| Duration::from_micros(until.abs_diff(now)))
+    }
+}
+
+/// One key's health change made by a report or an operator: to persist, log, or undo.
+pub struct HealthChange {
+    pub key: Arc<PoolKey>,
+    pub before: Health,
+    pub after: HealthRecord,
+    pub transition: Transition,
+}
+
+/// What a report did.
+pub struct Reported<R> {
+    /// The reported key's state afterwards.
+    pub key_state: StateKind,
+    pub changes: Vec<HealthChange>,
+    /// What the caller's `on_change` returned.
+    pub out: R,
+}
+
+/// A served key is counted towards its tier's throttling window this long.
+const SERVED_WINDOW: Duration = Duration::from_secs(60);
 
 struct FeatureEntry {
     /// Tier ids whose feature set lists this feature.
@@ -192,7 +260,6 @@ impl PoolKey {
             id: Arc::from(record.id),
             name: record.name,
             tier_id: Arc::from(record.tier_id),
-            is_active: record.is_active,
             expires_at: record.expires_at,
             budget: UsageBudget {
                 usage_limit: record.usage_limit,
@@ -208,13 +275,49 @@ impl PoolKey {
                 },
                 rates: HashMap::new(),
                 generation: 0,
+                // An inactive key (operator, or a Go row) is disabled whatever else is stored.
+                health: if record.is_active {
+                    Health::default()
+                } else {
+                    Health::restore(&disabled_record(), Now::read())
+                },
             }),
             budget_free_at: AtomicI64::new(0),
+            last_served: AtomicI64::new(0),
+        }
+    }
+
+    /// Restores the stored health (a key stored inactive stays disabled).
+    fn restore_health(&self, record: &HealthRecord, now: Now) {
+        // `is_active` decides disabled: a stored `disabled` beside an active row is stale, and
+        // so is an automatic state beside an inactive one.
+        let mut counters = self.counters.lock();
+        let inactive = counters.health.kind() == StateKind::Disabled;
+        if inactive == (record.state == StateKind::Disabled) {
+            counters.health = Health::restore(record, now);
         }
     }
 
     fn servable(&self, now: Timestamp) -> bool {
-        self.is_active && self.material.is_ok() && self.expires_at.is_none_or(|e| e > now)
+        self.material.is_ok() && self.expires_at.is_none_or(|e| e > now)
+    }
+
+    /// Whether an operator has not disabled the key (`is_active` in the API and database).
+    pub fn is_active(&self) -> bool {
+        self.counters.lock().health.kind() != StateKind::Disabled
+    }
+
+    /// The key's health as persisted and shown.
+    pub fn health(&self) -> HealthRecord {
+        self.counters.lock().health.record()
+    }
+
+    /// When the budget window resets, for a windowed budget with a known start.
+    fn window_reset(&self, usage: UsageState) -> Option<Timestamp> {
+        let seconds = self.budget.usage_window_seconds?;
+        usage
+            .window_start?
+            .checked_add_signed(chrono::TimeDelta::try_seconds(seconds)?)
     }
 
     /// Tries both gates for `feature`; consumes from both or from neither.
@@ -227,6 +330,14 @@ impl PoolKey {
         meters: &Arc<FeatureMeters>,
     ) -> Result<(Reservation, parking_lot::MutexGuard<'_, KeyCounters>), Wait> {
         let mut counters = self.counters.lock();
+        let admission = if counters.health.is_active() {
+            Admission::Serve
+        } else {
+            counters.health.admission(now)
+        };
+        if let Admission::Skip { wait } = admission {
+            return Err(wait.filter(|w| self.free_before_expiry(now.wall, *w).is_some()));
+        }
         let rate = gates::rate_after_serve(counters.rates.get(feature).copied(), limit, now.mono);
         let usage = gates::usage_after_serve(counters.usage, self.budget, now.wall);
         match (rate, usage) {
@@ -240,6 +351,14 @@ impl PoolKey {
                     }
                 }
                 counters.usage = usage;
+                // The probe slot is taken only once the serve is reserved (see `health`).
+                if admission == Admission::Probe {
+                    if let (_, Some(transition)) = counters.health.admit(now) {
+                        log_transition(&self.id, &transition);
+                    }
+                }
+                self.last_served
+                    .store(mono_micros(now.mono), Ordering::Relaxed);
                 let reservation = Reservation {
                     key: self.clone(),
                     feature: feature.to_string(),
@@ -351,11 +470,19 @@ impl Pool {
             index: RwLock::default(),
             metrics,
         };
+        // Fixes the monotonic origin now, before any reading it is compared with.
+        mono_micros(Instant::now());
         for tier in snapshot.tiers {
             pool.put_tier(tier);
         }
+        let now = Now::read();
         for key in snapshot.keys {
-            pool.add_key(PoolKey::from_record(key, sealer));
+            let stored = snapshot.health.get(&key.id).cloned();
+            let key = PoolKey::from_record(key, sealer);
+            if let Some(record) = stored {
+                key.restore_health(&record, now);
+            }
+            pool.add_key(key);
         }
         for consumer in snapshot.consumers {
             pool.put_consumer(consumer);
@@ -381,7 +508,8 @@ impl Pool {
         let Some(entry) = index.features.get(feature) else {
             return Draw::UnknownFeature;
         };
-        let tiers: Vec<(&TierEntry, FeatureLimit)> = entry
+        // Each tier with its limit and, while host throttling cools it, how long that lasts.
+        let tiers: Vec<(&TierEntry, FeatureLimit, Option<Duration>)> = entry
             .tiers
             .iter()
             .filter(|t| match caller {
@@ -389,12 +517,15 @@ impl Pool {
                 Caller::Consumer(c) => c.scopes.contains(*t),
             })
             .filter_map(|t| index.tiers.get(t))
-            .filter_map(|t| t.record.features.get(feature).map(|limit| (t, *limit)))
+            .filter_map(|t| {
+                let limit = t.record.features.get(feature)?;
+                Some((t, *limit, t.health.wait(now.mono)))
+            })
             .collect();
         if tiers.is_empty() {
             return Draw::OutOfScope;
         }
-        let total: usize = tiers.iter().map(|(t, _)| t.keys.len()).sum();
+        let total: usize = tiers.iter().map(|(t, _, _)| t.keys.len()).sum();
         if total == 0 {
             entry.meters.exhausted.increment(1);
             return Draw::Exhausted { retry_after: None };
@@ -404,15 +535,21 @@ impl Pool {
         for step in 0..total {
             let mut position = (start + step) % total;
             let mut chosen = None;
-            for (tier, limit) in &tiers {
+            for (tier, limit, cooled) in &tiers {
                 if position < tier.keys.len() {
-                    chosen = Some((&tier.keys[position], *limit));
+                    chosen = Some((&tier.keys[position], *limit, *cooled));
                     break;
                 }
                 position -= tier.keys.len();
             }
-            let Some((key, limit)) = chosen else { continue };
+            let Some((key, limit, cooled)) = chosen else {
+                continue;
+            };
             if !key.servable(now.wall) {
+                continue;
+            }
+            if let Some(wait) = cooled {
+                earliest = Some(earliest.map_or(wait, |e| e.min(wait)));
                 continue;
             }
             if let Some(wait) = key.known_spent(now.wall) {
@@ -458,7 +595,7 @@ impl Pool {
     pub fn put_tier(&self, record: TierRecord) {
         let mut index = self.index.write();
         let id: Arc<str> = Arc::from(record.id.as_str());
-        let keys = match index.tiers.remove(&id) {
+        let (keys, health) = match index.tiers.remove(&id) {
             Some(old) => {
                 for feature in old.record.features.keys() {
                     if !record.features.contains_key(feature) {
@@ -466,9 +603,9 @@ impl Pool {
                     }
                 }
                 index.tier_ids_by_name.remove(&old.record.name);
-                old.keys
+                (old.keys, old.health)
             }
-            None => Vec::new(),
+            None => (Vec::new(), Arc::default()),
         };
         for feature in record.features.keys() {
             let entry = index
@@ -486,7 +623,14 @@ impl Pool {
         index
             .tier_ids_by_name
             .insert(record.name.clone(), id.clone());
-        index.tiers.insert(id, TierEntry { record, keys });
+        index.tiers.insert(
+            id,
+            TierEntry {
+                record,
+                keys,
+                health,
+            },
+        );
     }
 
     pub fn tier_by_name(&self, name: &str) -> Option<TierRecord> {
@@ -549,6 +693,178 @@ impl Pool {
 
     pub fn key_count(&self) -> usize {
         self.index.read().keys.len()
+    }
+
+    // ---- key health (SPEC §8.2) ----
+
+    /// Applies an outcome report on a serve of `key_id` made at `serve.at`: the tier's
+    /// throttling detector first, then the key (unless the tier took the report), then pardons
+    /// if the tier turned out throttled. Runs under the tier's report lock, and so does
+    /// `on_change`, so the caller queues the changes in the order they were made. `None` when
+    /// the key is gone.
+    pub fn report<R>(
+        &self,
+        key_id: &str,
+        serve: ServeRef<'_>,
+        outcome: &Outcome,
+        now: Now,
+        jitter: Jitter,
+        on_change: impl FnOnce(&[HealthChange]) -> R,
+    ) -> Option<Reported<R>> {
+        let index = self.index.read();
+        let key = index.keys.get(key_id)?.clone();
+        // A key whose tier is gone (a Go database may hold one) is its own tier.
+        let fallback;
+        let tier = match index.tiers.get(&key.tier_id) {
+            Some(tier) => tier,
+            None => {
+                fallback = TierEntry {
+                    record: TierRecord {
+                        id: String::new(),
+                        name: String::new(),
+                        description: String::new(),
+                        features: Default::default(),
+                    },
+                    keys: vec![key.clone()],
+                    health: Arc::default(),
+                };
+                &fallback
+            }
+        };
+        let mut tier_health = tier.health.reports.lock();
+        // Only rate/5xx reports need the tier's counts (a scan of its keys), so an `ok` from
+        // a large tier stays cheap.
+        let throttling = matches!(
+            outcome.class,
+            health::OutcomeClass::RateLimited | health::OutcomeClass::UpstreamError
+        );
+        let since = now.mono.checked_sub(SERVED_WINDOW).map(mono_micros);
+        let served_keys = if throttling {
+            tier.keys
+                .iter()
+                .filter(|k| {
+                    let at = k.last_served.load(Ordering::Relaxed);
+                    at != 0 && since.is_none_or(|s| at >= s)
+                })
+                .count()
+        } else {
+            0
+        };
+        let verdict = tier_health.observe(&key.id, serve.at, outcome, served_keys, now);
+        let mut changes = Vec::new();
+        if verdict.apply_to_key {
+            let held = if throttling {
+                tier.keys
+                    .iter()
+                    .filter(|k| k.counters.lock().health.held_for_rate_or_5xx())
+                    .count()
+            } else {
+                0
+            };
+            let mut counters = key.counters.lock();
+            let ctx = ReportContext {
+                window_reset: key.window_reset(counters.usage),
+                tier: TierLoad {
+                    keys: tier.keys.len(),
+                    held,
+                },
+                jitter,
+            };
+            let before = counters.health.clone();
+            if let Some(transition) = counters.health.on_report(serve, outcome, &ctx, now) {
+                changes.push(HealthChange {
+                    key: key.clone(),
+                    before,
+                    after: counters.health.record(),
+                    transition,
+                });
+            }
+        }
+        if let Some(throttle) = verdict.throttled {
+            tier.health
+                .cooled_until
+                .store(mono_micros(throttle.until.mono), Ordering::Relaxed);
+            tracing::warn!(
+                tier_id = %key.tier_id,
+                keys = throttle.keys.len(),
+                until = %crate::timestamp::to_api(throttle.until.wall),
+                "host-level throttling: the tier cools as a whole, its keys are not penalised"
+            );
+            for pardoned in tier.keys.iter().filter(|k| throttle.keys.contains(&k.id)) {
+                let mut counters = pardoned.counters.lock();
+                let before = counters.health.clone();
+                if let Some(transition) = counters.health.pardon(throttle.since, now) {
+                    changes.push(HealthChange {
+                        key: pardoned.clone(),
+                        before,
+                        after: counters.health.record(),
+                        transition,
+                    });
+                }
+            }
+        }
+        let key_state = key.counters.lock().health.kind();
+        let out = on_change(&changes);
+        drop(tier_health);
+        Some(Reported {
+            key_state,
+            changes,
+            out,
+        })
+    }
+
+    /// An operator's `is_active` on `key_id`: active or disabled, automatic states cleared.
+    /// Under the tier's report lock like a report (see `report`); `None` when the key is gone.
+    pub fn set_enabled<R>(
+        &self,
+        key_id: &str,
+        enabled: bool,
+        now: Now,
+        on_change: impl FnOnce(&[HealthChange]) -> R,
+    ) -> Option<(Vec<HealthChange>, R)> {
+        let index = self.index.read();
+        let key = index.keys.get(key_id)?.clone();
+        let cell = index.tiers.get(&key.tier_id).map(|t| t.health.clone());
+        let _reports = cell.as_ref().map(|c| c.reports.lock());
+        let mut changes = Vec::new();
+        {
+            let mut counters = key.counters.lock();
+            let before = counters.health.clone();
+            if let Some(transition) = counters.health.set_enabled(enabled, now) {
+                changes.push(HealthChange {
+                    key: key.clone(),
+                    before,
+                    after: counters.health.record(),
+                    transition,
+                });
+            }
+        }
+        let out = on_change(&changes);
+        Some((changes, out))
+    }
+
+    /// Undoes changes whose write failed, for each key whose health is still what the change
+    /// made it (a later change stands).
+    pub fn revert_health(&self, changes: Vec<HealthChange>) {
+        for change in changes.into_iter().rev() {
+            let mut counters = change.key.counters.lock();
+            if counters.health.record() == change.after {
+                counters.health = change.before;
+                tracing::warn!(key_id = %change.key.id, "key health change undone: it could not be recorded");
+            }
+        }
+    }
+
+    /// Keys per health state (every state listed, zeros included).
+    pub fn health_counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut counts: BTreeMap<&'static str, usize> =
+            StateKind::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        for key in self.keys() {
+            *counts
+                .entry(key.counters.lock().health.kind().as_str())
+                .or_default() += 1;
+        }
+        counts
     }
 
     // ---- consumers ----
@@ -625,6 +941,18 @@ impl Pool {
             token_hash: old.token_hash,
             scopes,
         });
+    }
+}
+
+/// The stored form of an operator's `disabled`, for a key stored inactive.
+fn disabled_record() -> HealthRecord {
+    HealthRecord {
+        state: StateKind::Disabled,
+        reason: Some(health::Reason::Operator),
+        until: None,
+        last_status: None,
+        strikes: 0,
+        changed_at: None,
     }
 }
 

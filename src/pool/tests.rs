@@ -62,6 +62,7 @@ fn pool(tiers: Vec<TierRecord>, keys: Vec<KeyRecord>, consumers: Vec<ConsumerRec
             tiers,
             keys,
             consumers,
+            health: Default::default(),
         },
         &Sealer::new(None),
     )
@@ -532,4 +533,184 @@ fn wall_clock_steps_neither_open_nor_stretch_a_rate_window() {
 
 fn draw_with(p: &Pool, now: Now) -> Draw<String> {
     p.draw(&Caller::Admin, "scrape", now, |r| r.key.id.to_string())
+}
+
+// ---- key health (issue 9 items 4 and 5) ----
+
+fn outcome(class: health::OutcomeClass, retry_after: Option<u64>) -> health::Outcome {
+    health::Outcome {
+        class,
+        status: None,
+        retry_after: retry_after.map(Duration::from_secs),
+    }
+}
+
+fn report(
+    p: &Pool,
+    key_id: &str,
+    serve_at: Timestamp,
+    o: &health::Outcome,
+    now: Timestamp,
+) -> StateKind {
+    report_on(p, key_id, "serve", serve_at, o, now)
+}
+
+fn report_on(
+    p: &Pool,
+    key_id: &str,
+    serve_id: &str,
+    serve_at: Timestamp,
+    o: &health::Outcome,
+    now: Timestamp,
+) -> StateKind {
+    let serve = health::ServeRef {
+        id: serve_id,
+        at: serve_at,
+    };
+    p.report(key_id, serve, o, at(now), health::Jitter::NONE, |_| ())
+        .expect("key exists")
+        .key_state
+}
+
+#[test]
+fn a_cooling_key_is_skipped_its_end_counts_into_retry_after_and_one_probe_goes_out() {
+    let p = pool(
+        vec![tier("t", &[("scrape", 100, 60)])],
+        vec![key("a", "t")],
+        vec![],
+    );
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "scrape", t0()),
+        Draw::Served("a".into())
+    );
+    let cooled = report(
+        &p,
+        "a",
+        t0(),
+        &outcome(health::OutcomeClass::RateLimited, Some(5)),
+        t0(),
+    );
+    assert_eq!(cooled, StateKind::Cooling);
+    match draw_id(&p, &Caller::Admin, "scrape", t0() + TimeDelta::seconds(2)) {
+        Draw::Exhausted {
+            retry_after: Some(wait),
+        } => {
+            assert!(
+                wait.abs_diff(Duration::from_secs(3)) < Duration::from_millis(1),
+                "{wait:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    let due = t0() + TimeDelta::seconds(5);
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "scrape", due),
+        Draw::Served("a".into())
+    );
+    assert_eq!(p.key("a").unwrap().health().state, StateKind::Probing);
+    assert!(
+        matches!(
+            draw_id(&p, &Caller::Admin, "scrape", due),
+            Draw::Exhausted {
+                retry_after: Some(_)
+            }
+        ),
+        "one probe in flight at a time"
+    );
+    let closed = report(&p, "a", due, &outcome(health::OutcomeClass::Ok, None), due);
+    assert_eq!(closed, StateKind::Active);
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "scrape", due),
+        Draw::Served("a".into())
+    );
+}
+
+#[test]
+fn a_throttled_tier_is_skipped_with_its_wait_and_no_key_is_held() {
+    let ids = ["a", "b", "c", "d"];
+    let p = pool(
+        vec![tier("t", &[("scrape", 100, 60)])],
+        ids.iter().map(|id| key(id, "t")).collect(),
+        vec![],
+    );
+    for _ in 0..4 {
+        assert!(matches!(
+            draw_id(&p, &Caller::Admin, "scrape", t0()),
+            Draw::Served(_)
+        ));
+    }
+    let limited = outcome(health::OutcomeClass::RateLimited, Some(1));
+    for id in &ids[..3] {
+        report(&p, id, t0(), &limited, t0());
+    }
+    for id in ids {
+        assert_eq!(
+            p.key(id).unwrap().health().state,
+            StateKind::Active,
+            "{id} pardoned"
+        );
+    }
+    match draw_id(&p, &Caller::Admin, "scrape", t0()) {
+        Draw::Exhausted {
+            retry_after: Some(wait),
+        } => {
+            assert!(
+                wait.abs_diff(Duration::from_secs(30)) < Duration::from_millis(1),
+                "{wait:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    let later = t0() + TimeDelta::seconds(30);
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "scrape", later),
+        Draw::Served(_)
+    ));
+}
+
+#[test]
+fn an_operator_disable_is_skipped_without_retry_after_and_enable_restores_it() {
+    let p = pool(
+        vec![tier("t", &[("scrape", 100, 60)])],
+        vec![key("a", "t")],
+        vec![],
+    );
+    let (changes, ()) = p.set_enabled("a", false, at(t0()), |_| ()).unwrap();
+    assert_eq!(changes.len(), 1);
+    assert!(!p.key("a").unwrap().is_active());
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "scrape", t0()),
+        Draw::Exhausted { retry_after: None }
+    );
+    p.revert_health(changes);
+    assert!(
+        p.key("a").unwrap().is_active(),
+        "a write that failed is undone"
+    );
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "scrape", t0()),
+        Draw::Served("a".into())
+    );
+}
+
+#[test]
+fn a_tier_of_quarantined_keys_answers_when_the_first_probe_is_due() {
+    let p = pool(
+        vec![tier("t", &[("scrape", 100, 60)])],
+        vec![key("a", "t")],
+        vec![],
+    );
+    let auth = outcome(health::OutcomeClass::AuthInvalid, None);
+    report_on(&p, "a", "s1", t0(), &auth, t0());
+    let state = report_on(&p, "a", "s2", t0(), &auth, t0());
+    assert_eq!(state, StateKind::Quarantined);
+    match draw_id(&p, &Caller::Admin, "scrape", t0()) {
+        Draw::Exhausted {
+            retry_after: Some(wait),
+        } => assert!(
+            wait.abs_diff(Duration::from_secs(6 * 3600)) < Duration::from_millis(1),
+            "it comes back by itself for a probe in 6 h: {wait:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
 }

@@ -3,7 +3,7 @@
 //! Remote realities it is shaped by: server streams expire when idle and interactive
 //! transactions time out, so no stream is kept between operations — autocommit statements
 //! travel on one-shot streams and each transaction opens its own short stream. A group commit
-//! is one transaction of four statements whatever its size (BEGIN, one INSERT and one UPDATE
+//! is one transaction of four statements whatever its size (seven with outcomes or health) (BEGIN, one INSERT and one UPDATE
 //! each reading the batch from a bound JSON parameter through `json_each`, COMMIT). A transport
 //! failure of a group commit is retried once on a fresh stream; the batch is idempotent (INSERT
 //! OR IGNORE of unique audit ids, absolute counters), so a retry can never double count. An
@@ -17,9 +17,12 @@ use std::time::Duration;
 use libsql::{params::Params, TransactionBehavior, Value};
 use tokio::sync::Semaphore;
 
-use super::{sql, usage_event, Cells, SnapshotRead, SnapshotRows, StoreError, MIGRATIONS};
+use super::{
+    key_health, sql, usage_event, Batch, Cells, SnapshotRead, SnapshotRows, StoreError, MIGRATIONS,
+};
 use crate::config::Config;
-use crate::model::{ConsumerRecord, KeyRecord, KeyUsageUpdate, Snapshot, TierRecord, UsageEvent};
+use crate::model::{ConsumerRecord, KeyRecord, Snapshot, TierRecord, UsageEvent};
+use crate::pool::health::HealthRecord;
 use crate::secret::Secret;
 use crate::timestamp::to_db;
 
@@ -166,21 +169,17 @@ impl LibsqlStore {
                 if applied.contains(version) {
                     continue;
                 }
-                // Every migration is IF NOT EXISTS and additive, so re-running one whose
-                // bookkeeping row was lost is harmless.
-                conn.execute_transactional_batch(body)
+                // The migration and its bookkeeping row commit together: a migration that adds
+                // columns could not run twice. Version and name are our constants, the time is
+                // ours; nothing from outside is spliced in.
+                let record = format!(
+                    "INSERT OR IGNORE INTO schema_migrations (version, name, applied_at) \
+                     VALUES ({version}, '{name}', '{}');",
+                    to_db(chrono::Utc::now())
+                );
+                conn.execute_transactional_batch(&format!("{body}\n{record}"))
                     .await
                     .map_err(|e| self.err(e))?;
-                conn.execute(
-                    sql::RECORD_MIGRATION,
-                    Params::Positional(vec![
-                        Value::Integer(*version),
-                        Value::Text(name.to_string()),
-                        Value::Text(to_db(chrono::Utc::now())),
-                    ]),
-                )
-                .await
-                .map_err(|e| self.err(e))?;
                 tracing::info!(version, name, "applied migration");
             }
             Ok(())
@@ -457,13 +456,9 @@ impl LibsqlStore {
         .await
     }
 
-    pub async fn commit_serves(
-        &self,
-        events: &[UsageEvent],
-        updates: &[KeyUsageUpdate],
-    ) -> Result<(), StoreError> {
-        let (events_json, updates_json) = sql::batch_parameters(events, updates);
-        let statements = [
+    pub async fn commit_batch(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
+        let (events_json, updates_json) = sql::batch_parameters(batch.events, batch.updates);
+        let mut statements = vec![
             (
                 sql::INSERT_EVENTS.to_string(),
                 vec![Value::Text(events_json)],
@@ -473,7 +468,72 @@ impl LibsqlStore {
                 vec![Value::Text(updates_json)],
             ),
         ];
+        if batch.has_health() {
+            let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
+            statements.push((
+                sql::SET_OUTCOMES.to_string(),
+                vec![Value::Text(outcomes_json)],
+            ));
+            statements.push((
+                sql::UPSERT_HEALTH.to_string(),
+                vec![Value::Text(health_json.clone())],
+            ));
+            statements.push((sql::SET_ACTIVE.to_string(), vec![Value::Text(health_json)]));
+        }
         self.transaction(&statements, true, |_, _| Ok(())).await
+    }
+
+    /// Reads one row by id; `settled`: inside `BEGIN IMMEDIATE`, so what is read is final
+    /// (as in `read_by_id`), else as a plain read.
+    async fn read_one<T>(
+        &self,
+        query: &str,
+        id: &str,
+        settled: bool,
+        decode: impl Fn(&libsql::Row) -> T,
+    ) -> Result<Option<T>, StoreError> {
+        self.run(|conn| async move {
+            let behavior = if settled {
+                TransactionBehavior::Immediate
+            } else {
+                TransactionBehavior::Deferred
+            };
+            let tx = conn
+                .transaction_with_behavior(behavior)
+                .await
+                .map_err(|e| self.err(e))?;
+            let mut rows = tx
+                .query(query, Params::Positional(vec![Value::Text(id.to_string())]))
+                .await
+                .map_err(|e| self.err(e))?;
+            let found = rows
+                .next()
+                .await
+                .map_err(|e| self.err(e))?
+                .map(|r| decode(&r));
+            if let Err(e) = tx.rollback().await {
+                tracing::debug!(error = %self.err(e), "rollback after a read failed");
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    pub async fn read_serve(
+        &self,
+        id: &str,
+        settled: bool,
+    ) -> Result<Option<UsageEvent>, StoreError> {
+        self.read_one(sql::SELECT_SERVE, id, settled, |r| usage_event(r))
+            .await
+    }
+
+    pub async fn read_key_health(
+        &self,
+        id: &str,
+    ) -> Result<Option<(bool, Option<HealthRecord>)>, StoreError> {
+        self.read_one(sql::SELECT_KEY_HEALTH, id, true, |r| key_health(r, id))
+            .await
     }
 
     pub async fn close(&self) {

@@ -7,7 +7,11 @@ pub mod libsql;
 pub mod sqlite;
 
 use crate::config::{Config, DatabaseConfig};
-use crate::model::{ConsumerRecord, KeyRecord, KeyUsageUpdate, Snapshot, TierRecord, UsageEvent};
+use crate::model::{
+    ConsumerRecord, HealthWrite, KeyRecord, KeyUsageUpdate, OutcomeWrite, Snapshot, StoredOutcome,
+    TierRecord, UsageEvent,
+};
+use crate::pool::health::{HealthRecord, Reason, StateKind};
 
 /// Storage failures, as the service cares about them.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +36,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "indexes",
         include_str!("../../migrations/002_indexes.sql"),
+    ),
+    (
+        3,
+        "key_health",
+        include_str!("../../migrations/003_key_health.sql"),
     ),
 ];
 
@@ -123,14 +132,44 @@ impl Db {
         dispatch!(self, s => s.recent_usage(limit).await)
     }
 
-    /// Commits a batch of serves in one transaction: their audit rows and their keys' counters.
-    /// Safe to retry: audit ids are unique and ignored when already present, counters are absolute.
+    /// Commits a batch in one transaction: serves' audit rows and their keys' counters,
+    /// reported outcomes (each only onto a serve without one) and key health changes (with
+    /// each key's `is_active`). Safe to retry: audit ids are unique and ignored when already
+    /// present, counters and health are absolute, an outcome never overwrites one.
+    pub async fn commit_batch(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
+        dispatch!(self, s => s.commit_batch(batch).await)
+    }
+
+    /// Commits serves only (a batch without outcomes or health).
     pub async fn commit_serves(
         &self,
         events: &[UsageEvent],
         updates: &[KeyUsageUpdate],
     ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.commit_serves(events, updates).await)
+        self.commit_batch(&Batch {
+            events,
+            updates,
+            ..Batch::default()
+        })
+        .await
+    }
+
+    /// One serve's audit row with its outcome, as the database holds it now. `settled`: after
+    /// a commit of unknown outcome, wait until no transaction can still land (remote).
+    pub async fn read_serve(
+        &self,
+        id: &str,
+        settled: bool,
+    ) -> Result<Option<UsageEvent>, StoreError> {
+        dispatch!(self, s => s.read_serve(id, settled).await)
+    }
+
+    /// A key's `is_active` and stored health as the database holds them now; `None` for no key.
+    pub async fn read_key_health(
+        &self,
+        id: &str,
+    ) -> Result<Option<(bool, Option<HealthRecord>)>, StoreError> {
+        dispatch!(self, s => s.read_key_health(id).await)
     }
 
     /// A trivial read of the database (readiness probe; the caller bounds how long it waits).
@@ -143,6 +182,22 @@ impl Db {
     /// Waits for pending writes to reach the file (WAL checkpoint) before exit.
     pub async fn close(&self) {
         dispatch!(self, s => s.close().await)
+    }
+}
+
+/// What one group commit writes.
+#[derive(Default)]
+pub struct Batch<'a> {
+    pub events: &'a [UsageEvent],
+    pub updates: &'a [KeyUsageUpdate],
+    pub outcomes: &'a [OutcomeWrite],
+    pub health: &'a [HealthWrite],
+}
+
+impl Batch<'_> {
+    /// Whether the batch carries outcomes or health (the longer statement list).
+    pub fn has_health(&self) -> bool {
+        !self.outcomes.is_empty() || !self.health.is_empty()
     }
 }
 
@@ -209,8 +264,8 @@ pub mod sql {
     /// `julianday` orders the mixed forms of a Go database by time but keeps only
     /// milliseconds; within one, the text (same canonical form) orders the microseconds.
     pub const RECENT_USAGE: &str =
-        "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT) \
-        FROM usage_events ORDER BY julianday(created_at) DESC, created_at DESC, rowid DESC LIMIT ?";
+        "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT), outcome_class, \
+        outcome_status, CAST(outcome_reported_at AS TEXT) FROM usage_events ORDER BY julianday(created_at) DESC, created_at DESC, rowid DESC LIMIT ?";
 
     /// A batch's audit rows from one bound JSON array `[[id, key_id, consumer_id, feature,
     /// created_at], …]`: constant SQL (prepared once), one parameter whatever the batch size,
@@ -218,6 +273,34 @@ pub mod sql {
     pub const INSERT_EVENTS: &str =
         "INSERT OR IGNORE INTO usage_events (id, key_id, consumer_id, feature, created_at) \
         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 FROM json_each(?)";
+    /// Reported outcomes from one bound JSON array `[[serve_id, class, status, reported_at], …]`;
+    /// a serve that has an outcome keeps it (the first report wins, across processes too).
+    pub const SET_OUTCOMES: &str = "UPDATE usage_events SET outcome_class = batch.value ->> 1, \
+        outcome_status = batch.value ->> 2, outcome_reported_at = batch.value ->> 3 \
+        FROM json_each(?) AS batch WHERE usage_events.id = batch.value ->> 0 \
+        AND usage_events.outcome_class IS NULL";
+    /// Health records from one bound JSON array `[[key_id, state, reason, until, last_status,
+    /// strikes, changed_at], …]`, in array order (the last of a key wins).
+    pub const UPSERT_HEALTH: &str = "INSERT INTO key_health (key_id, state, reason, until, \
+        last_status, strikes, changed_at) SELECT value ->> 0, value ->> 1, value ->> 2, \
+        value ->> 3, value ->> 4, value ->> 5, value ->> 6 FROM json_each(?) WHERE true \
+        ON CONFLICT (key_id) DO UPDATE SET state = excluded.state, reason = excluded.reason, \
+        until = excluded.until, last_status = excluded.last_status, strikes = excluded.strikes, \
+        changed_at = excluded.changed_at";
+    /// `is_active` follows the health (bound to the same array as `UPSERT_HEALTH`): only an
+    /// operator's `disabled` makes a key inactive, which a Go-era reader understands too.
+    pub const SET_ACTIVE: &str = "UPDATE keys SET is_active = (batch.value ->> 1 != 'disabled') \
+        FROM json_each(?) AS batch WHERE keys.id = batch.value ->> 0";
+    pub const SELECT_HEALTH: &str = "SELECT key_id, state, reason, CAST(until AS TEXT), \
+        last_status, strikes, CAST(changed_at AS TEXT) FROM key_health";
+    pub const SELECT_KEY_HEALTH: &str = "SELECT keys.is_active, key_health.state, \
+        key_health.reason, CAST(key_health.until AS TEXT), key_health.last_status, \
+        key_health.strikes, CAST(key_health.changed_at AS TEXT) FROM keys \
+        LEFT JOIN key_health ON key_health.key_id = keys.id WHERE keys.id = ?";
+    pub const SELECT_SERVE: &str =
+        "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT), outcome_class, \
+        outcome_status, CAST(outcome_reported_at AS TEXT) FROM usage_events WHERE id = ?";
+
     /// A batch's absolute counters from one bound JSON array `[[key_id, usage_count,
     /// usage_window_start], …]`.
     pub const UPDATE_COUNTERS: &str = "UPDATE keys SET usage_count = batch.value ->> 1, \
@@ -258,6 +341,46 @@ pub mod sql {
         )
     }
 
+    /// The JSON parameters of `SET_OUTCOMES` and `UPSERT_HEALTH`.
+    pub fn health_parameters(
+        outcomes: &[crate::model::OutcomeWrite],
+        health: &[crate::model::HealthWrite],
+    ) -> (String, String) {
+        use crate::timestamp::to_db;
+        let outcomes: Vec<(&str, &str, Option<u16>, String)> = outcomes
+            .iter()
+            .map(|o| (o.serve_id.as_str(), o.class, o.status, to_db(o.reported_at)))
+            .collect();
+        type Row<'a> = (
+            &'a str,
+            &'a str,
+            Option<&'a str>,
+            Option<String>,
+            Option<u16>,
+            u32,
+            Option<String>,
+        );
+        let health: Vec<Row> = health
+            .iter()
+            .map(|h| {
+                let r = &h.record;
+                (
+                    h.key_id.as_str(),
+                    r.state.as_str(),
+                    r.reason.map(|r| r.as_str()),
+                    r.until.map(to_db),
+                    r.last_status,
+                    r.strikes,
+                    r.changed_at.map(to_db),
+                )
+            })
+            .collect();
+        (
+            serde_json::to_string(&outcomes).unwrap_or_else(|_| "[]".into()),
+            serde_json::to_string(&health).unwrap_or_else(|_| "[]".into()),
+        )
+    }
+
     #[cfg(test)]
     mod tests {
         #[test]
@@ -269,6 +392,7 @@ pub mod sql {
                 consumer_id: "admin".into(),
                 feature: "f".into(),
                 created_at: t,
+                outcome: None,
             }];
             let updates = [crate::model::KeyUsageUpdate {
                 key_id: "k".into(),
@@ -310,18 +434,21 @@ pub struct SnapshotRows {
     pub consumers: Vec<ConsumerRecord>,
     /// (consumer_id, tier_id)
     pub scopes: Vec<(String, String)>,
+    /// (key_id, health)
+    pub health: Vec<(String, HealthRecord)>,
 }
 
 impl SnapshotRows {
     /// The queries that load the pool, each with how a row of it is kept; a driver runs them
     /// in order and feeds every row to its function.
-    pub const READS: [SnapshotRead; 6] = [
+    pub const READS: [SnapshotRead; 7] = [
         (sql::SELECT_TIERS, keep_tier),
         (sql::SELECT_TIER_FEATURES, keep_feature),
         (sql::SELECT_KEYS, keep_key),
         (sql::SELECT_KEY_SECRETS, keep_secret),
         (sql::SELECT_CONSUMERS, keep_consumer),
         (sql::SELECT_SCOPES, keep_scope),
+        (sql::SELECT_HEALTH, keep_health),
     ];
     /// One tier with its features; each query binds the tier id.
     pub const TIER_READS: [SnapshotRead; 2] = [
@@ -400,6 +527,7 @@ impl SnapshotRows {
             tiers,
             keys,
             consumers,
+            health: self.health.into_iter().collect(),
         }
     }
 }
@@ -464,7 +592,40 @@ fn keep_scope(rows: &mut SnapshotRows, r: &dyn Cells) {
         .push((r.text(0).unwrap_or_default(), r.text(1).unwrap_or_default()))
 }
 
-/// An audit row of `sql::RECENT_USAGE`.
+fn keep_health(rows: &mut SnapshotRows, r: &dyn Cells) {
+    let id = r.text(0).unwrap_or_default();
+    if let Some(record) = health_record(r, 1, &id) {
+        rows.health.push((id, record));
+    }
+}
+
+/// A health record from columns `at..at + 6` (state, reason, until, last_status, strikes,
+/// changed_at); `None` when there is no row or its state is unknown (the key counts as active).
+pub fn health_record(r: &dyn Cells, at: usize, key_id: &str) -> Option<HealthRecord> {
+    let state = r.text(at)?;
+    let Some(state) = StateKind::parse(&state) else {
+        tracing::warn!(key_id = %key_id, "unknown stored health state ignored; the key counts as active");
+        return None;
+    };
+    Some(HealthRecord {
+        state,
+        reason: r.text(at + 1).as_deref().and_then(Reason::parse),
+        until: parse_stored_time(r.text(at + 2), "key_health.until", key_id),
+        last_status: r.int(at + 3).and_then(|s| u16::try_from(s).ok()),
+        strikes: r
+            .int(at + 4)
+            .and_then(|s| u32::try_from(s).ok())
+            .unwrap_or(0),
+        changed_at: parse_stored_time(r.text(at + 5), "key_health.changed_at", key_id),
+    })
+}
+
+/// A key's `is_active` and health from `sql::SELECT_KEY_HEALTH`.
+pub fn key_health(r: &dyn Cells, key_id: &str) -> (bool, Option<HealthRecord>) {
+    (r.int(0).unwrap_or(1) != 0, health_record(r, 1, key_id))
+}
+
+/// An audit row of `sql::RECENT_USAGE` or `sql::SELECT_SERVE`.
 pub fn usage_event(r: &dyn Cells) -> UsageEvent {
     UsageEvent {
         id: r.text(0).unwrap_or_default(),
@@ -476,6 +637,11 @@ pub fn usage_event(r: &dyn Cells) -> UsageEvent {
             .as_deref()
             .and_then(crate::timestamp::parse_db)
             .unwrap_or_default(),
+        outcome: r.text(5).map(|class| StoredOutcome {
+            class,
+            status: r.int(6),
+            reported_at: r.text(7).as_deref().and_then(crate::timestamp::parse_db),
+        }),
     }
 }
 

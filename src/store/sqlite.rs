@@ -9,9 +9,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Row, Sqlite, SqliteConnection, SqlitePool};
 
-use super::{sql, usage_event, Cells, SnapshotRows, StoreError, MIGRATIONS};
+use super::{key_health, sql, usage_event, Batch, Cells, SnapshotRows, StoreError, MIGRATIONS};
 use crate::config::{Config, Synchronous};
-use crate::model::{ConsumerRecord, KeyRecord, KeyUsageUpdate, Snapshot, TierRecord, UsageEvent};
+use crate::model::{ConsumerRecord, KeyRecord, Snapshot, TierRecord, UsageEvent};
+use crate::pool::health::HealthRecord;
 use crate::timestamp::to_db;
 
 #[derive(Clone)]
@@ -111,6 +112,19 @@ static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         "BEGIN IMMEDIATE; {}; {}; COMMIT",
         sql::INSERT_EVENTS,
         sql::UPDATE_COUNTERS
+    )
+});
+
+/// A group commit that also records outcomes and health changes (serves-only batches keep
+/// the shorter text above, so the hot path runs no extra statement).
+static COMMIT_WITH_HEALTH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "BEGIN IMMEDIATE; {}; {}; {}; {}; {}; COMMIT",
+        sql::INSERT_EVENTS,
+        sql::UPDATE_COUNTERS,
+        sql::SET_OUTCOMES,
+        sql::UPSERT_HEALTH,
+        sql::SET_ACTIVE
     )
 });
 
@@ -429,18 +443,25 @@ impl SqliteStore {
     }
 
     /// One round trip to the SQLite worker thread: `BEGIN IMMEDIATE; INSERT …; UPDATE …; COMMIT`
+    /// (with outcomes and health: three more statements before COMMIT)
     /// as one multi-statement query whose two bound values (the batch as JSON) run across its
     /// statements in order. On any failure the transaction is ended (see `settle`); a writer left
     /// in an unknown state is closed and reopened by the next commit.
-    pub async fn commit_serves(
-        &self,
-        events: &[UsageEvent],
-        updates: &[KeyUsageUpdate],
-    ) -> Result<(), StoreError> {
-        let (events_json, updates_json) = sql::batch_parameters(events, updates);
-        let query = sqlx::query(COMMIT_BATCH.as_str())
-            .bind(events_json)
-            .bind(updates_json);
+    pub async fn commit_batch(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
+        let (events_json, updates_json) = sql::batch_parameters(batch.events, batch.updates);
+        let query = if batch.has_health() {
+            let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
+            sqlx::query(COMMIT_WITH_HEALTH.as_str())
+                .bind(events_json)
+                .bind(updates_json)
+                .bind(outcomes_json)
+                .bind(health_json.clone())
+                .bind(health_json)
+        } else {
+            sqlx::query(COMMIT_BATCH.as_str())
+                .bind(events_json)
+                .bind(updates_json)
+        };
         let mut writer = self.writer.lock().await;
         if let Writer::Lost = *writer {
             let conn = self.options.connect().await.map_err(map_err)?;
@@ -466,6 +487,32 @@ impl SqliteStore {
                 Err(map_err(e))
             }
         }
+    }
+
+    /// Locally every commit has ended when its caller hears of it, so any read is settled.
+    pub async fn read_serve(
+        &self,
+        id: &str,
+        _settled: bool,
+    ) -> Result<Option<UsageEvent>, StoreError> {
+        let row = sqlx::query(sql::SELECT_SERVE)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(row.as_ref().map(|r| usage_event(r)))
+    }
+
+    pub async fn read_key_health(
+        &self,
+        id: &str,
+    ) -> Result<Option<(bool, Option<HealthRecord>)>, StoreError> {
+        let row = sqlx::query(sql::SELECT_KEY_HEALTH)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(row.as_ref().map(|r| key_health(r, id)))
     }
 
     pub async fn close(&self) {

@@ -607,6 +607,7 @@ async fn wal_stays_bounded_under_sustained_group_commits() {
                 consumer_id: "admin".into(),
                 feature: feature.clone(),
                 created_at: chrono::Utc::now(),
+                outcome: None,
             })
             .collect();
         db.commit_serves(&events, &[])

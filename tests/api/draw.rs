@@ -20,12 +20,14 @@ async fn served_key_carries_value_metadata_and_secrets_and_is_audited() {
     let (cid, token) = app.consumer("runner", &["fc"]).await;
     let r = app.draw("scrape", &token).await;
     assert_eq!(r.status, StatusCode::OK);
+    // Issue 9 item 1: serve_id is the audit row's id.
+    let serve_id = r.body["serve_id"].as_str().expect("serve_id").to_string();
     assert_eq!(
         r.body,
-        json!({ "key_id": id, "value": "fc-123", "metadata": { "account": "a@b.c" }, "secrets": { "webhook_secret": "whsec" } })
+        json!({ "key_id": id, "serve_id": serve_id, "value": "fc-123", "metadata": { "account": "a@b.c" }, "secrets": { "webhook_secret": "whsec" } })
     );
-    let rows = app.rows("SELECT key_id, consumer_id, feature FROM usage_events").await;
-    assert_eq!(rows, vec![vec![Some(id.clone()), Some(cid.clone()), Some("scrape".to_string())]]);
+    let rows = app.rows("SELECT key_id, consumer_id, feature, id FROM usage_events").await;
+    assert_eq!(rows, vec![vec![Some(id.clone()), Some(cid.clone()), Some("scrape".to_string()), Some(serve_id)]]);
     let admin = app.draw("scrape", ADMIN_TOKEN).await;
     assert_eq!(admin.status, StatusCode::OK);
     assert_eq!(app.count("SELECT COUNT(*) FROM usage_events WHERE consumer_id = 'admin'").await, 1);

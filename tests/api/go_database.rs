@@ -473,8 +473,17 @@ async fn go_database() -> (tempfile::TempDir, PathBuf, GoFixture) {
 // Reading the file behind the service's back.
 // ---------------------------------------------------------------------------------------------
 
+/// Columns our migrations add to a Go table (SPEC §8: additive), as `ALTER TABLE` writes them
+/// into its `CREATE TABLE` text: issue 9's outcome columns on `usage_events` (migration 003).
+const ADDED_COLUMNS: [(&str, &str); 3] = [
+    ("outcome_class", ", outcome_class TEXT"),
+    ("outcome_status", ", outcome_status INTEGER"),
+    ("outcome_reported_at", ", outcome_reported_at TIMESTAMP"),
+];
+
 /// Every row of `table` in rowid order, each column `quote()`d (type-preserving), headed by
-/// the column list — so a dropped, added, retyped or rewritten value shows up.
+/// the column list — so a dropped, added, retyped or rewritten value shows up. Columns our
+/// additive migrations add are left out: the Go columns and rows must stay as they were.
 async fn dump_table(db: &SqlitePool, table: &str) -> Vec<String> {
     let cols: Vec<String> =
         sqlx::query_scalar("SELECT name FROM pragma_table_info(?) ORDER BY cid")
@@ -482,6 +491,12 @@ async fn dump_table(db: &SqlitePool, table: &str) -> Vec<String> {
             .fetch_all(db)
             .await
             .expect("table columns");
+    let cols: Vec<String> = cols
+        .into_iter()
+        .filter(|c| {
+            table == "schema_migrations" || !ADDED_COLUMNS.iter().any(|(name, _)| c == name)
+        })
+        .collect();
     assert!(!cols.is_empty(), "table {table} exists");
     let expr = cols
         .iter()
@@ -509,6 +524,9 @@ async fn dump_all(path: &Path) -> BTreeMap<String, Vec<String>> {
                 .fetch_one(&db)
                 .await
                 .expect("table definition");
+        let create = ADDED_COLUMNS
+            .iter()
+            .fold(create, |text, (_, added)| text.replace(added, ""));
         out.insert(format!("{table}#schema"), vec![create]);
     }
     out.insert(
@@ -669,7 +687,8 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
     let health = app.admin_get("/admin/health").await;
     assert_eq!(
         health.body,
-        json!({ "pool_size": 7, "encryption": true, "warnings": [] }),
+        json!({ "pool_size": 7, "encryption": true, "warnings": [],
+                "key_states": super::health::key_states(6, 1) }),
         "{}",
         health.text
     );
@@ -700,6 +719,17 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         ok += 1;
         let id = r.body["key_id"].as_str().expect("key_id").to_string();
+        // Issue 9: every serve answers its audit row's id (a UUID), compared apart.
+        let mut r = r;
+        let serve_id = r.body.as_object_mut().and_then(|b| b.remove("serve_id"));
+        assert!(
+            serve_id
+                .as_ref()
+                .and_then(|s| s.as_str())
+                .is_some_and(|s| uuid::Uuid::try_parse(s).is_ok()),
+            "{}",
+            r.text
+        );
         match id.as_str() {
             KEY_PLAIN => assert_eq!(
                 r.body,
@@ -732,8 +762,9 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
     ok += 1;
     assert_eq!(
         vault.body,
-        json!({ "key_id": KEY_VAULT, "value": ENC_VAULT_PLAIN, "metadata": {}, "secrets": {} })
+        json!({ "key_id": KEY_VAULT, "serve_id": vault.body["serve_id"].clone(), "value": ENC_VAULT_PLAIN, "metadata": {}, "secrets": {} })
     );
+    assert!(vault.body["serve_id"].is_string(), "{}", vault.text);
     let out_of_scope = app.draw("vault_feature", CONSUMER_TOKEN).await;
     assert_eq!(
         out_of_scope.status,
@@ -1042,7 +1073,8 @@ async fn go_database_without_the_encryption_key_starts_and_never_serves_sealed_k
     let health = app.admin_get("/admin/health").await;
     assert_eq!(
         health.body,
-        json!({ "pool_size": 7, "encryption": false, "warnings": [] }),
+        json!({ "pool_size": 7, "encryption": false, "warnings": [],
+                "key_states": super::health::key_states(6, 1) }),
         "{}",
         health.text
     );

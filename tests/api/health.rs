@@ -14,11 +14,11 @@ async fn health_is_public_and_ok() {
 async fn admin_health_counts_every_stored_key_and_reports_encryption() {
     let key = "ab".repeat(32);
     let app = spawn_app_with(&[("ENCRYPTION_KEY", &key)]).await;
-    assert_eq!(app.admin_get("/admin/health").await.body, json!({ "pool_size": 0, "encryption": true, "warnings": [] }));
+    assert_eq!(app.admin_get("/admin/health").await.body, json!({ "pool_size": 0, "encryption": true, "warnings": [], "key_states": key_states(0, 0) }));
     app.create_tier("t", &[("scrape", 5, 60)]).await;
     app.add_key(json!({ "name": "k1", "key": "v1", "tier": "t" })).await;
     app.add_key(json!({ "name": "k2", "key": "v2", "tier": "t", "usage_limit": 1 })).await;
-    assert_eq!(app.admin_get("/admin/health").await.body, json!({ "pool_size": 2, "encryption": true, "warnings": [] }));
+    assert_eq!(app.admin_get("/admin/health").await.body, json!({ "pool_size": 2, "encryption": true, "warnings": [], "key_states": key_states(2, 0) }));
     let unauth = app.get("/admin/health", None).await;
     assert_eq!(unauth.status, StatusCode::UNAUTHORIZED);
 }
@@ -289,4 +289,9 @@ async fn shutdown_closes_idle_and_half_sent_connections_at_once_and_finishes_req
         .expect("count audit rows");
     db.close().await;
     assert_eq!(committed, 1, "the answered serve is committed");
+}
+
+/// `/admin/health`'s keys per health state (issue 9 item 7), every state listed.
+pub fn key_states(active: u64, disabled: u64) -> serde_json::Value {
+    json!({ "active": active, "cooling": 0, "probing": 0, "exhausted": 0, "quarantined": 0, "disabled": disabled })
 }

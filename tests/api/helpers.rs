@@ -59,8 +59,8 @@ macro_rules! on_both_drivers {
     )*};
 }
 
-/// Every table the service keeps (the Go schema's seven and `schema_migrations`).
-pub const TABLES: [&str; 8] = [
+/// Every table the service keeps (the Go schema's seven, `schema_migrations`, then ours).
+pub const TABLES: [&str; 9] = [
     "tiers",
     "tier_features",
     "keys",
@@ -69,6 +69,7 @@ pub const TABLES: [&str; 8] = [
     "consumer_scopes",
     "usage_events",
     "schema_migrations",
+    "key_health",
 ];
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";

@@ -13,6 +13,7 @@ mod draw;
 mod durability;
 mod go_database;
 mod health;
+mod health_states;
 mod observe;
 mod openapi;
 mod process;

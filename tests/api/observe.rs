@@ -16,7 +16,7 @@ use crate::remote::remote;
 const METRICS_TOKEN: &str = "metrics-scrape-token-0123456789";
 
 /// The value of the sample `name{labels}` (labels matched as a set, in any order).
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let wanted: BTreeMap<String, String> = labels
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -44,7 +44,7 @@ fn parse_labels(text: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-async fn scrape(app: &TestApp) -> String {
+pub async fn scrape(app: &TestApp) -> String {
     let r = app.get("/metrics", None).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let content_type = r.headers["content-type"].to_str().expect("ascii");
@@ -122,7 +122,7 @@ async fn metrics_move_with_serves_and_429s_and_label_routes_by_template() {
     assert_eq!(sample(&text, "keypooler_commits_total", &[("outcome", "committed")]), Some(batches), "{text}");
     // Scrape-time census: the budgeted key is spent; the deleted one is gone.
     let keys = |state| sample(&text, "keypooler_keys", &[("tier", "vault"), ("state", state)]);
-    assert_eq!((keys("spent"), keys("active"), keys("inactive")), (Some(1.0), Some(0.0), Some(0.0)), "{text}");
+    assert_eq!((keys("spent"), keys("active"), keys("disabled")), (Some(1.0), Some(0.0), Some(0.0)), "{text}");
     assert_eq!(sample(&text, "keypooler_consumers", &[("state", "active")]), Some(1.0), "{text}");
 
     for (what, needle) in [

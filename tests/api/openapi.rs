@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 
 /// Every route of the router (SPEC §6 and §8.1), as the README's endpoint table lists them.
-const ROUTES: [(&str, &str); 18] = [
+const ROUTES: [(&str, &str); 20] = [
     ("GET", "/health"),
     ("GET", "/livez"),
     ("GET", "/readyz"),
@@ -23,11 +23,13 @@ const ROUTES: [(&str, &str); 18] = [
     ("GET", "/admin/keys"),
     ("POST", "/admin/keys"),
     ("DELETE", "/admin/keys/{id}"),
+    ("PATCH", "/admin/keys/{id}"),
     ("GET", "/admin/consumers"),
     ("POST", "/admin/consumers"),
     ("DELETE", "/admin/consumers/{id}"),
     ("POST", "/admin/consumers/{id}/scopes"),
     ("GET", "/admin/usage"),
+    ("POST", "/serves/{serve_id}/outcome"),
 ];
 
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
@@ -49,6 +51,7 @@ fn operations(document: &Value) -> BTreeSet<(String, String)> {
 /// A path of the document with its `{id}` filled in.
 fn concrete(path: &str) -> String {
     path.replace("{id}", "00000000-0000-4000-8000-000000000000")
+        .replace("{serve_id}", "00000000-0000-7000-8000-000000000000")
 }
 
 /// Whether an answer is the router's own "no such route" or "wrong method" fallback.
@@ -127,12 +130,15 @@ async fn document_states_who_may_call_each_operation() {
                 assert_eq!(security, json!([{}, { "metrics_token": [] }]));
                 assert!(responses.contains_key("401"), "{method} {path}");
             }
-            "/key" => {
+            "/key" | "/serves/{serve_id}/outcome" => {
                 assert_eq!(
                     security,
                     json!([{ "admin_token": [] }, { "consumer_token": [] }])
                 );
-                assert!(responses.contains_key("401") && responses.contains_key("403"));
+                // Another consumer's serve is a 404, never a 403 (SPEC §8.2).
+                let forbidden = path == "/key";
+                assert!(responses.contains_key("401"), "{method} {path}");
+                assert_eq!(responses.contains_key("403"), forbidden, "{method} {path}");
             }
             _ => {
                 assert_eq!(security, json!([{ "admin_token": [] }]), "{method} {path}");

@@ -728,6 +728,111 @@ async fn kill_9_mid_load_never_over_serves_and_every_delivered_serve_is_counted(
     );
 }
 
+// Issue 9 item 6: key health answered 200 survives `kill -9` (the crash test's companion):
+// a quarantine, a long cooldown and an operator's disable, killed while serves are running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_keeps_every_key_health_change_that_was_answered() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let Bulk {
+        mut server,
+        db_path,
+        values,
+        key_ids,
+        token,
+        log,
+        ..
+    } = bulk_server(dir.path(), &[json!({}), json!({}), json!({}), json!({})]).await;
+    let (env, admin) = (quiet_env(&db_path), server.admin_token.clone());
+    // Serves of the first two keys, to report on.
+    let mut serves: HashMap<String, Vec<String>> = HashMap::new();
+    while serves.get(&key_ids[0]).map_or(0, Vec::len) < 2
+        || serves.get(&key_ids[1]).map_or(0, Vec::len) < 1
+    {
+        let (status, body) = server
+            .call(Method::GET, "/key?feature=scrape", Some(&token), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let key = body["key_id"].as_str().expect("key_id").to_string();
+        let serve = body["serve_id"].as_str().expect("serve_id").to_string();
+        serves.entry(key).or_default().push(serve);
+    }
+    let report = |serve: &str, body: Value| {
+        let path = format!("/serves/{serve}/outcome");
+        let server = &server;
+        let token = token.clone();
+        async move {
+            server
+                .call(Method::POST, &path, Some(&token), Some(&body))
+                .await
+        }
+    };
+    let load = Load::new(&server, "scrape", &token, &values);
+    let handles = load.spawn(4);
+    load.wait_for_ok(20, Duration::from_secs(15)).await;
+    let k0 = &serves[&key_ids[0]];
+    assert_eq!(
+        report(&k0[0], json!({ "status": 401 })).await.0,
+        StatusCode::OK
+    );
+    let (status, body) = report(&k0[1], json!({ "status": 401 })).await;
+    assert_eq!(
+        (status, body["key_state"].clone()),
+        (StatusCode::OK, json!("quarantined")),
+        "{body}"
+    );
+    let (status, body) = report(
+        &serves[&key_ids[1]][0],
+        json!({ "status": 429, "retry_after_seconds": 3600 }),
+    )
+    .await;
+    assert_eq!(
+        (status, body["key_state"].clone()),
+        (StatusCode::OK, json!("cooling")),
+        "{body}"
+    );
+    server
+        .admin(
+            Method::PATCH,
+            &format!("/admin/keys/{}", key_ids[2]),
+            Some(json!({ "is_active": false })),
+            StatusCode::OK,
+        )
+        .await;
+    let before = server
+        .admin(Method::GET, "/admin/keys", None, StatusCode::OK)
+        .await;
+    load.signalled.store(true, Ordering::SeqCst);
+    server.child.sigkill();
+    let _ = join_all(handles).await;
+
+    let server = start_server(&as_refs(&env), &admin, &log, dir.path()).await;
+    let after = server
+        .admin(Method::GET, "/admin/keys", None, StatusCode::OK)
+        .await;
+    let health = |list: &Value, id: &str| {
+        list.as_array()
+            .expect("keys")
+            .iter()
+            .find(|k| k["id"] == id)
+            .expect("listed")["health"]
+            .clone()
+    };
+    for (id, state) in [
+        (&key_ids[0], "quarantined"),
+        (&key_ids[1], "cooling"),
+        (&key_ids[2], "disabled"),
+        (&key_ids[3], "active"),
+    ] {
+        let (was, now) = (health(&before, id), health(&after, id));
+        assert_eq!(now["state"], state, "key {id} after kill -9: {now}");
+        assert_eq!(was, now, "key {id}: health as answered before the kill");
+    }
+    let counts = server
+        .admin(Method::GET, "/admin/health", None, StatusCode::OK)
+        .await;
+    assert_eq!(counts["key_states"]["active"], 1, "{counts}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
     const SIGNAL_AFTER: usize = 150;

@@ -1,0 +1,413 @@
+//! `POST /serves/{serve_id}/outcome` (SPEC §8.2): the caller that received a serve reports
+//! how the key fared upstream; the pool's key health acts on it.
+//!
+//! Guarantees: the first report of a serve wins, in this process (one report per serve in
+//! flight; others wait for it) and across restarts (the serve is looked up in the ledger's
+//! recent serves, else the database, which sets an outcome only on a row without one). A 200 leaves only after the
+//! outcome and the health changes it made are committed (the group commit); if the commit
+//! fails, the changes are undone in memory and the answer is 503; if its outcome is unknown,
+//! the row is read back first. Once applied, the work runs in a task of its own, so neither
+//! the write timeout nor a client that disconnects can cut it between memory and database.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::Json;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use super::extract::{IdPath, JsonBody};
+use super::openapi::{JsonBodyErrors, StorageErrors, Unauthorized};
+use super::write::WriteMarker;
+use super::SharedState;
+use crate::error::{ApiError, ErrorBody};
+use crate::ledger::{HealthJob, JobOutcome};
+use crate::model::{HealthWrite, OutcomeWrite, StoredOutcome, UsageEvent};
+use crate::pool::health::{
+    HealthRecord, Jitter, Outcome, OutcomeClass, OutcomeReport, ServeRef, TransportError,
+};
+use crate::pool::{log_transition, Caller, HealthChange, Now};
+use crate::timestamp;
+
+/// Serves with a report being applied, each with a channel its waiters watch until it ends.
+#[derive(Default)]
+pub struct InFlight(parking_lot::Mutex<HashMap<String, tokio::sync::watch::Sender<()>>>);
+
+/// Holds a serve's report slot; dropping it wakes every report waiting for the serve.
+struct Slot {
+    reports: SharedState,
+    serve_id: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.reports.reports.0.lock().remove(&self.serve_id);
+    }
+}
+
+enum Claim {
+    Mine(Slot),
+    Wait(tokio::sync::watch::Receiver<()>),
+}
+
+fn claim(state: &SharedState, serve_id: &str) -> Claim {
+    let mut in_flight = state.reports.0.lock();
+    if let Some(sender) = in_flight.get(serve_id) {
+        return Claim::Wait(sender.subscribe());
+    }
+    in_flight.insert(serve_id.to_owned(), tokio::sync::watch::channel(()).0);
+    Claim::Mine(Slot {
+        reports: state.clone(),
+        serve_id: serve_id.to_owned(),
+    })
+}
+
+const UNKNOWN_SERVE: &str = "no serve with that id";
+const FIELDS: &str = "status, error, retry_after_seconds, class or message";
+
+/// The report body as documented. `parse_report` reads the body field by field (so a bad
+/// value is answered with its field's name); this type only describes it.
+#[allow(dead_code)]
+#[derive(serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = OutcomeBody)]
+pub struct OutcomeBodyDoc {
+    /// The upstream's HTTP status.
+    #[schema(minimum = 100, maximum = 599)]
+    status: Option<u16>,
+    /// A failure with no HTTP status.
+    error: Option<TransportError>,
+    /// What the upstream asked for (Retry-After), in seconds; used as the cooldown (≤ 1 h).
+    #[schema(minimum = 0, maximum = 86400)]
+    retry_after_seconds: Option<u32>,
+    /// Overrides the class derived from `status`, `error` and `message`.
+    class: Option<OutcomeClass>,
+    /// The upstream's error message (quota/credits/balance wording ⇒ `quota_exhausted`).
+    #[schema(max_length = 500)]
+    message: Option<String>,
+}
+
+/// The answer to a report.
+#[derive(Serialize, ToSchema)]
+pub struct ReportAnswer {
+    serve_id: String,
+    #[schema(value_type = OutcomeClass)]
+    class: &'static str,
+    /// The served key's health state after the report; `null` if the key is gone.
+    #[schema(required = true)]
+    key_state: Option<&'static str>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/serves/{serve_id}/outcome",
+    tag = "draw",
+    operation_id = "report_outcome",
+    params(("serve_id" = String, Path, description = "The `serve_id` GET /key answered")),
+    security(("admin_token" = []), ("consumer_token" = [])),
+    request_body(content = OutcomeBodyDoc, description = "At least one of `status`, `error` or `class`"),
+    responses(
+        (status = 200, description = "Recorded (or the same report again)", body = ReportAnswer),
+        Unauthorized, JsonBodyErrors,
+        (status = 404, description = "No such serve, or it went to another caller (indistinguishable)", body = ErrorBody),
+        (status = 409, description = "A different outcome was reported first; the first report wins", body = ErrorBody),
+        (status = 410, description = "The serve is older than OUTCOME_WINDOW_SECONDS", body = ErrorBody),
+        StorageErrors,
+    )
+)]
+pub async fn report(
+    caller: Caller,
+    State(state): State<SharedState>,
+    marker: WriteMarker,
+    IdPath(serve_id): IdPath,
+    JsonBody(body): JsonBody<Map<String, Value>>,
+) -> Result<Json<ReportAnswer>, ApiError> {
+    let Ok(uuid) = uuid::Uuid::try_parse(&serve_id) else {
+        return Err(ApiError::BadRequest(
+            "serve_id must be a UUID, as GET /key answered it".into(),
+        ));
+    };
+    let outcome = parse_report(body)?
+        .validate()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    loop {
+        match claim(&state, &serve_id) {
+            Claim::Wait(mut done) => {
+                // Ends with an error once the report in flight drops its slot; then look again.
+                let _ = done.changed().await;
+            }
+            Claim::Mine(slot) => {
+                // Read while holding the slot, so no report of this serve can land unseen.
+                let serve = find_serve(&state, &caller, &serve_id, uuid.as_u128()).await?;
+                if let Some(answer) = already_reported(&state, &serve, &outcome)? {
+                    return Ok(answer);
+                }
+                if !marker.begin_write() {
+                    return Err(ApiError::Unavailable(
+                        "request timed out; nothing was changed".into(),
+                    ));
+                }
+                let task = tokio::spawn(apply(state.clone(), slot, serve, outcome));
+                return task.await.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "an outcome report task ended abnormally");
+                    Err(ApiError::Internal)
+                });
+            }
+        }
+    }
+}
+
+/// The serve (from the ledger's recent serves, else the database), if this caller may report
+/// on it and it is recent enough.
+async fn find_serve(
+    state: &SharedState,
+    caller: &Caller,
+    serve_id: &str,
+    uuid: u128,
+) -> Result<UsageEvent, ApiError> {
+    let found = match state.ledger.recent.get(uuid) {
+        Some(recent) => Some(UsageEvent {
+            id: serve_id.to_owned(),
+            key_id: recent.key_id.to_string(),
+            consumer_id: recent.consumer_id.to_string(),
+            feature: String::new(),
+            created_at: recent.created_at,
+            outcome: recent.outcome.map(|(class, status)| StoredOutcome {
+                class: class.as_str().to_owned(),
+                status: status.map(i64::from),
+                reported_at: None,
+            }),
+        }),
+        None => state.db.read_serve(serve_id, false).await?,
+    };
+    let serve = found
+        .filter(|s| match caller {
+            Caller::Admin => true,
+            Caller::Consumer(c) => *c.id == *s.consumer_id,
+        })
+        .ok_or_else(|| ApiError::NotFound(UNKNOWN_SERVE.into()))?;
+    let age = (chrono::Utc::now() - serve.created_at)
+        .to_std()
+        .unwrap_or(Duration::ZERO);
+    if age > state.outcome_window {
+        return Err(ApiError::Gone(format!(
+            "the serve is older than OUTCOME_WINDOW_SECONDS ({} s); its outcome can no longer be reported",
+            state.outcome_window.as_secs()
+        )));
+    }
+    Ok(serve)
+}
+
+/// For a serve with an outcome: 200 for the same report, 409 for another.
+fn already_reported(
+    state: &SharedState,
+    serve: &UsageEvent,
+    outcome: &Outcome,
+) -> Result<Option<Json<ReportAnswer>>, ApiError> {
+    let Some(stored) = &serve.outcome else {
+        return Ok(None);
+    };
+    if stored.class == outcome.class.as_str() && stored.status == outcome.status.map(i64::from) {
+        let key_state = state.pool.key(&serve.key_id).map(|k| k.health().state);
+        return Ok(Some(answer(&serve.id, outcome.class, key_state)));
+    }
+    Err(ApiError::Conflict(format!(
+        "this serve's outcome was already reported as {}{}; the first report wins",
+        stored.class,
+        stored
+            .status
+            .map(|s| format!(" (status {s})"))
+            .unwrap_or_default()
+    )))
+}
+
+fn answer(
+    serve_id: &str,
+    class: OutcomeClass,
+    key_state: Option<crate::pool::health::StateKind>,
+) -> Json<ReportAnswer> {
+    Json(ReportAnswer {
+        serve_id: serve_id.to_owned(),
+        class: class.as_str(),
+        key_state: key_state.map(|s| s.as_str()),
+    })
+}
+
+/// Applies the report to the pool, commits it with the changes it made, and answers.
+async fn apply(
+    state: SharedState,
+    _slot: Slot,
+    serve: UsageEvent,
+    outcome: Outcome,
+) -> Result<Json<ReportAnswer>, ApiError> {
+    let now = Now::read();
+    let write = OutcomeWrite {
+        serve_id: serve.id.clone(),
+        class: outcome.class.as_str(),
+        status: outcome.status,
+        reported_at: now.wall,
+    };
+    let serve_ref = ServeRef {
+        id: &serve.id,
+        at: serve.created_at,
+    };
+    let ledger = &state.ledger;
+    let job = |changes: &[HealthChange]| HealthJob {
+        outcome: Some(write.clone()),
+        health: health_writes(changes),
+    };
+    let (key_state, changes, committed) = match state.pool.report(
+        &serve.key_id,
+        serve_ref,
+        &outcome,
+        now,
+        Jitter::random(),
+        |changes| ledger.submit_health(job(changes)),
+    ) {
+        Some(r) => (Some(r.key_state), r.changes, r.out.await),
+        // The key was deleted: the outcome is still recorded on the audit row.
+        None => (None, Vec::new(), ledger.submit_health(job(&[])).await),
+    };
+    let landed = match committed {
+        JobOutcome::Committed => true,
+        JobOutcome::Failed => false,
+        JobOutcome::Uncertain => outcome_landed(&state, &write).await,
+    };
+    if !landed {
+        state.pool.revert_health(changes);
+        return Err(ApiError::Unavailable(
+            "the outcome could not be recorded; nothing was changed, try again".into(),
+        ));
+    }
+    for change in &changes {
+        log_transition(&change.key.id, &change.transition);
+    }
+    if let Ok(id) = uuid::Uuid::try_parse(&serve.id) {
+        state
+            .ledger
+            .recent
+            .set_outcome(id.as_u128(), outcome.class, outcome.status);
+    }
+    state.outcome_meters.record(outcome.class);
+    Ok(answer(&serve.id, outcome.class, key_state))
+}
+
+/// After a commit of unknown outcome: whether this report's outcome is the one stored. Read
+/// up to three times; unreadable counts as not landed (its health changes are undone).
+async fn outcome_landed(state: &SharedState, write: &OutcomeWrite) -> bool {
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        match state.db.read_serve(&write.serve_id, true).await {
+            Ok(found) => {
+                return found.and_then(|s| s.outcome).is_some_and(|o| {
+                    o.class == write.class && o.status == write.status.map(i64::from)
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading back an outcome of unknown commit failed")
+            }
+        }
+    }
+    false
+}
+
+/// The stored form of health changes, in the order they were made.
+pub fn health_writes(changes: &[HealthChange]) -> Vec<HealthWrite> {
+    changes
+        .iter()
+        .map(|c| HealthWrite {
+            key_id: c.key.id.to_string(),
+            record: c.after.clone(),
+        })
+        .collect()
+}
+
+/// A key's health as `GET /admin/keys` shows it; times in microseconds, as stored, so the
+/// same health reads the same before and after a restart.
+pub fn health_view(record: &HealthRecord) -> HealthView {
+    let micros = |t| timestamp::to_api(chrono::SubsecRound::trunc_subsecs(t, 6));
+    HealthView {
+        state: record.state.as_str(),
+        reason: record.reason.map(|r| r.as_str()),
+        until: record.until.map(micros),
+        last_status: record.last_status,
+        strikes: record.strikes,
+        changed_at: record.changed_at.map(timestamp::to_api),
+    }
+}
+
+/// A key's health (SPEC §8.2).
+#[derive(Serialize, ToSchema)]
+pub struct HealthView {
+    /// active, cooling, probing, exhausted, quarantined or disabled.
+    state: &'static str,
+    /// Why it is in that state.
+    #[schema(required = true)]
+    reason: Option<&'static str>,
+    /// When a cooling, exhausted or quarantined key is tried again.
+    #[schema(format = DateTime, required = true)]
+    until: Option<String>,
+    #[schema(required = true)]
+    last_status: Option<u16>,
+    /// Upstream errors in a row.
+    strikes: u32,
+    #[schema(format = DateTime, required = true)]
+    changed_at: Option<String>,
+}
+
+/// The report body, each field checked on its own so that a bad one is named (serde's own
+/// messages name the value, not the field). `null` is the same as absent.
+fn parse_report(body: Map<String, Value>) -> Result<OutcomeReport, ApiError> {
+    let bad = |message: String| Err(ApiError::BadRequest(message));
+    let mut report = OutcomeReport::default();
+    for (field, value) in body {
+        if value.is_null() {
+            continue;
+        }
+        match field.as_str() {
+            "status" => match value.as_i64() {
+                Some(s) => report.status = Some(s),
+                None => return bad("status must be an HTTP status code from 100 to 599".into()),
+            },
+            "retry_after_seconds" => match value.as_i64() {
+                Some(s) => report.retry_after_seconds = Some(s),
+                None => {
+                    return bad(format!(
+                        "retry_after_seconds must be a whole number from 0 to {}",
+                        crate::pool::health::MAX_RETRY_AFTER_SECONDS
+                    ))
+                }
+            },
+            "error" => match value.as_str() {
+                Some("timeout") => report.error = Some(TransportError::Timeout),
+                Some("connect") => report.error = Some(TransportError::Connect),
+                _ => return bad("error must be \"timeout\" or \"connect\"".into()),
+            },
+            "class" => match value.as_str().and_then(OutcomeClass::parse) {
+                Some(class) => report.class = Some(class),
+                None => {
+                    let names: Vec<&str> = OutcomeClass::ALL.iter().map(|c| c.as_str()).collect();
+                    return bad(format!("class must be one of {}", names.join(", ")));
+                }
+            },
+            "message" => match value {
+                Value::String(m) => report.message = Some(m),
+                _ => {
+                    return bad(format!(
+                        "message must be a string of at most {} characters",
+                        crate::pool::health::MAX_MESSAGE_CHARS
+                    ))
+                }
+            },
+            other => {
+                let shown: String = other.chars().take(64).collect();
+                return bad(format!("unknown field `{shown}`; expected {FIELDS}"));
+            }
+        }
+    }
+    Ok(report)
+}
