@@ -16,9 +16,13 @@ use axum::extract::State;
 use axum::Json;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use utoipa::ToSchema;
+use utoipa::openapi::schema::{
+    AllOfBuilder, AnyOfBuilder, ObjectBuilder, Schema, SchemaType, Type,
+};
+use utoipa::openapi::RefOr;
+use utoipa::{PartialSchema, ToSchema};
 
-use super::extract::{IdPath, JsonBody};
+use super::extract::{whole_number, IdPath, JsonBody};
 use super::openapi::{JsonBodyErrors, StorageErrors, Unauthorized};
 use super::write::WriteMarker;
 use super::SharedState;
@@ -72,8 +76,7 @@ const FIELDS: &str = "status, error, retry_after_seconds, class or message";
 #[allow(dead_code)]
 #[derive(serde::Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(as = OutcomeBody)]
-pub struct OutcomeBodyDoc {
+pub struct OutcomeFields {
     /// The upstream's HTTP status.
     #[schema(minimum = 100, maximum = 599)]
     status: Option<u16>,
@@ -88,6 +91,32 @@ pub struct OutcomeBodyDoc {
     #[schema(max_length = 500)]
     message: Option<String>,
 }
+
+/// The report body: its fields, and at least one of `status`, `error` or `class` given (not
+/// `null`) — without one there is nothing to classify (400).
+pub struct OutcomeBody;
+
+impl PartialSchema for OutcomeBody {
+    fn schema() -> RefOr<Schema> {
+        let given = |field: &str, kind: Type| {
+            ObjectBuilder::new()
+                .schema_type(SchemaType::AnyValue)
+                .property(field, ObjectBuilder::new().schema_type(kind))
+                .required(field)
+        };
+        AllOfBuilder::new()
+            .item(OutcomeFields::schema())
+            .item(
+                AnyOfBuilder::new()
+                    .item(given("status", Type::Integer))
+                    .item(given("error", Type::String))
+                    .item(given("class", Type::String)),
+            )
+            .into()
+    }
+}
+
+impl ToSchema for OutcomeBody {}
 
 /// The answer to a report.
 #[derive(Serialize, ToSchema)]
@@ -105,9 +134,9 @@ pub struct ReportAnswer {
     path = "/serves/{serve_id}/outcome",
     tag = "draw",
     operation_id = "report_outcome",
-    params(("serve_id" = String, Path, description = "The `serve_id` GET /key answered")),
+    params(("serve_id" = uuid::Uuid, Path, description = "The `serve_id` GET /key answered (a UUID; anything else is 400)")),
     security(("admin_token" = []), ("consumer_token" = [])),
-    request_body(content = OutcomeBodyDoc, description = "At least one of `status`, `error` or `class`"),
+    request_body(content = OutcomeBody, description = "At least one of `status`, `error` or `class`"),
     responses(
         (status = 200, description = "Recorded (or the same report again)", body = ReportAnswer),
         Unauthorized, JsonBodyErrors,
@@ -369,11 +398,11 @@ fn parse_report(body: Map<String, Value>) -> Result<OutcomeReport, ApiError> {
             continue;
         }
         match field.as_str() {
-            "status" => match value.as_i64() {
+            "status" => match whole_number(&value).ok() {
                 Some(s) => report.status = Some(s),
                 None => return bad("status must be an HTTP status code from 100 to 599".into()),
             },
-            "retry_after_seconds" => match value.as_i64() {
+            "retry_after_seconds" => match whole_number(&value).ok() {
                 Some(s) => report.retry_after_seconds = Some(s),
                 None => {
                     return bad(format!(
