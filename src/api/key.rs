@@ -46,7 +46,8 @@ pub struct Served<'a> {
     ),
     security(("admin_token" = []), ("consumer_token" = [])),
     responses(
-        (status = 200, description = "A key, counted and audited before this answer left", body = Served),
+        (status = 200, description = "A key, counted and audited before this answer left", body = Served,
+            links(("ReportOutcome" = (operation_id = "report_outcome", parameters(("serve_id" = "$response.body#/serve_id")))))),
         (status = 400, description = "`feature` is missing or empty, or the query string is malformed", body = ErrorBody),
         Unauthorized,
         (status = 403, description = "A consumer whose tiers do not list the feature", body = ErrorBody),
