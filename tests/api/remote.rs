@@ -308,6 +308,15 @@ fn tier_body(name: &str, feature: &str) -> serde_json::Value {
     json!({ "name": name, "features": { feature: { "rate_limit": 100, "window_seconds": 3600 } } })
 }
 
+/// A remote app with tier `t` (feature `scrape`, 100 per hour) and one key `k` in it.
+async fn remote_app_with_a_key() -> TestApp {
+    let app = remote_app(&[]).await;
+    app.create_tier("t", &[("scrape", 100, 3600)]).await;
+    app.add_key(json!({ "name": "k", "key": "v", "tier": "t" }))
+        .await;
+    app
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tier_create_with_a_lost_commit_answer_answers_201_and_the_tier_serves() {
     let app = remote_app(&[]).await;
@@ -338,10 +347,7 @@ async fn tier_create_with_a_lost_commit_answer_answers_201_and_the_tier_serves()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tier_patch_with_a_lost_commit_answer_answers_200_and_the_new_features_apply() {
-    let app = remote_app(&[]).await;
-    app.create_tier("t", &[("scrape", 100, 3600)]).await;
-    app.add_key(json!({ "name": "k", "key": "v", "tier": "t" }))
-        .await;
+    let app = remote_app_with_a_key().await;
     lose_two_commit_answers(&app).await;
     let r = app
         .admin_send(
@@ -418,10 +424,7 @@ async fn key_delete_with_a_lost_commit_answer_answers_200_and_the_key_is_no_long
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_create_with_a_lost_commit_answer_answers_201_with_a_working_token() {
-    let app = remote_app(&[]).await;
-    app.create_tier("t", &[("scrape", 100, 3600)]).await;
-    app.add_key(json!({ "name": "k", "key": "v", "tier": "t" }))
-        .await;
+    let app = remote_app_with_a_key().await;
     lose_two_commit_answers(&app).await;
     let r = app
         .admin_post("/admin/consumers", json!({ "name": "c" }))
@@ -447,10 +450,7 @@ async fn consumer_create_with_a_lost_commit_answer_answers_201_with_a_working_to
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_delete_with_a_lost_commit_answer_answers_200_and_the_token_stops_working() {
-    let app = remote_app(&[]).await;
-    app.create_tier("t", &[("scrape", 100, 3600)]).await;
-    app.add_key(json!({ "name": "k", "key": "v", "tier": "t" }))
-        .await;
+    let app = remote_app_with_a_key().await;
     let (id, token) = app.consumer("c", &["t"]).await;
     assert_eq!(app.draw("scrape", &token).await.status, StatusCode::OK);
     lose_two_commit_answers(&app).await;
@@ -473,10 +473,7 @@ async fn consumer_delete_with_a_lost_commit_answer_answers_200_and_the_token_sto
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scope_grant_with_a_lost_commit_answer_answers_201_and_the_consumer_draws() {
-    let app = remote_app(&[]).await;
-    app.create_tier("t", &[("scrape", 100, 3600)]).await;
-    app.add_key(json!({ "name": "k", "key": "v", "tier": "t" }))
-        .await;
+    let app = remote_app_with_a_key().await;
     let (id, token) = app.consumer("c", &[]).await;
     assert_eq!(
         app.draw("scrape", &token).await.status,
