@@ -6,8 +6,6 @@
 //! (ordered with the reports' health writes), answered after that commit. A failed commit is
 //! undone in memory; one of unknown outcome is settled by reading the key back.
 
-use std::time::Duration;
-
 use axum::extract::State;
 use axum::Json;
 use serde::Serialize;
@@ -17,13 +15,13 @@ use utoipa::ToSchema;
 use super::auth::Admin;
 use super::extract::{IdPath, JsonBody};
 use super::openapi::{AdminOnly, JsonBodyErrors, StorageErrors};
-use super::outcomes::{health_view, health_writes, HealthView};
-use super::write::{admin_write, WriteMarker};
+use super::outcomes::{health_view, health_writes, land_health, HealthView};
+use super::write::{admin_write, read_back, WriteMarker};
 use super::SharedState;
 use crate::error::{ApiError, ErrorBody};
 use crate::ledger::{HealthJob, JobOutcome};
 use crate::pool::health::StateKind;
-use crate::pool::{log_transition, Now};
+use crate::pool::Now;
 
 /// The other fields of a key, which PATCH will change once SPEC §8.3 is built.
 const NOT_YET: [&str; 8] = [
@@ -115,23 +113,14 @@ pub async fn update(
                 })
             })
             .ok_or_else(|| ApiError::NotFound("no key with that id".into()))?;
-        let landed = match pending {
-            None => true,
-            Some(pending) => match pending.await {
-                JobOutcome::Committed => true,
-                JobOutcome::Failed => false,
-                JobOutcome::Uncertain => stored_as(&state, &id, enabled).await,
-            },
+        let committed = match pending {
+            None => JobOutcome::Committed,
+            Some(pending) => pending.await,
         };
-        if !landed {
-            state.pool.revert_health(changes);
-            return Err(ApiError::Unavailable(
-                "the change could not be recorded; nothing was changed, try again".into(),
-            ));
-        }
-        for change in &changes {
-            log_transition(&change.key.id, &change.transition);
-        }
+        land_health(&state, changes, committed, "change", || {
+            stored_as(&state, &id, enabled)
+        })
+        .await?;
         let key = state
             .pool
             .key(&id)
@@ -148,18 +137,15 @@ pub async fn update(
 /// After a commit of unknown outcome: whether the database holds the key as `enabled` now.
 /// Read up to three times; unreadable counts as not stored (the change is undone in memory).
 async fn stored_as(state: &SharedState, id: &str, enabled: bool) -> bool {
-    for attempt in 0..3 {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        match state.db.read_key_health(id).await {
-            Ok(Some((is_active, health))) => {
+    read_back(
+        "a key's state",
+        || state.db.read_key_health(id),
+        |found| {
+            found.is_some_and(|(is_active, health)| {
                 let state = health.map(|h| h.state);
-                return is_active == enabled && (state == Some(StateKind::Disabled)) != enabled;
-            }
-            Ok(None) => return false,
-            Err(e) => tracing::warn!(error = %e, "reading back a key of unknown commit failed"),
-        }
-    }
-    false
+                is_active == enabled && (state == Some(StateKind::Disabled)) != enabled
+            })
+        },
+    )
+    .await
 }

@@ -24,7 +24,7 @@ use utoipa::{PartialSchema, ToSchema};
 
 use super::extract::{whole_number, IdPath, JsonBody};
 use super::openapi::{JsonBodyErrors, StorageErrors, Unauthorized};
-use super::write::WriteMarker;
+use super::write::{read_back, WriteMarker};
 use super::SharedState;
 use crate::error::{ApiError, ErrorBody};
 use crate::ledger::{HealthJob, JobOutcome};
@@ -299,20 +299,10 @@ async fn apply(
         // The key was deleted: the outcome is still recorded on the audit row.
         None => (None, Vec::new(), ledger.submit_health(job(&[])).await),
     };
-    let landed = match committed {
-        JobOutcome::Committed => true,
-        JobOutcome::Failed => false,
-        JobOutcome::Uncertain => outcome_landed(&state, &write).await,
-    };
-    if !landed {
-        state.pool.revert_health(changes);
-        return Err(ApiError::Unavailable(
-            "the outcome could not be recorded; nothing was changed, try again".into(),
-        ));
-    }
-    for change in &changes {
-        log_transition(&change.key.id, &change.transition);
-    }
+    land_health(&state, changes, committed, "outcome", || {
+        outcome_landed(&state, &write)
+    })
+    .await?;
     if let Ok(id) = uuid::Uuid::try_parse(&serve.id) {
         state
             .ledger
@@ -326,22 +316,43 @@ async fn apply(
 /// After a commit of unknown outcome: whether this report's outcome is the one stored. Read
 /// up to three times; unreadable counts as not landed (its health changes are undone).
 async fn outcome_landed(state: &SharedState, write: &OutcomeWrite) -> bool {
-    for attempt in 0..3 {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        match state.db.read_serve(&write.serve_id, true).await {
-            Ok(found) => {
-                return found.and_then(|s| s.outcome).is_some_and(|o| {
-                    o.class == write.class && o.status == write.status.map(i64::from)
-                })
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "reading back an outcome of unknown commit failed")
-            }
-        }
+    read_back(
+        "an outcome",
+        || state.db.read_serve(&write.serve_id, true),
+        |found| {
+            found
+                .and_then(|s| s.outcome)
+                .is_some_and(|o| o.class == write.class && o.status == write.status.map(i64::from))
+        },
+    )
+    .await
+}
+
+/// After a health job's commit: memory follows what landed. A commit of unknown outcome asks
+/// `stored`; one that did not land undoes `changes` (503, naming `what`), one that did logs a
+/// line per transition.
+pub async fn land_health<Fut: std::future::Future<Output = bool>>(
+    state: &SharedState,
+    changes: Vec<HealthChange>,
+    committed: JobOutcome,
+    what: &str,
+    stored: impl FnOnce() -> Fut,
+) -> Result<(), ApiError> {
+    let landed = match committed {
+        JobOutcome::Committed => true,
+        JobOutcome::Failed => false,
+        JobOutcome::Uncertain => stored().await,
+    };
+    if !landed {
+        state.pool.revert_health(changes);
+        return Err(ApiError::Unavailable(format!(
+            "the {what} could not be recorded; nothing was changed, try again"
+        )));
     }
-    false
+    for change in &changes {
+        log_transition(&change.key.id, &change.transition);
+    }
+    Ok(())
 }
 
 /// The stored form of health changes, in the order they were made.

@@ -201,6 +201,31 @@ pub async fn deleted<R: Stored>(
 /// `DB_BUSY_TIMEOUT_MS`, with a short pause between them.
 const READ_BACK_ATTEMPTS: u32 = 3;
 const READ_BACK_PAUSE: Duration = Duration::from_millis(100);
+/// Reads back, up to `READ_BACK_ATTEMPTS` times, what a commit of unknown outcome left, and
+/// answers whether `took` holds for it; `false` when every read fails (the caller then treats
+/// the change as not stored and undoes it in memory).
+pub async fn read_back<T, Fut>(
+    what: &str,
+    mut read: impl FnMut() -> Fut,
+    took: impl FnOnce(T) -> bool,
+) -> bool
+where
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    for attempt in 1..=READ_BACK_ATTEMPTS {
+        if attempt > 1 {
+            tokio::time::sleep(READ_BACK_PAUSE).await;
+        }
+        match read().await {
+            Ok(found) => return took(found),
+            Err(e) => {
+                tracing::warn!(error = %e, what, "reading back a commit of unknown outcome failed")
+            }
+        }
+    }
+    false
+}
+
 /// Background read-backs after that start this often and back off to the maximum.
 const RECONCILE_FIRST: Duration = Duration::from_millis(500);
 const RECONCILE_MAX: Duration = Duration::from_secs(30);
