@@ -87,9 +87,8 @@ pub async fn draw_key(
     let now = Now::read();
     // Outcomes are recorded on the feature's cached handles (atomic increments, no lock); the
     // pool records its 429s itself.
-    match state.pool.draw(&caller, &feature, now, |r| {
-        let meters = r.meters.clone();
-        (ledger.submit(r), meters)
+    match state.pool.draw(&caller, &feature, now, |r, meters| {
+        (ledger.submit(r), meters.clone())
     }) {
         Draw::Served((pending, meters)) => {
             let committed = pending.committed().await.map_err(|_| {

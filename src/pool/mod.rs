@@ -149,8 +149,6 @@ pub struct Reservation {
     pub usage_after: UsageState,
     pub rate_window_start: Instant,
     pub generation: u64,
-    /// The feature's metric handles, so the caller records the serve's outcome lock-free.
-    pub meters: Arc<FeatureMeters>,
 }
 
 /// The result of a draw; `Served` carries what the caller's `on_reserve` returned.
@@ -327,7 +325,6 @@ impl PoolKey {
         limit: FeatureLimit,
         caller: &Caller,
         now: Now,
-        meters: &Arc<FeatureMeters>,
     ) -> Result<(Reservation, parking_lot::MutexGuard<'_, KeyCounters>), Wait> {
         let mut counters = self.counters.lock();
         let admission = if counters.health.is_active() {
@@ -368,7 +365,6 @@ impl PoolKey {
                     usage_after: usage,
                     rate_window_start: rate.start,
                     generation: counters.generation,
-                    meters: meters.clone(),
                 };
                 Ok((reservation, counters))
             }
@@ -491,7 +487,8 @@ impl Pool {
     }
 
     /// Draws a key for `feature` (SPEC §7). `on_reserve` runs while the chosen key is locked, so
-    /// reservations of one key reach it in the order their counts were taken.
+    /// reservations of one key reach it in the order their counts were taken; it also gets the
+    /// feature's metric handles, for the caller to record the serve's outcome lock-free.
     ///
     /// Fairness: each draw claims the cursor positions it looks at — the one it starts from
     /// and every refused key it steps over — so the next draw starts after the key served.
@@ -502,7 +499,7 @@ impl Pool {
         caller: &Caller,
         feature: &str,
         now: Now,
-        on_reserve: impl FnOnce(Reservation) -> R,
+        on_reserve: impl FnOnce(Reservation, &Arc<FeatureMeters>) -> R,
     ) -> Draw<R> {
         let index = self.index.read();
         let Some(entry) = index.features.get(feature) else {
@@ -558,9 +555,9 @@ impl Pool {
                 }
                 continue;
             }
-            match key.try_reserve(feature, limit, caller, now, &entry.meters) {
+            match key.try_reserve(feature, limit, caller, now) {
                 Ok((reservation, guard)) => {
-                    let out = on_reserve(reservation);
+                    let out = on_reserve(reservation, &entry.meters);
                     drop(guard);
                     if step > 0 {
                         entry.cursor.fetch_add(step, Ordering::Relaxed);

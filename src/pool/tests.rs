@@ -79,7 +79,7 @@ fn at(t: Timestamp) -> Now {
 }
 
 fn draw_id(p: &Pool, caller: &Caller, feature: &str, now: Timestamp) -> Draw<String> {
-    p.draw(caller, feature, at(now), |r| r.key.id.to_string())
+    p.draw(caller, feature, at(now), |r, _| r.key.id.to_string())
 }
 
 #[test]
@@ -292,7 +292,7 @@ fn revert_restores_usage_and_voids_later_reservations() {
     let p = pool(vec![tier("t", &[("scrape", 100, 60)])], vec![k], vec![]);
     let mut held = Vec::new();
     for _ in 0..2 {
-        if let Draw::Served(r) = p.draw(&Caller::Admin, "scrape", at(t0()), |r| r) {
+        if let Draw::Served(r) = p.draw(&Caller::Admin, "scrape", at(t0()), |r, _| r) {
             held.push(r);
         }
     }
@@ -516,7 +516,7 @@ fn wall_clock_steps_neither_open_nor_stretch_a_rate_window() {
     };
     for _ in 0..2 {
         assert!(matches!(
-            p.draw(&Caller::Admin, "scrape", start, |_| ()),
+            p.draw(&Caller::Admin, "scrape", start, |_, _| ()),
             Draw::Served(())
         ));
     }
@@ -532,7 +532,7 @@ fn wall_clock_steps_neither_open_nor_stretch_a_rate_window() {
 }
 
 fn draw_with(p: &Pool, now: Now) -> Draw<String> {
-    p.draw(&Caller::Admin, "scrape", now, |r| r.key.id.to_string())
+    p.draw(&Caller::Admin, "scrape", now, |r, _| r.key.id.to_string())
 }
 
 // ---- key health (issue 9 items 4 and 5) ----

@@ -595,7 +595,9 @@ async fn at_the_uncertain_backlog_bound_new_serves_are_refused_and_not_counted()
         },
     );
     let serve = || async {
-        match pool.draw(&Caller::Admin, "scrape", Now::read(), |r| ledger.submit(r)) {
+        match pool.draw(&Caller::Admin, "scrape", Now::read(), |r, _| {
+            ledger.submit(r)
+        }) {
             Draw::Served(pending) => pending.committed().await.is_ok(),
             _ => panic!("the key can always serve"),
         }
