@@ -71,27 +71,6 @@ fn claim(state: &SharedState, serve_id: &str) -> Claim {
 const UNKNOWN_SERVE: &str = "no serve with that id";
 const FIELDS: &str = "status, error, retry_after_seconds, class or message";
 
-/// The report body as documented. `parse_report` reads the body field by field (so a bad
-/// value is answered with its field's name); this type only describes it.
-#[allow(dead_code)]
-#[derive(serde::Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct OutcomeFields {
-    /// The upstream's HTTP status.
-    #[schema(minimum = 100, maximum = 599)]
-    status: Option<u16>,
-    /// A failure with no HTTP status.
-    error: Option<TransportError>,
-    /// What the upstream asked for (Retry-After), in seconds; used as the cooldown (≤ 1 h).
-    #[schema(minimum = 0, maximum = 86400)]
-    retry_after_seconds: Option<u32>,
-    /// Overrides the class derived from `status`, `error` and `message`.
-    class: Option<OutcomeClass>,
-    /// The upstream's error message (quota/credits/balance wording ⇒ `quota_exhausted`).
-    #[schema(max_length = 500)]
-    message: Option<String>,
-}
-
 /// The report body: its fields, and at least one of `status`, `error` or `class` given (not
 /// `null`) — without one there is nothing to classify (400).
 pub struct OutcomeBody;
@@ -105,7 +84,7 @@ impl PartialSchema for OutcomeBody {
                 .required(field)
         };
         AllOfBuilder::new()
-            .item(OutcomeFields::schema())
+            .item(OutcomeReport::schema())
             .item(
                 AnyOfBuilder::new()
                     .item(given("status", Type::Integer))

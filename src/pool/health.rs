@@ -103,14 +103,24 @@ pub enum TransportError {
 }
 
 /// The body of `POST /serves/{serve_id}/outcome` as sent. Numbers are wide so that an out of
-/// range value gets `validate`'s message naming the field rather than serde's.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+/// range value gets `validate`'s message naming the field rather than serde's; the schema
+/// (OpenAPI) states the ranges `validate` checks (as literals: utoipa takes no constants there,
+/// so they repeat `MAX_RETRY_AFTER_SECONDS` and `MAX_MESSAGE_CHARS`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutcomeReport {
+    /// The upstream's HTTP status.
+    #[schema(minimum = 100, maximum = 599)]
     pub status: Option<i64>,
+    /// A failure with no HTTP status.
     pub error: Option<TransportError>,
+    /// What the upstream asked for (Retry-After), in seconds; used as the cooldown (≤ 1 h).
+    #[schema(minimum = 0, maximum = 86400)]
     pub retry_after_seconds: Option<i64>,
+    /// Overrides the class derived from `status`, `error` and `message`.
     pub class: Option<OutcomeClass>,
+    /// The upstream's error message (quota/credits/balance wording ⇒ `quota_exhausted`).
+    #[schema(max_length = 500)]
     pub message: Option<String>,
 }
 
