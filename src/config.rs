@@ -67,6 +67,10 @@ pub struct Config {
     pub metrics_token: Option<Secret>,
     /// `OUTCOME_WINDOW_SECONDS`: how long after a serve its outcome may be reported (SPEC §8.2).
     pub outcome_window: Duration,
+    /// A throttled tier's shortest cooldown, `None` = SPEC §8.2's 30 s. Never read from the
+    /// environment (always `None` in production): tests set it to check the tier's recovery
+    /// without waiting 30 s.
+    pub host_throttle_floor: Option<Duration>,
     /// Present when running on Railway (`RAILWAY_ENVIRONMENT` set): platform facts, not settings.
     pub railway: Option<Railway>,
 }
@@ -455,6 +459,7 @@ impl RawConfig {
                 MAX_OUTCOME_WINDOW_SECONDS,
             )
             .map(Duration::from_secs)?,
+            host_throttle_floor: None,
             railway: self
                 .railway_environment
                 .filter(|env| !env.is_empty())
@@ -529,6 +534,7 @@ mod tests {
         assert!(c.log_requests);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.outcome_window, Duration::from_secs(3600));
+        assert_eq!(c.host_throttle_floor, None, "SPEC §8.2's 30 s; no variable sets it");
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert!(
             matches!(c.database, DatabaseConfig::Local { ref path } if path == &PathBuf::from("./data/pool.db"))

@@ -23,6 +23,7 @@
 //! never dropped. That backlog is bounded (`BacklogLimits`): while it is at the bound, new
 //! serves are refused definitively — 503, their counts given back — until it drains.
 
+pub mod lookup;
 pub mod recent;
 
 use std::collections::{HashMap, HashSet};
@@ -32,7 +33,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::LedgerMeters;
-use crate::model::{HealthWrite, KeyUsageUpdate, OutcomeWrite, UsageEvent};
+use crate::model::{HealthWrite, KeyUsageUpdate, OutcomeWrite, TierCooldownWrite, UsageEvent};
 use crate::pool::{PoolKey, Reservation};
 use crate::store::{Batch, Db, StoreError};
 use recent::{RecentServe, RecentServes};
@@ -74,6 +75,8 @@ struct Serve {
 pub struct HealthJob {
     pub outcome: Option<OutcomeWrite>,
     pub health: Vec<HealthWrite>,
+    /// A tier's host-throttling cooldown that began.
+    pub tiers: Vec<TierCooldownWrite>,
 }
 
 /// How a health job's commit ended.
@@ -129,6 +132,8 @@ pub struct Ledger {
     worker: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The newest committed serves, for outcome reports (`recent`).
     pub recent: Arc<RecentServes>,
+    /// Batched reads of older serves, for outcome reports (`lookup`).
+    pub lookups: lookup::ServeLookups,
 }
 
 impl Ledger {
@@ -149,11 +154,13 @@ impl Ledger {
             refusing: AtomicBool::new(false),
         });
         let recent = Arc::new(RecentServes::default());
+        let lookups = lookup::ServeLookups::start(db.clone());
         let worker = tokio::spawn(run(db, inbox, backlog, Arc::new(meters), recent.clone()));
         Ledger {
             queue,
             worker: parking_lot::Mutex::new(Some(worker)),
             recent,
+            lookups,
         }
     }
 
@@ -510,6 +517,10 @@ async fn commit(
         .iter()
         .flat_map(|j| j.job.health.iter().cloned())
         .collect();
+    let tiers: Vec<TierCooldownWrite> = jobs
+        .iter()
+        .flat_map(|j| j.job.tiers.iter().cloned())
+        .collect();
     let started = std::time::Instant::now();
     let outcome = db
         .commit_batch(&Batch {
@@ -517,6 +528,7 @@ async fn commit(
             updates: &all_updates,
             outcomes: &outcomes,
             health: &health,
+            tiers: &tiers,
         })
         .await;
     let job_outcome = match &outcome {

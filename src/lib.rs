@@ -52,7 +52,8 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
     let metrics = Metrics::new();
     metrics.spawn_upkeep();
     let loading = std::time::Instant::now();
-    let pool = Pool::load_metered(db.load_snapshot().await?, &sealer, metrics.clone());
+    let mut pool = Pool::load_metered(db.load_snapshot().await?, &sealer, metrics.clone());
+    pool.set_throttle_floor(config.host_throttle_floor);
     metrics.set_pool_load_time(loading.elapsed());
     for key in pool.keys() {
         if let Err(e) = &key.material {

@@ -109,6 +109,13 @@ pub struct HealthWrite {
     pub record: crate::pool::health::HealthRecord,
 }
 
+/// A throttled tier's cooldown, as written (SPEC §8.2 host-level throttling).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TierCooldownWrite {
+    pub tier_id: String,
+    pub until: Timestamp,
+}
+
 /// A key's usage counters after a batch of serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyUsageUpdate {
@@ -125,4 +132,6 @@ pub struct Snapshot {
     pub consumers: Vec<ConsumerRecord>,
     /// Stored key health by key id (keys without a row are active).
     pub health: std::collections::HashMap<String, crate::pool::health::HealthRecord>,
+    /// Stored tier cooldowns by tier id (host-level throttling; past ones change nothing).
+    pub tier_cooldowns: std::collections::HashMap<String, Timestamp>,
 }

@@ -109,6 +109,7 @@ pub async fn update(
                     ledger.submit_health(HealthJob {
                         outcome: None,
                         health: health_writes(changes),
+                        tiers: Vec::new(),
                     })
                 })
             })

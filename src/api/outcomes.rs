@@ -28,26 +28,27 @@ use super::write::{read_back, WriteMarker};
 use super::SharedState;
 use crate::error::{ApiError, ErrorBody};
 use crate::ledger::{HealthJob, JobOutcome};
-use crate::model::{HealthWrite, OutcomeWrite, StoredOutcome, UsageEvent};
+use crate::model::{HealthWrite, OutcomeWrite, StoredOutcome, TierCooldownWrite, UsageEvent};
 use crate::pool::health::{
     HealthRecord, Jitter, Outcome, OutcomeClass, OutcomeReport, ServeRef, TransportError,
 };
 use crate::pool::{log_transition, Caller, HealthChange, Now};
 use crate::timestamp;
 
-/// Serves with a report being applied, each with a channel its waiters watch until it ends.
+/// Serves with a report being applied (by the serve id's bits). A report that finds its serve
+/// taken makes the channel it waits on; the holder's slot dropping the sender wakes it.
 #[derive(Default)]
-pub struct InFlight(parking_lot::Mutex<HashMap<String, tokio::sync::watch::Sender<()>>>);
+pub struct InFlight(parking_lot::Mutex<HashMap<u128, Option<tokio::sync::watch::Sender<()>>>>);
 
 /// Holds a serve's report slot; dropping it wakes every report waiting for the serve.
 struct Slot {
     reports: SharedState,
-    serve_id: String,
+    serve: u128,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.reports.reports.0.lock().remove(&self.serve_id);
+        self.reports.reports.0.lock().remove(&self.serve);
     }
 }
 
@@ -56,16 +57,22 @@ enum Claim {
     Wait(tokio::sync::watch::Receiver<()>),
 }
 
-fn claim(state: &SharedState, serve_id: &str) -> Claim {
+fn claim(state: &SharedState, serve: u128) -> Claim {
     let mut in_flight = state.reports.0.lock();
-    if let Some(sender) = in_flight.get(serve_id) {
-        return Claim::Wait(sender.subscribe());
+    match in_flight.entry(serve) {
+        std::collections::hash_map::Entry::Occupied(mut held) => Claim::Wait(
+            held.get_mut()
+                .get_or_insert_with(|| tokio::sync::watch::channel(()).0)
+                .subscribe(),
+        ),
+        std::collections::hash_map::Entry::Vacant(free) => {
+            free.insert(None);
+            Claim::Mine(Slot {
+                reports: state.clone(),
+                serve,
+            })
+        }
     }
-    in_flight.insert(serve_id.to_owned(), tokio::sync::watch::channel(()).0);
-    Claim::Mine(Slot {
-        reports: state.clone(),
-        serve_id: serve_id.to_owned(),
-    })
 }
 
 const UNKNOWN_SERVE: &str = "no serve with that id";
@@ -141,7 +148,7 @@ pub async fn report(
         .validate()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     loop {
-        match claim(&state, &serve_id) {
+        match claim(&state, uuid.as_u128()) {
             Claim::Wait(mut done) => {
                 // Ends with an error once the report in flight drops its slot; then look again.
                 let _ = done.changed().await;
@@ -188,7 +195,7 @@ async fn find_serve(
                 reported_at: None,
             }),
         }),
-        None => state.db.read_serve(serve_id, false).await?,
+        None => state.ledger.lookups.find(serve_id).await?,
     };
     let serve = found
         .filter(|s| match caller {
@@ -262,9 +269,10 @@ async fn apply(
         at: serve.created_at,
     };
     let ledger = &state.ledger;
-    let job = |changes: &[HealthChange]| HealthJob {
+    let job = |changes: &[HealthChange], tier: Option<TierCooldownWrite>| HealthJob {
         outcome: Some(write.clone()),
         health: health_writes(changes),
+        tiers: tier.into_iter().collect(),
     };
     let (key_state, changes, committed) = match state.pool.report(
         &serve.key_id,
@@ -272,11 +280,11 @@ async fn apply(
         &outcome,
         now,
         Jitter::random(),
-        |changes| ledger.submit_health(job(changes)),
+        |changes, tier| ledger.submit_health(job(changes, tier)),
     ) {
         Some(r) => (Some(r.key_state), r.changes, r.out.await),
         // The key was deleted: the outcome is still recorded on the audit row.
-        None => (None, Vec::new(), ledger.submit_health(job(&[])).await),
+        None => (None, Vec::new(), ledger.submit_health(job(&[], None)).await),
     };
     land_health(&state, changes, committed, "outcome", || {
         outcome_landed(&state, &write)
@@ -329,7 +337,9 @@ pub async fn land_health<Fut: std::future::Future<Output = bool>>(
         )));
     }
     for change in &changes {
-        log_transition(&change.key.id, &change.transition);
+        if let Some(transition) = &change.transition {
+            log_transition(&change.key.id, transition);
+        }
     }
     Ok(())
 }

@@ -26,8 +26,11 @@
 //!   probe frees its slot (it said nothing about the key).
 //! - Escalation: each ladder's step decays by one per full hour without a new cooldown,
 //!   counted from the end of the last one; a 5xx opening is the n-th of that count. Strikes
-//!   reset when the breaker opens. Counters (steps, the first auth_invalid) live in memory
-//!   only; the state, reason, deadline, last status and strikes are the persisted record.
+//!   reset when the breaker opens. The record persists the state, reason, deadline, last
+//!   status and strikes, and (`HealthMemory`) each ladder's step with when its decay counts
+//!   from, and the first auth_invalid's serve and time, so a restart forgets none of them. A
+//!   time before the machine's monotonic clock began (a reboot long ago) cannot be placed on
+//!   it: such a step restarts from zero, such a strike is dropped.
 //! - A timed state is never shortened by a cooldown; exhausted and quarantined keys ignore
 //!   new cooldowns; quarantine outranks exhaustion.
 //! - Host throttling: the caller counts the keys served in the window; the tier cools for the
@@ -75,7 +78,9 @@ const PROBE_SLOT: Duration = Duration::from_secs(60);
 const DECAY_EVERY: Duration = Duration::from_secs(3600);
 const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
 const THROTTLE_MIN_KEYS: usize = 3;
-const THROTTLE_MIN_COOLDOWN: Duration = Duration::from_secs(30);
+/// SPEC §8.2's floor of a throttled tier's cooldown (`Config::host_throttle_floor` may lower it
+/// for tests only; the environment cannot).
+pub const THROTTLE_MIN_COOLDOWN: Duration = Duration::from_secs(30);
 /// Bounds a deadline rebuilt from a stored wall time (usage windows reach 10 years).
 const MAX_SPAN: Duration = Duration::from_secs(20 * 365 * 86_400);
 
@@ -376,7 +381,7 @@ pub struct Transition {
     pub until: Option<Timestamp>,
 }
 
-/// A key's health as persisted and shown (`GET /admin/keys` → `health`).
+/// A key's health as persisted and shown (`GET /admin/keys` → `health`, all but `memory`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthRecord {
     pub state: StateKind,
@@ -385,6 +390,20 @@ pub struct HealthRecord {
     pub last_status: Option<u16>,
     pub strikes: u32,
     pub changed_at: Option<Timestamp>,
+    pub memory: HealthMemory,
+}
+
+/// What a key's next transitions depend on beyond its state: persisted, not shown.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HealthMemory {
+    /// The rate ladder's step and when its decay counts from (the end of its last cooldown).
+    pub rate_step: u32,
+    pub rate_rested_from: Option<Timestamp>,
+    /// The 5xx breaker's count of openings and when its decay counts from.
+    pub breaker_step: u32,
+    pub breaker_rested_from: Option<Timestamp>,
+    /// The serve and time of a first auth_invalid that a second may follow within 10 min.
+    pub auth_strike: Option<(String, Timestamp)>,
 }
 
 /// The serve a report is about.
@@ -439,17 +458,17 @@ pub struct Health {
     pardon: Option<Box<Pardon>>,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Escalation {
     step: u32,
     /// When the last cooldown of this ladder ended: decay counts from here.
-    rested_from: Option<Instant>,
+    rested_from: Option<Deadline>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct AuthStrike {
     serve_id: String,
-    at: Instant,
+    at: Now,
 }
 
 #[derive(Clone, Debug)]
@@ -541,7 +560,7 @@ impl Escalation {
     /// hour since the last cooldown ended.
     fn advance(&mut self, now: Instant, max: u32) -> u32 {
         let quiet_hours = self.rested_from.map_or(0, |from| {
-            now.saturating_duration_since(from).as_secs() / DECAY_EVERY.as_secs()
+            now.saturating_duration_since(from.mono).as_secs() / DECAY_EVERY.as_secs()
         });
         let decayed = self
             .step
@@ -549,6 +568,36 @@ impl Escalation {
         self.step = decayed.saturating_add(1).min(max);
         self.step
     }
+}
+
+impl Escalation {
+    /// A stored step and decay origin, placed on the monotonic clock as of `now`.
+    fn restore(step: u32, rested_from: Option<Timestamp>, now: Now) -> Escalation {
+        match rested_from.map(|wall| at_wall(wall, now)) {
+            Some(None) => Escalation::default(),
+            Some(Some(mono)) => Escalation {
+                step,
+                rested_from: Some(Deadline {
+                    wall: rested_from.unwrap_or(now.wall),
+                    mono,
+                }),
+            },
+            None => Escalation {
+                step,
+                rested_from: None,
+            },
+        }
+    }
+}
+
+/// Where the wall time `wall` falls on the monotonic clock as of `now` (past or future);
+/// `None` when before that clock began.
+fn at_wall(wall: Timestamp, now: Now) -> Option<Instant> {
+    if wall >= now.wall {
+        return Some(Deadline::from_wall(wall, now).mono);
+    }
+    let ago = (now.wall - wall).to_std().unwrap_or(Duration::ZERO);
+    now.mono.checked_sub(ago)
 }
 
 impl Health {
@@ -582,7 +631,23 @@ impl Health {
             last_status: self.last_status,
             strikes: self.strikes,
             changed_at: self.changed_at,
+            memory: HealthMemory {
+                rate_step: self.rate.step,
+                rate_rested_from: self.rate.rested_from.map(|d| d.wall),
+                breaker_step: self.breaker.step,
+                breaker_rested_from: self.breaker.rested_from.map(|d| d.wall),
+                auth_strike: self
+                    .last_auth
+                    .as_ref()
+                    .map(|a| (a.serve_id.clone(), a.at.wall)),
+            },
         }
+    }
+
+    /// Whether what `record` persists beyond the state differs from `other`'s (a change to
+    /// write even without a transition).
+    pub fn memory_differs(&self, other: &Health) -> bool {
+        self.rate != other.rate || self.breaker != other.breaker || self.last_auth != other.last_auth
     }
 
     /// The health a stored record describes, as of `now`: a past deadline (or a missing one)
@@ -597,13 +662,26 @@ impl Health {
             StateKind::Quarantined => State::Quarantined { probe_at: until },
             StateKind::Disabled => State::Disabled,
         };
+        let memory = &record.memory;
+        let last_auth = memory.auth_strike.as_ref().and_then(|(serve_id, wall)| {
+            Some(AuthStrike {
+                serve_id: serve_id.clone(),
+                at: Now {
+                    wall: *wall,
+                    mono: at_wall(*wall, now)?,
+                },
+            })
+        });
         Health {
             state,
             reason: record.reason,
             last_status: record.last_status,
             strikes: record.strikes,
             changed_at: record.changed_at,
-            ..Health::default()
+            rate: Escalation::restore(memory.rate_step, memory.rate_rested_from, now),
+            breaker: Escalation::restore(memory.breaker_step, memory.breaker_rested_from, now),
+            last_auth,
+            pardon: None,
         }
     }
 
@@ -760,7 +838,7 @@ impl Health {
     ) -> Option<Transition> {
         let second = match &self.last_auth {
             Some(first) if first.serve_id == serve.id => return None,
-            Some(first) => now.mono.saturating_duration_since(first.at) <= AUTH_SECOND_WITHIN,
+            Some(first) => now.mono.saturating_duration_since(first.at.mono) <= AUTH_SECOND_WITHIN,
             None => false,
         };
         let suspected = probe && self.reason == Some(Reason::AuthInvalid);
@@ -773,7 +851,7 @@ impl Health {
         }
         self.last_auth = Some(AuthStrike {
             serve_id: serve.id.to_owned(),
-            at: now.mono,
+            at: now,
         });
         let until = Deadline::after(now, jitter.spread(AUTH_COOLDOWN));
         match self.state {
@@ -813,7 +891,7 @@ impl Health {
             None => ctx.jitter.spread(RATE_LADDER[step as usize - 1]),
         };
         let until = Deadline::after(now, cooldown.min(RATE_COOLDOWN_MAX));
-        self.rate.rested_from = Some(until.mono);
+        self.rate.rested_from = Some(until);
         self.enter(State::Cooling { until }, Reason::RateLimited, now)
     }
 
@@ -833,7 +911,7 @@ impl Health {
         let n = self.breaker.advance(now.mono, max_step);
         let cooldown = ctx.jitter.spread(BREAKER_STEP * n).min(BREAKER_MAX);
         let until = Deadline::after(now, cooldown);
-        self.breaker.rested_from = Some(until.mono);
+        self.breaker.rested_from = Some(until);
         self.enter(State::Cooling { until }, Reason::UpstreamError, now)
     }
 
@@ -915,8 +993,14 @@ impl TierHealth {
         self.cooldown
     }
 
+    /// A stored cooldown, after a restart (one that has ended changes nothing).
+    pub fn restore_cooldown(&mut self, until: Deadline) {
+        self.cooldown = Some(until);
+    }
+
     /// Takes a report on `key_id` into the window. `served_keys` is how many distinct keys of
-    /// the tier were served in the last 60 s, as the caller counts them.
+    /// the tier were served in the last 60 s, as the caller counts them; a throttled tier
+    /// cools for at least `floor` (`THROTTLE_MIN_COOLDOWN` but in tests).
     pub fn observe(
         &mut self,
         key_id: &Arc<str>,
@@ -924,6 +1008,7 @@ impl TierHealth {
         outcome: &Outcome,
         served_keys: usize,
         now: Now,
+        floor: Duration,
     ) -> TierVerdict {
         let pass = TierVerdict {
             apply_to_key: true,
@@ -957,7 +1042,7 @@ impl TierHealth {
         let largest = self.failures.values().filter_map(|f| f.retry_after).max();
         let span = largest
             .unwrap_or(Duration::ZERO)
-            .clamp(THROTTLE_MIN_COOLDOWN, RATE_COOLDOWN_MAX);
+            .clamp(floor.min(RATE_COOLDOWN_MAX), RATE_COOLDOWN_MAX);
         let until = Deadline::after(now, span);
         let since = self.failures.values().map(|f| f.first_at).min();
         let mut keys: Vec<Arc<str>> = self.failures.drain().map(|(k, _)| k).collect();

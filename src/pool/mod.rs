@@ -20,7 +20,9 @@ use sha2::{Digest, Sha256};
 
 use crate::crypto::{SealError, Sealer};
 use crate::metrics::{FeatureMeters, Metrics};
-use crate::model::{ConsumerRecord, FeatureLimit, KeyRecord, Snapshot, TierRecord};
+use crate::model::{
+    ConsumerRecord, FeatureLimit, KeyRecord, Snapshot, TierCooldownWrite, TierRecord,
+};
 use crate::secret::Secret;
 use crate::timestamp::Timestamp;
 use gates::{RateWindow, UsageBudget, UsageState, Wait};
@@ -188,11 +190,25 @@ impl TierCell {
 }
 
 /// One key's health change made by a report or an operator: to persist, log, or undo.
+/// `transition` is `None` when only what the state machine remembers changed (a ladder step,
+/// a first auth_invalid): written, not logged.
 pub struct HealthChange {
     pub key: Arc<PoolKey>,
     pub before: Health,
     pub after: HealthRecord,
-    pub transition: Transition,
+    pub transition: Option<Transition>,
+}
+
+impl HealthChange {
+    /// The change from `before` to the key's health now, if there is one to write.
+    fn of(key: &Arc<PoolKey>, before: Health, now: &Health, transition: Option<Transition>) -> Option<HealthChange> {
+        (transition.is_some() || now.memory_differs(&before)).then(|| HealthChange {
+            key: key.clone(),
+            before,
+            after: now.record(),
+            transition,
+        })
+    }
 }
 
 /// What a report did.
@@ -231,6 +247,8 @@ pub struct Pool {
     index: RwLock<Index>,
     /// Where per-feature handles are registered (disabled in `Pool::default()`).
     metrics: Metrics,
+    /// A throttled tier's shortest cooldown when not SPEC §8.2's 30 s (tests only).
+    throttle_floor: Option<Duration>,
 }
 
 /// hex(sha256(token)) as stored, and its raw bytes as indexed.
@@ -465,6 +483,7 @@ impl Pool {
         let pool = Pool {
             index: RwLock::default(),
             metrics,
+            throttle_floor: None,
         };
         // Fixes the monotonic origin now, before any reading it is compared with.
         mono_micros(Instant::now());
@@ -472,6 +491,9 @@ impl Pool {
             pool.put_tier(tier);
         }
         let now = Now::read();
+        for (tier_id, until) in &snapshot.tier_cooldowns {
+            pool.restore_tier_cooldown(tier_id, *until, now);
+        }
         for key in snapshot.keys {
             let stored = snapshot.health.get(&key.id).cloned();
             let key = PoolKey::from_record(key, sealer);
@@ -484,6 +506,28 @@ impl Pool {
             pool.put_consumer(consumer);
         }
         pool
+    }
+
+    /// A throttled tier's stored cooldown, after a restart: one still running holds the
+    /// tier's draws until it ends, as before the restart.
+    fn restore_tier_cooldown(&self, tier_id: &str, until: Timestamp, now: Now) {
+        if until <= now.wall {
+            return;
+        }
+        let index = self.index.read();
+        if let Some(tier) = index.tiers.get(tier_id) {
+            let until = health::Deadline::from_wall(until, now);
+            tier.health.reports.lock().restore_cooldown(until);
+            tier.health
+                .cooled_until
+                .store(mono_micros(until.mono), Ordering::Relaxed);
+        }
+    }
+
+    /// Lowers a throttled tier's shortest cooldown below SPEC §8.2's 30 s: for tests, which
+    /// cannot wait it out (`Config::host_throttle_floor`, never read from the environment).
+    pub fn set_throttle_floor(&mut self, floor: Option<Duration>) {
+        self.throttle_floor = floor;
     }
 
     /// Draws a key for `feature` (SPEC §7). `on_reserve` runs while the chosen key is locked, so
@@ -706,7 +750,7 @@ impl Pool {
         outcome: &Outcome,
         now: Now,
         jitter: Jitter,
-        on_change: impl FnOnce(&[HealthChange]) -> R,
+        on_change: impl FnOnce(&[HealthChange], Option<TierCooldownWrite>) -> R,
     ) -> Option<Reported<R>> {
         let index = self.index.read();
         let key = index.keys.get(key_id)?.clone();
@@ -747,7 +791,10 @@ impl Pool {
         } else {
             0
         };
-        let verdict = tier_health.observe(&key.id, serve.at, outcome, served_keys, now);
+        let floor = self
+            .throttle_floor
+            .unwrap_or(health::THROTTLE_MIN_COOLDOWN);
+        let verdict = tier_health.observe(&key.id, serve.at, outcome, served_keys, now, floor);
         let mut changes = Vec::new();
         if verdict.apply_to_key {
             let held = if throttling {
@@ -768,15 +815,10 @@ impl Pool {
                 jitter,
             };
             let before = counters.health.clone();
-            if let Some(transition) = counters.health.on_report(serve, outcome, &ctx, now) {
-                changes.push(HealthChange {
-                    key: key.clone(),
-                    before,
-                    after: counters.health.record(),
-                    transition,
-                });
-            }
+            let transition = counters.health.on_report(serve, outcome, &ctx, now);
+            changes.extend(HealthChange::of(&key, before, &counters.health, transition));
         }
+        let throttled_until = verdict.throttled.as_ref().map(|t| t.until.wall);
         if let Some(throttle) = verdict.throttled {
             tier.health
                 .cooled_until
@@ -790,18 +832,18 @@ impl Pool {
             for pardoned in tier.keys.iter().filter(|k| throttle.keys.contains(&k.id)) {
                 let mut counters = pardoned.counters.lock();
                 let before = counters.health.clone();
-                if let Some(transition) = counters.health.pardon(throttle.since, now) {
-                    changes.push(HealthChange {
-                        key: pardoned.clone(),
-                        before,
-                        after: counters.health.record(),
-                        transition,
-                    });
-                }
+                let transition = counters.health.pardon(throttle.since, now);
+                changes.extend(HealthChange::of(pardoned, before, &counters.health, transition));
             }
         }
         let key_state = key.counters.lock().health.kind();
-        let out = on_change(&changes);
+        let cooled = throttled_until
+            .filter(|_| !tier.record.id.is_empty())
+            .map(|until| TierCooldownWrite {
+                tier_id: tier.record.id.clone(),
+                until,
+            });
+        let out = on_change(&changes, cooled);
         drop(tier_health);
         Some(Reported {
             key_state,
@@ -827,14 +869,8 @@ impl Pool {
         {
             let mut counters = key.counters.lock();
             let before = counters.health.clone();
-            if let Some(transition) = counters.health.set_enabled(enabled, now) {
-                changes.push(HealthChange {
-                    key: key.clone(),
-                    before,
-                    after: counters.health.record(),
-                    transition,
-                });
-            }
+            let transition = counters.health.set_enabled(enabled, now);
+            changes.extend(HealthChange::of(&key, before, &counters.health, transition));
         }
         let out = on_change(&changes);
         Some((changes, out))
@@ -950,6 +986,7 @@ fn disabled_record() -> HealthRecord {
         last_status: None,
         strikes: 0,
         changed_at: None,
+        memory: Default::default(),
     }
 }
 

@@ -63,6 +63,7 @@ fn pool(tiers: Vec<TierRecord>, keys: Vec<KeyRecord>, consumers: Vec<ConsumerRec
             keys,
             consumers,
             health: Default::default(),
+            tier_cooldowns: Default::default(),
         },
         &Sealer::new(None),
     )
@@ -567,7 +568,7 @@ fn report_on(
         id: serve_id,
         at: serve_at,
     };
-    p.report(key_id, serve, o, at(now), health::Jitter::NONE, |_| ())
+    p.report(key_id, serve, o, at(now), health::Jitter::NONE, |_, _| ())
         .expect("key exists")
         .key_state
 }

@@ -479,6 +479,10 @@ impl LibsqlStore {
                 vec![Value::Text(health_json.clone())],
             ));
             statements.push((sql::SET_ACTIVE.to_string(), vec![Value::Text(health_json)]));
+            statements.push((
+                sql::UPSERT_TIER_HEALTH.to_string(),
+                vec![Value::Text(sql::tier_parameter(batch.tiers))],
+            ));
         }
         self.transaction(&statements, true, |_, _| Ok(())).await
     }
@@ -526,6 +530,26 @@ impl LibsqlStore {
     ) -> Result<Option<UsageEvent>, StoreError> {
         self.read_one(sql::SELECT_SERVE, id, settled, |r| usage_event(r))
             .await
+    }
+
+    /// A plain read (no transaction): what it may miss of a commit in flight, the caller
+    /// treats as not there yet, like a read of one serve.
+    pub async fn read_serves(&self, ids_json: &str) -> Result<Vec<UsageEvent>, StoreError> {
+        self.run(|conn| async move {
+            let mut rows = conn
+                .query(
+                    sql::SELECT_SERVES,
+                    Params::Positional(vec![Value::Text(ids_json.to_string())]),
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+            let mut found = Vec::new();
+            while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
+                found.push(usage_event(&row));
+            }
+            Ok(found)
+        })
+        .await
     }
 
     pub async fn read_key_health(

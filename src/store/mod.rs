@@ -9,9 +9,9 @@ pub mod sqlite;
 use crate::config::{Config, DatabaseConfig};
 use crate::model::{
     ConsumerRecord, HealthWrite, KeyRecord, KeyUsageUpdate, OutcomeWrite, Snapshot, StoredOutcome,
-    TierRecord, UsageEvent,
+    TierCooldownWrite, TierRecord, UsageEvent,
 };
-use crate::pool::health::{HealthRecord, Reason, StateKind};
+use crate::pool::health::{HealthMemory, HealthRecord, Reason, StateKind};
 
 /// Storage failures, as the service cares about them.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +29,19 @@ pub enum StoreError {
     Other(String),
 }
 
+impl StoreError {
+    /// The same error again, for each of several callers one failed read answers.
+    pub fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::NotFound => StoreError::NotFound,
+            StoreError::Conflict => StoreError::Conflict,
+            StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+            StoreError::Uncertain(m) => StoreError::Uncertain(m.clone()),
+            StoreError::Other(m) => StoreError::Other(m.clone()),
+        }
+    }
+}
+
 /// Embedded migrations: (version, name, SQL). Additive only; version 1 is the Go schema.
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/001_init.sql")),
@@ -41,6 +54,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "key_health",
         include_str!("../../migrations/003_key_health.sql"),
+    ),
+    (
+        4,
+        "health_memory",
+        include_str!("../../migrations/004_health_memory.sql"),
     ),
 ];
 
@@ -164,6 +182,17 @@ impl Db {
         dispatch!(self, s => s.read_serve(id, settled).await)
     }
 
+    /// The audit rows of `ids` that exist (any order): one query for many outcome reports
+    /// whose serves are no longer in the ledger's memory (`ledger::lookup` batches them).
+    pub async fn read_serves(&self, ids: &[String]) -> Result<Vec<UsageEvent>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Serialising strings cannot fail.
+        let ids = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
+        dispatch!(self, s => s.read_serves(&ids).await)
+    }
+
     /// A key's `is_active` and stored health as the database holds them now; `None` for no key.
     pub async fn read_key_health(
         &self,
@@ -192,12 +221,13 @@ pub struct Batch<'a> {
     pub updates: &'a [KeyUsageUpdate],
     pub outcomes: &'a [OutcomeWrite],
     pub health: &'a [HealthWrite],
+    pub tiers: &'a [TierCooldownWrite],
 }
 
 impl Batch<'_> {
     /// Whether the batch carries outcomes or health (the longer statement list).
     pub fn has_health(&self) -> bool {
-        !self.outcomes.is_empty() || !self.health.is_empty()
+        !self.outcomes.is_empty() || !self.health.is_empty() || !self.tiers.is_empty()
     }
 }
 
@@ -280,23 +310,45 @@ pub mod sql {
         FROM json_each(?) AS batch WHERE usage_events.id = batch.value ->> 0 \
         AND usage_events.outcome_class IS NULL";
     /// Health records from one bound JSON array `[[key_id, state, reason, until, last_status,
-    /// strikes, changed_at], …]`, in array order (the last of a key wins).
+    /// strikes, changed_at, rate_step, rate_rested_from, breaker_step, breaker_rested_from,
+    /// auth_serve_id, auth_at], …]`, in array order (the last of a key wins).
     pub const UPSERT_HEALTH: &str = "INSERT INTO key_health (key_id, state, reason, until, \
-        last_status, strikes, changed_at) SELECT value ->> 0, value ->> 1, value ->> 2, \
-        value ->> 3, value ->> 4, value ->> 5, value ->> 6 FROM json_each(?) WHERE true \
-        ON CONFLICT (key_id) DO UPDATE SET state = excluded.state, reason = excluded.reason, \
-        until = excluded.until, last_status = excluded.last_status, strikes = excluded.strikes, \
-        changed_at = excluded.changed_at";
+        last_status, strikes, changed_at, rate_step, rate_rested_from, breaker_step, \
+        breaker_rested_from, auth_serve_id, auth_at) SELECT value ->> 0, value ->> 1, \
+        value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7, \
+        value ->> 8, value ->> 9, value ->> 10, value ->> 11, value ->> 12 FROM json_each(?) \
+        WHERE true ON CONFLICT (key_id) DO UPDATE SET state = excluded.state, \
+        reason = excluded.reason, until = excluded.until, last_status = excluded.last_status, \
+        strikes = excluded.strikes, changed_at = excluded.changed_at, \
+        rate_step = excluded.rate_step, rate_rested_from = excluded.rate_rested_from, \
+        breaker_step = excluded.breaker_step, breaker_rested_from = excluded.breaker_rested_from, \
+        auth_serve_id = excluded.auth_serve_id, auth_at = excluded.auth_at";
+    /// Throttled tiers' cooldowns from one bound JSON array `[[tier_id, cooled_until], …]`.
+    pub const UPSERT_TIER_HEALTH: &str = "INSERT INTO tier_health (tier_id, cooled_until) \
+        SELECT value ->> 0, value ->> 1 FROM json_each(?) WHERE true \
+        ON CONFLICT (tier_id) DO UPDATE SET cooled_until = excluded.cooled_until";
+    pub const SELECT_TIER_HEALTH: &str =
+        "SELECT tier_id, CAST(cooled_until AS TEXT) FROM tier_health";
     /// `is_active` follows the health (bound to the same array as `UPSERT_HEALTH`): only an
     /// operator's `disabled` makes a key inactive, which a Go-era reader understands too.
     pub const SET_ACTIVE: &str = "UPDATE keys SET is_active = (batch.value ->> 1 != 'disabled') \
         FROM json_each(?) AS batch WHERE keys.id = batch.value ->> 0";
     pub const SELECT_HEALTH: &str = "SELECT key_id, state, reason, CAST(until AS TEXT), \
-        last_status, strikes, CAST(changed_at AS TEXT) FROM key_health";
+        last_status, strikes, CAST(changed_at AS TEXT), rate_step, \
+        CAST(rate_rested_from AS TEXT), breaker_step, CAST(breaker_rested_from AS TEXT), \
+        auth_serve_id, CAST(auth_at AS TEXT) FROM key_health";
     pub const SELECT_KEY_HEALTH: &str = "SELECT keys.is_active, key_health.state, \
         key_health.reason, CAST(key_health.until AS TEXT), key_health.last_status, \
-        key_health.strikes, CAST(key_health.changed_at AS TEXT) FROM keys \
+        key_health.strikes, CAST(key_health.changed_at AS TEXT), key_health.rate_step, \
+        CAST(key_health.rate_rested_from AS TEXT), key_health.breaker_step, \
+        CAST(key_health.breaker_rested_from AS TEXT), key_health.auth_serve_id, \
+        CAST(key_health.auth_at AS TEXT) FROM keys \
         LEFT JOIN key_health ON key_health.key_id = keys.id WHERE keys.id = ?";
+    /// Audit rows whose ids are in one bound JSON array (the primary key finds each).
+    pub const SELECT_SERVES: &str =
+        "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT), outcome_class, \
+        outcome_status, CAST(outcome_reported_at AS TEXT) FROM usage_events \
+        WHERE id IN (SELECT value FROM json_each(?))";
     pub const SELECT_SERVE: &str =
         "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT), outcome_class, \
         outcome_status, CAST(outcome_reported_at AS TEXT) FROM usage_events WHERE id = ?";
@@ -341,6 +393,15 @@ pub mod sql {
         )
     }
 
+    /// The JSON parameter of `UPSERT_TIER_HEALTH`.
+    pub fn tier_parameter(tiers: &[crate::model::TierCooldownWrite]) -> String {
+        let rows: Vec<(&str, String)> = tiers
+            .iter()
+            .map(|t| (t.tier_id.as_str(), crate::timestamp::to_db(t.until)))
+            .collect();
+        serde_json::to_string(&rows).unwrap_or_else(|_| "[]".into())
+    }
+
     /// The JSON parameters of `SET_OUTCOMES` and `UPSERT_HEALTH`.
     pub fn health_parameters(
         outcomes: &[crate::model::OutcomeWrite],
@@ -359,11 +420,18 @@ pub mod sql {
             Option<u16>,
             u32,
             Option<String>,
+            u32,
+            Option<String>,
+            u32,
+            Option<String>,
+            Option<&'a str>,
+            Option<String>,
         );
         let health: Vec<Row> = health
             .iter()
             .map(|h| {
                 let r = &h.record;
+                let m = &r.memory;
                 (
                     h.key_id.as_str(),
                     r.state.as_str(),
@@ -372,6 +440,12 @@ pub mod sql {
                     r.last_status,
                     r.strikes,
                     r.changed_at.map(to_db),
+                    m.rate_step,
+                    m.rate_rested_from.map(to_db),
+                    m.breaker_step,
+                    m.breaker_rested_from.map(to_db),
+                    m.auth_strike.as_ref().map(|(serve, _)| serve.as_str()),
+                    m.auth_strike.as_ref().map(|(_, at)| to_db(*at)),
                 )
             })
             .collect();
@@ -436,12 +510,14 @@ pub struct SnapshotRows {
     pub scopes: Vec<(String, String)>,
     /// (key_id, health)
     pub health: Vec<(String, HealthRecord)>,
+    /// (tier_id, cooled until)
+    pub tier_cooldowns: Vec<(String, crate::timestamp::Timestamp)>,
 }
 
 impl SnapshotRows {
     /// The queries that load the pool, each with how a row of it is kept; a driver runs them
     /// in order and feeds every row to its function.
-    pub const READS: [SnapshotRead; 7] = [
+    pub const READS: [SnapshotRead; 8] = [
         (sql::SELECT_TIERS, keep_tier),
         (sql::SELECT_TIER_FEATURES, keep_feature),
         (sql::SELECT_KEYS, keep_key),
@@ -449,6 +525,7 @@ impl SnapshotRows {
         (sql::SELECT_CONSUMERS, keep_consumer),
         (sql::SELECT_SCOPES, keep_scope),
         (sql::SELECT_HEALTH, keep_health),
+        (sql::SELECT_TIER_HEALTH, keep_tier_health),
     ];
     /// One tier with its features; each query binds the tier id.
     pub const TIER_READS: [SnapshotRead; 2] = [
@@ -528,6 +605,7 @@ impl SnapshotRows {
             keys,
             consumers,
             health: self.health.into_iter().collect(),
+            tier_cooldowns: self.tier_cooldowns.into_iter().collect(),
         }
     }
 }
@@ -599,8 +677,16 @@ fn keep_health(rows: &mut SnapshotRows, r: &dyn Cells) {
     }
 }
 
-/// A health record from columns `at..at + 6` (state, reason, until, last_status, strikes,
-/// changed_at); `None` when there is no row or its state is unknown (the key counts as active).
+fn keep_tier_health(rows: &mut SnapshotRows, r: &dyn Cells) {
+    let id = r.text(0).unwrap_or_default();
+    if let Some(until) = parse_stored_time(r.text(1), "tier_health.cooled_until", &id) {
+        rows.tier_cooldowns.push((id, until));
+    }
+}
+
+/// A health record from columns `at..at + 12` (state, reason, until, last_status, strikes,
+/// changed_at, then `HealthMemory`'s); `None` when there is no row or its state is unknown
+/// (the key counts as active).
 pub fn health_record(r: &dyn Cells, at: usize, key_id: &str) -> Option<HealthRecord> {
     let state = r.text(at)?;
     let Some(state) = StateKind::parse(&state) else {
@@ -617,7 +703,26 @@ pub fn health_record(r: &dyn Cells, at: usize, key_id: &str) -> Option<HealthRec
             .and_then(|s| u32::try_from(s).ok())
             .unwrap_or(0),
         changed_at: parse_stored_time(r.text(at + 5), "key_health.changed_at", key_id),
+        memory: HealthMemory {
+            rate_step: step(r.int(at + 6)),
+            rate_rested_from: parse_stored_time(r.text(at + 7), "key_health.rate_rested_from", key_id),
+            breaker_step: step(r.int(at + 8)),
+            breaker_rested_from: parse_stored_time(
+                r.text(at + 9),
+                "key_health.breaker_rested_from",
+                key_id,
+            ),
+            auth_strike: r.text(at + 10).and_then(|serve| {
+                let at = parse_stored_time(r.text(at + 11), "key_health.auth_at", key_id)?;
+                Some((serve, at))
+            }),
+        },
     })
+}
+
+/// A stored ladder step; unreadable or negative reads as none taken.
+fn step(raw: Option<i64>) -> u32 {
+    raw.and_then(|s| u32::try_from(s).ok()).unwrap_or(0)
 }
 
 /// A key's `is_active` and health from `sql::SELECT_KEY_HEALTH`.

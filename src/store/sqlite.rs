@@ -119,12 +119,13 @@ static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// the shorter text above, so the hot path runs no extra statement).
 static COMMIT_WITH_HEALTH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "BEGIN IMMEDIATE; {}; {}; {}; {}; {}; COMMIT",
+        "BEGIN IMMEDIATE; {}; {}; {}; {}; {}; {}; COMMIT",
         sql::INSERT_EVENTS,
         sql::UPDATE_COUNTERS,
         sql::SET_OUTCOMES,
         sql::UPSERT_HEALTH,
-        sql::SET_ACTIVE
+        sql::SET_ACTIVE,
+        sql::UPSERT_TIER_HEALTH
     )
 });
 
@@ -457,6 +458,7 @@ impl SqliteStore {
                 .bind(outcomes_json)
                 .bind(health_json.clone())
                 .bind(health_json)
+                .bind(sql::tier_parameter(batch.tiers))
         } else {
             sqlx::query(COMMIT_BATCH.as_str())
                 .bind(events_json)
@@ -501,6 +503,15 @@ impl SqliteStore {
             .await
             .map_err(map_err)?;
         Ok(row.as_ref().map(|r| usage_event(r)))
+    }
+
+    pub async fn read_serves(&self, ids_json: &str) -> Result<Vec<UsageEvent>, StoreError> {
+        let rows = sqlx::query(sql::SELECT_SERVES)
+            .bind(ids_json)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(rows.iter().map(|r| usage_event(r)).collect())
     }
 
     pub async fn read_key_health(

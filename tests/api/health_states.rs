@@ -324,10 +324,10 @@ async fn five_5xx_in_a_row_open_the_key_and_a_probe_success_closes_it() {
 }
 
 // Issue 9 item 4: a burst of 429s across a tier is host throttling: no key is penalised, the
-// tier answers 429 with Retry-After, and serves resume after the cooldown (its 30 s floor is
-// waited out, polling).
+// tier answers 429 with Retry-After, and serves resume after the cooldown (its floor, 30 s in
+// production, is set to 5 s here and waited out, polling).
 async fn a_burst_of_429s_across_a_tier_cools_the_tier_not_the_keys() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(&[(HOST_THROTTLE_FLOOR_MS, "5000")]).await;
     let (ids, token) = pool_of(&app, 4).await;
     let mut serves = Vec::new();
     for id in &ids {
@@ -347,9 +347,9 @@ async fn a_burst_of_429s_across_a_tier_cools_the_tier_not_the_keys() {
     let refused = app.draw("f", &token).await;
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{}", refused.text);
     let wait: u64 = refused.headers["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((25..=30).contains(&wait), "the tier cools for at least 30 s: {wait}");
+    assert!((4..=5).contains(&wait), "the tier cools for the floor, not the 1 s asked: {wait}");
     let started = Instant::now();
-    assert!(eventually(Duration::from_secs(40), async || app.draw("f", &token).await.status == StatusCode::OK).await,
+    assert!(eventually(Duration::from_secs(15), async || app.draw("f", &token).await.status == StatusCode::OK).await,
         "serves resume after the cooldown");
     assert!(started.elapsed() >= Duration::from_secs(wait.saturating_sub(2)), "not before it");
 }

@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -103,6 +104,9 @@ pub struct TestApp {
     handle: Option<JoinHandle<()>>,
 }
 
+/// A test-only setting in a test app's env list: `Config::host_throttle_floor`, in ms.
+pub const HOST_THROTTLE_FLOOR_MS: &str = "TEST_HOST_THROTTLE_FLOOR_MS";
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(&[]).await
 }
@@ -176,7 +180,12 @@ async fn start(
     remote: Option<Arc<tokio::sync::Mutex<HranaServer>>>,
     remote_url: Option<String>,
 ) -> TestApp {
-    let config = keypooler::config::Config::from_vars(env.clone()).expect("valid test config");
+    let mut config = keypooler::config::Config::from_vars(env.clone()).expect("valid test config");
+    // Not an environment variable of the service (it ignores it): the tests' own way to set
+    // a field that production always leaves at SPEC §8.2's value.
+    if let Some((_, ms)) = env.iter().find(|(k, _)| k == HOST_THROTTLE_FLOOR_MS) {
+        config.host_throttle_floor = Some(Duration::from_millis(ms.parse().expect("milliseconds")));
+    }
     let app = keypooler::build(&config).await.expect("app builds");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -821,6 +821,11 @@ fn health_rebuilt_from_stored_wall_times_keeps_the_time_that_remains() {
             last_status: None,
             strikes: 0,
             changed_at: Some(at(0).wall),
+            memory: HealthMemory {
+                rate_step: 1,
+                rate_rested_from: Some(at(30).wall),
+                ..HealthMemory::default()
+            },
         }
     );
     // A restart at 10 s: 20 s to go, on the new process's monotonic clock.
@@ -890,6 +895,8 @@ fn health_rebuilt_from_stored_wall_times_keeps_the_time_that_remains() {
 
 // ---- host-level throttling and the at-most-half guard ----
 
+const FLOOR: Duration = super::THROTTLE_MIN_COOLDOWN;
+
 fn observe(
     tier: &mut TierHealth,
     key: &str,
@@ -897,7 +904,7 @@ fn observe(
     served_keys: usize,
     now: u64,
 ) -> TierVerdict {
-    tier.observe(&Arc::from(key), at(now).wall, &o, served_keys, at(now))
+    tier.observe(&Arc::from(key), at(now).wall, &o, served_keys, at(now), FLOOR)
 }
 
 fn throttled(v: &TierVerdict) -> Option<(Vec<&str>, Duration)> {
@@ -1000,6 +1007,25 @@ fn the_tier_cools_for_the_largest_retry_after_at_least_30_s() {
     assert_eq!(cool([Some(86_400), None, None]), Some(secs(HOUR)));
 }
 
+// Issue 9 remainder, item 3: tests may lower the floor; the largest retry_after still wins.
+#[test]
+fn a_lowered_floor_shortens_only_the_floor() {
+    let cool = |floor: Duration, ask: Option<u64>| {
+        let mut tier = TierHealth::default();
+        let mut last = None;
+        for key in ["a", "b", "c"] {
+            let o = ask.map_or(outcome(RateLimited), retry_after);
+            let v = tier.observe(&Arc::from(key), at(0).wall, &o, 3, at(0), floor);
+            last = throttled(&v).map(|(_, until)| until);
+        }
+        last
+    };
+    assert_eq!(cool(secs(2), None), Some(secs(2)));
+    assert_eq!(cool(secs(2), Some(1)), Some(secs(2)));
+    assert_eq!(cool(secs(2), Some(10)), Some(secs(10)));
+    assert_eq!(cool(secs(2 * HOUR), None), Some(secs(HOUR)), "never past the 1 h cap");
+}
+
 #[test]
 fn reports_of_serves_made_before_the_tier_cooled_touch_no_key() {
     let mut tier = TierHealth::default();
@@ -1012,6 +1038,7 @@ fn reports_of_serves_made_before_the_tier_cooled_touch_no_key() {
         &outcome(RateLimited),
         3,
         at(40),
+        FLOOR,
     );
     assert_eq!(
         late,
@@ -1051,7 +1078,7 @@ impl Tier {
         };
         let verdict =
             self.detector
-                .observe(&Arc::from(key), at(now).wall, &o, self.keys.len(), at(now));
+                .observe(&Arc::from(key), at(now).wall, &o, self.keys.len(), at(now), FLOOR);
         let serve = format!("{key}-{now}");
         if verdict.apply_to_key {
             let context = ReportContext {
@@ -1100,6 +1127,7 @@ fn a_burst_across_the_tier_cools_the_tier_and_penalises_no_key() {
         &outcome(RateLimited),
         6,
         at(10),
+        FLOOR,
     );
     assert!(!verdict.apply_to_key);
     // And the ladders were not climbed: a later 429 on its own is a first.
