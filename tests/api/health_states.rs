@@ -476,8 +476,12 @@ async fn patch_is_active_disables_and_enables_a_key_and_clears_automatic_states(
 // Issue 9 items 1 and 6: a report whose commit fails is answered 503 and changes nothing —
 // not the audit row, not the key's health in memory; sent again later it applies once.
 async fn a_report_whose_commit_fails_is_503_and_changes_nothing() {
-    let app = spawn_app_with(&[("DB_BUSY_TIMEOUT_MS", "100")]).await;
+    // Set up (migrations included) with the default busy timeout, then restart with a short
+    // one: 100 ms for every startup statement failed a loaded machine's remote start.
+    let mut app = spawn_app().await;
     let (ids, token) = pool_of(&app, 2).await;
+    app.env.push(("DB_BUSY_TIMEOUT_MS".into(), "100".into()));
+    app.restart().await;
     let serve = serve_of(&app, &token, &ids[0]).await;
     let blocker = app.db().await;
     let mut conn = blocker.acquire().await.expect("connection");
@@ -502,5 +506,79 @@ async fn a_report_whose_commit_fails_is_503_and_changes_nothing() {
     assert_eq!(reports, Some(1.0), "only the recorded report counts: {text}");
     let keys = |state| crate::observe::sample(&text, "keypooler_keys", &[("tier", "t"), ("state", state)]);
     assert_eq!((keys("cooling"), keys("active")), (Some(1.0), Some(1.0)), "{text}");
+}
+
+// Issue 9 remainder, item 2: the first auth_invalid is kept across a restart, so a second one
+// from another serve after it still quarantines the key (it only cooled it before).
+async fn a_first_401_survives_a_restart_and_a_second_quarantines() {
+    let mut app = spawn_app().await;
+    let (ids, token) = pool_of(&app, 3).await;
+    let s1 = serve_of(&app, &token, &ids[0]).await;
+    let s2 = serve_of(&app, &token, &ids[0]).await;
+    let first = app.report(&s1, &token, json!({ "status": 401 })).await;
+    assert_eq!(first.body["key_state"], "cooling", "{}", first.text);
+    let stored = app.rows(&format!("SELECT auth_serve_id FROM key_health WHERE key_id = '{}'", ids[0])).await;
+    assert_eq!(stored, vec![vec![Some(s1.clone())]], "the strike is written with its cooldown");
+
+    app.restart().await;
+    let second = app.report(&s2, &token, json!({ "status": 401 })).await;
+    assert_eq!((second.status, second.body["key_state"].clone()), (StatusCode::OK, json!("quarantined")), "{}", second.text);
+    assert!(!app.serves_key("f", &ids[0], 10).await, "quarantined: not served");
+}
+
+// Issue 9 remainder, item 2: the rate ladder's step survives a restart: a 429 on the probe
+// after it climbs to the second step (2 min ± 20 %), not the first (30 s).
+async fn a_rate_limit_escalation_step_survives_a_restart() {
+    let mut app = spawn_app().await;
+    let (ids, token) = pool_of(&app, 4).await;
+    let s1 = serve_of(&app, &token, &ids[0]).await;
+    let r = app.report(&s1, &token, json!({ "status": 429, "retry_after_seconds": 1 })).await;
+    assert_eq!(r.body["key_state"], "cooling", "{}", r.text);
+    let stored = app.rows(&format!("SELECT CAST(rate_step AS TEXT) FROM key_health WHERE key_id = '{}'", ids[0])).await;
+    assert_eq!(stored, vec![vec![Some("1".into())]]);
+
+    app.restart().await;
+    let mut probe = None;
+    assert!(eventually(Duration::from_secs(10), async || {
+        let (key, serve) = app.serve("f", &token).await;
+        if key == ids[0] {
+            probe = Some(serve);
+        }
+        probe.is_some()
+    }).await, "the key is probed once its 1 s is over");
+    let probe = probe.expect("probe serve");
+    let r = app.report(&probe, &token, json!({ "status": 429 })).await;
+    assert_eq!(r.body["key_state"], "cooling", "{}", r.text);
+    let health = app.health_of(&ids[0]).await;
+    let changed = chrono::DateTime::parse_from_rfc3339(health["changed_at"].as_str().unwrap()).unwrap();
+    let until = chrono::DateTime::parse_from_rfc3339(health["until"].as_str().unwrap()).unwrap();
+    let cooled = (until - changed).num_milliseconds();
+    assert!((96_000..=144_000).contains(&cooled), "second step after the restart: {cooled} ms");
+}
+
+// Issue 9 remainder, item 2: a tier throttled as a whole stays cooling across a restart
+// inside its cooldown (it served at once after one before).
+async fn a_throttled_tier_keeps_cooling_across_a_restart() {
+    let mut app = spawn_app().await;
+    let (ids, token) = pool_of(&app, 4).await;
+    let mut serves = Vec::new();
+    for id in &ids {
+        serves.push(serve_of(&app, &token, id).await);
+    }
+    for serve in serves.iter().take(3) {
+        let r = app.report(serve, &token, json!({ "status": 429, "retry_after_seconds": 600 })).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+    assert_eq!(app.draw("f", &token).await.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(app.count("SELECT COUNT(*) FROM tier_health").await, 1, "the cooldown is written");
+
+    app.restart().await;
+    let refused = app.draw("f", &token).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "still cooling: {}", refused.text);
+    let wait: u64 = refused.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((500..=600).contains(&wait), "the rest of the 600 s: {wait}");
+    for id in &ids {
+        assert_eq!(app.health_of(id).await["state"], "active", "no key penalised");
+    }
 }
 }

@@ -61,7 +61,7 @@ macro_rules! on_both_drivers {
 }
 
 /// Every table the service keeps (the Go schema's seven, `schema_migrations`, then ours).
-pub const TABLES: [&str; 9] = [
+pub const TABLES: [&str; 10] = [
     "tiers",
     "tier_features",
     "keys",
@@ -71,6 +71,7 @@ pub const TABLES: [&str; 9] = [
     "usage_events",
     "schema_migrations",
     "key_health",
+    "tier_health",
 ];
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";

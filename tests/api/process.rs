@@ -729,7 +729,8 @@ async fn kill_9_mid_load_never_over_serves_and_every_delivered_serve_is_counted(
 }
 
 // Issue 9 item 6: key health answered 200 survives `kill -9` (the crash test's companion):
-// a quarantine, a long cooldown and an operator's disable, killed while serves are running.
+// a quarantine, a long cooldown and an operator's disable, killed while serves are running;
+// and (issue 9 remainder, item 2) a first 401, so a second one after the crash quarantines.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_keeps_every_key_health_change_that_was_answered() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -743,10 +744,11 @@ async fn kill_9_keeps_every_key_health_change_that_was_answered() {
         ..
     } = bulk_server(dir.path(), &[json!({}), json!({}), json!({}), json!({})]).await;
     let (env, admin) = (quiet_env(&db_path), server.admin_token.clone());
-    // Serves of the first two keys, to report on.
+    // Serves of the first two keys and the last, to report on.
     let mut serves: HashMap<String, Vec<String>> = HashMap::new();
     while serves.get(&key_ids[0]).map_or(0, Vec::len) < 2
         || serves.get(&key_ids[1]).map_or(0, Vec::len) < 1
+        || serves.get(&key_ids[3]).map_or(0, Vec::len) < 2
     {
         let (status, body) = server
             .call(Method::GET, "/key?feature=scrape", Some(&token), None)
@@ -798,6 +800,13 @@ async fn kill_9_keeps_every_key_health_change_that_was_answered() {
             StatusCode::OK,
         )
         .await;
+    let k3 = serves[&key_ids[3]].clone();
+    let (status, body) = report(&k3[0], json!({ "status": 401 })).await;
+    assert_eq!(
+        (status, body["key_state"].clone()),
+        (StatusCode::OK, json!("cooling")),
+        "{body}"
+    );
     let before = server
         .admin(Method::GET, "/admin/keys", None, StatusCode::OK)
         .await;
@@ -821,7 +830,7 @@ async fn kill_9_keeps_every_key_health_change_that_was_answered() {
         (&key_ids[0], "quarantined"),
         (&key_ids[1], "cooling"),
         (&key_ids[2], "disabled"),
-        (&key_ids[3], "active"),
+        (&key_ids[3], "cooling"),
     ] {
         let (was, now) = (health(&before, id), health(&after, id));
         assert_eq!(now["state"], state, "key {id} after kill -9: {now}");
@@ -830,7 +839,21 @@ async fn kill_9_keeps_every_key_health_change_that_was_answered() {
     let counts = server
         .admin(Method::GET, "/admin/health", None, StatusCode::OK)
         .await;
-    assert_eq!(counts["key_states"]["active"], 1, "{counts}");
+    assert_eq!(counts["key_states"]["cooling"], 2, "{counts}");
+    // The first 401 was kept: a second one, from another serve, quarantines.
+    let (status, body) = server
+        .call(
+            Method::POST,
+            &format!("/serves/{}/outcome", k3[1]),
+            Some(&token),
+            Some(&json!({ "status": 401 })),
+        )
+        .await;
+    assert_eq!(
+        (status, body["key_state"].clone()),
+        (StatusCode::OK, json!("quarantined")),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

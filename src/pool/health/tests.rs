@@ -893,6 +893,37 @@ fn health_rebuilt_from_stored_wall_times_keeps_the_time_that_remains() {
     assert!(q.is_active());
 }
 
+// Issue 9 remainder, item 2: what the state machine remembers (ladder steps with their decay
+// origin, the first auth_invalid) survives being stored and restored.
+#[test]
+fn ladder_steps_and_a_first_auth_strike_survive_a_restart() {
+    // A first 429 at 0 cools 30 s; restored at 40, the probe's 429 is the second step.
+    let mut back = Health::restore(&cooling().record(), at(40));
+    probe(&mut back, 40);
+    report_now(&mut back, "s1", outcome(RateLimited), 40);
+    assert_eq!(held_for(&back, 40), Some(secs(2 * MIN)));
+    // Decay counts from the stored end of that cooldown (160): two quiet hours later, the
+    // step is back to none, so the next 429 is a first again.
+    let later = 160 + 2 * HOUR + 10;
+    let mut rested = Health::restore(&back.record(), at(later));
+    probe(&mut rested, later);
+    report_now(&mut rested, "s2", outcome(RateLimited), later);
+    assert_eq!(held_for(&rested, later), Some(secs(30)));
+    // A first 401 at 0, restored at 30: a 401 from another serve quarantines.
+    let mut h = Health::default();
+    report_now(&mut h, "a", outcome(AuthInvalid), 0);
+    let stored = h.record();
+    assert_eq!(stored.memory.auth_strike, Some(("a".to_string(), at(0).wall)));
+    let mut back = Health::restore(&stored, at(30));
+    assert_eq!(report(&mut back, "a", 0, outcome(AuthInvalid), 30), None, "the same serve again");
+    report(&mut back, "b", 0, outcome(AuthInvalid), 30);
+    assert_eq!(back.kind(), StateKind::Quarantined);
+    // Restored past the 10 minutes, a second 401 only cools.
+    let mut late = Health::restore(&stored, at(11 * MIN));
+    report_now(&mut late, "b", outcome(AuthInvalid), 11 * MIN);
+    assert_eq!(late.kind(), StateKind::Cooling);
+}
+
 // ---- host-level throttling and the at-most-half guard ----
 
 const FLOOR: Duration = super::THROTTLE_MIN_COOLDOWN;
