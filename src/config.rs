@@ -534,7 +534,10 @@ mod tests {
         assert!(c.log_requests);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.outcome_window, Duration::from_secs(3600));
-        assert_eq!(c.host_throttle_floor, None, "SPEC §8.2's 30 s; no variable sets it");
+        assert_eq!(
+            c.host_throttle_floor, None,
+            "SPEC §8.2's 30 s; no variable sets it"
+        );
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert!(
             matches!(c.database, DatabaseConfig::Local { ref path } if path == &PathBuf::from("./data/pool.db"))

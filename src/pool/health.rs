@@ -647,7 +647,9 @@ impl Health {
     /// Whether what `record` persists beyond the state differs from `other`'s (a change to
     /// write even without a transition).
     pub fn memory_differs(&self, other: &Health) -> bool {
-        self.rate != other.rate || self.breaker != other.breaker || self.last_auth != other.last_auth
+        self.rate != other.rate
+            || self.breaker != other.breaker
+            || self.last_auth != other.last_auth
     }
 
     /// The health a stored record describes, as of `now`: a past deadline (or a missing one)

@@ -201,7 +201,12 @@ pub struct HealthChange {
 
 impl HealthChange {
     /// The change from `before` to the key's health now, if there is one to write.
-    fn of(key: &Arc<PoolKey>, before: Health, now: &Health, transition: Option<Transition>) -> Option<HealthChange> {
+    fn of(
+        key: &Arc<PoolKey>,
+        before: Health,
+        now: &Health,
+        transition: Option<Transition>,
+    ) -> Option<HealthChange> {
         (transition.is_some() || now.memory_differs(&before)).then(|| HealthChange {
             key: key.clone(),
             before,
@@ -791,9 +796,7 @@ impl Pool {
         } else {
             0
         };
-        let floor = self
-            .throttle_floor
-            .unwrap_or(health::THROTTLE_MIN_COOLDOWN);
+        let floor = self.throttle_floor.unwrap_or(health::THROTTLE_MIN_COOLDOWN);
         let verdict = tier_health.observe(&key.id, serve.at, outcome, served_keys, now, floor);
         let mut changes = Vec::new();
         if verdict.apply_to_key {
@@ -833,7 +836,12 @@ impl Pool {
                 let mut counters = pardoned.counters.lock();
                 let before = counters.health.clone();
                 let transition = counters.health.pardon(throttle.since, now);
-                changes.extend(HealthChange::of(pardoned, before, &counters.health, transition));
+                changes.extend(HealthChange::of(
+                    pardoned,
+                    before,
+                    &counters.health,
+                    transition,
+                ));
             }
         }
         let key_state = key.counters.lock().health.kind();

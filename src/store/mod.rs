@@ -705,7 +705,11 @@ pub fn health_record(r: &dyn Cells, at: usize, key_id: &str) -> Option<HealthRec
         changed_at: parse_stored_time(r.text(at + 5), "key_health.changed_at", key_id),
         memory: HealthMemory {
             rate_step: step(r.int(at + 6)),
-            rate_rested_from: parse_stored_time(r.text(at + 7), "key_health.rate_rested_from", key_id),
+            rate_rested_from: parse_stored_time(
+                r.text(at + 7),
+                "key_health.rate_rested_from",
+                key_id,
+            ),
             breaker_step: step(r.int(at + 8)),
             breaker_rested_from: parse_stored_time(
                 r.text(at + 9),

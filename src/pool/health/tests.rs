@@ -913,9 +913,16 @@ fn ladder_steps_and_a_first_auth_strike_survive_a_restart() {
     let mut h = Health::default();
     report_now(&mut h, "a", outcome(AuthInvalid), 0);
     let stored = h.record();
-    assert_eq!(stored.memory.auth_strike, Some(("a".to_string(), at(0).wall)));
+    assert_eq!(
+        stored.memory.auth_strike,
+        Some(("a".to_string(), at(0).wall))
+    );
     let mut back = Health::restore(&stored, at(30));
-    assert_eq!(report(&mut back, "a", 0, outcome(AuthInvalid), 30), None, "the same serve again");
+    assert_eq!(
+        report(&mut back, "a", 0, outcome(AuthInvalid), 30),
+        None,
+        "the same serve again"
+    );
     report(&mut back, "b", 0, outcome(AuthInvalid), 30);
     assert_eq!(back.kind(), StateKind::Quarantined);
     // Restored past the 10 minutes, a second 401 only cools.
@@ -935,7 +942,14 @@ fn observe(
     served_keys: usize,
     now: u64,
 ) -> TierVerdict {
-    tier.observe(&Arc::from(key), at(now).wall, &o, served_keys, at(now), FLOOR)
+    tier.observe(
+        &Arc::from(key),
+        at(now).wall,
+        &o,
+        served_keys,
+        at(now),
+        FLOOR,
+    )
 }
 
 fn throttled(v: &TierVerdict) -> Option<(Vec<&str>, Duration)> {
@@ -1054,7 +1068,11 @@ fn a_lowered_floor_shortens_only_the_floor() {
     assert_eq!(cool(secs(2), None), Some(secs(2)));
     assert_eq!(cool(secs(2), Some(1)), Some(secs(2)));
     assert_eq!(cool(secs(2), Some(10)), Some(secs(10)));
-    assert_eq!(cool(secs(2 * HOUR), None), Some(secs(HOUR)), "never past the 1 h cap");
+    assert_eq!(
+        cool(secs(2 * HOUR), None),
+        Some(secs(HOUR)),
+        "never past the 1 h cap"
+    );
 }
 
 #[test]
@@ -1107,9 +1125,14 @@ impl Tier {
                 .filter(|(_, h)| h.held_for_rate_or_5xx())
                 .count(),
         };
-        let verdict =
-            self.detector
-                .observe(&Arc::from(key), at(now).wall, &o, self.keys.len(), at(now), FLOOR);
+        let verdict = self.detector.observe(
+            &Arc::from(key),
+            at(now).wall,
+            &o,
+            self.keys.len(),
+            at(now),
+            FLOOR,
+        );
         let serve = format!("{key}-{now}");
         if verdict.apply_to_key {
             let context = ReportContext {
