@@ -476,12 +476,8 @@ async fn patch_is_active_disables_and_enables_a_key_and_clears_automatic_states(
 // Issue 9 items 1 and 6: a report whose commit fails is answered 503 and changes nothing —
 // not the audit row, not the key's health in memory; sent again later it applies once.
 async fn a_report_whose_commit_fails_is_503_and_changes_nothing() {
-    // Set up (migrations included) with the default busy timeout, then restart with a short
-    // one: 100 ms for every startup statement failed a loaded machine's remote start.
-    let mut app = spawn_app().await;
+    let app = spawn_app_with(&[("DB_BUSY_TIMEOUT_MS", "100")]).await;
     let (ids, token) = pool_of(&app, 2).await;
-    app.env.push(("DB_BUSY_TIMEOUT_MS".into(), "100".into()));
-    app.restart().await;
     let serve = serve_of(&app, &token, &ids[0]).await;
     let blocker = app.db().await;
     let mut conn = blocker.acquire().await.expect("connection");

@@ -187,6 +187,17 @@ async fn start(
     if let Some((_, ms)) = env.iter().find(|(k, _)| k == HOST_THROTTLE_FLOOR_MS) {
         config.host_throttle_floor = Some(Duration::from_millis(ms.parse().expect("milliseconds")));
     }
+    // Migrations run first at a generous busy timeout: a test's short one is meant for the
+    // write it blocks, and remotely every startup statement within 100 ms failed on a loaded
+    // machine (each migration is a remote transaction of its own).
+    if config.db_busy_timeout < Duration::from_secs(1) {
+        let mut setup = config.clone();
+        setup.db_busy_timeout = Duration::from_secs(30);
+        let db = keypooler::store::Db::open(&setup)
+            .await
+            .expect("database migrates");
+        db.close().await;
+    }
     let app = keypooler::build(&config).await.expect("app builds");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
