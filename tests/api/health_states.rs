@@ -577,4 +577,29 @@ async fn a_throttled_tier_keeps_cooling_across_a_restart() {
         assert_eq!(app.health_of(id).await["state"], "active", "no key penalised");
     }
 }
+
+// Issue 9 remainder, item 1: reports on serves no longer in memory (here: after a restart)
+// read their rows in batches; each report gets its own serve's answer, an unknown id a 404,
+// and each outcome is recorded once.
+async fn concurrent_reports_on_serves_read_from_the_database_each_get_their_own_answer() {
+    let mut app = spawn_app().await;
+    let (_, token) = pool_of(&app, 3).await;
+    let mut serves = Vec::new();
+    for _ in 0..24 {
+        serves.push(app.serve("f", &token).await.1);
+    }
+    app.restart().await;
+    let unknown: Vec<String> = (0..8).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let mut set = tokio::task::JoinSet::new();
+    for (serve, known) in serves.iter().map(|s| (s, true)).chain(unknown.iter().map(|s| (s, false))) {
+        let req = app.client.post(app.url(&format!("/serves/{serve}/outcome"))).bearer_auth(&token).json(&json!({ "status": 200 }));
+        let serve = serve.clone();
+        set.spawn(async move { (serve, known, req.send().await.expect("report sent").status()) });
+    }
+    for (serve, known, status) in set.join_all().await {
+        let expected = if known { StatusCode::OK } else { StatusCode::NOT_FOUND };
+        assert_eq!(status, expected, "{serve}");
+    }
+    assert_eq!(app.count("SELECT COUNT(*) FROM usage_events WHERE outcome_class = 'ok'").await, 24);
+}
 }
