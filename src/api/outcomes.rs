@@ -253,7 +253,7 @@ fn answer(
 /// Applies the report to the pool, commits it with the changes it made, and answers.
 async fn apply(
     state: SharedState,
-    _slot: Slot,
+    slot: Slot,
     serve: UsageEvent,
     outcome: Outcome,
 ) -> Result<Json<ReportAnswer>, ApiError> {
@@ -290,12 +290,10 @@ async fn apply(
         outcome_landed(&state, &write)
     })
     .await?;
-    if let Ok(id) = uuid::Uuid::try_parse(&serve.id) {
-        state
-            .ledger
-            .recent
-            .set_outcome(id.as_u128(), outcome.class, outcome.status);
-    }
+    state
+        .ledger
+        .recent
+        .set_outcome(slot.serve, outcome.class, outcome.status);
     state.outcome_meters.record(outcome.class);
     Ok(answer(&serve.id, outcome.class, key_state))
 }
