@@ -573,19 +573,19 @@ impl Escalation {
 impl Escalation {
     /// A stored step and decay origin, placed on the monotonic clock as of `now`.
     fn restore(step: u32, rested_from: Option<Timestamp>, now: Now) -> Escalation {
-        match rested_from.map(|wall| at_wall(wall, now)) {
-            Some(None) => Escalation::default(),
-            Some(Some(mono)) => Escalation {
-                step,
-                rested_from: Some(Deadline {
-                    wall: rested_from.unwrap_or(now.wall),
-                    mono,
-                }),
-            },
-            None => Escalation {
+        let Some(wall) = rested_from else {
+            return Escalation {
                 step,
                 rested_from: None,
+            };
+        };
+        match at_wall(wall, now) {
+            Some(mono) => Escalation {
+                step,
+                rested_from: Some(Deadline { wall, mono }),
             },
+            // Rested since before the monotonic clock began (see the module doc): start over.
+            None => Escalation::default(),
         }
     }
 }
