@@ -224,7 +224,7 @@ def main():
                                 round_serves = serves_since(before)
                             path, count = serve_file(url)
                             report_counts[name].append(count)
-                            if count:
+                            if count >= CONNECTIONS:  # every connection needs serves of its own
                                 r = wrk(base, tok, REPORT_SCRIPT, (path, "2"), REPORT_SECONDS[url])
                                 r["ran_out"] = r["total"] >= count
                                 results[name].append(r)
