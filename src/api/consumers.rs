@@ -133,6 +133,7 @@ pub async fn create(
         description,
         is_active: true,
         scopes: Vec::new(),
+        previous_token: None,
     };
     admin_write(&state, marker, move |state| async move {
         match state.db.create_consumer(&record).await {

@@ -53,6 +53,7 @@ fn consumer(id: &str, scopes: &[&str]) -> ConsumerRecord {
         description: String::new(),
         is_active: true,
         scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        previous_token: None,
     }
 }
 
