@@ -95,6 +95,58 @@ pub struct KeyUpdate {
 }
 
 impl KeyUpdate {
+    /// Whether it changes any stored column.
+    pub fn changes_anything(&self) -> bool {
+        self.name.is_some()
+            || self.sealed_value.is_some()
+            || self.tier_id.is_some()
+            || self.expires_at.is_some()
+            || self.usage_limit.is_some()
+            || self.usage_window_seconds.is_some()
+            || self.metadata_json.is_some()
+            || !self.set_secrets.is_empty()
+            || !self.removed_secrets.is_empty()
+            || self.reset_usage
+    }
+
+    /// `key` as the database holds it once the update is stored.
+    pub fn apply_to(&self, mut key: KeyRecord) -> KeyRecord {
+        if let Some(name) = &self.name {
+            key.name = name.clone();
+        }
+        if let Some(sealed) = &self.sealed_value {
+            key.sealed_value = sealed.clone();
+        }
+        if let Some(tier_id) = &self.tier_id {
+            key.tier_id = tier_id.clone();
+        }
+        if let Some(expires_at) = self.expires_at {
+            key.expires_at = expires_at;
+        }
+        if let Some(limit) = self.usage_limit {
+            key.usage_limit = limit;
+        }
+        if let Some(window) = self.usage_window_seconds {
+            key.usage_window_seconds = window;
+        }
+        if let Some(metadata) = &self.metadata_json {
+            key.metadata_json = metadata.clone();
+        }
+        key.secrets
+            .retain(|(name, _)| !self.removed_secrets.contains(name));
+        for (name, sealed) in &self.set_secrets {
+            match key.secrets.iter_mut().find(|(n, _)| n == name) {
+                Some(slot) => slot.1 = sealed.clone(),
+                None => key.secrets.push((name.clone(), sealed.clone())),
+            }
+        }
+        if self.reset_usage {
+            key.usage_count = 0;
+            key.usage_window_start = None;
+        }
+        key
+    }
+
     /// The statements of the update, in one transaction; the first finds the key (its
     /// affected-row count is 0 when there is none).
     pub fn statements(&self) -> Vec<Statement> {
