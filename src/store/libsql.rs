@@ -320,6 +320,7 @@ impl LibsqlStore {
             (
                 sql::UPDATE_TIER.to_string(),
                 vec![
+                    Value::Text(tier.name.clone()),
                     Value::Text(tier.description.clone()),
                     Value::Text(tier.id.clone()),
                 ],

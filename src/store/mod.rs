@@ -250,7 +250,7 @@ impl Db {
         dispatch!(self, s => s.create_tier(tier).await)
     }
 
-    /// Replaces a tier's description and feature set in one transaction.
+    /// Replaces a tier's name, description and feature set in one transaction.
     pub async fn update_tier(&self, tier: &TierRecord) -> Result<(), StoreError> {
         dispatch!(self, s => s.update_tier(tier).await)
     }
@@ -427,7 +427,7 @@ pub mod sql {
 
     pub const INSERT_TIER: &str =
         "INSERT INTO tiers (id, name, description, created_at) VALUES (?, ?, ?, ?)";
-    pub const UPDATE_TIER: &str = "UPDATE tiers SET description = ? WHERE id = ?";
+    pub const UPDATE_TIER: &str = "UPDATE tiers SET name = ?, description = ? WHERE id = ?";
     pub const DELETE_TIER_FEATURES: &str = "DELETE FROM tier_features WHERE tier_id = ?";
     pub const INSERT_TIER_FEATURE: &str =
         "INSERT INTO tier_features (tier_id, feature, rate_limit, window_seconds) VALUES (?, ?, ?, ?)";
@@ -463,7 +463,6 @@ pub mod sql {
         VALUES (?, ?, ?) ON CONFLICT (key_id, name) DO UPDATE SET value = excluded.value";
     pub const DELETE_KEY_SECRET: &str = "DELETE FROM key_secrets WHERE key_id = ? AND name = ?";
 
-    pub const RENAME_TIER: &str = "UPDATE tiers SET name = ? WHERE id = ?";
     pub const DELETE_TIER: &str = "DELETE FROM tiers WHERE id = ?";
     pub const DELETE_SECRETS_OF_TIER: &str =
         "DELETE FROM key_secrets WHERE key_id IN (SELECT id FROM keys WHERE tier_id = ?)";

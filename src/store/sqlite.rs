@@ -311,6 +311,7 @@ impl SqliteStore {
         let mut tx = WriteTx::begin(&self.pool).await?;
         let outcome = async {
             let updated = sqlx::query(sql::UPDATE_TIER)
+                .bind(&tier.name)
                 .bind(&tier.description)
                 .bind(&tier.id)
                 .execute(tx.conn())
