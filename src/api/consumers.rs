@@ -13,8 +13,7 @@ use utoipa::ToSchema;
 
 use super::auth::Admin;
 use super::extract::{
-    check_description, check_name, description_schema, name_schema, optional_whole_number,
-    IdPath, JsonBody,
+    check_description, check_name, description_schema, name_schema, whole_number, IdPath, JsonBody,
 };
 use super::openapi::{AdminOnly, JsonBodyErrors, StorageErrors};
 use super::write::{admin_write, deleted, settle, Deleted, WriteMarker};
@@ -291,11 +290,13 @@ fn boolean_schema() -> Object {
 /// The longest grace a token rotation may give the old token: 30 days.
 pub const MAX_GRACE_SECONDS: i64 = 30 * 24 * 3600;
 
+/// The body of `POST /admin/consumers/{id}/token` as documented; `rotate_token` reads it
+/// field by field to name a bad one.
+#[allow(dead_code)]
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenBody {
     /// How long the old token keeps working; absent or 0: it stops now.
-    #[serde(default, deserialize_with = "optional_whole_number")]
     #[schema(schema_with = grace_schema)]
     grace_seconds: Option<i64>,
 }
@@ -502,13 +503,34 @@ pub async fn rotate_token(
     State(state): State<SharedState>,
     marker: WriteMarker,
     IdPath(id): IdPath,
-    JsonBody(body): JsonBody<TokenBody>,
+    JsonBody(body): JsonBody<Map<String, Value>>,
 ) -> Result<Json<NewToken>, ApiError> {
-    let grace = body.grace_seconds.unwrap_or(0);
+    let out_of_range = || {
+        ApiError::BadRequest(format!(
+            "grace_seconds must be a whole number from 0 to {MAX_GRACE_SECONDS} (30 days)"
+        ))
+    };
+    let mut grace = 0;
+    for (field, value) in &body {
+        match (field.as_str(), value) {
+            ("grace_seconds", Value::Null) => {
+                return Err(ApiError::BadRequest(
+                    "grace_seconds must not be null (omit it for no grace)".into(),
+                ))
+            }
+            ("grace_seconds", value) => {
+                grace = whole_number(value).map_err(|_| out_of_range())?;
+            }
+            (other, _) => {
+                let shown: String = other.chars().take(64).collect();
+                return Err(ApiError::BadRequest(format!(
+                    "unknown field `{shown}`; the body takes grace_seconds"
+                )));
+            }
+        }
+    }
     if !(0..=MAX_GRACE_SECONDS).contains(&grace) {
-        return Err(ApiError::BadRequest(format!(
-            "grace_seconds must be from 0 to {MAX_GRACE_SECONDS} (30 days)"
-        )));
+        return Err(out_of_range());
     }
     let mut raw = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut raw);
@@ -572,9 +594,8 @@ pub async fn revoke_scope(
     marker: WriteMarker,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<Deleted>, ApiError> {
-    let Path((id, tier_name)) = path.map_err(|_| {
-        ApiError::BadRequest("a segment of the path is not valid UTF-8".into())
-    })?;
+    let Path((id, tier_name)) =
+        path.map_err(|_| ApiError::BadRequest("a segment of the path is not valid UTF-8".into()))?;
     admin_write(&state, marker, move |state| async move {
         let consumer = state
             .pool

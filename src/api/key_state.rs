@@ -345,6 +345,8 @@ fn key_update(
         expires_at: patch.expires_at,
         usage_limit: patch.usage_limit,
         usage_window_seconds: patch.usage_window_seconds,
+        window_opens_at: matches!(patch.usage_window_seconds, Some(Some(_)))
+            .then(|| Now::read().wall),
         metadata_json: patch
             .metadata
             .as_ref()
@@ -379,11 +381,9 @@ async fn apply(
         // No serve of this key may be drawn while the reset is stored, and every serve already
         // drawn must be committed first; two flushes, as a gathered batch of more than one
         // chunk commits its jobs with the first chunk.
-        state.pool.replace_key(Arc::new(key.patched(
-            current.clone(),
-            &state.sealer,
-            true,
-        )));
+        state
+            .pool
+            .replace_key(Arc::new(key.patched(current.clone(), &state.sealer, true)));
         for _ in 0..2 {
             state
                 .ledger
@@ -419,11 +419,12 @@ async fn apply(
     if update.reset_usage {
         key.reset_usage();
     }
-    state.pool.replace_key(Arc::new(key.patched(
-        changed,
-        &state.sealer,
-        false,
-    )));
+    if let Some(at) = update.window_opens_at {
+        key.open_usage_window(at);
+    }
+    state
+        .pool
+        .replace_key(Arc::new(key.patched(changed, &state.sealer, false)));
     Ok(())
 }
 

@@ -216,7 +216,11 @@ pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Vec<KeyVie
     )
 }
 
-pub(super) fn key_view(key: &PoolKey, tier: Option<&crate::model::TierRecord>, now: Now) -> KeyView {
+pub(super) fn key_view(
+    key: &PoolKey,
+    tier: Option<&crate::model::TierRecord>,
+    now: Now,
+) -> KeyView {
     let usage_state = key.usage(now.wall);
     let usage = tier
         .map(|t| {

@@ -49,7 +49,7 @@ pub struct TierPatchBody {
     name: String,
     /// Renames the tier (absent or `null`: the name stays); its keys and scopes follow it.
     #[schema(schema_with = new_name_schema)]
-    new_name: Option<String>,
+    new_name: Option<serde_json::Value>,
     /// Absent or `null`: unchanged.
     #[schema(schema_with = description_schema)]
     description: Option<String>,
@@ -278,9 +278,14 @@ pub async fn update(
     JsonBody(body): JsonBody<TierPatchBody>,
 ) -> Result<Json<Tier>, ApiError> {
     check_name("name", &body.name)?;
-    if let Some(new_name) = &body.new_name {
-        check_name("new_name", new_name)?;
-    }
+    let new_name = match body.new_name {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(name)) => {
+            check_name("new_name", &name)?;
+            Some(name)
+        }
+        Some(_) => return Err(ApiError::BadRequest("new_name must be a string".into())),
+    };
     if let Some(d) = &body.description {
         check_description(d)?;
     }
@@ -290,7 +295,7 @@ pub async fn update(
             .pool
             .tier_by_name(&body.name)
             .ok_or_else(|| ApiError::NotFound(format!("no tier named '{}'", body.name)))?;
-        let name = body.new_name.unwrap_or(existing.name.clone());
+        let name = new_name.unwrap_or(existing.name.clone());
         let conflict = || {
             ApiError::Conflict(format!(
                 "new_name: a tier named '{name}' already exists; nothing was changed"
@@ -350,7 +355,11 @@ pub struct DeleteTierQuery {
 /// Reads `force` from the query: absent, `true` or `false` (anything else is 400).
 fn force(query: Option<&str>) -> Result<bool, ApiError> {
     let mut force = false;
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         if name == "force" {
             force = match value {

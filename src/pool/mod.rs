@@ -347,6 +347,15 @@ impl PoolKey {
         key
     }
 
+    /// Opens a usage window at `at` for a count that has none (a window given by PATCH), so
+    /// the count so far is kept rather than read as a fresh window.
+    pub fn open_usage_window(&self, at: Timestamp) {
+        let mut counters = self.counters.lock();
+        if counters.usage.window_start.is_none() {
+            counters.usage.window_start = Some(at);
+        }
+    }
+
     /// Starts the usage budget over (`reset_usage`): count 0, no window. Reservations not yet
     /// committed are voided (answered 503, never counted).
     pub fn reset_usage(&self) {

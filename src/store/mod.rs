@@ -87,6 +87,9 @@ pub struct KeyUpdate {
     pub expires_at: Option<Option<Timestamp>>,
     pub usage_limit: Option<Option<i64>>,
     pub usage_window_seconds: Option<Option<i64>>,
+    /// A budget window given to a key whose count has none open opens here, so the count so
+    /// far is kept (a windowed count without a start would read as a fresh window).
+    pub window_opens_at: Option<Timestamp>,
     pub metadata_json: Option<String>,
     /// (name, sealed value) set or replaced.
     pub set_secrets: Vec<(String, String)>,
@@ -129,6 +132,9 @@ impl KeyUpdate {
         if let Some(window) = self.usage_window_seconds {
             key.usage_window_seconds = window;
         }
+        if self.window_opens_at.is_some() && key.usage_window_start.is_none() {
+            key.usage_window_start = self.window_opens_at;
+        }
         if let Some(metadata) = &self.metadata_json {
             key.metadata_json = metadata.clone();
         }
@@ -169,7 +175,14 @@ impl KeyUpdate {
             out.push((sql::SET_KEY_USAGE_LIMIT, vec![Param::opt_int(limit), id()]));
         }
         if let Some(window) = self.usage_window_seconds {
-            out.push((sql::SET_KEY_USAGE_WINDOW, vec![Param::opt_int(window), id()]));
+            out.push((
+                sql::SET_KEY_USAGE_WINDOW,
+                vec![Param::opt_int(window), id()],
+            ));
+        }
+        if let Some(at) = self.window_opens_at {
+            let at = Param::text(crate::timestamp::to_db(at));
+            out.push((sql::OPEN_KEY_USAGE_WINDOW, vec![at, id()]));
         }
         if let Some(metadata) = &self.metadata_json {
             out.push((sql::SET_KEY_METADATA, vec![Param::text(metadata), id()]));
@@ -456,6 +469,8 @@ pub mod sql {
     pub const SET_KEY_EXPIRES_AT: &str = "UPDATE keys SET expires_at = ? WHERE id = ?";
     pub const SET_KEY_USAGE_LIMIT: &str = "UPDATE keys SET usage_limit = ? WHERE id = ?";
     pub const SET_KEY_USAGE_WINDOW: &str = "UPDATE keys SET usage_window_seconds = ? WHERE id = ?";
+    pub const OPEN_KEY_USAGE_WINDOW: &str =
+        "UPDATE keys SET usage_window_start = COALESCE(usage_window_start, ?) WHERE id = ?";
     pub const SET_KEY_METADATA: &str = "UPDATE keys SET metadata_json = ? WHERE id = ?";
     pub const RESET_KEY_USAGE: &str =
         "UPDATE keys SET usage_count = 0, usage_window_start = NULL WHERE id = ?";

@@ -481,7 +481,10 @@ const ADDED_COLUMNS: [(&str, &str); 5] = [
     ("outcome_status", ", outcome_status INTEGER"),
     ("outcome_reported_at", ", outcome_reported_at TIMESTAMP"),
     ("previous_token_hash", ", previous_token_hash TEXT"),
-    ("previous_token_expires_at", ", previous_token_expires_at TIMESTAMP"),
+    (
+        "previous_token_expires_at",
+        ", previous_token_expires_at TIMESTAMP",
+    ),
 ];
 
 /// Every row of `table` in rowid order, each column `quote()`d (type-preserving), headed by

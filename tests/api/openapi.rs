@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 
 /// Every route of the router (SPEC §6 and §8.1), as the README's endpoint table lists them.
-const ROUTES: [(&str, &str); 25] = [
+const ROUTES: [(&str, &str); 24] = [
     ("GET", "/health"),
     ("GET", "/livez"),
     ("GET", "/readyz"),
@@ -56,6 +56,8 @@ fn operations(document: &Value) -> BTreeSet<(String, String)> {
 fn concrete(path: &str) -> String {
     path.replace("{id}", "00000000-0000-4000-8000-000000000000")
         .replace("{serve_id}", "00000000-0000-7000-8000-000000000000")
+        .replace("{name}", "no-such-tier")
+        .replace("{tier}", "no-such-tier")
 }
 
 /// Whether an answer is the router's own "no such route" or "wrong method" fallback.
