@@ -113,6 +113,8 @@ pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Vec<Consum
         (status = 201, description = "Created; its token is in this answer only", body = NewConsumer, links(
             ("DeleteConsumer" = (operation_id = "delete_consumer", parameters(("id" = "$response.body#/id")))),
             ("GrantScope" = (operation_id = "grant_scope", parameters(("id" = "$response.body#/id")))),
+            ("UpdateConsumer" = (operation_id = "update_consumer", parameters(("id" = "$response.body#/id")))),
+            ("RotateToken" = (operation_id = "rotate_token", parameters(("id" = "$response.body#/id")))),
         )),
         AdminOnly, JsonBodyErrors,
         (status = 409, description = "A consumer with that name exists", body = ErrorBody),

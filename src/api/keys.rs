@@ -271,7 +271,10 @@ pub(super) fn key_view(
     request_body = NewKey,
     responses(
         (status = 201, description = "Added to the pool; served from the next `/key`", body = NewKeyView,
-            links(("DeleteKey" = (operation_id = "delete_key", parameters(("id" = "$response.body#/id")))))),
+            links(
+                ("DeleteKey" = (operation_id = "delete_key", parameters(("id" = "$response.body#/id")))),
+                ("UpdateKey" = (operation_id = "update_key", parameters(("id" = "$response.body#/id")))),
+            )),
         AdminOnly, JsonBodyErrors,
         (status = 404, description = "No tier has that name", body = ErrorBody),
         StorageErrors,

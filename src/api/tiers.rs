@@ -207,6 +207,7 @@ pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Vec<Tier>>
                 request_body = json!({ "name": "$response.body#/name" }))),
             ("AddKey" = (operation_id = "create_key",
                 request_body = json!({ "tier": "$response.body#/name" }))),
+            ("DeleteTier" = (operation_id = "delete_tier", parameters(("name" = "$response.body#/name")))),
         )),
         AdminOnly, JsonBodyErrors,
         (status = 409, description = "A tier with that name exists", body = ErrorBody),
@@ -364,7 +365,7 @@ fn force(query: Option<&str>) -> Result<bool, ApiError> {
         if name == "force" {
             force = match value {
                 "true" => true,
-                "false" | "" => false,
+                "false" => false,
                 _ => return Err(ApiError::BadRequest("force must be true or false".into())),
             };
         }

@@ -125,10 +125,11 @@ impl Stored for TierRecord {
         db.read_tier(id)
     }
 
-    fn follow(state: &AppState, _: &str, stored: Option<&Self>) {
-        // Tiers are never deleted, so one missing from the database was never created.
-        if let Some(tier) = stored {
-            state.pool.put_tier(tier.clone());
+    fn follow(state: &AppState, id: &str, stored: Option<&Self>) {
+        match stored {
+            Some(tier) => state.pool.put_tier(tier.clone()),
+            // Deleted (SPEC §8.3), or never created.
+            None => state.pool.remove_tier(id),
         }
     }
 }
