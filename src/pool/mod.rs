@@ -147,11 +147,11 @@ impl Consumer {
     }
 
     /// Whether `hash` is its token's, or its previous token's while the grace lasts.
-    fn accepts(&self, hash: &[u8; 32]) -> bool {
+    fn accepts(&self, hash: &[u8; 32], now: impl FnOnce() -> Timestamp) -> bool {
         self.token_hash.as_ref() == Some(hash)
             || self
                 .previous_token
-                .is_some_and(|(old, until)| &old == hash && chrono::Utc::now() < until)
+                .is_some_and(|(old, until)| &old == hash && now() < until)
     }
 }
 
@@ -645,12 +645,21 @@ impl Pool {
     /// The active consumer holding `token`, if any. A consumer whose stored hash is unreadable
     /// is not indexed, so no token reaches it.
     pub fn consumer_for_token(&self, token: &str) -> Option<Arc<Consumer>> {
+        self.consumer_for_token_at(token, chrono::Utc::now)
+    }
+
+    /// `consumer_for_token` with the wall clock given; it is read only for a previous token.
+    pub fn consumer_for_token_at(
+        &self,
+        token: &str,
+        now: impl FnOnce() -> Timestamp,
+    ) -> Option<Arc<Consumer>> {
         let hash = token_hash(token);
         self.index
             .read()
             .consumers_by_token
             .get(&hash)
-            .filter(|c| c.is_active && c.accepts(&hash))
+            .filter(|c| c.is_active && c.accepts(&hash, now))
             .cloned()
     }
 
