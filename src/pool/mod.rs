@@ -75,7 +75,8 @@ pub struct PoolKey {
     paused: bool,
     /// When the usage budget frees up (Unix µs; 0 = not known to be spent, `i64::MAX` = never).
     /// Lets a draw step over spent keys with one atomic load instead of taking their lock.
-    budget_free_at: AtomicI64,
+    /// Shared with the key's other versions like `counters`, since a rollback of either frees it.
+    budget_free_at: Arc<AtomicI64>,
     /// When the key last served, on the monotonic clock (`mono_micros`; 0 = not yet): a tier's
     /// report counts the keys served in the last minute (host throttling, SPEC §8.2).
     last_served: AtomicI64,
@@ -317,7 +318,7 @@ impl PoolKey {
                     Health::restore(&disabled_record(), Now::read())
                 },
             })),
-            budget_free_at: AtomicI64::new(0),
+            budget_free_at: Arc::new(AtomicI64::new(0)),
             last_served: AtomicI64::new(0),
         }
     }
@@ -342,6 +343,9 @@ impl PoolKey {
     pub fn patched(&self, record: KeyRecord, sealer: &Sealer, paused: bool) -> PoolKey {
         let mut key = PoolKey::from_record(record, sealer);
         key.counters = self.counters.clone();
+        // The budget may have changed: "not known to be spent" until a draw checks it again.
+        key.budget_free_at = self.budget_free_at.clone();
+        key.budget_free_at.store(0, Ordering::Relaxed);
         key.paused = paused;
         key.last_served = AtomicI64::new(self.last_served.load(Ordering::Relaxed));
         key

@@ -826,3 +826,28 @@ fn removing_a_tier_takes_its_keys_and_scopes() {
         Draw::OutOfScope
     );
 }
+
+// Issue 10 item 1: a serve drawn before a PATCH whose commit then fails frees the budget for
+// the new version too (the "known spent" mark is shared; it was kept per version before, so
+// a lifetime budget stayed spent for the new version until a restart).
+#[test]
+fn a_rollback_of_an_old_version_serve_frees_the_new_version() {
+    let mut k = key("k", "t");
+    k.usage_limit = Some(1);
+    let p = pool(vec![tier("t", &[("f", 100, 60)])], vec![k.clone()], vec![]);
+    let Draw::Served(held) = p.draw(&Caller::Admin, "f", at(t0()), |r, _| r) else {
+        panic!("served");
+    };
+    let old = p.key("k").unwrap();
+    p.replace_key(Arc::new(old.patched(k, &Sealer::new(None), false)));
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "f", t0()),
+        Draw::Exhausted { retry_after: None }
+    ));
+    held.key.revert_usage(&held);
+    held.key.give_back_rate(&held);
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "f", t0()),
+        Draw::Served("k".into())
+    );
+}
