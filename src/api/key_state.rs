@@ -28,7 +28,7 @@ use super::keys::{
 };
 use super::openapi::{AdminOnly, JsonBodyErrors, StorageErrors};
 use super::outcomes::{health_writes, land_health};
-use super::write::{admin_write, read_back, WriteMarker};
+use super::write::{admin_write, read_back, settle, WriteMarker};
 use super::SharedState;
 use crate::error::{ApiError, ErrorBody};
 use crate::ledger::{HealthJob, JobOutcome};
@@ -394,27 +394,23 @@ async fn apply(
                 .await;
         }
     }
-    let stored = match state.db.update_key(update).await {
-        Ok(()) => true,
+    match state.db.update_key(update).await {
+        Ok(()) => {}
+        // Read back: the pool then follows what the database holds (unpaused), applied or not.
         Err(StoreError::Uncertain(detail)) => {
-            tracing::warn!(error = %detail, key_id = %update.id, "the database did not confirm a key update; reading it back");
-            read_back(
-                "a key",
-                || state.db.read_key(&update.id),
-                |found: Option<KeyRecord>| found.is_some_and(|k| k.same_as_stored(&changed)),
+            settle::<KeyRecord>(
+                state,
+                &update.id,
+                &detail,
+                |stored| stored.is_some_and(|k| k.same_as_stored(&changed)),
+                |stored| stored.is_some_and(|k| k.same_as_stored(&current)),
             )
-            .await
+            .await?;
         }
         Err(e) => {
             state.pool.replace_key(key.clone());
             return Err(e.into());
         }
-    };
-    if !stored {
-        state.pool.replace_key(key.clone());
-        return Err(ApiError::Unavailable(
-            "the database did not confirm the change and reading it back did not find it; the key is served as before — list before retrying".into(),
-        ));
     }
     if update.reset_usage {
         key.reset_usage();

@@ -559,6 +559,37 @@ mod lost_commit_answers {
         );
     }
 
+    // A key patch whose COMMIT never landed is read back as not applied: 503, nothing changed,
+    // the key still served as before (and not left paused by a reset).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_patch_that_never_landed_changes_nothing() {
+        let (app, key, _, token) = app_losing_answers().await;
+        stop_losing(&app).await;
+        assert_eq!(app.draw("f", &token).await.status, StatusCode::OK);
+        remote(&app).await.drop_commits(1);
+        let r = app
+            .patch(&format!("/admin/keys/{key}"), json!({ "key": "v9" }))
+            .await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
+        assert!(r.error().contains("nothing was changed"), "{}", r.text);
+        assert_eq!(app.draw("f", &token).await.body["value"], "v1");
+        assert_eq!(
+            app.scalar(&format!("SELECT key_value FROM keys WHERE id = '{key}'"))
+                .await,
+            "v1"
+        );
+        let r = app
+            .patch(&format!("/admin/keys/{key}"), json!({ "key": "v9" }))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(app.draw("f", &token).await.body["value"], "v9");
+        assert_eq!(
+            app.listed_key(&key).await["usage_count"],
+            3,
+            "usage kept throughout"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_forced_tier_delete_is_read_back_and_applies() {
         let (app, _, _, token) = app_losing_answers().await;
