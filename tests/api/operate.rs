@@ -636,3 +636,35 @@ mod lost_commit_answers {
         assert_eq!(app.draw("g", &token).await.status, StatusCode::UNAUTHORIZED);
     }
 }
+
+// Issue 10 item 7: the new bodies are documented with the limits the handlers check.
+#[tokio::test]
+async fn new_bodies_are_documented_with_their_limits() {
+    let app = spawn_app().await;
+    let schemas = app.get("/openapi.json", None).await.body["components"]["schemas"].clone();
+    let patch = &schemas["KeyPatch"];
+    assert_eq!(patch["minProperties"], 1, "{patch}");
+    assert_eq!(patch["additionalProperties"], false, "{patch}");
+    assert!(patch.get("required").is_none(), "{patch}");
+    assert_eq!(
+        patch["properties"]["usage_limit"]["type"],
+        json!(["integer", "null"])
+    );
+    assert_eq!(
+        patch["properties"]["name"]["type"], "string",
+        "null is refused: {patch}"
+    );
+    let consumer = &schemas["ConsumerPatch"];
+    assert_eq!(consumer["minProperties"], 1, "{consumer}");
+    assert!(consumer.get("required").is_none(), "{consumer}");
+    let grace = &schemas["TokenBody"]["properties"]["grace_seconds"];
+    assert_eq!(
+        (grace["minimum"].clone(), grace["maximum"].clone()),
+        (json!(0), json!(2_592_000)),
+        "{grace}"
+    );
+    assert_eq!(
+        schemas["TierPatchBody"]["properties"]["new_name"]["maxLength"],
+        200
+    );
+}
