@@ -48,6 +48,8 @@ pub struct ConsumerRecord {
     pub is_active: bool,
     /// Tier ids the consumer may draw from.
     pub scopes: Vec<String>,
+    /// hex(sha256(previous token)) and when it stops working: a rotation's grace (SPEC §8.3).
+    pub previous_token: Option<(String, Timestamp)>,
 }
 
 impl KeyRecord {

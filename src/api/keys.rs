@@ -60,7 +60,7 @@ fn nullable(t: Type) -> SchemaType {
     SchemaType::from_iter([t, Type::Null])
 }
 
-fn usage_limit_schema() -> Object {
+pub(super) fn usage_limit_schema() -> Object {
     ObjectBuilder::new()
         .schema_type(nullable(Type::Integer))
         .minimum(Some(1))
@@ -71,7 +71,7 @@ fn usage_limit_schema() -> Object {
         .build()
 }
 
-fn usage_window_schema() -> Object {
+pub(super) fn usage_window_schema() -> Object {
     ObjectBuilder::new()
         .schema_type(nullable(Type::Integer))
         .minimum(Some(1))
@@ -216,7 +216,11 @@ pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Vec<KeyVie
     )
 }
 
-fn key_view(key: &PoolKey, tier: Option<&crate::model::TierRecord>, now: Now) -> KeyView {
+pub(super) fn key_view(
+    key: &PoolKey,
+    tier: Option<&crate::model::TierRecord>,
+    now: Now,
+) -> KeyView {
     let usage_state = key.usage(now.wall);
     let usage = tier
         .map(|t| {
@@ -267,7 +271,10 @@ fn key_view(key: &PoolKey, tier: Option<&crate::model::TierRecord>, now: Now) ->
     request_body = NewKey,
     responses(
         (status = 201, description = "Added to the pool; served from the next `/key`", body = NewKeyView,
-            links(("DeleteKey" = (operation_id = "delete_key", parameters(("id" = "$response.body#/id")))))),
+            links(
+                ("DeleteKey" = (operation_id = "delete_key", parameters(("id" = "$response.body#/id")))),
+                ("UpdateKey" = (operation_id = "update_key", parameters(("id" = "$response.body#/id")))),
+            )),
         AdminOnly, JsonBodyErrors,
         (status = 404, description = "No tier has that name", body = ErrorBody),
         StorageErrors,
@@ -280,31 +287,15 @@ pub async fn create(
     JsonBody(body): JsonBody<KeyBody>,
 ) -> Result<(StatusCode, Json<NewKeyView>), ApiError> {
     check_name("name", &body.name)?;
-    if body.key.is_empty() {
-        return Err(ApiError::BadRequest("key must not be empty".into()));
-    }
+    check_value(&body.key)?;
     check_name("tier", &body.tier)?;
     let now = Utc::now();
     let expires_at = match &body.expires_at {
         None => None,
-        Some(raw) => {
-            let t = timestamp::parse_rfc3339(raw).ok_or_else(|| {
-                ApiError::BadRequest(
-                    "expires_at must be an RFC 3339 time, e.g. 2027-01-31T00:00:00Z".into(),
-                )
-            })?;
-            if t <= now {
-                return Err(ApiError::BadRequest("expires_at is in the past".into()));
-            }
-            Some(t)
-        }
+        Some(raw) => Some(parse_expires_at(raw, now)?),
     };
     if let Some(limit) = body.usage_limit {
-        if !(1..=MAX_USAGE_LIMIT).contains(&limit) {
-            return Err(ApiError::BadRequest(format!(
-                "usage_limit must be from 1 to {MAX_USAGE_LIMIT}; omit it for no cap"
-            )));
-        }
+        check_usage_limit(limit)?;
     }
     if let Some(window) = body.usage_window_seconds {
         if body.usage_limit.is_none() {
@@ -312,11 +303,7 @@ pub async fn create(
                 "usage_window_seconds needs a usage_limit".into(),
             ));
         }
-        if !(1..=MAX_WINDOW_SECONDS).contains(&window) {
-            return Err(ApiError::BadRequest(format!(
-                "usage_window_seconds must be from 1 to {MAX_WINDOW_SECONDS}; omit it for a lifetime cap"
-            )));
-        }
+        check_usage_window(window)?;
     }
     let metadata = match body.metadata {
         None | Some(Value::Null) => serde_json::Map::new(),
@@ -329,16 +316,11 @@ pub async fn create(
     };
     let secrets = body.secrets.unwrap_or_default();
     for (name, value) in &secrets {
-        check_name("secret name", name)?;
-        if value.is_empty() {
-            return Err(ApiError::BadRequest(format!(
-                "secret '{name}' must not be empty"
-            )));
-        }
+        check_secret(name, value)?;
     }
 
     let sealer = state.sealer.clone();
-    let seal = move |v: &str| sealer.seal(&Secret::new(v)).map_err(|_| ApiError::Internal);
+    let seal = move |v: &str| seal(&sealer, v);
     let sealed_value = seal(&body.key)?;
     let sealed_secrets = secrets
         .iter()
@@ -426,4 +408,63 @@ pub async fn remove(
         Ok(Json(Deleted::default()))
     })
     .await
+}
+
+// The checks `POST /admin/keys` makes, shared with `PATCH /admin/keys/{id}` (`key_state.rs`).
+
+/// A key's value: any non-empty string.
+pub(super) fn check_value(value: &str) -> Result<(), ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::BadRequest("key must not be empty".into()));
+    }
+    Ok(())
+}
+
+/// `expires_at`: RFC 3339 and after `now`.
+pub(super) fn parse_expires_at(raw: &str, now: Timestamp) -> Result<Timestamp, ApiError> {
+    let t = timestamp::parse_rfc3339(raw).ok_or_else(|| {
+        ApiError::BadRequest(
+            "expires_at must be an RFC 3339 time, e.g. 2027-01-31T00:00:00Z".into(),
+        )
+    })?;
+    if t <= now {
+        return Err(ApiError::BadRequest("expires_at is in the past".into()));
+    }
+    Ok(t)
+}
+
+pub(super) fn check_usage_limit(limit: i64) -> Result<(), ApiError> {
+    if !(1..=MAX_USAGE_LIMIT).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "usage_limit must be from 1 to {MAX_USAGE_LIMIT}; omit it for no cap"
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn check_usage_window(window: i64) -> Result<(), ApiError> {
+    if !(1..=MAX_WINDOW_SECONDS).contains(&window) {
+        return Err(ApiError::BadRequest(format!(
+            "usage_window_seconds must be from 1 to {MAX_WINDOW_SECONDS}; omit it for a lifetime cap"
+        )));
+    }
+    Ok(())
+}
+
+/// A bound secret: a valid name and a non-empty value.
+pub(super) fn check_secret(name: &str, value: &str) -> Result<(), ApiError> {
+    check_name("secret name", name)?;
+    if value.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "secret '{name}' must not be empty"
+        )));
+    }
+    Ok(())
+}
+
+/// A value or secret sealed under the current encryption key (plaintext without one).
+pub(super) fn seal(sealer: &crate::crypto::Sealer, value: &str) -> Result<String, ApiError> {
+    sealer
+        .seal(&Secret::new(value))
+        .map_err(|_| ApiError::Internal)
 }

@@ -106,12 +106,15 @@ fn documented_routes() -> OpenApiRouter<SharedState> {
         .routes(routes!(key::draw_key))
         .routes(routes!(health::admin_health))
         .routes(routes!(tiers::list, tiers::create, tiers::update))
+        .routes(routes!(tiers::remove))
         .routes(routes!(keys::list, keys::create))
         .routes(routes!(keys::remove, key_state::update))
         .routes(routes!(outcomes::report))
         .routes(routes!(consumers::list, consumers::create))
-        .routes(routes!(consumers::remove))
+        .routes(routes!(consumers::remove, consumers::update))
         .routes(routes!(consumers::grant_scope))
+        .routes(routes!(consumers::rotate_token))
+        .routes(routes!(consumers::revoke_scope))
         .routes(routes!(usage::list))
 }
 

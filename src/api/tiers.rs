@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -12,10 +12,10 @@ use utoipa::{PartialSchema, ToSchema};
 use super::auth::Admin;
 use super::extract::{
     check_description, check_name, description_schema, name_schema, optional_whole_number,
-    whole_number, JsonBody, ObjectOnly,
+    whole_number, IdPath, JsonBody, ObjectOnly,
 };
 use super::openapi::{AdminOnly, JsonBodyErrors, StorageErrors};
-use super::write::{admin_write, settle, WriteMarker};
+use super::write::{admin_write, read_back, settle, WriteMarker};
 use super::SharedState;
 use crate::error::{ApiError, ErrorBody};
 use crate::model::{FeatureLimit, TierRecord};
@@ -38,6 +38,31 @@ pub struct TierBody {
     /// whole set on PATCH.
     #[schema(schema_with = features_schema)]
     features: BTreeMap<String, ObjectOnly<FeatureBody>>,
+}
+
+/// `PATCH /admin/tiers`: the tier named `name` with its new feature set, and optionally a new
+/// name (issue 10: a rename that collides with another tier answers 409).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TierPatchBody {
+    #[schema(schema_with = name_schema)]
+    name: String,
+    /// Renames the tier (absent or `null`: the name stays); its keys and scopes follow it.
+    #[schema(schema_with = new_name_schema)]
+    new_name: Option<serde_json::Value>,
+    /// Absent or `null`: unchanged.
+    #[schema(schema_with = description_schema)]
+    description: Option<String>,
+    /// The features the tier's keys serve, each with its rate limit per key; replaces the
+    /// whole set.
+    #[schema(schema_with = features_schema)]
+    features: BTreeMap<String, ObjectOnly<FeatureBody>>,
+}
+
+fn new_name_schema() -> Object {
+    let mut schema = name_schema();
+    schema.schema_type = SchemaType::from_iter([Type::String, Type::Null]);
+    schema
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -93,14 +118,16 @@ pub struct FeatureLimits {
     window_seconds: i64,
 }
 
-fn features(body: &TierBody) -> Result<BTreeMap<String, FeatureLimit>, ApiError> {
-    if body.features.is_empty() {
+fn features(
+    features: &BTreeMap<String, ObjectOnly<FeatureBody>>,
+) -> Result<BTreeMap<String, FeatureLimit>, ApiError> {
+    if features.is_empty() {
         return Err(ApiError::BadRequest(
             "features must list at least one feature".into(),
         ));
     }
     let mut out = BTreeMap::new();
-    for (feature, ObjectOnly(limit)) in &body.features {
+    for (feature, ObjectOnly(limit)) in features {
         check_name("feature name", feature)?;
         if !(1..=MAX_RATE_LIMIT).contains(&limit.rate_limit) {
             return Err(ApiError::BadRequest(format!(
@@ -180,6 +207,7 @@ pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Vec<Tier>>
                 request_body = json!({ "name": "$response.body#/name" }))),
             ("AddKey" = (operation_id = "create_key",
                 request_body = json!({ "tier": "$response.body#/name" }))),
+            ("DeleteTier" = (operation_id = "delete_tier", parameters(("name" = "$response.body#/name")))),
         )),
         AdminOnly, JsonBodyErrors,
         (status = 409, description = "A tier with that name exists", body = ErrorBody),
@@ -199,7 +227,7 @@ pub async fn create(
         id: uuid::Uuid::new_v4().to_string(),
         name: body.name.clone(),
         description,
-        features: features(&body)?,
+        features: features(&body.features)?,
     };
     let created = admin_write(&state, marker, move |state| async move {
         let conflict =
@@ -235,11 +263,12 @@ pub async fn create(
     tag = "tiers",
     operation_id = "update_tier",
     security(("admin_token" = [])),
-    request_body = TierBody,
+    request_body = TierPatchBody,
     responses(
         (status = 200, description = "Updated; the next `/key` uses the new limits", body = Tier),
         AdminOnly, JsonBodyErrors,
         (status = 404, description = "No tier has that name", body = ErrorBody),
+        (status = 409, description = "`new_name` is another tier's name", body = ErrorBody),
         StorageErrors,
     )
 )]
@@ -247,25 +276,44 @@ pub async fn update(
     _: Admin,
     State(state): State<SharedState>,
     marker: WriteMarker,
-    JsonBody(body): JsonBody<TierBody>,
+    JsonBody(body): JsonBody<TierPatchBody>,
 ) -> Result<Json<Tier>, ApiError> {
     check_name("name", &body.name)?;
+    let new_name = match body.new_name {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(name)) => {
+            check_name("new_name", &name)?;
+            Some(name)
+        }
+        Some(_) => return Err(ApiError::BadRequest("new_name must be a string".into())),
+    };
     if let Some(d) = &body.description {
         check_description(d)?;
     }
-    let features = features(&body)?;
+    let features = features(&body.features)?;
     let updated = admin_write(&state, marker, move |state| async move {
         let existing = state
             .pool
             .tier_by_name(&body.name)
             .ok_or_else(|| ApiError::NotFound(format!("no tier named '{}'", body.name)))?;
+        let name = new_name.unwrap_or(existing.name.clone());
+        let conflict = || {
+            ApiError::Conflict(format!(
+                "new_name: a tier named '{name}' already exists; nothing was changed"
+            ))
+        };
+        if name != existing.name && state.pool.tier_by_name(&name).is_some() {
+            return Err(conflict());
+        }
         let tier = TierRecord {
+            name: name.clone(),
             description: body.description.unwrap_or(existing.description.clone()),
             features,
             ..existing.clone()
         };
         match state.db.update_tier(&tier).await {
             Ok(()) => state.pool.put_tier(tier.clone()),
+            Err(StoreError::Conflict) => return Err(conflict()),
             Err(StoreError::Uncertain(detail)) => {
                 settle(
                     &state,
@@ -283,4 +331,116 @@ pub async fn update(
     })
     .await?;
     Ok(Json((&updated).into()))
+}
+
+/// The answer to `DELETE /admin/tiers/{name}`.
+#[derive(Serialize, ToSchema)]
+pub struct TierDeleted {
+    #[schema(examples("deleted"))]
+    status: &'static str,
+    /// Keys deleted with it (`?force=true`; 0 otherwise).
+    keys: usize,
+    /// Consumers whose scope on it was revoked (`?force=true`; 0 otherwise).
+    scopes: usize,
+}
+
+/// `?force=true` of `DELETE /admin/tiers/{name}`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteTierQuery {
+    /// `true`: delete the tier's keys (with their secrets) and every scope on it too.
+    #[allow(dead_code)]
+    force: Option<bool>,
+}
+
+/// Reads `force` from the query: absent, `true` or `false` (anything else is 400).
+fn force(query: Option<&str>) -> Result<bool, ApiError> {
+    let mut force = false;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if name == "force" {
+            force = match value {
+                "true" => true,
+                "false" => false,
+                _ => return Err(ApiError::BadRequest("force must be true or false".into())),
+            };
+        }
+    }
+    Ok(force)
+}
+
+/// SPEC §8.3 (issue 10 item 2): deletes a tier. While keys or consumers' scopes use it the
+/// answer is 409 naming them, unless `?force=true`: then its features, keys, their secrets and
+/// health, and the scopes go with it in one transaction. Audit rows stay.
+#[utoipa::path(
+    delete,
+    path = "/admin/tiers/{name}",
+    tag = "tiers",
+    operation_id = "delete_tier",
+    params(("name" = String, Path, min_length = 1, description = "The tier's name"), DeleteTierQuery),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The tier is gone (with its keys and scopes when forced); the next `/key` no longer sees it", body = TierDeleted),
+        (status = 400, description = "`force` is not true or false, or the name is not valid UTF-8", body = ErrorBody),
+        AdminOnly,
+        (status = 404, description = "No tier has that name", body = ErrorBody),
+        (status = 409, description = "Keys or consumers' scopes still use the tier (named); nothing was deleted", body = ErrorBody),
+        StorageErrors,
+    )
+)]
+pub async fn remove(
+    _: Admin,
+    State(state): State<SharedState>,
+    marker: WriteMarker,
+    IdPath(name): IdPath,
+    RawQuery(query): RawQuery,
+) -> Result<Json<TierDeleted>, ApiError> {
+    let force = force(query.as_deref())?;
+    admin_write(&state, marker, move |state| async move {
+        let tier = state
+            .pool
+            .tier_by_name(&name)
+            .ok_or_else(|| ApiError::NotFound(format!("no tier named '{name}'")))?;
+        let (keys, consumers) = state.pool.tier_users(&tier.id);
+        if !force && (keys > 0 || !consumers.is_empty()) {
+            let shown: Vec<String> = consumers.iter().map(|(_, n)| format!("'{n}'")).collect();
+            return Err(ApiError::Conflict(format!(
+                "tier '{name}' is still used by {keys} key(s) and by the scopes of {} consumer(s){}{}; \
+                 move or delete them, or delete with ?force=true; nothing was deleted",
+                consumers.len(),
+                if shown.is_empty() { "" } else { ": " },
+                shown.join(", ")
+            )));
+        }
+        let statements = crate::store::tier_deletion(&tier.id);
+        let last = statements.len() - 1;
+        match state.db.write(&statements, &[last]).await {
+            Ok(()) => state.pool.remove_tier(&tier.id),
+            Err(StoreError::Uncertain(detail)) => {
+                tracing::warn!(error = %detail, tier_id = %tier.id, "the database did not confirm a tier deletion; reading it back");
+                let gone = read_back("a tier", || state.db.read_tier(&tier.id), |t| t.is_none()).await;
+                if !gone {
+                    return Err(ApiError::Unavailable(
+                        "the database did not confirm the deletion and reading it back did not show it; the tier is served as before — list before retrying".into(),
+                    ));
+                }
+                state.pool.remove_tier(&tier.id);
+            }
+            Err(StoreError::NotFound) => {
+                return Err(ApiError::NotFound(format!("no tier named '{name}'")))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(tier_id = %tier.id, keys, scopes = consumers.len(), "tier deleted");
+        Ok(Json(TierDeleted {
+            status: "deleted",
+            keys,
+            scopes: consumers.len(),
+        }))
+    })
+    .await
 }

@@ -125,10 +125,11 @@ impl Stored for TierRecord {
         db.read_tier(id)
     }
 
-    fn follow(state: &AppState, _: &str, stored: Option<&Self>) {
-        // Tiers are never deleted, so one missing from the database was never created.
-        if let Some(tier) = stored {
-            state.pool.put_tier(tier.clone());
+    fn follow(state: &AppState, id: &str, stored: Option<&Self>) {
+        match stored {
+            Some(tier) => state.pool.put_tier(tier.clone()),
+            // Deleted (SPEC §8.3), or never created.
+            None => state.pool.remove_tier(id),
         }
     }
 }
@@ -141,16 +142,19 @@ impl Stored for KeyRecord {
     }
 
     fn follow(state: &AppState, id: &str, stored: Option<&Self>) {
-        match stored {
-            // A key already in the pool stays as it is: its counters run ahead of the
-            // database's by the serves still being committed.
-            Some(key) if state.pool.key(id).is_none() => {
+        match (stored, state.pool.key(id)) {
+            (Some(key), None) => {
                 state
                     .pool
                     .add_key(PoolKey::from_record(key.clone(), &state.sealer));
             }
-            Some(_) => {}
-            None => {
+            // A key already in the pool takes the stored fields but keeps its counters: they
+            // run ahead of the database's by the serves still being committed.
+            (Some(key), Some(existing)) => {
+                let version = existing.patched(key.clone(), &state.sealer, false);
+                state.pool.replace_key(std::sync::Arc::new(version));
+            }
+            (None, _) => {
                 state.pool.remove_key(id);
             }
         }

@@ -70,10 +70,15 @@ pub struct PoolKey {
     /// The decrypted value and secrets, or why they cannot be read (never served then).
     pub material: Result<KeyMaterial, SealError>,
     pub secret_names: Vec<String>,
-    counters: Mutex<KeyCounters>,
+    /// Shared with the key's earlier versions (SPEC §8.3 PATCH): a serve drawn before a change
+    /// commits or gives back into the same counters.
+    counters: Arc<Mutex<KeyCounters>>,
+    /// Held out of draws while an operator resets its counters (`api/key_state.rs`).
+    paused: bool,
     /// When the usage budget frees up (Unix µs; 0 = not known to be spent, `i64::MAX` = never).
     /// Lets a draw step over spent keys with one atomic load instead of taking their lock.
-    budget_free_at: AtomicI64,
+    /// Shared with the key's other versions like `counters`, since a rollback of either frees it.
+    budget_free_at: Arc<AtomicI64>,
     /// When the key last served, on the monotonic clock (`mono_micros`; 0 = not yet): a tier's
     /// report counts the keys served in the last minute (host throttling, SPEC §8.2).
     last_served: AtomicI64,
@@ -117,8 +122,40 @@ pub struct Consumer {
     /// sha256 of the token; `None` when the stored hash is unreadable — such a consumer
     /// matches no token at all (it still lists and deletes).
     pub token_hash: Option<[u8; 32]>,
+    /// sha256 of the token before a rotation, accepted until the grace ends (SPEC §8.3).
+    pub previous_token: Option<([u8; 32], Timestamp)>,
     /// Tier ids.
     pub scopes: HashSet<Arc<str>>,
+}
+
+impl Consumer {
+    /// A copy to change a field of.
+    fn fields(&self) -> Consumer {
+        Consumer {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            description: self.description.clone(),
+            is_active: self.is_active,
+            token_hash: self.token_hash,
+            previous_token: self.previous_token,
+            scopes: self.scopes.clone(),
+        }
+    }
+
+    /// The hashes it is indexed under (the previous one even past its grace; `accepts` decides).
+    fn token_hashes(&self) -> impl Iterator<Item = [u8; 32]> {
+        self.token_hash
+            .into_iter()
+            .chain(self.previous_token.map(|(h, _)| h))
+    }
+
+    /// Whether `hash` is its token's, or its previous token's while the grace lasts.
+    fn accepts(&self, hash: &[u8; 32], now: impl FnOnce() -> Timestamp) -> bool {
+        self.token_hash.as_ref() == Some(hash)
+            || self
+                .previous_token
+                .is_some_and(|(old, until)| &old == hash && now() < until)
+    }
 }
 
 /// Who is drawing.
@@ -289,7 +326,8 @@ impl PoolKey {
             metadata,
             material,
             secret_names,
-            counters: Mutex::new(KeyCounters {
+            paused: false,
+            counters: Arc::new(Mutex::new(KeyCounters {
                 usage: UsageState {
                     count: record.usage_count,
                     window_start: record.usage_window_start,
@@ -302,8 +340,8 @@ impl PoolKey {
                 } else {
                     Health::restore(&disabled_record(), Now::read())
                 },
-            }),
-            budget_free_at: AtomicI64::new(0),
+            })),
+            budget_free_at: Arc::new(AtomicI64::new(0)),
             last_served: AtomicI64::new(0),
         }
     }
@@ -320,7 +358,41 @@ impl PoolKey {
     }
 
     fn servable(&self, now: Timestamp) -> bool {
-        self.material.is_ok() && self.expires_at.is_none_or(|e| e > now)
+        !self.paused && self.material.is_ok() && self.expires_at.is_none_or(|e| e > now)
+    }
+
+    /// The key as `record` now describes it (SPEC §8.3 PATCH), sharing this key's live counters,
+    /// rate windows and health; `paused`: never drawn (while an operator resets its counters).
+    pub fn patched(&self, record: KeyRecord, sealer: &Sealer, paused: bool) -> PoolKey {
+        let mut key = PoolKey::from_record(record, sealer);
+        key.counters = self.counters.clone();
+        // The budget may have changed: "not known to be spent" until a draw checks it again.
+        key.budget_free_at = self.budget_free_at.clone();
+        key.budget_free_at.store(0, Ordering::Relaxed);
+        key.paused = paused;
+        key.last_served = AtomicI64::new(self.last_served.load(Ordering::Relaxed));
+        key
+    }
+
+    /// Opens a usage window at `at` for a count that has none (a window given by PATCH), so
+    /// the count so far is kept rather than read as a fresh window.
+    pub fn open_usage_window(&self, at: Timestamp) {
+        let mut counters = self.counters.lock();
+        if counters.usage.window_start.is_none() {
+            counters.usage.window_start = Some(at);
+        }
+    }
+
+    /// Starts the usage budget over (`reset_usage`): count 0, no window. Reservations not yet
+    /// committed are voided (answered 503, never counted).
+    pub fn reset_usage(&self) {
+        let mut counters = self.counters.lock();
+        counters.usage = UsageState {
+            count: 0,
+            window_start: None,
+        };
+        counters.generation += 1;
+        self.budget_free_at.store(0, Ordering::Relaxed);
     }
 
     /// Whether an operator has not disabled the key (`is_active` in the API and database).
@@ -626,12 +698,21 @@ impl Pool {
     /// The active consumer holding `token`, if any. A consumer whose stored hash is unreadable
     /// is not indexed, so no token reaches it.
     pub fn consumer_for_token(&self, token: &str) -> Option<Arc<Consumer>> {
+        self.consumer_for_token_at(token, chrono::Utc::now)
+    }
+
+    /// `consumer_for_token` with the wall clock given; it is read only for a previous token.
+    pub fn consumer_for_token_at(
+        &self,
+        token: &str,
+        now: impl FnOnce() -> Timestamp,
+    ) -> Option<Arc<Consumer>> {
         let hash = token_hash(token);
         self.index
             .read()
             .consumers_by_token
             .get(&hash)
-            .filter(|c| c.is_active)
+            .filter(|c| c.is_active && c.accepts(&hash, now))
             .cloned()
     }
 
@@ -679,6 +760,40 @@ impl Pool {
         );
     }
 
+    /// What still uses tier `id`: its keys' count and the consumers (id, name) scoped to it.
+    pub fn tier_users(&self, id: &str) -> (usize, Vec<(String, String)>) {
+        let index = self.index.read();
+        let keys = index.keys.values().filter(|k| &*k.tier_id == id).count();
+        let mut consumers: Vec<(String, String)> = index
+            .consumers
+            .values()
+            .filter(|c| c.scopes.contains(id))
+            .map(|c| (c.id.to_string(), c.name.clone()))
+            .collect();
+        consumers.sort_by(|a, b| a.1.cmp(&b.1));
+        (keys, consumers)
+    }
+
+    /// Removes tier `id` with its features, its keys and every consumer's scope on it.
+    pub fn remove_tier(&self, id: &str) {
+        let mut index = self.index.write();
+        let Some(tier) = index.tiers.remove(id) else {
+            return;
+        };
+        let tier_id: Arc<str> = Arc::from(id);
+        for feature in tier.record.features.keys() {
+            index.unlist(feature, &tier_id);
+        }
+        index.tier_ids_by_name.remove(&tier.record.name);
+        index.keys.retain(|_, k| *k.tier_id != *id);
+        drop(index);
+        for consumer in self.consumers() {
+            if consumer.scopes.contains(id) {
+                self.revoke_scope(&consumer.id, id);
+            }
+        }
+    }
+
     pub fn tier_by_name(&self, name: &str) -> Option<TierRecord> {
         let index = self.index.read();
         let id = index.tier_ids_by_name.get(name)?;
@@ -717,6 +832,32 @@ impl Pool {
             tier.keys.push(key.clone());
         }
         index.keys.insert(key.id.clone(), key);
+    }
+
+    /// Puts `key` where the key with its id was (same tier: same rotation position; another
+    /// tier: appended there), atomically for draws; returns the key it replaced.
+    pub fn replace_key(&self, key: Arc<PoolKey>) -> Option<Arc<PoolKey>> {
+        let mut index = self.index.write();
+        let old = index.keys.insert(key.id.clone(), key.clone());
+        let mut placed = false;
+        if let Some(old) = &old {
+            if let Some(tier) = index.tiers.get_mut(&old.tier_id) {
+                if old.tier_id == key.tier_id {
+                    if let Some(slot) = tier.keys.iter_mut().find(|k| k.id == key.id) {
+                        *slot = key.clone();
+                        placed = true;
+                    }
+                } else {
+                    tier.keys.retain(|k| k.id != key.id);
+                }
+            }
+        }
+        if !placed {
+            if let Some(tier) = index.tiers.get_mut(&key.tier_id) {
+                tier.keys.push(key.clone());
+            }
+        }
+        old
     }
 
     pub fn remove_key(&self, id: &str) -> Option<Arc<PoolKey>> {
@@ -919,12 +1060,23 @@ impl Pool {
                 None
             }
         };
+        let previous_token = record.previous_token.and_then(|(old, until)| {
+            let mut old_hash = [0u8; 32];
+            match hex::decode_to_slice(old.trim(), &mut old_hash) {
+                Ok(()) => Some((old_hash, until)),
+                Err(_) => {
+                    tracing::warn!(consumer_id = %record.id, "previous token hash is unreadable; only the current token works");
+                    None
+                }
+            }
+        });
         let consumer = Consumer {
             id: Arc::from(record.id.as_str()),
             name: record.name,
             description: record.description,
             is_active: record.is_active,
             token_hash: hash,
+            previous_token,
             scopes: record
                 .scopes
                 .iter()
@@ -941,19 +1093,19 @@ impl Pool {
             .consumers
             .insert(consumer.id.clone(), consumer.clone())
         {
-            if let Some(old_hash) = old.token_hash {
+            for old_hash in old.token_hashes() {
                 index.consumers_by_token.remove(&old_hash);
             }
         }
-        if let Some(hash) = consumer.token_hash {
-            index.consumers_by_token.insert(hash, consumer);
+        for hash in consumer.token_hashes() {
+            index.consumers_by_token.insert(hash, consumer.clone());
         }
     }
 
     pub fn remove_consumer(&self, id: &str) -> Option<Arc<Consumer>> {
         let mut index = self.index.write();
         let consumer = index.consumers.remove(id)?;
-        if let Some(hash) = consumer.token_hash {
+        for hash in consumer.token_hashes() {
             index.consumers_by_token.remove(&hash);
         }
         Some(consumer)
@@ -975,12 +1127,21 @@ impl Pool {
         let mut scopes = old.scopes.clone();
         scopes.insert(Arc::from(tier_id));
         self.insert_consumer(Consumer {
-            id: old.id.clone(),
-            name: old.name.clone(),
-            description: old.description.clone(),
-            is_active: old.is_active,
-            token_hash: old.token_hash,
             scopes,
+            ..old.fields()
+        });
+    }
+
+    /// Takes a tier from a consumer's scopes, effective on its next request.
+    pub fn revoke_scope(&self, consumer_id: &str, tier_id: &str) {
+        let Some(old) = self.consumer(consumer_id) else {
+            return;
+        };
+        let mut scopes = old.scopes.clone();
+        scopes.remove(tier_id);
+        self.insert_consumer(Consumer {
+            scopes,
+            ..old.fields()
         });
     }
 }

@@ -53,6 +53,7 @@ fn consumer(id: &str, scopes: &[&str]) -> ConsumerRecord {
         description: String::new(),
         is_active: true,
         scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        previous_token: None,
     }
 }
 
@@ -714,4 +715,140 @@ fn a_tier_of_quarantined_keys_answers_when_the_first_probe_is_due() {
         ),
         other => panic!("{other:?}"),
     }
+}
+
+// Issue 10 item 1: a key's new version (PATCH) shares its counters, so a serve drawn from the
+// old version and committed later counts against the same budget, and a tier move takes the
+// key from the old tier's rotation to the new one at once.
+#[test]
+fn a_patched_key_keeps_its_counters_and_moves_tiers_at_once() {
+    let mut k = key("k", "t1");
+    k.usage_limit = Some(3);
+    let p = pool(
+        vec![tier("t1", &[("f", 100, 60)]), tier("t2", &[("g", 100, 60)])],
+        vec![k.clone()],
+        vec![],
+    );
+    let Draw::Served(held) = p.draw(&Caller::Admin, "f", at(t0()), |r, _| r) else {
+        panic!("served");
+    };
+    let old = p.key("k").unwrap();
+    let mut moved = k.clone();
+    moved.tier_id = "t2".into();
+    moved.sealed_value = "rotated".into();
+    p.replace_key(Arc::new(old.patched(moved, &Sealer::new(None), false)));
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "f", t0()),
+        Draw::Exhausted { .. }
+    ));
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "g", t0()),
+        Draw::Served("k".into())
+    );
+    let new = p.key("k").unwrap();
+    assert_eq!(new.stored_usage().count, 2, "one count for both versions");
+    assert_eq!(new.material.as_ref().unwrap().value.expose(), "rotated");
+    assert_eq!(
+        held.key.material.as_ref().unwrap().value.expose(),
+        "value-of-k"
+    );
+    // A serve of the old version given back frees the shared budget.
+    assert!(new.is_current(&held));
+    held.key.give_back_rate(&held);
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "g", t0()),
+        Draw::Served("k".into())
+    );
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "g", t0()),
+        Draw::Exhausted { .. }
+    ));
+    // A paused version is never drawn; reset_usage starts the count over.
+    p.replace_key(Arc::new(new.patched(k.clone(), &Sealer::new(None), true)));
+    new.reset_usage();
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "f", t0()),
+        Draw::Exhausted { .. }
+    ));
+    p.replace_key(Arc::new(new.patched(k, &Sealer::new(None), false)));
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "f", t0()),
+        Draw::Served("k".into())
+    );
+    assert_eq!(p.key("k").unwrap().stored_usage().count, 1);
+}
+
+// Issue 10 item 2: after a rotation the old token works until its grace ends, the new one
+// throughout; an inactive consumer matches neither.
+#[test]
+fn a_previous_token_works_only_until_its_grace_ends() {
+    let mut c = consumer("c1", &[]);
+    c.token_hash = hex::encode(token_hash("new"));
+    c.previous_token = Some((
+        hex::encode(token_hash("old")),
+        t0() + TimeDelta::seconds(10),
+    ));
+    let p = pool(vec![], vec![], vec![c.clone()]);
+    let before_end = || t0() + TimeDelta::seconds(9);
+    let after_end = || t0() + TimeDelta::seconds(10);
+    assert!(p.consumer_for_token_at("old", before_end).is_some());
+    assert!(p.consumer_for_token_at("old", after_end).is_none());
+    assert!(p.consumer_for_token_at("new", after_end).is_some());
+    assert!(p.consumer_for_token_at("token-c1", before_end).is_none());
+    c.is_active = false;
+    p.put_consumer(c);
+    assert!(p.consumer_for_token_at("old", before_end).is_none());
+    assert!(p.consumer_for_token_at("new", before_end).is_none());
+}
+
+// Issue 10 item 2: removing a tier takes its keys, features and every scope on it.
+#[test]
+fn removing_a_tier_takes_its_keys_and_scopes() {
+    let p = pool(
+        vec![tier("t1", &[("f", 100, 60)]), tier("t2", &[("f", 100, 60)])],
+        vec![key("a", "t1"), key("b", "t2")],
+        vec![consumer("c1", &["t1", "t2"])],
+    );
+    assert_eq!(p.tier_users("t1"), (1, vec![("c1".into(), "c1".into())]));
+    p.remove_tier("t1");
+    assert!(p.key("a").is_none() && p.tier_name("t1").is_none());
+    let c1 = p.consumer("c1").unwrap();
+    assert!(!c1.scopes.contains("t1") && c1.scopes.contains("t2"));
+    for _ in 0..3 {
+        assert_eq!(
+            draw_id(&p, &Caller::Consumer(c1.clone()), "f", t0()),
+            Draw::Served("b".into())
+        );
+    }
+    p.revoke_scope("c1", "t2");
+    let c1 = p.consumer("c1").unwrap();
+    assert_eq!(
+        draw_id(&p, &Caller::Consumer(c1), "f", t0()),
+        Draw::OutOfScope
+    );
+}
+
+// Issue 10 item 1: a serve drawn before a PATCH whose commit then fails frees the budget for
+// the new version too (the "known spent" mark is shared; it was kept per version before, so
+// a lifetime budget stayed spent for the new version until a restart).
+#[test]
+fn a_rollback_of_an_old_version_serve_frees_the_new_version() {
+    let mut k = key("k", "t");
+    k.usage_limit = Some(1);
+    let p = pool(vec![tier("t", &[("f", 100, 60)])], vec![k.clone()], vec![]);
+    let Draw::Served(held) = p.draw(&Caller::Admin, "f", at(t0()), |r, _| r) else {
+        panic!("served");
+    };
+    let old = p.key("k").unwrap();
+    p.replace_key(Arc::new(old.patched(k, &Sealer::new(None), false)));
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "f", t0()),
+        Draw::Exhausted { retry_after: None }
+    ));
+    held.key.revert_usage(&held);
+    held.key.give_back_rate(&held);
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "f", t0()),
+        Draw::Served("k".into())
+    );
 }

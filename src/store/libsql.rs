@@ -320,6 +320,7 @@ impl LibsqlStore {
             (
                 sql::UPDATE_TIER.to_string(),
                 vec![
+                    Value::Text(tier.name.clone()),
                     Value::Text(tier.description.clone()),
                     Value::Text(tier.id.clone()),
                 ],
@@ -427,6 +428,37 @@ impl LibsqlStore {
             ],
         )];
         self.transaction(&statements, false, |_, _| Ok(())).await
+    }
+
+    /// Runs `statements` in one transaction (see `Db::write`); retried only if nothing reached
+    /// the server, else `Uncertain` on a transport failure.
+    pub async fn write(
+        &self,
+        statements: &[super::Statement],
+        must_affect: &[usize],
+    ) -> Result<(), StoreError> {
+        let statements: Vec<(String, Vec<Value>)> = statements
+            .iter()
+            .map(|(statement, params)| {
+                let values = params
+                    .iter()
+                    .map(|p| match p {
+                        super::Param::Text(v) => Value::Text(v.clone()),
+                        super::Param::Int(v) => Value::Integer(*v),
+                        super::Param::Null => Value::Null,
+                    })
+                    .collect();
+                (statement.to_string(), values)
+            })
+            .collect();
+        self.transaction(&statements, false, |i, affected| {
+            if affected == 0 && must_affect.contains(&i) {
+                Err(StoreError::NotFound)
+            } else {
+                Ok(())
+            }
+        })
+        .await
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {

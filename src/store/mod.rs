@@ -12,6 +12,7 @@ use crate::model::{
     TierCooldownWrite, TierRecord, UsageEvent,
 };
 use crate::pool::health::{HealthMemory, HealthRecord, Reason, StateKind};
+use crate::timestamp::Timestamp;
 
 /// Storage failures, as the service cares about them.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +61,189 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "health_memory",
         include_str!("../../migrations/004_health_memory.sql"),
     ),
+    (
+        7,
+        "operate",
+        include_str!("../../migrations/007_operate.sql"),
+    ),
 ];
+
+/// A value bound to a statement of an admin write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Param {
+    Text(String),
+    Int(i64),
+    Null,
+}
+
+impl Param {
+    pub fn text(v: impl Into<String>) -> Param {
+        Param::Text(v.into())
+    }
+
+    pub fn opt_text(v: Option<String>) -> Param {
+        v.map_or(Param::Null, Param::Text)
+    }
+
+    pub fn opt_int(v: Option<i64>) -> Param {
+        v.map_or(Param::Null, Param::Int)
+    }
+}
+
+/// One statement of an admin write: shared SQL text and its bound values.
+pub type Statement = (&'static str, Vec<Param>);
+
+/// A change to a stored key (SPEC §8.3 `PATCH /admin/keys/{id}`): `None` leaves a column as it
+/// is; an inner `None` stores NULL. Counters stay unless `reset_usage`.
+#[derive(Clone, Debug, Default)]
+pub struct KeyUpdate {
+    pub id: String,
+    pub name: Option<String>,
+    /// The new sealed value (see `key_value_rotation`).
+    pub sealed_value: Option<String>,
+    pub tier_id: Option<String>,
+    pub expires_at: Option<Option<Timestamp>>,
+    pub usage_limit: Option<Option<i64>>,
+    pub usage_window_seconds: Option<Option<i64>>,
+    /// A budget window given to a key whose count has none open opens here, so the count so
+    /// far is kept (a windowed count without a start would read as a fresh window).
+    pub window_opens_at: Option<Timestamp>,
+    pub metadata_json: Option<String>,
+    /// (name, sealed value) set or replaced.
+    pub set_secrets: Vec<(String, String)>,
+    pub removed_secrets: Vec<String>,
+    pub reset_usage: bool,
+}
+
+impl KeyUpdate {
+    /// Whether it changes any stored column.
+    pub fn changes_anything(&self) -> bool {
+        self.name.is_some()
+            || self.sealed_value.is_some()
+            || self.tier_id.is_some()
+            || self.expires_at.is_some()
+            || self.usage_limit.is_some()
+            || self.usage_window_seconds.is_some()
+            || self.metadata_json.is_some()
+            || !self.set_secrets.is_empty()
+            || !self.removed_secrets.is_empty()
+            || self.reset_usage
+    }
+
+    /// `key` as the database holds it once the update is stored.
+    pub fn apply_to(&self, mut key: KeyRecord) -> KeyRecord {
+        if let Some(name) = &self.name {
+            key.name = name.clone();
+        }
+        if let Some(sealed) = &self.sealed_value {
+            key.sealed_value = sealed.clone();
+        }
+        if let Some(tier_id) = &self.tier_id {
+            key.tier_id = tier_id.clone();
+        }
+        if let Some(expires_at) = self.expires_at {
+            key.expires_at = expires_at;
+        }
+        if let Some(limit) = self.usage_limit {
+            key.usage_limit = limit;
+        }
+        if let Some(window) = self.usage_window_seconds {
+            key.usage_window_seconds = window;
+        }
+        if self.window_opens_at.is_some() && key.usage_window_start.is_none() {
+            key.usage_window_start = self.window_opens_at;
+        }
+        if let Some(metadata) = &self.metadata_json {
+            key.metadata_json = metadata.clone();
+        }
+        key.secrets
+            .retain(|(name, _)| !self.removed_secrets.contains(name));
+        for (name, sealed) in &self.set_secrets {
+            match key.secrets.iter_mut().find(|(n, _)| n == name) {
+                Some(slot) => slot.1 = sealed.clone(),
+                None => key.secrets.push((name.clone(), sealed.clone())),
+            }
+        }
+        if self.reset_usage {
+            key.usage_count = 0;
+            key.usage_window_start = None;
+        }
+        key
+    }
+
+    /// The statements of the update, in one transaction; the first finds the key (its
+    /// affected-row count is 0 when there is none).
+    pub fn statements(&self) -> Vec<Statement> {
+        let id = || Param::text(&self.id);
+        let mut out: Vec<Statement> = vec![(sql::TOUCH_KEY, vec![id()])];
+        if let Some(name) = &self.name {
+            out.push((sql::SET_KEY_NAME, vec![Param::text(name), id()]));
+        }
+        if let Some(sealed) = &self.sealed_value {
+            out.extend(key_value_rotation(&self.id, sealed));
+        }
+        if let Some(tier_id) = &self.tier_id {
+            out.push((sql::SET_KEY_TIER, vec![Param::text(tier_id), id()]));
+        }
+        if let Some(expires_at) = self.expires_at {
+            let at = Param::opt_text(expires_at.map(crate::timestamp::to_db));
+            out.push((sql::SET_KEY_EXPIRES_AT, vec![at, id()]));
+        }
+        if let Some(limit) = self.usage_limit {
+            out.push((sql::SET_KEY_USAGE_LIMIT, vec![Param::opt_int(limit), id()]));
+        }
+        if let Some(window) = self.usage_window_seconds {
+            out.push((
+                sql::SET_KEY_USAGE_WINDOW,
+                vec![Param::opt_int(window), id()],
+            ));
+        }
+        if let Some(at) = self.window_opens_at {
+            let at = Param::text(crate::timestamp::to_db(at));
+            out.push((sql::OPEN_KEY_USAGE_WINDOW, vec![at, id()]));
+        }
+        if let Some(metadata) = &self.metadata_json {
+            out.push((sql::SET_KEY_METADATA, vec![Param::text(metadata), id()]));
+        }
+        for name in &self.removed_secrets {
+            out.push((sql::DELETE_KEY_SECRET, vec![id(), Param::text(name)]));
+        }
+        for (name, sealed) in &self.set_secrets {
+            let row = vec![id(), Param::text(name), Param::text(sealed)];
+            out.push((sql::UPSERT_KEY_SECRET, row));
+        }
+        if self.reset_usage {
+            out.push((sql::RESET_KEY_USAGE, vec![id()]));
+        }
+        out
+    }
+}
+
+/// Every statement that rotating key `id`'s value to `sealed_value` runs, inside the caller's
+/// transaction. The one place a value changes after creation: whatever is derived from a
+/// value must be updated here too.
+pub fn key_value_rotation(id: &str, sealed_value: &str) -> Vec<Statement> {
+    vec![(
+        sql::SET_KEY_VALUE,
+        vec![Param::text(sealed_value), Param::text(id)],
+    )]
+}
+
+/// Deleting tier `id` (SPEC §8.3 `DELETE /admin/tiers/{name}?force=true`): its features, its
+/// keys with their secrets and health, the scopes naming it, then the tier (affected rows of
+/// the last statement: 0 when there was no such tier). Audit rows stay.
+pub fn tier_deletion(id: &str) -> Vec<Statement> {
+    let id = || vec![Param::text(id)];
+    vec![
+        (sql::DELETE_TIER_FEATURES, id()),
+        (sql::DELETE_SECRETS_OF_TIER, id()),
+        (sql::DELETE_HEALTH_OF_TIER, id()),
+        (sql::DELETE_TIER_COOLDOWN, id()),
+        (sql::DELETE_KEYS_OF_TIER, id()),
+        (sql::DELETE_SCOPES_OF_TIER, id()),
+        (sql::DELETE_TIER, id()),
+    ]
+}
 
 /// The database, whichever driver runs it.
 #[derive(Clone)]
@@ -99,7 +282,7 @@ impl Db {
         dispatch!(self, s => s.create_tier(tier).await)
     }
 
-    /// Replaces a tier's description and feature set in one transaction.
+    /// Replaces a tier's name, description and feature set in one transaction.
     pub async fn update_tier(&self, tier: &TierRecord) -> Result<(), StoreError> {
         dispatch!(self, s => s.update_tier(tier).await)
     }
@@ -124,6 +307,21 @@ impl Db {
 
     pub async fn grant_scope(&self, consumer_id: &str, tier_id: &str) -> Result<(), StoreError> {
         dispatch!(self, s => s.grant_scope(consumer_id, tier_id).await)
+    }
+
+    /// Runs `statements` in one transaction (SPEC §8.3's admin changes). `NotFound` (and
+    /// nothing written) when a statement listed in `must_affect` changed no row.
+    pub async fn write(
+        &self,
+        statements: &[Statement],
+        must_affect: &[usize],
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.write(statements, must_affect).await)
+    }
+
+    /// Changes a stored key in one transaction; `NotFound` if there is no such key.
+    pub async fn update_key(&self, update: &KeyUpdate) -> Result<(), StoreError> {
+        self.write(&update.statements(), &[0]).await
     }
 
     /// One tier with its features as the database holds it now (after a write of unknown
@@ -252,7 +450,10 @@ pub mod sql {
             CAST(usage_window_start AS TEXT), metadata_json, CAST(created_at AS TEXT) FROM keys"
         };
         (key_secrets) => { "SELECT key_id, name, value FROM key_secrets" };
-        (consumers) => { "SELECT id, name, token_hash, description, is_active FROM consumers" };
+        (consumers) => {
+            "SELECT id, name, token_hash, description, is_active, previous_token_hash, \
+            CAST(previous_token_expires_at AS TEXT) FROM consumers"
+        };
         (consumer_scopes) => { "SELECT consumer_id, tier_id FROM consumer_scopes" };
     }
     pub const SELECT_TIERS: &str = select!(tiers);
@@ -270,7 +471,7 @@ pub mod sql {
 
     pub const INSERT_TIER: &str =
         "INSERT INTO tiers (id, name, description, created_at) VALUES (?, ?, ?, ?)";
-    pub const UPDATE_TIER: &str = "UPDATE tiers SET description = ? WHERE id = ?";
+    pub const UPDATE_TIER: &str = "UPDATE tiers SET name = ?, description = ? WHERE id = ?";
     pub const DELETE_TIER_FEATURES: &str = "DELETE FROM tier_features WHERE tier_id = ?";
     pub const INSERT_TIER_FEATURE: &str =
         "INSERT INTO tier_features (tier_id, feature, rate_limit, window_seconds) VALUES (?, ?, ?, ?)";
@@ -290,6 +491,40 @@ pub mod sql {
     pub const DELETE_CONSUMER_SCOPES: &str = "DELETE FROM consumer_scopes WHERE consumer_id = ?";
     pub const INSERT_SCOPE: &str =
         "INSERT OR IGNORE INTO consumer_scopes (consumer_id, tier_id) VALUES (?, ?)";
+
+    // SPEC §8.3: changing and removing what exists.
+    pub const TOUCH_KEY: &str = "UPDATE keys SET id = id WHERE id = ?";
+    pub const SET_KEY_NAME: &str = "UPDATE keys SET name = ? WHERE id = ?";
+    pub const SET_KEY_VALUE: &str = "UPDATE keys SET key_value = ? WHERE id = ?";
+    pub const SET_KEY_TIER: &str = "UPDATE keys SET tier_id = ? WHERE id = ?";
+    pub const SET_KEY_EXPIRES_AT: &str = "UPDATE keys SET expires_at = ? WHERE id = ?";
+    pub const SET_KEY_USAGE_LIMIT: &str = "UPDATE keys SET usage_limit = ? WHERE id = ?";
+    pub const SET_KEY_USAGE_WINDOW: &str = "UPDATE keys SET usage_window_seconds = ? WHERE id = ?";
+    pub const OPEN_KEY_USAGE_WINDOW: &str =
+        "UPDATE keys SET usage_window_start = COALESCE(usage_window_start, ?) WHERE id = ?";
+    pub const SET_KEY_METADATA: &str = "UPDATE keys SET metadata_json = ? WHERE id = ?";
+    pub const RESET_KEY_USAGE: &str =
+        "UPDATE keys SET usage_count = 0, usage_window_start = NULL WHERE id = ?";
+    pub const UPSERT_KEY_SECRET: &str = "INSERT INTO key_secrets (key_id, name, value) \
+        VALUES (?, ?, ?) ON CONFLICT (key_id, name) DO UPDATE SET value = excluded.value";
+    pub const DELETE_KEY_SECRET: &str = "DELETE FROM key_secrets WHERE key_id = ? AND name = ?";
+
+    pub const DELETE_TIER: &str = "DELETE FROM tiers WHERE id = ?";
+    pub const DELETE_TIER_COOLDOWN: &str = "DELETE FROM tier_health WHERE tier_id = ?";
+    pub const DELETE_SECRETS_OF_TIER: &str =
+        "DELETE FROM key_secrets WHERE key_id IN (SELECT id FROM keys WHERE tier_id = ?)";
+    pub const DELETE_HEALTH_OF_TIER: &str =
+        "DELETE FROM key_health WHERE key_id IN (SELECT id FROM keys WHERE tier_id = ?)";
+    pub const DELETE_KEYS_OF_TIER: &str = "DELETE FROM keys WHERE tier_id = ?";
+    pub const DELETE_SCOPES_OF_TIER: &str = "DELETE FROM consumer_scopes WHERE tier_id = ?";
+
+    pub const UPDATE_CONSUMER: &str =
+        "UPDATE consumers SET name = ?, description = ?, is_active = ? WHERE id = ?";
+    /// A new token; the old one (or nothing) is kept until the grace ends.
+    pub const ROTATE_TOKEN: &str = "UPDATE consumers SET token_hash = ?, \
+        previous_token_hash = ?, previous_token_expires_at = ? WHERE id = ?";
+    pub const DELETE_SCOPE: &str =
+        "DELETE FROM consumer_scopes WHERE consumer_id = ? AND tier_id = ?";
 
     /// `julianday` orders the mixed forms of a Go database by time but keeps only
     /// milliseconds; within one, the text (same canonical form) orders the microseconds.
@@ -655,13 +890,18 @@ fn keep_secret(rows: &mut SnapshotRows, r: &dyn Cells) {
 }
 
 fn keep_consumer(rows: &mut SnapshotRows, r: &dyn Cells) {
+    let id = r.text(0).unwrap_or_default();
     rows.consumers.push(ConsumerRecord {
-        id: r.text(0).unwrap_or_default(),
         name: r.text(1).unwrap_or_default(),
         token_hash: r.text(2).unwrap_or_default(),
         description: r.text(3).unwrap_or_default(),
         is_active: r.int(4).unwrap_or(1) != 0,
         scopes: Vec::new(),
+        previous_token: r.text(5).and_then(|hash| {
+            let until = parse_stored_time(r.text(6), "previous_token_expires_at", &id)?;
+            Some((hash, until))
+        }),
+        id,
     })
 }
 

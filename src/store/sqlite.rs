@@ -312,6 +312,7 @@ impl SqliteStore {
         let mut tx = WriteTx::begin(&self.pool).await?;
         let outcome = async {
             let updated = sqlx::query(sql::UPDATE_TIER)
+                .bind(&tier.name)
                 .bind(&tier.description)
                 .bind(&tier.id)
                 .execute(tx.conn())
@@ -424,6 +425,34 @@ impl SqliteStore {
             .await
             .map_err(map_err)
             .map(|_| ())
+    }
+
+    /// Runs `statements` in one `BEGIN IMMEDIATE` transaction (see `Db::write`).
+    pub async fn write(
+        &self,
+        statements: &[super::Statement],
+        must_affect: &[usize],
+    ) -> Result<(), StoreError> {
+        let mut tx = WriteTx::begin(&self.pool).await?;
+        let outcome = async {
+            for (i, (statement, params)) in statements.iter().enumerate() {
+                let mut query = sqlx::query(statement);
+                for param in params {
+                    query = match param {
+                        super::Param::Text(v) => query.bind(v.clone()),
+                        super::Param::Int(v) => query.bind(*v),
+                        super::Param::Null => query.bind(None::<String>),
+                    };
+                }
+                let done = query.execute(tx.conn()).await.map_err(map_err)?;
+                if done.rows_affected() == 0 && must_affect.contains(&i) {
+                    return Err(StoreError::NotFound);
+                }
+            }
+            Ok(())
+        }
+        .await;
+        tx.finish(outcome).await
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {

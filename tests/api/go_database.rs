@@ -474,11 +474,17 @@ async fn go_database() -> (tempfile::TempDir, PathBuf, GoFixture) {
 // ---------------------------------------------------------------------------------------------
 
 /// Columns our migrations add to a Go table (SPEC §8: additive), as `ALTER TABLE` writes them
-/// into its `CREATE TABLE` text: issue 9's outcome columns on `usage_events` (migration 003).
-const ADDED_COLUMNS: [(&str, &str); 3] = [
+/// into its `CREATE TABLE` text: issue 9's outcome columns on `usage_events` (migration 003),
+/// issue 10's previous-token columns on `consumers` (migration 007).
+const ADDED_COLUMNS: [(&str, &str); 5] = [
     ("outcome_class", ", outcome_class TEXT"),
     ("outcome_status", ", outcome_status INTEGER"),
     ("outcome_reported_at", ", outcome_reported_at TIMESTAMP"),
+    ("previous_token_hash", ", previous_token_hash TEXT"),
+    (
+        "previous_token_expires_at",
+        ", previous_token_expires_at TIMESTAMP",
+    ),
 ];
 
 /// Every row of `table` in rowid order, each column `quote()`d (type-preserving), headed by

@@ -457,8 +457,8 @@ async fn patch_is_active_disables_and_enables_a_key_and_clears_automatic_states(
 
     // Bad PATCH bodies: 400 naming the field, nothing changed; unknown key 404.
     for (body, needle) in [
-        (json!({ "name": "x" }), "name"),
-        (json!({ "usage_limit": 5 }), "usage_limit"),
+        (json!({ "name": " " }), "name"),
+        (json!({ "usage_limit": 0 }), "usage_limit"),
         (json!({ "is_active": "yes" }), "is_active"),
         (json!({}), "is_active"),
         (json!({ "colour": 1 }), "colour"),
@@ -467,7 +467,6 @@ async fn patch_is_active_disables_and_enables_a_key_and_clears_automatic_states(
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text);
         assert!(r.error().contains(needle), "{body}: {}", r.text);
     }
-    assert!(app.admin_send(reqwest::Method::PATCH, &path, Some(&json!({ "name": "x" }))).await.error().contains("not supported yet"));
     let missing = app.admin_send(reqwest::Method::PATCH, &format!("/admin/keys/{}", uuid::Uuid::new_v4()), Some(&json!({ "is_active": false }))).await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     assert_eq!(app.health_of(&ids[0]).await["state"], "active");

@@ -16,5 +16,6 @@ mod health;
 mod health_states;
 mod observe;
 mod openapi;
+mod operate;
 mod process;
 mod remote;

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 
 /// Every route of the router (SPEC §6 and §8.1), as the README's endpoint table lists them.
-const ROUTES: [(&str, &str); 20] = [
+const ROUTES: [(&str, &str); 24] = [
     ("GET", "/health"),
     ("GET", "/livez"),
     ("GET", "/readyz"),
@@ -20,6 +20,7 @@ const ROUTES: [(&str, &str); 20] = [
     ("GET", "/admin/tiers"),
     ("POST", "/admin/tiers"),
     ("PATCH", "/admin/tiers"),
+    ("DELETE", "/admin/tiers/{name}"),
     ("GET", "/admin/keys"),
     ("POST", "/admin/keys"),
     ("DELETE", "/admin/keys/{id}"),
@@ -27,7 +28,10 @@ const ROUTES: [(&str, &str); 20] = [
     ("GET", "/admin/consumers"),
     ("POST", "/admin/consumers"),
     ("DELETE", "/admin/consumers/{id}"),
+    ("PATCH", "/admin/consumers/{id}"),
     ("POST", "/admin/consumers/{id}/scopes"),
+    ("POST", "/admin/consumers/{id}/token"),
+    ("DELETE", "/admin/consumers/{id}/scopes/{tier}"),
     ("GET", "/admin/usage"),
     ("POST", "/serves/{serve_id}/outcome"),
 ];
@@ -52,6 +56,8 @@ fn operations(document: &Value) -> BTreeSet<(String, String)> {
 fn concrete(path: &str) -> String {
     path.replace("{id}", "00000000-0000-4000-8000-000000000000")
         .replace("{serve_id}", "00000000-0000-7000-8000-000000000000")
+        .replace("{name}", "no-such-tier")
+        .replace("{tier}", "no-such-tier")
 }
 
 /// Whether an answer is the router's own "no such route" or "wrong method" fallback.
