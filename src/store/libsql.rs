@@ -18,7 +18,8 @@ use libsql::{params::Params, TransactionBehavior, Value};
 use tokio::sync::Semaphore;
 
 use super::{
-    key_health, sql, usage_event, Batch, Cells, SnapshotRead, SnapshotRows, StoreError, MIGRATIONS,
+    key_health, sql, usage_event, Batch, Cells, Param, SnapshotRead, SnapshotRows, StoreError,
+    MIGRATIONS,
 };
 use crate::config::Config;
 use crate::model::{ConsumerRecord, KeyRecord, Snapshot, TierRecord, UsageEvent};
@@ -340,7 +341,11 @@ impl LibsqlStore {
         .await
     }
 
-    pub async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+    pub async fn create_key(
+        &self,
+        key: &KeyRecord,
+        value_hash: Option<&str>,
+    ) -> Result<(), StoreError> {
         let opt_text = |v: Option<String>| v.map(Value::Text).unwrap_or(Value::Null);
         let opt_int = |v: Option<i64>| v.map(Value::Integer).unwrap_or(Value::Null);
         let mut statements = vec![(
@@ -360,6 +365,12 @@ impl LibsqlStore {
                 opt_text(key.created_at.map(to_db)),
             ],
         )];
+        if let Some(hash) = value_hash {
+            statements.push((
+                sql::SET_VALUE_HASH.to_string(),
+                vec![Value::Text(hash.to_string()), Value::Text(key.id.clone())],
+            ));
+        }
         for (name, value) in &key.secrets {
             statements.push((
                 sql::INSERT_KEY_SECRET.to_string(),
@@ -371,6 +382,49 @@ impl LibsqlStore {
             ));
         }
         self.transaction(&statements, false, |_, _| Ok(())).await
+    }
+
+    pub async fn select(
+        &self,
+        statement: &str,
+        params: &[Param],
+    ) -> Result<Vec<Vec<Option<String>>>, StoreError> {
+        self.run(|conn| async move {
+            let mut rows = conn
+                .query(statement, Params::Positional(values(params)))
+                .await
+                .map_err(|e| self.err(e))?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().await.map_err(|e| self.err(e))? {
+                out.push((0..r.column_count().max(0) as usize).map(|i| r.text(i)).collect());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Not retried once sent (see `transaction`): an unconfirmed commit is `Uncertain`.
+    pub async fn write_all(
+        &self,
+        statements: &[(&str, Vec<Param>)],
+        expect: &[Option<u64>],
+    ) -> Result<Vec<u64>, StoreError> {
+        let statements: Vec<(String, Vec<Value>)> = statements
+            .iter()
+            .map(|(s, p)| (s.to_string(), values(p)))
+            .collect();
+        let counts = std::sync::Mutex::new(vec![0u64; statements.len()]);
+        self.transaction(&statements, false, |i, affected| {
+            if expect.get(i).copied().flatten().is_some_and(|n| n != affected) {
+                return Err(StoreError::Conflict);
+            }
+            if let Ok(mut counts) = counts.lock() {
+                counts[i] = affected;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(counts.into_inner().unwrap_or_default())
     }
 
     pub async fn delete_key(&self, id: &str) -> Result<(), StoreError> {
@@ -554,6 +608,16 @@ fn feature_rows(tier: &TierRecord) -> Vec<(String, Vec<Value>)> {
                     Value::Integer(limit.window_seconds),
                 ],
             )
+        })
+        .collect()
+}
+
+fn values(params: &[Param]) -> Vec<Value> {
+    params
+        .iter()
+        .map(|p| match p {
+            Param::Text(t) => Value::Text(t.clone()),
+            Param::Int(n) => Value::Integer(*n),
         })
         .collect()
 }

@@ -42,6 +42,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "key_health",
         include_str!("../../migrations/003_key_health.sql"),
     ),
+    (
+        6,
+        "value_hash",
+        include_str!("../../migrations/006_value_hash.sql"),
+    ),
 ];
 
 /// The database, whichever driver runs it.
@@ -87,7 +92,200 @@ impl Db {
     }
 
     pub async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
-        dispatch!(self, s => s.create_key(key).await)
+        dispatch!(self, s => s.create_key(key, None).await)
+    }
+
+    /// Creates a key with the keyed hash of its value (`Sealer::value_hash`), in one transaction.
+    pub async fn create_key_hashed(
+        &self,
+        key: &KeyRecord,
+        value_hash: &str,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.create_key(key, Some(value_hash)).await)
+    }
+
+    /// Rows of a read-only statement, each cell as text (NULL as `None`).
+    async fn select(&self, sql: &str, params: &[Param]) -> Result<Vec<Vec<Option<String>>>, StoreError> {
+        dispatch!(self, s => s.select(sql, params).await)
+    }
+
+    /// Runs `statements` in one transaction. `expect[i]`, when given, is the number of rows
+    /// statement `i` must change; any other count rolls it all back with `Conflict`.
+    async fn write_all(
+        &self,
+        statements: &[(&str, Vec<Param>)],
+        expect: &[Option<u64>],
+    ) -> Result<Vec<u64>, StoreError> {
+        dispatch!(self, s => s.write_all(statements, expect).await)
+    }
+
+    /// Every key's id with its stored value hash.
+    pub async fn key_value_hashes(&self) -> Result<Vec<(String, Option<String>)>, StoreError> {
+        let rows = self.select(sql::KEY_VALUE_HASHES, &[]).await?;
+        Ok(rows
+            .into_iter()
+            .map(|mut r| {
+                let hash = r.pop().flatten();
+                (r.pop().flatten().unwrap_or_default(), hash)
+            })
+            .collect())
+    }
+
+    /// Sets `(key id, value hash)` pairs in one transaction (a key deleted meanwhile is skipped).
+    /// For a key whose value changes (rotation), write its hash with the new value instead.
+    pub async fn set_value_hashes(&self, hashes: &[(String, String)]) -> Result<(), StoreError> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let batch = serde_json::to_string(hashes).unwrap_or_else(|_| "[]".into());
+        self.write_all(&[(sql::SET_VALUE_HASHES, vec![Param::Text(batch)])], &[None])
+            .await
+            .map(|_| ())
+    }
+
+    /// Which of `hashes` a key of tier `tier_id` already has: hash → that key's id.
+    pub async fn existing_hashes(
+        &self,
+        tier_id: &str,
+        hashes: &[String],
+    ) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        let list = serde_json::to_string(hashes).unwrap_or_else(|_| "[]".into());
+        let rows = self
+            .select(
+                sql::HASHES_IN_TIER,
+                &[Param::Text(tier_id.to_string()), Param::Text(list)],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|mut r| {
+                let id = r.pop().flatten()?;
+                Some((r.pop().flatten()?, id))
+            })
+            .collect())
+    }
+
+    /// Inserts keys (each with its value hash) and their secrets in one transaction. A key whose
+    /// hash its tier already holds is not inserted, and then nothing is (`Conflict`).
+    pub async fn import_keys(&self, keys: &[(KeyRecord, String)]) -> Result<(), StoreError> {
+        use crate::timestamp::to_db;
+        type Row<'a> = (
+            &'a str,
+            &'a str,
+            &'a str,
+            &'a str,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+            &'a str,
+            Option<String>,
+            &'a str,
+        );
+        let rows: Vec<Row> = keys
+            .iter()
+            .map(|(k, hash)| {
+                (
+                    k.id.as_str(),
+                    k.name.as_str(),
+                    k.sealed_value.as_str(),
+                    k.tier_id.as_str(),
+                    k.expires_at.map(to_db),
+                    k.usage_limit,
+                    k.usage_window_seconds,
+                    k.metadata_json.as_str(),
+                    k.created_at.map(to_db),
+                    hash.as_str(),
+                )
+            })
+            .collect();
+        let secrets: Vec<(&str, &str, &str)> = keys
+            .iter()
+            .flat_map(|(k, _)| {
+                k.secrets
+                    .iter()
+                    .map(|(n, v)| (k.id.as_str(), n.as_str(), v.as_str()))
+            })
+            .collect();
+        self.write_all(
+            &[
+                (sql::IMPORT_KEYS, vec![Param::Text(json(&rows))]),
+                (sql::IMPORT_SECRETS, vec![Param::Text(json(&secrets))]),
+            ],
+            &[Some(keys.len() as u64), Some(secrets.len() as u64)],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Rekey: up to `limit` keys after id `after`, by id: (id, stored value, value hash).
+    pub async fn keys_page(
+        &self,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
+        let rows = self
+            .select(
+                sql::KEYS_PAGE,
+                &[Param::Text(after.to_string()), Param::Int(limit)],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let mut r = r.into_iter();
+                let mut next = || r.next().flatten();
+                (next().unwrap_or_default(), next().unwrap_or_default(), next())
+            })
+            .collect())
+    }
+
+    /// Rekey: up to `limit` secrets after `(key_id, name)`: (key id, name, stored value).
+    pub async fn secrets_page(
+        &self,
+        after: (&str, &str),
+        limit: i64,
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        let rows = self
+            .select(
+                sql::SECRETS_PAGE,
+                &[
+                    Param::Text(after.0.to_string()),
+                    Param::Text(after.1.to_string()),
+                    Param::Int(limit),
+                ],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let mut r = r.into_iter();
+                let mut next = || r.next().flatten().unwrap_or_default();
+                (next(), next(), next())
+            })
+            .collect())
+    }
+
+    /// Rekey: in one transaction, each key `(id, old value, new value, hash)` and each secret
+    /// `(key id, name, old value, new value)` takes its new value only where it still holds the
+    /// old one (a value rotated meanwhile keeps its rotation). Returns the rows changed: keys
+    /// re-sealed, keys whose hash alone changed, secrets re-sealed.
+    pub async fn reseal(
+        &self,
+        keys: &[(String, String, String, String)],
+        hash_only: &[(String, String, String, String)],
+        secrets: &[(String, String, String, String)],
+    ) -> Result<(u64, u64, u64), StoreError> {
+        let counts = self
+            .write_all(
+                &[
+                    (sql::RESEAL_KEYS, vec![Param::Text(json(keys))]),
+                    (sql::RESEAL_KEYS, vec![Param::Text(json(hash_only))]),
+                    (sql::RESEAL_SECRETS, vec![Param::Text(json(secrets))]),
+                ],
+                &[None, None, None],
+            )
+            .await?;
+        Ok((counts[0], counts[1], counts[2]))
     }
 
     /// Deletes a key and its secrets; `NotFound` if there was no such key.
@@ -185,6 +383,19 @@ impl Db {
     }
 }
 
+/// A bound value of the generic statements (`Db::select`, `Db::write_all`).
+#[derive(Clone, Debug)]
+pub enum Param {
+    Text(String),
+    Int(i64),
+}
+
+/// A batch as the JSON array its statement reads with `json_each`.
+fn json<T: serde::Serialize + ?Sized>(batch: &T) -> String {
+    // Strings, integers and null cannot fail to serialise.
+    serde_json::to_string(batch).unwrap_or_else(|_| "[]".into())
+}
+
 /// What one group commit writes.
 #[derive(Default)]
 pub struct Batch<'a> {
@@ -260,6 +471,40 @@ pub mod sql {
     pub const DELETE_CONSUMER_SCOPES: &str = "DELETE FROM consumer_scopes WHERE consumer_id = ?";
     pub const INSERT_SCOPE: &str =
         "INSERT OR IGNORE INTO consumer_scopes (consumer_id, tier_id) VALUES (?, ?)";
+
+    /// Keyed value hashes (SPEC §8.3 import and rekey; `Sealer::value_hash`).
+    pub const KEY_VALUE_HASHES: &str = "SELECT id, value_hash FROM keys";
+    /// `[[key_id, hash], …]`.
+    pub const SET_VALUE_HASHES: &str = "UPDATE keys SET value_hash = batch.value ->> 1 \
+        FROM json_each(?) AS batch WHERE keys.id = batch.value ->> 0";
+    pub const SET_VALUE_HASH: &str = "UPDATE keys SET value_hash = ? WHERE id = ?";
+    /// (hash, id) of the keys of tier `?` whose hash is in the JSON array `?`.
+    pub const HASHES_IN_TIER: &str = "SELECT value_hash, id FROM keys WHERE tier_id = ? \
+        AND value_hash IN (SELECT value FROM json_each(?))";
+    /// `[[id, name, key_value, tier_id, expires_at, usage_limit, usage_window_seconds,
+    /// metadata_json, created_at, value_hash], …]`; a value its tier already holds is skipped
+    /// (the caller expects every row inserted, so a skip rolls the import back).
+    pub const IMPORT_KEYS: &str = "INSERT INTO keys (id, name, key_value, tier_id, is_active, \
+        expires_at, usage_limit, usage_count, usage_window_seconds, usage_window_start, \
+        metadata_json, created_at, value_hash) SELECT b.value ->> 0, b.value ->> 1, \
+        b.value ->> 2, b.value ->> 3, 1, b.value ->> 4, b.value ->> 5, 0, b.value ->> 6, NULL, \
+        b.value ->> 7, b.value ->> 8, b.value ->> 9 FROM json_each(?) AS b WHERE NOT EXISTS \
+        (SELECT 1 FROM keys AS k WHERE k.tier_id = b.value ->> 3 AND k.value_hash = b.value ->> 9)";
+    /// `[[key_id, name, value], …]`.
+    pub const IMPORT_SECRETS: &str = "INSERT INTO key_secrets (key_id, name, value) \
+        SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?)";
+    pub const KEYS_PAGE: &str =
+        "SELECT id, key_value, value_hash FROM keys WHERE id > ? ORDER BY id LIMIT ?";
+    pub const SECRETS_PAGE: &str = "SELECT key_id, name, value FROM key_secrets \
+        WHERE (key_id, name) > (?, ?) ORDER BY key_id, name LIMIT ?";
+    /// `[[id, old value, new value, hash], …]`: only where the old value is still stored.
+    pub const RESEAL_KEYS: &str = "UPDATE keys SET key_value = b.value ->> 2, \
+        value_hash = b.value ->> 3 FROM json_each(?) AS b WHERE keys.id = b.value ->> 0 \
+        AND keys.key_value = b.value ->> 1";
+    /// `[[key_id, name, old value, new value], …]`: only where the old value is still stored.
+    pub const RESEAL_SECRETS: &str = "UPDATE key_secrets SET value = b.value ->> 3 \
+        FROM json_each(?) AS b WHERE key_secrets.key_id = b.value ->> 0 \
+        AND key_secrets.name = b.value ->> 1 AND key_secrets.value = b.value ->> 2";
 
     /// `julianday` orders the mixed forms of a Go database by time but keeps only
     /// milliseconds; within one, the text (same canonical form) orders the microseconds.
