@@ -698,13 +698,19 @@ mod tests {
             ])
             .unwrap_err()
             .to_string();
-            assert!(e.contains("ENCRYPTION_KEY_PREVIOUS") && e.contains("64 hex"), "{e}");
+            assert!(
+                e.contains("ENCRYPTION_KEY_PREVIOUS") && e.contains("64 hex"),
+                "{e}"
+            );
             assert!(!e.contains(&b) && !e.contains("zz"), "{e}");
         }
         let e = cfg(&[("ADMIN_TOKEN", "t"), ("ENCRYPTION_KEY_PREVIOUS", &b)])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("ENCRYPTION_KEY_PREVIOUS") && !e.contains(&b), "{e}");
+        assert!(
+            e.contains("ENCRYPTION_KEY_PREVIOUS") && !e.contains(&b),
+            "{e}"
+        );
     }
 
     fn os(bytes: &[u8]) -> OsString {

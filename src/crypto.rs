@@ -137,16 +137,12 @@ impl Sealer {
             return Err(SealError::Malformed("too short"));
         }
         let (nonce, sealed) = raw.split_at(NONCE_LEN);
-        let candidates = self
-            .cipher
-            .iter()
-            .map(|c| (c, OpenedWith::Current))
-            .chain(
-                self.previous
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| (c, OpenedWith::Previous(i))),
-            );
+        let candidates = self.cipher.iter().map(|c| (c, OpenedWith::Current)).chain(
+            self.previous
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c, OpenedWith::Previous(i))),
+        );
         for (cipher, which) in candidates {
             if let Ok(plain) = cipher.decrypt(Nonce::from_slice(nonce), sealed) {
                 return String::from_utf8(plain)
@@ -264,27 +260,25 @@ mod tests {
         assert_eq!((v.expose(), which), ("vb", OpenedWith::Previous(1)));
         let (v, which) = rotated.open_which(&under_c).unwrap();
         assert_eq!((v.expose(), which), ("vc", OpenedWith::Current));
-        assert_eq!(
-            rotated.open_which("plain").unwrap().1,
-            OpenedWith::Plain
-        );
+        assert_eq!(rotated.open_which("plain").unwrap().1, OpenedWith::Plain);
         // New writes use the current key only.
         let sealed = rotated.seal(&Secret::new("new")).unwrap();
-        assert_eq!(
-            Sealer::new(Some(c)).open(&sealed).unwrap().expose(),
-            "new"
-        );
+        assert_eq!(Sealer::new(Some(c)).open(&sealed).unwrap().expose(), "new");
         assert_eq!(
             Sealer::new(Some(a)).open(&sealed).unwrap_err(),
             SealError::Authentication
         );
         // A key that is neither current nor previous does not open.
         assert_eq!(
-            Sealer::with_previous(Some(c), &[b]).open(&under_a).unwrap_err(),
+            Sealer::with_previous(Some(c), &[b])
+                .open(&under_a)
+                .unwrap_err(),
             SealError::Authentication
         );
         assert_eq!(
-            Sealer::with_previous(Some(c), &[b]).open(VECTOR).unwrap_err(),
+            Sealer::with_previous(Some(c), &[b])
+                .open(VECTOR)
+                .unwrap_err(),
             SealError::Authentication
         );
     }

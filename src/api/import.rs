@@ -43,8 +43,9 @@ pub struct ImportBody {
     /// The tier every key joins (must exist).
     #[schema(schema_with = name_schema)]
     tier: String,
+    /// Each item is read on its own (see `parse_item`), so an error names its index and field.
     #[schema(schema_with = import_keys_schema)]
-    keys: Vec<ImportItem>,
+    keys: Vec<Value>,
     /// `true`: change nothing, answer what would happen.
     #[serde(default)]
     dry_run: bool,
@@ -91,7 +92,10 @@ impl ImportItem {
 
 fn nullable(t: Type) -> Object {
     ObjectBuilder::new()
-        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([t, Type::Null]))
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+            t,
+            Type::Null,
+        ]))
         .build()
 }
 
@@ -158,8 +162,20 @@ pub struct ImportReport {
 
 /// An item that passed its rules: sealed and hashed, ready to insert.
 struct Ready {
+    /// The record with the plaintext value and secrets, sealed by `seal` only if created.
     record: KeyRecord,
     hash: String,
+}
+
+/// Seals a prepared record's value and secrets (only what will be created pays for it).
+fn seal(state: &SharedState, record: &mut KeyRecord) -> Result<(), ApiError> {
+    let sealer = &state.sealer;
+    let seal = |v: &str| sealer.seal(&Secret::new(v)).map_err(|_| ApiError::Internal);
+    record.sealed_value = seal(&record.sealed_value)?;
+    for (_, value) in record.secrets.iter_mut() {
+        *value = seal(value)?;
+    }
+    Ok(())
 }
 
 fn reason(e: ApiError) -> String {
@@ -169,7 +185,47 @@ fn reason(e: ApiError) -> String {
     }
 }
 
-/// Checks, seals and hashes one item (outside the admin lock: CPU only).
+/// Reads `T` from a JSON object; a wrong shape is a bad request naming `{at}field`. serde
+/// names a missing or unknown field itself, but not one of the wrong type: that one is found
+/// by reading each field alone beside `stand_ins` for the required ones.
+fn read_named<T: serde::de::DeserializeOwned>(
+    fields: serde_json::Map<String, Value>,
+    at: &str,
+    stand_ins: &[(&str, Value)],
+) -> Result<T, ApiError> {
+    serde_json::from_value::<T>(Value::Object(fields.clone())).map_err(|e| {
+        let culprit = fields.iter().find(|(name, value)| {
+            let mut alone: serde_json::Map<String, Value> = stand_ins
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.clone()))
+                .collect();
+            alone.insert((*name).clone(), (*value).clone());
+            serde_json::from_value::<T>(Value::Object(alone)).is_err()
+        });
+        match culprit {
+            Some((name, _)) => ApiError::BadRequest(format!("{at}{name}: {e}")),
+            None if at.is_empty() => ApiError::BadRequest(format!("invalid JSON body: {e}")),
+            None => ApiError::BadRequest(format!("{}: {e}", at.trim_end_matches('.'))),
+        }
+    })
+}
+
+/// Reads item `index` of `keys` (see `read_named`).
+fn parse_item(index: usize, raw: Value) -> Result<ImportItem, ApiError> {
+    let Value::Object(fields) = raw else {
+        return Err(ApiError::BadRequest(format!(
+            "keys[{index}] must be a JSON object"
+        )));
+    };
+    let blank = || Value::String(String::new());
+    read_named(
+        fields,
+        &format!("keys[{index}]."),
+        &[("name", blank()), ("key", blank())],
+    )
+}
+
+/// Checks and hashes one item (outside the admin lock: CPU only); not sealed yet.
 fn prepare(
     item: ImportItem,
     tier: &str,
@@ -198,24 +254,12 @@ fn prepare(
         metadata,
         secrets,
     } = check_key(&mut body, now).map_err(reason)?;
-    let sealer = &state.sealer;
-    let value = Secret::new(body.key);
-    let sealed_value = sealer
-        .seal(&value)
-        .map_err(|_| "the value could not be sealed".to_string())?;
-    let mut sealed_secrets = Vec::with_capacity(secrets.len());
-    for (name, v) in secrets {
-        let sealed = sealer
-            .seal(&Secret::new(v))
-            .map_err(|_| "a secret could not be sealed".to_string())?;
-        sealed_secrets.push((name, sealed));
-    }
     Ok(Ready {
-        hash: sealer.value_hash(&value),
+        hash: state.sealer.value_hash(&Secret::new(body.key.as_str())),
         record: KeyRecord {
             id: uuid::Uuid::new_v4().to_string(),
             name: body.name,
-            sealed_value,
+            sealed_value: body.key,
             tier_id: String::new(),
             is_active: true,
             expires_at,
@@ -225,7 +269,7 @@ fn prepare(
             usage_window_start: None,
             metadata_json: Value::Object(metadata).to_string(),
             created_at: Some(now),
-            secrets: sealed_secrets,
+            secrets: secrets.into_iter().collect(),
         },
     })
 }
@@ -249,8 +293,16 @@ pub async fn import(
     _: Admin,
     State(state): State<SharedState>,
     marker: WriteMarker,
-    JsonBody(body): JsonBody<ImportBody>,
+    JsonBody(fields): JsonBody<serde_json::Map<String, Value>>,
 ) -> Result<Json<ImportReport>, ApiError> {
+    let body: ImportBody = read_named(
+        fields,
+        "",
+        &[
+            ("tier", Value::String("t".into())),
+            ("keys", Value::Array(Vec::new())),
+        ],
+    )?;
     check_name("tier", &body.tier)?;
     if body.keys.len() > MAX_IMPORT_KEYS {
         return Err(ApiError::BadRequest(format!(
@@ -261,8 +313,13 @@ pub async fn import(
     let now = Utc::now();
     let tier_name = body.tier;
     let dry_run = body.dry_run;
-    let prepared: Vec<Result<Ready, String>> = body
+    let items = body
         .keys
+        .into_iter()
+        .enumerate()
+        .map(|(index, raw)| parse_item(index, raw))
+        .collect::<Result<Vec<_>, _>>()?;
+    let prepared: Vec<Result<Ready, String>> = items
         .into_iter()
         .map(|item| prepare(item, &tier_name, &state, now))
         .collect();
@@ -303,9 +360,16 @@ pub async fn import(
                 results.push(result(ImportStatus::Existing, id, Some(why)));
             } else {
                 ready.record.tier_id = tier.id.clone();
+                if !dry_run {
+                    seal(&state, &mut ready.record)?;
+                }
                 let id = ready.record.id.clone();
                 first.insert(ready.hash.clone(), (index, id.clone()));
-                results.push(result(ImportStatus::Created, (!dry_run).then_some(id), None));
+                results.push(result(
+                    ImportStatus::Created,
+                    (!dry_run).then_some(id),
+                    None,
+                ));
                 to_create.push((ready.record, ready.hash));
             }
         }

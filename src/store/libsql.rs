@@ -396,7 +396,11 @@ impl LibsqlStore {
                 .map_err(|e| self.err(e))?;
             let mut out = Vec::new();
             while let Some(r) = rows.next().await.map_err(|e| self.err(e))? {
-                out.push((0..r.column_count().max(0) as usize).map(|i| r.text(i)).collect());
+                out.push(
+                    (0..r.column_count().max(0) as usize)
+                        .map(|i| r.text(i))
+                        .collect(),
+                );
             }
             Ok(out)
         })
@@ -415,7 +419,12 @@ impl LibsqlStore {
             .collect();
         let counts = std::sync::Mutex::new(vec![0u64; statements.len()]);
         self.transaction(&statements, false, |i, affected| {
-            if expect.get(i).copied().flatten().is_some_and(|n| n != affected) {
+            if expect
+                .get(i)
+                .copied()
+                .flatten()
+                .is_some_and(|n| n != affected)
+            {
                 return Err(StoreError::Conflict);
             }
             if let Ok(mut counts) = counts.lock() {

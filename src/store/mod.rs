@@ -105,7 +105,11 @@ impl Db {
     }
 
     /// Rows of a read-only statement, each cell as text (NULL as `None`).
-    async fn select(&self, sql: &str, params: &[Param]) -> Result<Vec<Vec<Option<String>>>, StoreError> {
+    async fn select(
+        &self,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<Vec<Vec<Option<String>>>, StoreError> {
         dispatch!(self, s => s.select(sql, params).await)
     }
 
@@ -138,9 +142,12 @@ impl Db {
             return Ok(());
         }
         let batch = serde_json::to_string(hashes).unwrap_or_else(|_| "[]".into());
-        self.write_all(&[(sql::SET_VALUE_HASHES, vec![Param::Text(batch)])], &[None])
-            .await
-            .map(|_| ())
+        self.write_all(
+            &[(sql::SET_VALUE_HASHES, vec![Param::Text(batch)])],
+            &[None],
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Which of `hashes` a key of tier `tier_id` already has: hash → that key's id.
@@ -234,7 +241,11 @@ impl Db {
             .map(|r| {
                 let mut r = r.into_iter();
                 let mut next = || r.next().flatten();
-                (next().unwrap_or_default(), next().unwrap_or_default(), next())
+                (
+                    next().unwrap_or_default(),
+                    next().unwrap_or_default(),
+                    next(),
+                )
             })
             .collect())
     }
