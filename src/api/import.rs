@@ -103,8 +103,16 @@ fn nullable_string() -> Object {
     nullable(Type::String)
 }
 
+/// Any whole number that fits in 64 bits (what is read); the rules are checked per item.
 fn nullable_integer() -> Object {
-    nullable(Type::Integer)
+    ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+            Type::Integer,
+            Type::Null,
+        ]))
+        .minimum(Some(i64::MIN))
+        .maximum(Some(i64::MAX))
+        .build()
 }
 
 fn nullable_object() -> Object {

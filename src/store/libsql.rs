@@ -112,7 +112,17 @@ impl LibsqlStore {
         F: FnOnce(libsql::Connection) -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
+        self.run_within(1, op).await
+    }
+
+    /// `run` bounded by `scale` times `DB_BUSY_TIMEOUT_MS` (a bulk write of many rows).
+    async fn run_within<T, F, Fut>(&self, scale: u32, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(libsql::Connection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
         let inner = &self.inner;
+        let bound = inner.timeout.saturating_mul(scale.max(1));
         let work = async {
             let _permit = inner
                 .permits
@@ -122,15 +132,18 @@ impl LibsqlStore {
             let conn = inner.db.connect().map_err(|e| self.err(e))?;
             op(conn).await
         };
-        tokio::time::timeout(inner.timeout, work)
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(format!(
-                    "libSQL at {} did not answer within DB_BUSY_TIMEOUT_MS ({} ms)",
-                    inner.host,
-                    inner.timeout.as_millis()
-                )))
-            })
+        tokio::time::timeout(bound, work).await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "libSQL at {} did not answer within DB_BUSY_TIMEOUT_MS ({} ms{})",
+                inner.host,
+                inner.timeout.as_millis(),
+                if scale > 1 {
+                    format!(" × {scale}")
+                } else {
+                    String::new()
+                }
+            )))
+        })
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
@@ -407,33 +420,58 @@ impl LibsqlStore {
         .await
     }
 
-    /// Not retried once sent (see `transaction`): an unconfirmed commit is `Uncertain`.
+    /// One transaction, as `transaction` (not retried once sent: an unconfirmed commit is
+    /// `Uncertain`), bounded by `scale` times `DB_BUSY_TIMEOUT_MS` for bulk writes.
     pub async fn write_all(
         &self,
         statements: &[(&str, Vec<Param>)],
         expect: &[Option<u64>],
+        scale: u32,
     ) -> Result<Vec<u64>, StoreError> {
-        let statements: Vec<(String, Vec<Value>)> = statements
-            .iter()
-            .map(|(s, p)| (s.to_string(), values(p)))
-            .collect();
-        let counts = std::sync::Mutex::new(vec![0u64; statements.len()]);
-        self.transaction(&statements, false, |i, affected| {
-            if expect
-                .get(i)
-                .copied()
-                .flatten()
-                .is_some_and(|n| n != affected)
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let sent = AtomicBool::new(false);
+        let sent = &sent;
+        let attempt = || async {
+            self.run_within(scale, |conn| async move {
+                let tx = conn.transaction().await.map_err(|e| self.err(e))?;
+                let mut counts = Vec::with_capacity(statements.len());
+                for (i, (statement, params)) in statements.iter().enumerate() {
+                    sent.store(true, Ordering::SeqCst);
+                    let affected = tx
+                        .execute(statement, Params::Positional(values(params)))
+                        .await
+                        .map_err(|e| self.err(e))?;
+                    if expect
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|n| n != affected)
+                    {
+                        return Err(StoreError::Conflict);
+                    }
+                    counts.push(affected);
+                }
+                sent.store(true, Ordering::SeqCst);
+                tx.execute("COMMIT", ()).await.map_err(|e| self.err(e))?;
+                Ok(counts)
+            })
+            .await
+        };
+        let outcome = match attempt().await {
+            Err(StoreError::Unavailable(first)) if !sent.load(Ordering::SeqCst) => {
+                tracing::warn!(error = %first, "libSQL transaction failed; retrying once on a fresh stream");
+                attempt().await
+            }
+            other => other,
+        };
+        match outcome {
+            Err(StoreError::Unavailable(detail) | StoreError::Other(detail))
+                if sent.load(Ordering::SeqCst) =>
             {
-                return Err(StoreError::Conflict);
+                Err(StoreError::Uncertain(detail))
             }
-            if let Ok(mut counts) = counts.lock() {
-                counts[i] = affected;
-            }
-            Ok(())
-        })
-        .await?;
-        Ok(counts.into_inner().unwrap_or_default())
+            other => other,
+        }
     }
 
     pub async fn delete_key(&self, id: &str) -> Result<(), StoreError> {

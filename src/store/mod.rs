@@ -114,13 +114,17 @@ impl Db {
     }
 
     /// Runs `statements` in one transaction. `expect[i]`, when given, is the number of rows
-    /// statement `i` must change; any other count rolls it all back with `Conflict`.
+    /// statement `i` must change; any other count rolls it all back with `Conflict`. `rows`:
+    /// how many rows it writes — remotely the time bound grows by one `DB_BUSY_TIMEOUT_MS` per
+    /// `BULK_ROWS_PER_BOUND` of them.
     async fn write_all(
         &self,
         statements: &[(&str, Vec<Param>)],
         expect: &[Option<u64>],
+        rows: usize,
     ) -> Result<Vec<u64>, StoreError> {
-        dispatch!(self, s => s.write_all(statements, expect).await)
+        let scale = u32::try_from(1 + rows / BULK_ROWS_PER_BOUND).unwrap_or(u32::MAX);
+        dispatch!(self, s => s.write_all(statements, expect, scale).await)
     }
 
     /// Every key's id with its stored value hash.
@@ -141,10 +145,10 @@ impl Db {
         if hashes.is_empty() {
             return Ok(());
         }
-        let batch = serde_json::to_string(hashes).unwrap_or_else(|_| "[]".into());
         self.write_all(
-            &[(sql::SET_VALUE_HASHES, vec![Param::Text(batch)])],
+            &[(sql::SET_VALUE_HASHES, vec![Param::Text(json(hashes))])],
             &[None],
+            hashes.len(),
         )
         .await
         .map(|_| ())
@@ -219,6 +223,7 @@ impl Db {
                 (sql::IMPORT_SECRETS, vec![Param::Text(json(&secrets))]),
             ],
             &[Some(keys.len() as u64), Some(secrets.len() as u64)],
+            keys.len() + secrets.len(),
         )
         .await
         .map(|_| ())
@@ -294,6 +299,7 @@ impl Db {
                     (sql::RESEAL_SECRETS, vec![Param::Text(json(secrets))]),
                 ],
                 &[None, None, None],
+                keys.len() + hash_only.len() + secrets.len(),
             )
             .await?;
         Ok((counts[0], counts[1], counts[2]))
@@ -393,6 +399,9 @@ impl Db {
         dispatch!(self, s => s.close().await)
     }
 }
+
+/// Rows a remote bulk write (import) may take per `DB_BUSY_TIMEOUT_MS` of its time bound.
+pub const BULK_ROWS_PER_BOUND: usize = 1000;
 
 /// A bound value of the generic statements (`Db::select`, `Db::write_all`).
 #[derive(Clone, Debug)]

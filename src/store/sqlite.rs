@@ -410,7 +410,9 @@ impl SqliteStore {
         &self,
         statements: &[(&str, Vec<Param>)],
         expect: &[Option<u64>],
+        _scale: u32,
     ) -> Result<Vec<u64>, StoreError> {
+        // Locally `DB_BUSY_TIMEOUT_MS` bounds only waiting for the lock, whatever the size.
         let mut tx = WriteTx::begin(&self.pool).await?;
         let outcome = async {
             let mut counts = Vec::with_capacity(statements.len());
