@@ -53,7 +53,7 @@ pub struct ImportBody {
 
 fn import_keys_schema() -> utoipa::openapi::schema::Array {
     ArrayBuilder::new()
-        .items(ImportItem::schema_ref())
+        .items(<ImportItem as utoipa::PartialSchema>::schema())
         .max_items(Some(MAX_IMPORT_KEYS))
         .description(Some("The keys, each as the body of `POST /admin/keys`"))
         .build()
@@ -82,12 +82,6 @@ pub struct ImportItem {
     metadata: Option<serde_json::Map<String, Value>>,
     #[schema(schema_with = secrets_schema)]
     secrets: Option<BTreeMap<String, String>>,
-}
-
-impl ImportItem {
-    fn schema_ref() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        utoipa::openapi::Ref::from_schema_name("ImportItem").into()
-    }
 }
 
 fn nullable(t: Type) -> Object {

@@ -33,6 +33,8 @@ use crate::pool::Pool;
 use crate::secret::Secret;
 use crate::store::Db;
 
+pub use import::MAX_IMPORT_KEYS;
+
 /// Request bodies above this answer 413.
 pub const BODY_LIMIT: usize = 1024 * 1024;
 

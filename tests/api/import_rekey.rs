@@ -451,3 +451,42 @@ fn bad_previous_key_is_a_startup_error_naming_the_variable() {
     );
     assert!(!e.contains(KEY_B) && !e.contains(&KEY_C[2..]), "{e}");
 }
+
+// Issue 10 item 7: the import's schema states its limit (from the handler's constant) and the
+// item shape, and every reference of its operations resolves.
+#[tokio::test]
+async fn import_schema_states_the_limit_and_the_item_shape() {
+    let app = spawn_app().await;
+    let doc = app.get("/openapi.json", None).await.body;
+    let resolve = |v: &Value| -> Value {
+        match v["$ref"].as_str() {
+            Some(r) => doc["components"]["schemas"][r.rsplit('/').next().expect("name")].clone(),
+            None => v.clone(),
+        }
+    };
+    let body = resolve(
+        &doc["paths"]["/admin/keys/import"]["post"]["requestBody"]["content"]["application/json"]
+            ["schema"],
+    );
+    let keys = &body["properties"]["keys"];
+    assert_eq!(keys["maxItems"], keypooler::api::MAX_IMPORT_KEYS, "{body}");
+    let item = resolve(&keys["items"]);
+    assert_eq!(item["additionalProperties"], false, "{item}");
+    assert_eq!(item["required"], json!(["name", "key"]), "{item}");
+    assert_eq!(body["additionalProperties"], false, "{body}");
+    let mine = json!([
+        doc["paths"]["/admin/keys/import"],
+        doc["paths"]["/admin/rekey"],
+        body,
+        item
+    ]);
+    let text = mine.to_string();
+    for r in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = r.split('"').next().expect("name");
+        assert!(
+            doc["components"]["schemas"].get(name).is_some(),
+            "dangling $ref {name}"
+        );
+    }
+    assert!(doc["paths"]["/admin/rekey"]["post"]["responses"]["200"].is_object());
+}
