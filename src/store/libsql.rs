@@ -166,8 +166,11 @@ impl LibsqlStore {
         })
     }
 
+    /// Bounded by one `DB_BUSY_TIMEOUT_MS` per embedded migration (each may be several
+    /// statements, and the list grows).
     async fn migrate(&self) -> Result<(), StoreError> {
-        self.run(|conn| async move {
+        let scale = u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX);
+        self.run_within(scale, |conn| async move {
             conn.execute(sql::CREATE_MIGRATIONS_TABLE, ())
                 .await
                 .map_err(|e| self.err(e))?;
