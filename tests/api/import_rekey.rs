@@ -250,15 +250,18 @@ on_both_drivers! {
         set_env(&mut app, &[("ENCRYPTION_KEY", Some(KEY_B)), ("ENCRYPTION_KEY_PREVIOUS", Some(KEY_A))]);
         app.restart().await;
         assert_eq!(app.admin_get("/admin/health").await.body["unreadable_keys"], 0);
+        // As if an earlier rekey was interrupted after one row: that row is counted current.
+        let b = sealer(KEY_B);
+        let done = b.seal(&Secret::new("s-plain")).expect("seal");
+        app.rows_with("UPDATE key_secrets SET value = ? WHERE key_id = ?", &[&done, &plain]).await;
         let first = rekey(&app).await;
         assert_eq!(first.status, StatusCode::OK, "{}", first.text);
-        assert_eq!(first.body, json!({ "resealed": 4, "already_current": 0, "unreadable": 0,
+        assert_eq!(first.body, json!({ "resealed": 3, "already_current": 1, "unreadable": 0,
                                        "changed_meanwhile": 0, "hashes_updated": 0 }), "{}", first.text);
         // (Startup already recomputed every readable key's hash under B from the pool.)
         let second = rekey(&app).await;
         assert_eq!(second.body, json!({ "resealed": 0, "already_current": 4, "unreadable": 0,
                                         "changed_meanwhile": 0, "hashes_updated": 0 }), "{}", second.text);
-        let b = sealer(KEY_B);
         for (what, stored) in stored_values(&app).await {
             assert!(stored.starts_with("enc:gcm:"), "{what} sealed");
             b.open(&stored).unwrap_or_else(|e| panic!("{what} opens with B alone: {e}"));
@@ -289,6 +292,33 @@ on_both_drivers! {
         assert_eq!(blind.body["unreadable"], 4, "{}", blind.text);
         assert_eq!(blind.body["resealed"], 0, "{}", blind.text);
         assert!(!blind.text.contains("v-a") && !blind.text.contains("s-plain"));
+    }
+
+    // Issue 10 item 6: a re-seal changes a row only where it still holds the value rekey read,
+    // so a value rotated between the read and the write keeps its rotation.
+    async fn reseal_never_overwrites_a_value_changed_meanwhile() {
+        let mut app = spawn_app_with(&[("ENCRYPTION_KEY", KEY_A)]).await;
+        app.create_tier("t", &[("f", 10, 60)]).await;
+        let id = app.add_key(json!({ "name": "a", "key": "v-a", "tier": "t", "secrets": { "s": "s-a" } })).await;
+        app.stop().await;
+        let config = keypooler::config::Config::from_vars(app.env.clone()).expect("config");
+        let db = keypooler::store::Db::open(&config).await.expect("db");
+        let stored = app.scalar(&format!("SELECT key_value FROM keys WHERE id = '{id}'")).await;
+        let secret = app.scalar(&format!("SELECT value FROM key_secrets WHERE key_id = '{id}'")).await;
+        let stale = |old: &str| vec![(id.clone(), old.to_string(), "new".to_string(), "h".to_string())];
+        let (keys, hashes, secrets) = db
+            .reseal(&stale("not what is stored"), &[], &[(id.clone(), "s".into(), "not it".into(), "new".into())])
+            .await
+            .expect("reseal");
+        assert_eq!((keys, hashes, secrets), (0, 0, 0));
+        assert_eq!(app.scalar(&format!("SELECT key_value FROM keys WHERE id = '{id}'")).await, stored);
+        assert_eq!(app.scalar(&format!("SELECT value FROM key_secrets WHERE key_id = '{id}'")).await, secret);
+        let (keys, _, secrets) = db
+            .reseal(&stale(&stored), &[], &[(id.clone(), "s".into(), secret.clone(), "new".into())])
+            .await
+            .expect("reseal");
+        assert_eq!((keys, secrets), (1, 1));
+        db.close().await;
     }
 
     // Issue 10 item 6: rekey while /key is under load from concurrent callers: no serve
