@@ -51,6 +51,8 @@ impl std::fmt::Debug for EncryptionKey {
 pub struct Config {
     pub admin_token: Secret,
     pub encryption_key: Option<EncryptionKey>,
+    /// `ENCRYPTION_KEY_PREVIOUS`: keys tried for reading only, in order (rotation, SPEC §8.3).
+    pub encryption_key_previous: Vec<EncryptionKey>,
     pub database: DatabaseConfig,
     pub db_max_open_conns: u32,
     pub db_busy_timeout: Duration,
@@ -96,6 +98,7 @@ pub struct ConfigError(String);
 struct RawConfig {
     admin_token: Option<String>,
     encryption_key: Option<String>,
+    encryption_key_previous: Option<String>,
     database_url: Option<String>,
     database_auth_token: Option<String>,
     db_path: Option<String>,
@@ -123,6 +126,7 @@ impl RawConfig {
         Some(match name {
             "ADMIN_TOKEN" => &mut self.admin_token,
             "ENCRYPTION_KEY" => &mut self.encryption_key,
+            "ENCRYPTION_KEY_PREVIOUS" => &mut self.encryption_key_previous,
             "DATABASE_URL" => &mut self.database_url,
             "DATABASE_AUTH_TOKEN" => &mut self.database_auth_token,
             "DB_PATH" => &mut self.db_path,
@@ -324,6 +328,33 @@ impl RawConfig {
             }
         };
 
+        let encryption_key_previous = match present(&self.encryption_key_previous) {
+            None => Vec::new(),
+            Some(_) if encryption_key.is_none() => {
+                return Err(bad_secret(
+                    "ENCRYPTION_KEY_PREVIOUS",
+                    "it needs ENCRYPTION_KEY (the key new writes are sealed with)",
+                ))
+            }
+            Some(list) => {
+                let mut keys = Vec::new();
+                for (i, entry) in list.split(',').map(str::trim).enumerate() {
+                    let mut key = [0u8; 32];
+                    if entry.len() != 64 || hex::decode_to_slice(entry, &mut key).is_err() {
+                        return Err(bad_secret(
+                            "ENCRYPTION_KEY_PREVIOUS",
+                            &format!(
+                                "entry {} is not 64 hex characters; expected comma-separated keys of exactly 64 hex characters each",
+                                i + 1
+                            ),
+                        ));
+                    }
+                    keys.push(EncryptionKey(key));
+                }
+                keys
+            }
+        };
+
         let database = match present(&self.database_url) {
             None => DatabaseConfig::Local {
                 path: PathBuf::from(present(&self.db_path).unwrap_or("./data/pool.db")),
@@ -422,6 +453,7 @@ impl RawConfig {
         Ok(Config {
             admin_token,
             encryption_key,
+            encryption_key_previous,
             database,
             db_max_open_conns,
             db_busy_timeout,
@@ -651,6 +683,43 @@ mod tests {
             assert!(e.contains("ENCRYPTION_KEY") && e.contains("64 hex"), "{e}");
             assert!(!e.contains(bad_key));
         }
+    }
+
+    #[test]
+    fn previous_encryption_keys_are_a_comma_separated_list_never_echoed() {
+        let (a, b) = ("ab".repeat(32), "cd".repeat(32));
+        let c = cfg(&[
+            ("ADMIN_TOKEN", "t"),
+            ("ENCRYPTION_KEY", &a),
+            ("ENCRYPTION_KEY_PREVIOUS", &format!("{b}, {a}")),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.encryption_key_previous,
+            vec![EncryptionKey([0xcd; 32]), EncryptionKey([0xab; 32])]
+        );
+        let bad_list = format!("{b},{}", "zz".repeat(32));
+        for bad in [bad_list.as_str(), "abc", &format!("{b},")] {
+            let e = cfg(&[
+                ("ADMIN_TOKEN", "t"),
+                ("ENCRYPTION_KEY", &a),
+                ("ENCRYPTION_KEY_PREVIOUS", bad),
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("ENCRYPTION_KEY_PREVIOUS") && e.contains("64 hex"),
+                "{e}"
+            );
+            assert!(!e.contains(&b) && !e.contains("zz"), "{e}");
+        }
+        let e = cfg(&[("ADMIN_TOKEN", "t"), ("ENCRYPTION_KEY_PREVIOUS", &b)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ENCRYPTION_KEY_PREVIOUS") && !e.contains(&b),
+            "{e}"
+        );
     }
 
     fn os(bytes: &[u8]) -> OsString {

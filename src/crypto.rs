@@ -1,9 +1,15 @@
 //! The sealer (SPEC §4): values at rest are plaintext or `enc:gcm:` + hex(nonce ‖ ciphertext ‖ tag),
 //! AES-256-GCM without associated data — byte-for-byte the Go service's format.
+//!
+//! Rotation (SPEC §8.3): writes seal under `ENCRYPTION_KEY`; reads try it, then each key of
+//! `ENCRYPTION_KEY_PREVIOUS` (GCM's tag tells which fits). Keyed value hashes (bulk import's
+//! duplicate check) are HMAC-SHA256 under a key derived from `ENCRYPTION_KEY`.
 
 use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
+use hmac::{Hmac, Mac};
 use rand::RngCore;
+use sha2::{Digest, Sha256};
 
 use crate::secret::Secret;
 
@@ -24,17 +30,70 @@ pub enum SealError {
     Encrypt,
 }
 
-/// Seals new writes when a key is configured; opens both kinds of stored value.
+/// Which configured key opened a stored value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenedWith {
+    /// Stored in plaintext (no tag).
+    Plain,
+    /// `ENCRYPTION_KEY`.
+    Current,
+    /// `ENCRYPTION_KEY_PREVIOUS` (its position in the list).
+    Previous(usize),
+}
+
+/// Derives the value-hash key from `ENCRYPTION_KEY`, so a hash says nothing to whoever lacks
+/// the key, and changes (is recomputed) when the key does.
+const HASH_KEY_CONTEXT: &[u8] = b"keypooler/value-hash/v1";
+/// The hash key without `ENCRYPTION_KEY`. Values sit in plaintext in the same row then, so a
+/// hash keyed by a public constant reveals nothing the row does not; once `ENCRYPTION_KEY` is
+/// set, startup and rekey recompute every hash under the derived key.
+const PLAINTEXT_HASH_KEY: &[u8] = b"keypooler/value-hash/plaintext/v1";
+
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    // HMAC takes a key of any length; `new_from_slice` cannot fail for it.
+    let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(key) {
+        Ok(mac) => mac,
+        Err(_) => return Sha256::digest([key, message].concat()).into(),
+    };
+    mac.update(message);
+    mac.finalize().into_bytes().into()
+}
+
+/// Seals new writes when a key is configured; opens both kinds of stored value, under the
+/// current key or any previous one.
 #[derive(Clone)]
 pub struct Sealer {
     cipher: Option<Aes256Gcm>,
+    previous: Vec<Aes256Gcm>,
+    hash_key: [u8; 32],
 }
 
 impl Sealer {
     pub fn new(key: Option<[u8; 32]>) -> Self {
+        Sealer::with_previous(key, &[])
+    }
+
+    /// `key` seals and opens; each of `previous` only opens (tried in order after `key`).
+    pub fn with_previous(key: Option<[u8; 32]>, previous: &[[u8; 32]]) -> Self {
+        let hash_key = match &key {
+            Some(k) => hmac_sha256(k, HASH_KEY_CONTEXT),
+            None => hmac_sha256(PLAINTEXT_HASH_KEY, HASH_KEY_CONTEXT),
+        };
         Sealer {
             cipher: key.map(|k| Aes256Gcm::new(&k.into())),
+            previous: previous
+                .iter()
+                .map(|k| Aes256Gcm::new(&(*k).into()))
+                .collect(),
+            hash_key,
         }
+    }
+
+    /// The keyed hash of a key's value as stored in `keys.value_hash` (64 lowercase hex):
+    /// HMAC-SHA256 under a key derived from `ENCRYPTION_KEY` (see `PLAINTEXT_HASH_KEY` without
+    /// one). Equal values in one tier have equal hashes, which is how import finds duplicates.
+    pub fn value_hash(&self, value: &Secret) -> String {
+        hex::encode(hmac_sha256(&self.hash_key, value.expose().as_bytes()))
     }
 
     /// Whether new writes are encrypted.
@@ -61,21 +120,37 @@ impl Sealer {
 
     /// The plaintext of a stored value: decrypted iff it carries the tag.
     pub fn open(&self, stored: &str) -> Result<Secret, SealError> {
+        self.open_which(stored).map(|(plain, _)| plain)
+    }
+
+    /// The plaintext and which key opened it. A value no configured key opens fails
+    /// authentication (`NoKey` when no key is configured at all).
+    pub fn open_which(&self, stored: &str) -> Result<(Secret, OpenedWith), SealError> {
         let Some(hex_body) = stored.strip_prefix(TAG) else {
-            return Ok(Secret::new(stored));
+            return Ok((Secret::new(stored), OpenedWith::Plain));
         };
-        let cipher = self.cipher.as_ref().ok_or(SealError::NoKey)?;
+        if self.cipher.is_none() && self.previous.is_empty() {
+            return Err(SealError::NoKey);
+        }
         let raw = hex::decode(hex_body).map_err(|_| SealError::Malformed("not hex"))?;
         if raw.len() < NONCE_LEN + GCM_TAG_LEN {
             return Err(SealError::Malformed("too short"));
         }
         let (nonce, sealed) = raw.split_at(NONCE_LEN);
-        let plain = cipher
-            .decrypt(Nonce::from_slice(nonce), sealed)
-            .map_err(|_| SealError::Authentication)?;
-        String::from_utf8(plain)
-            .map(Secret::new)
-            .map_err(|_| SealError::Malformed("plaintext is not UTF-8"))
+        let candidates = self.cipher.iter().map(|c| (c, OpenedWith::Current)).chain(
+            self.previous
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c, OpenedWith::Previous(i))),
+        );
+        for (cipher, which) in candidates {
+            if let Ok(plain) = cipher.decrypt(Nonce::from_slice(nonce), sealed) {
+                return String::from_utf8(plain)
+                    .map(|p| (Secret::new(p), which))
+                    .map_err(|_| SealError::Malformed("plaintext is not UTF-8"));
+            }
+        }
+        Err(SealError::Authentication)
     }
 }
 
@@ -170,6 +245,69 @@ mod tests {
             s.open("enc:gcm:abc").unwrap_err(),
             SealError::Malformed(_)
         ));
+    }
+
+    #[test]
+    fn previous_keys_open_and_say_which_key_fit() {
+        let (a, b, c) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let under_a = Sealer::new(Some(a)).seal(&Secret::new("va")).unwrap();
+        let under_b = Sealer::new(Some(b)).seal(&Secret::new("vb")).unwrap();
+        let under_c = Sealer::new(Some(c)).seal(&Secret::new("vc")).unwrap();
+        let rotated = Sealer::with_previous(Some(c), &[a, b]);
+        let (v, which) = rotated.open_which(&under_a).unwrap();
+        assert_eq!((v.expose(), which), ("va", OpenedWith::Previous(0)));
+        let (v, which) = rotated.open_which(&under_b).unwrap();
+        assert_eq!((v.expose(), which), ("vb", OpenedWith::Previous(1)));
+        let (v, which) = rotated.open_which(&under_c).unwrap();
+        assert_eq!((v.expose(), which), ("vc", OpenedWith::Current));
+        assert_eq!(rotated.open_which("plain").unwrap().1, OpenedWith::Plain);
+        // New writes use the current key only.
+        let sealed = rotated.seal(&Secret::new("new")).unwrap();
+        assert_eq!(Sealer::new(Some(c)).open(&sealed).unwrap().expose(), "new");
+        assert_eq!(
+            Sealer::new(Some(a)).open(&sealed).unwrap_err(),
+            SealError::Authentication
+        );
+        // A key that is neither current nor previous does not open.
+        assert_eq!(
+            Sealer::with_previous(Some(c), &[b])
+                .open(&under_a)
+                .unwrap_err(),
+            SealError::Authentication
+        );
+        assert_eq!(
+            Sealer::with_previous(Some(c), &[b])
+                .open(VECTOR)
+                .unwrap_err(),
+            SealError::Authentication
+        );
+    }
+
+    #[test]
+    fn value_hash_is_keyed_by_the_encryption_key() {
+        let v = Secret::new("fc-live-secret-123");
+        let a = Sealer::new(Some([1u8; 32]));
+        let b = Sealer::new(Some([2u8; 32]));
+        let off = Sealer::new(None);
+        assert_eq!(a.value_hash(&v), a.value_hash(&v));
+        assert_eq!(a.value_hash(&v).len(), 64);
+        assert_ne!(a.value_hash(&v), b.value_hash(&v));
+        assert_ne!(a.value_hash(&v), off.value_hash(&v));
+        assert_ne!(a.value_hash(&v), a.value_hash(&Secret::new("other")));
+        // Never the plain, unsalted sha256 of the value.
+        assert_ne!(a.value_hash(&v), hex::encode(Sha256::digest(v.expose())));
+        assert_ne!(off.value_hash(&v), hex::encode(Sha256::digest(v.expose())));
+        // Previous keys open but do not change the hash key.
+        let rotated = Sealer::with_previous(Some([2u8; 32]), &[[1u8; 32]]);
+        assert_eq!(rotated.value_hash(&v), b.value_hash(&v));
+    }
+
+    #[test]
+    fn hmac_matches_rfc_4231_case_2() {
+        assert_eq!(
+            hex::encode(hmac_sha256(b"Jefe", b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     #[test]

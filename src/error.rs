@@ -31,7 +31,7 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Gone(String),
-    #[error("request body is larger than the 1 MiB limit")]
+    #[error("request body is larger than the limit (1 MiB; 32 MiB for POST /admin/keys/import)")]
     PayloadTooLarge,
     #[error("{0}")]
     RequestTimeout(String),

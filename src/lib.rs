@@ -12,6 +12,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod model;
 pub mod pool;
+pub mod rekey;
 pub mod secret;
 pub mod store;
 pub mod timestamp;
@@ -47,7 +48,7 @@ pub struct App {
 
 /// Opens the store, loads the pool and starts the group-commit writer.
 pub async fn build(config: &Config) -> Result<App, StartupError> {
-    let sealer = Sealer::new(config.encryption_key.as_ref().map(|k| k.0));
+    let sealer = sealer(config);
     let db = Db::open(config).await?;
     let metrics = Metrics::new();
     metrics.spawn_upkeep();
@@ -55,11 +56,20 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
     let mut pool = Pool::load_metered(db.load_snapshot().await?, &sealer, metrics.clone());
     pool.set_throttle_floor(config.host_throttle_floor);
     metrics.set_pool_load_time(loading.elapsed());
+    let mut unreadable = 0usize;
     for key in pool.keys() {
         if let Err(e) = &key.material {
+            unreadable += 1;
             tracing::warn!(key_id = %key.id, error = %e, "key cannot be read and will not be served");
         }
     }
+    if unreadable > 0 {
+        tracing::warn!(
+            unreadable_keys = unreadable,
+            "keys whose value or a secret no configured key (ENCRYPTION_KEY, ENCRYPTION_KEY_PREVIOUS) can open"
+        );
+    }
+    rekey::backfill_value_hashes(&db, &pool, &sealer).await?;
     tracing::info!(
         keys = pool.key_count(),
         tiers = pool.tiers().len(),
@@ -99,6 +109,12 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
         router,
         idle_timeout: config.idle_timeout,
     })
+}
+
+/// The sealer `ENCRYPTION_KEY` and `ENCRYPTION_KEY_PREVIOUS` configure.
+pub fn sealer(config: &Config) -> Sealer {
+    let previous: Vec<[u8; 32]> = config.encryption_key_previous.iter().map(|k| k.0).collect();
+    Sealer::with_previous(config.encryption_key.as_ref().map(|k| k.0), &previous)
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, finishes in-flight requests,

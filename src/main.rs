@@ -1,4 +1,4 @@
-//! config → tracing → store → app → serve with graceful shutdown.
+//! config → tracing → store → app → serve with graceful shutdown; or `keypooler rekey`.
 
 use std::process::ExitCode;
 
@@ -6,6 +6,15 @@ use keypooler::config::Config;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let command = std::env::args_os().nth(1);
+    let rekey = match command.as_ref().map(|a| a.to_str()) {
+        None => false,
+        Some(Some("rekey")) => true,
+        Some(_) => {
+            eprintln!("keypooler: unknown command; usage: keypooler [rekey]");
+            return ExitCode::from(2);
+        }
+    };
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -14,6 +23,9 @@ async fn main() -> ExitCode {
         }
     };
     keypooler::init_tracing(&config);
+    if rekey {
+        return run_rekey(&config).await;
+    }
     if config.admin_token.expose().len() < 16 {
         tracing::warn!("ADMIN_TOKEN is shorter than 16 characters; use a long random one (openssl rand -hex 32)");
     }
@@ -65,6 +77,32 @@ async fn main() -> ExitCode {
         () = deadline => {
             // Whatever was committed is safe; requests still running never got their 200.
             tracing::error!(seconds = grace.as_secs(), "graceful shutdown timed out (SERVER_SHUTDOWN_TIMEOUT_SECONDS)");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `keypooler rekey`: re-seals every value and secret of the configured database under
+/// `ENCRYPTION_KEY` (reading with `ENCRYPTION_KEY_PREVIOUS` too), then prints the counts as one
+/// JSON line on stdout. Safe beside a running server (each row changes only if it still holds
+/// what was read) and safe to run again.
+async fn run_rekey(config: &Config) -> ExitCode {
+    let db = match keypooler::store::Db::open(config).await {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!("keypooler: cannot open the database: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let outcome = keypooler::rekey::rekey(&db, &keypooler::sealer(config)).await;
+    db.close().await;
+    match outcome {
+        Ok(report) => {
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keypooler: rekey stopped (what was re-sealed stays; run it again): {e}");
             ExitCode::from(1)
         }
     }

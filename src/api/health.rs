@@ -31,6 +31,10 @@ pub struct AdminHealth {
     key_states: std::collections::BTreeMap<&'static str, usize>,
     /// Whether new values are sealed at rest (`ENCRYPTION_KEY` set).
     encryption: bool,
+    /// Keys whose value or a bound secret no configured key (`ENCRYPTION_KEY`,
+    /// `ENCRYPTION_KEY_PREVIOUS`) can open: never served; their ids are logged at startup.
+    #[schema(minimum = 0)]
+    unreadable_keys: usize,
     /// What startup found wrong without stopping (e.g. data that a redeploy would lose);
     /// empty when all is well.
     warnings: Vec<String>,
@@ -57,6 +61,12 @@ pub async fn admin_health(
         pool_size: state.pool.key_count(),
         key_states: state.pool.health_counts(),
         encryption: state.sealer.enabled(),
+        unreadable_keys: state
+            .pool
+            .keys()
+            .iter()
+            .filter(|k| k.material.is_err())
+            .count(),
         warnings: warnings.0.to_vec(),
     })
 }

@@ -341,6 +341,10 @@ fn key_update(
             .as_deref()
             .map(|v| seal(&state.sealer, v))
             .transpose()?,
+        value_hash: patch
+            .value
+            .as_deref()
+            .map(|v| state.sealer.value_hash(&crate::secret::Secret::new(v))),
         tier_id,
         expires_at: patch.expires_at,
         usage_limit: patch.usage_limit,

@@ -33,27 +33,75 @@ const MAX_WINDOW_SECONDS: i64 = 315_360_000;
 #[serde(deny_unknown_fields)]
 pub struct KeyBody {
     #[schema(schema_with = name_schema)]
-    name: String,
+    pub(super) name: String,
     /// The upstream API key (sealed at rest when `ENCRYPTION_KEY` is set).
     #[schema(min_length = 1)]
-    key: String,
+    pub(super) key: String,
     /// The name of an existing tier.
     #[schema(schema_with = name_schema)]
-    tier: String,
+    pub(super) tier: String,
     /// When the key stops being served: RFC 3339, in the future.
     #[schema(format = DateTime)]
-    expires_at: Option<String>,
+    pub(super) expires_at: Option<String>,
     #[serde(default, deserialize_with = "optional_whole_number")]
     #[schema(schema_with = usage_limit_schema)]
-    usage_limit: Option<i64>,
+    pub(super) usage_limit: Option<i64>,
     #[serde(default, deserialize_with = "optional_whole_number")]
     #[schema(schema_with = usage_window_schema)]
-    usage_window_seconds: Option<i64>,
+    pub(super) usage_window_seconds: Option<i64>,
     /// Any JSON object, handed out with the key.
     #[schema(schema_with = metadata_schema)]
-    metadata: Option<Value>,
+    pub(super) metadata: Option<Value>,
     #[schema(schema_with = secrets_schema)]
-    secrets: Option<BTreeMap<String, String>>,
+    pub(super) secrets: Option<BTreeMap<String, String>>,
+}
+
+/// A key body that passed every rule of `POST /admin/keys` but the tier's existence.
+pub(super) struct CheckedKey {
+    pub expires_at: Option<Timestamp>,
+    pub metadata: serde_json::Map<String, Value>,
+    pub secrets: BTreeMap<String, String>,
+}
+
+/// The rules of a new key's fields (shared by `POST /admin/keys` and import); `now` is the
+/// time `expires_at` must be after.
+pub(super) fn check_key(body: &mut KeyBody, now: Timestamp) -> Result<CheckedKey, ApiError> {
+    check_name("name", &body.name)?;
+    check_value(&body.key)?;
+    check_name("tier", &body.tier)?;
+    let expires_at = match &body.expires_at {
+        None => None,
+        Some(raw) => Some(parse_expires_at(raw, now)?),
+    };
+    if let Some(limit) = body.usage_limit {
+        check_usage_limit(limit)?;
+    }
+    if let Some(window) = body.usage_window_seconds {
+        if body.usage_limit.is_none() {
+            return Err(ApiError::BadRequest(
+                "usage_window_seconds needs a usage_limit".into(),
+            ));
+        }
+        check_usage_window(window)?;
+    }
+    let metadata = match body.metadata.take() {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(map)) => map,
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "metadata must be a JSON object".into(),
+            ))
+        }
+    };
+    let secrets = body.secrets.take().unwrap_or_default();
+    for (name, value) in &secrets {
+        check_secret(name, value)?;
+    }
+    Ok(CheckedKey {
+        expires_at,
+        metadata,
+        secrets,
+    })
 }
 
 fn nullable(t: Type) -> SchemaType {
@@ -284,44 +332,19 @@ pub async fn create(
     _: Admin,
     State(state): State<SharedState>,
     marker: WriteMarker,
-    JsonBody(body): JsonBody<KeyBody>,
+    JsonBody(mut body): JsonBody<KeyBody>,
 ) -> Result<(StatusCode, Json<NewKeyView>), ApiError> {
-    check_name("name", &body.name)?;
-    check_value(&body.key)?;
-    check_name("tier", &body.tier)?;
     let now = Utc::now();
-    let expires_at = match &body.expires_at {
-        None => None,
-        Some(raw) => Some(parse_expires_at(raw, now)?),
-    };
-    if let Some(limit) = body.usage_limit {
-        check_usage_limit(limit)?;
-    }
-    if let Some(window) = body.usage_window_seconds {
-        if body.usage_limit.is_none() {
-            return Err(ApiError::BadRequest(
-                "usage_window_seconds needs a usage_limit".into(),
-            ));
-        }
-        check_usage_window(window)?;
-    }
-    let metadata = match body.metadata {
-        None | Some(Value::Null) => serde_json::Map::new(),
-        Some(Value::Object(map)) => map,
-        Some(_) => {
-            return Err(ApiError::BadRequest(
-                "metadata must be a JSON object".into(),
-            ))
-        }
-    };
-    let secrets = body.secrets.unwrap_or_default();
-    for (name, value) in &secrets {
-        check_secret(name, value)?;
-    }
+    let CheckedKey {
+        expires_at,
+        metadata,
+        secrets,
+    } = check_key(&mut body, now)?;
 
     let sealer = state.sealer.clone();
     let seal = move |v: &str| seal(&sealer, v);
     let sealed_value = seal(&body.key)?;
+    let value_hash = state.sealer.value_hash(&Secret::new(body.key.as_str()));
     let sealed_secrets = secrets
         .iter()
         .map(|(n, v)| Ok((n.clone(), seal(v)?)))
@@ -346,7 +369,7 @@ pub async fn create(
             created_at: Some(now),
             secrets: sealed_secrets,
         };
-        match state.db.create_key(&record).await {
+        match state.db.create_key_hashed(&record, &value_hash).await {
             Ok(()) => state
                 .pool
                 .add_key(PoolKey::from_record(record.clone(), &state.sealer)),

@@ -4,6 +4,7 @@ mod auth;
 mod consumers;
 mod extract;
 mod health;
+mod import;
 mod key;
 mod key_state;
 mod keys;
@@ -31,6 +32,8 @@ use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::secret::Secret;
 use crate::store::Db;
+
+pub use import::MAX_IMPORT_KEYS;
 
 /// Request bodies above this answer 413.
 pub const BODY_LIMIT: usize = 1024 * 1024;
@@ -109,6 +112,8 @@ fn documented_routes() -> OpenApiRouter<SharedState> {
         .routes(routes!(tiers::remove))
         .routes(routes!(keys::list, keys::create))
         .routes(routes!(keys::remove, key_state::update))
+        .routes(import_route())
+        .routes(routes!(import::rekey))
         .routes(routes!(outcomes::report))
         .routes(routes!(consumers::list, consumers::create))
         .routes(routes!(consumers::remove, consumers::update))
@@ -116,6 +121,17 @@ fn documented_routes() -> OpenApiRouter<SharedState> {
         .routes(routes!(consumers::rotate_token))
         .routes(routes!(consumers::revoke_scope))
         .routes(routes!(usage::list))
+}
+
+/// `POST /admin/keys/import` with its own body limit (`import::IMPORT_BODY_LIMIT`), set on the
+/// route so it overrides the router's `BODY_LIMIT` for this route alone.
+fn import_route() -> utoipa_axum::router::UtoipaMethodRouter<SharedState> {
+    let (schemas, paths, method) = routes!(import::import);
+    (
+        schemas,
+        paths,
+        method.layer(DefaultBodyLimit::max(import::IMPORT_BODY_LIMIT)),
+    )
 }
 
 /// The whole API.

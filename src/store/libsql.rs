@@ -18,7 +18,8 @@ use libsql::{params::Params, TransactionBehavior, Value};
 use tokio::sync::Semaphore;
 
 use super::{
-    key_health, sql, usage_event, Batch, Cells, SnapshotRead, SnapshotRows, StoreError, MIGRATIONS,
+    key_health, sql, usage_event, Batch, Cells, Param, SnapshotRead, SnapshotRows, StoreError,
+    MIGRATIONS,
 };
 use crate::config::Config;
 use crate::model::{ConsumerRecord, KeyRecord, Snapshot, TierRecord, UsageEvent};
@@ -111,7 +112,17 @@ impl LibsqlStore {
         F: FnOnce(libsql::Connection) -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
+        self.run_within(1, op).await
+    }
+
+    /// `run` bounded by `scale` times `DB_BUSY_TIMEOUT_MS` (a bulk write of many rows).
+    async fn run_within<T, F, Fut>(&self, scale: u32, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(libsql::Connection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
         let inner = &self.inner;
+        let bound = inner.timeout.saturating_mul(scale.max(1));
         let work = async {
             let _permit = inner
                 .permits
@@ -121,15 +132,18 @@ impl LibsqlStore {
             let conn = inner.db.connect().map_err(|e| self.err(e))?;
             op(conn).await
         };
-        tokio::time::timeout(inner.timeout, work)
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(format!(
-                    "libSQL at {} did not answer within DB_BUSY_TIMEOUT_MS ({} ms)",
-                    inner.host,
-                    inner.timeout.as_millis()
-                )))
-            })
+        tokio::time::timeout(bound, work).await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "libSQL at {} did not answer within DB_BUSY_TIMEOUT_MS ({} ms{})",
+                inner.host,
+                inner.timeout.as_millis(),
+                if scale > 1 {
+                    format!(" × {scale}")
+                } else {
+                    String::new()
+                }
+            )))
+        })
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
@@ -152,8 +166,11 @@ impl LibsqlStore {
         })
     }
 
+    /// Bounded by one `DB_BUSY_TIMEOUT_MS` per embedded migration (each may be several
+    /// statements, and the list grows).
     async fn migrate(&self) -> Result<(), StoreError> {
-        self.run(|conn| async move {
+        let scale = u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX);
+        self.run_within(scale, |conn| async move {
             conn.execute(sql::CREATE_MIGRATIONS_TABLE, ())
                 .await
                 .map_err(|e| self.err(e))?;
@@ -341,7 +358,11 @@ impl LibsqlStore {
         .await
     }
 
-    pub async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+    pub async fn create_key(
+        &self,
+        key: &KeyRecord,
+        value_hash: Option<&str>,
+    ) -> Result<(), StoreError> {
         let opt_text = |v: Option<String>| v.map(Value::Text).unwrap_or(Value::Null);
         let opt_int = |v: Option<i64>| v.map(Value::Integer).unwrap_or(Value::Null);
         let mut statements = vec![(
@@ -361,6 +382,12 @@ impl LibsqlStore {
                 opt_text(key.created_at.map(to_db)),
             ],
         )];
+        if let Some(hash) = value_hash {
+            statements.push((
+                sql::SET_VALUE_HASH.to_string(),
+                vec![Value::Text(hash.to_string()), Value::Text(key.id.clone())],
+            ));
+        }
         for (name, value) in &key.secrets {
             statements.push((
                 sql::INSERT_KEY_SECRET.to_string(),
@@ -372,6 +399,83 @@ impl LibsqlStore {
             ));
         }
         self.transaction(&statements, false, |_, _| Ok(())).await
+    }
+
+    pub async fn select(
+        &self,
+        statement: &str,
+        params: &[Param],
+    ) -> Result<Vec<Vec<Option<String>>>, StoreError> {
+        self.run(|conn| async move {
+            let mut rows = conn
+                .query(statement, Params::Positional(values(params)))
+                .await
+                .map_err(|e| self.err(e))?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().await.map_err(|e| self.err(e))? {
+                out.push(
+                    (0..r.column_count().max(0) as usize)
+                        .map(|i| r.text(i))
+                        .collect(),
+                );
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// One transaction, as `transaction` (not retried once sent: an unconfirmed commit is
+    /// `Uncertain`), bounded by `scale` times `DB_BUSY_TIMEOUT_MS` for bulk writes.
+    pub async fn write_all(
+        &self,
+        statements: &[(&str, Vec<Param>)],
+        expect: &[Option<u64>],
+        scale: u32,
+    ) -> Result<Vec<u64>, StoreError> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let sent = AtomicBool::new(false);
+        let sent = &sent;
+        let attempt = || async {
+            self.run_within(scale, |conn| async move {
+                let tx = conn.transaction().await.map_err(|e| self.err(e))?;
+                let mut counts = Vec::with_capacity(statements.len());
+                for (i, (statement, params)) in statements.iter().enumerate() {
+                    sent.store(true, Ordering::SeqCst);
+                    let affected = tx
+                        .execute(statement, Params::Positional(values(params)))
+                        .await
+                        .map_err(|e| self.err(e))?;
+                    if expect
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|n| n != affected)
+                    {
+                        return Err(StoreError::Conflict);
+                    }
+                    counts.push(affected);
+                }
+                sent.store(true, Ordering::SeqCst);
+                tx.execute("COMMIT", ()).await.map_err(|e| self.err(e))?;
+                Ok(counts)
+            })
+            .await
+        };
+        let outcome = match attempt().await {
+            Err(StoreError::Unavailable(first)) if !sent.load(Ordering::SeqCst) => {
+                tracing::warn!(error = %first, "libSQL transaction failed; retrying once on a fresh stream");
+                attempt().await
+            }
+            other => other,
+        };
+        match outcome {
+            Err(StoreError::Unavailable(detail) | StoreError::Other(detail))
+                if sent.load(Ordering::SeqCst) =>
+            {
+                Err(StoreError::Uncertain(detail))
+            }
+            other => other,
+        }
     }
 
     pub async fn delete_key(&self, id: &str) -> Result<(), StoreError> {
@@ -610,6 +714,16 @@ fn feature_rows(tier: &TierRecord) -> Vec<(String, Vec<Value>)> {
                     Value::Integer(limit.window_seconds),
                 ],
             )
+        })
+        .collect()
+}
+
+fn values(params: &[Param]) -> Vec<Value> {
+    params
+        .iter()
+        .map(|p| match p {
+            Param::Text(t) => Value::Text(t.clone()),
+            Param::Int(n) => Value::Integer(*n),
         })
         .collect()
 }

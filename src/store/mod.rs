@@ -62,6 +62,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/004_health_memory.sql"),
     ),
     (
+        6,
+        "value_hash",
+        include_str!("../../migrations/006_value_hash.sql"),
+    ),
+    (
         7,
         "operate",
         include_str!("../../migrations/007_operate.sql"),
@@ -101,6 +106,8 @@ pub struct KeyUpdate {
     pub name: Option<String>,
     /// The new sealed value (see `key_value_rotation`).
     pub sealed_value: Option<String>,
+    /// The new value's keyed hash (`Sealer::value_hash`), set with `sealed_value`.
+    pub value_hash: Option<String>,
     pub tier_id: Option<String>,
     pub expires_at: Option<Option<Timestamp>>,
     pub usage_limit: Option<Option<i64>>,
@@ -180,7 +187,8 @@ impl KeyUpdate {
             out.push((sql::SET_KEY_NAME, vec![Param::text(name), id()]));
         }
         if let Some(sealed) = &self.sealed_value {
-            out.extend(key_value_rotation(&self.id, sealed));
+            let hash = self.value_hash.as_deref();
+            out.extend(key_value_rotation(&self.id, sealed, hash));
         }
         if let Some(tier_id) = &self.tier_id {
             out.push((sql::SET_KEY_TIER, vec![Param::text(tier_id), id()]));
@@ -222,10 +230,14 @@ impl KeyUpdate {
 /// Every statement that rotating key `id`'s value to `sealed_value` runs, inside the caller's
 /// transaction. The one place a value changes after creation: whatever is derived from a
 /// value must be updated here too.
-pub fn key_value_rotation(id: &str, sealed_value: &str) -> Vec<Statement> {
+pub fn key_value_rotation(id: &str, sealed_value: &str, hash: Option<&str>) -> Vec<Statement> {
     vec![(
         sql::SET_KEY_VALUE,
-        vec![Param::text(sealed_value), Param::text(id)],
+        vec![
+            Param::text(sealed_value),
+            Param::opt_text(hash.map(str::to_owned)),
+            Param::text(id),
+        ],
     )]
 }
 
@@ -288,7 +300,217 @@ impl Db {
     }
 
     pub async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
-        dispatch!(self, s => s.create_key(key).await)
+        dispatch!(self, s => s.create_key(key, None).await)
+    }
+
+    /// Creates a key with the keyed hash of its value (`Sealer::value_hash`), in one transaction.
+    pub async fn create_key_hashed(
+        &self,
+        key: &KeyRecord,
+        value_hash: &str,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.create_key(key, Some(value_hash)).await)
+    }
+
+    /// Rows of a read-only statement, each cell as text (NULL as `None`).
+    async fn select(
+        &self,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<Vec<Vec<Option<String>>>, StoreError> {
+        dispatch!(self, s => s.select(sql, params).await)
+    }
+
+    /// Runs `statements` in one transaction. `expect[i]`, when given, is the number of rows
+    /// statement `i` must change; any other count rolls it all back with `Conflict`. `rows`:
+    /// how many rows it writes — remotely the time bound grows by one `DB_BUSY_TIMEOUT_MS` per
+    /// `BULK_ROWS_PER_BOUND` of them.
+    async fn write_all(
+        &self,
+        statements: &[(&str, Vec<Param>)],
+        expect: &[Option<u64>],
+        rows: usize,
+    ) -> Result<Vec<u64>, StoreError> {
+        let scale = u32::try_from(1 + rows / BULK_ROWS_PER_BOUND).unwrap_or(u32::MAX);
+        dispatch!(self, s => s.write_all(statements, expect, scale).await)
+    }
+
+    /// Every key's id with its stored value hash.
+    pub async fn key_value_hashes(&self) -> Result<Vec<(String, Option<String>)>, StoreError> {
+        let rows = self.select(sql::KEY_VALUE_HASHES, &[]).await?;
+        Ok(rows
+            .into_iter()
+            .map(|mut r| {
+                let hash = r.pop().flatten();
+                (r.pop().flatten().unwrap_or_default(), hash)
+            })
+            .collect())
+    }
+
+    /// Sets `(key id, value hash)` pairs in one transaction (a key deleted meanwhile is skipped).
+    /// For a key whose value changes (rotation), write its hash with the new value instead.
+    pub async fn set_value_hashes(&self, hashes: &[(String, String)]) -> Result<(), StoreError> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        self.write_all(
+            &[(sql::SET_VALUE_HASHES, vec![Param::Text(json(hashes))])],
+            &[None],
+            hashes.len(),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Which of `hashes` a key of tier `tier_id` already has: hash → that key's id.
+    pub async fn existing_hashes(
+        &self,
+        tier_id: &str,
+        hashes: &[String],
+    ) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        let list = serde_json::to_string(hashes).unwrap_or_else(|_| "[]".into());
+        let rows = self
+            .select(
+                sql::HASHES_IN_TIER,
+                &[Param::Text(tier_id.to_string()), Param::Text(list)],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|mut r| {
+                let id = r.pop().flatten()?;
+                Some((r.pop().flatten()?, id))
+            })
+            .collect())
+    }
+
+    /// Inserts keys (each with its value hash) and their secrets in one transaction. A key whose
+    /// hash its tier already holds is not inserted, and then nothing is (`Conflict`).
+    pub async fn import_keys(&self, keys: &[(KeyRecord, String)]) -> Result<(), StoreError> {
+        use crate::timestamp::to_db;
+        type Row<'a> = (
+            &'a str,
+            &'a str,
+            &'a str,
+            &'a str,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+            &'a str,
+            Option<String>,
+            &'a str,
+        );
+        let rows: Vec<Row> = keys
+            .iter()
+            .map(|(k, hash)| {
+                (
+                    k.id.as_str(),
+                    k.name.as_str(),
+                    k.sealed_value.as_str(),
+                    k.tier_id.as_str(),
+                    k.expires_at.map(to_db),
+                    k.usage_limit,
+                    k.usage_window_seconds,
+                    k.metadata_json.as_str(),
+                    k.created_at.map(to_db),
+                    hash.as_str(),
+                )
+            })
+            .collect();
+        let secrets: Vec<(&str, &str, &str)> = keys
+            .iter()
+            .flat_map(|(k, _)| {
+                k.secrets
+                    .iter()
+                    .map(|(n, v)| (k.id.as_str(), n.as_str(), v.as_str()))
+            })
+            .collect();
+        self.write_all(
+            &[
+                (sql::IMPORT_KEYS, vec![Param::Text(json(&rows))]),
+                (sql::IMPORT_SECRETS, vec![Param::Text(json(&secrets))]),
+            ],
+            &[Some(keys.len() as u64), Some(secrets.len() as u64)],
+            keys.len() + secrets.len(),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Rekey: up to `limit` keys after id `after`, by id: (id, stored value, value hash).
+    pub async fn keys_page(
+        &self,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
+        let rows = self
+            .select(
+                sql::KEYS_PAGE,
+                &[Param::Text(after.to_string()), Param::Int(limit)],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let mut r = r.into_iter();
+                let mut next = || r.next().flatten();
+                (
+                    next().unwrap_or_default(),
+                    next().unwrap_or_default(),
+                    next(),
+                )
+            })
+            .collect())
+    }
+
+    /// Rekey: up to `limit` secrets after `(key_id, name)`: (key id, name, stored value).
+    pub async fn secrets_page(
+        &self,
+        after: (&str, &str),
+        limit: i64,
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        let rows = self
+            .select(
+                sql::SECRETS_PAGE,
+                &[
+                    Param::Text(after.0.to_string()),
+                    Param::Text(after.1.to_string()),
+                    Param::Int(limit),
+                ],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let mut r = r.into_iter();
+                let mut next = || r.next().flatten().unwrap_or_default();
+                (next(), next(), next())
+            })
+            .collect())
+    }
+
+    /// Rekey: in one transaction, each key `(id, old value, new value, hash)` and each secret
+    /// `(key id, name, old value, new value)` takes its new value only where it still holds the
+    /// old one (a value rotated meanwhile keeps its rotation). Returns the rows changed: keys
+    /// re-sealed, keys whose hash alone changed, secrets re-sealed.
+    pub async fn reseal(
+        &self,
+        keys: &[(String, String, String, String)],
+        hash_only: &[(String, String, String, String)],
+        secrets: &[(String, String, String, String)],
+    ) -> Result<(u64, u64, u64), StoreError> {
+        let counts = self
+            .write_all(
+                &[
+                    (sql::RESEAL_KEYS, vec![Param::Text(json(keys))]),
+                    (sql::RESEAL_KEYS, vec![Param::Text(json(hash_only))]),
+                    (sql::RESEAL_SECRETS, vec![Param::Text(json(secrets))]),
+                ],
+                &[None, None, None],
+                keys.len() + hash_only.len() + secrets.len(),
+            )
+            .await?;
+        Ok((counts[0], counts[1], counts[2]))
     }
 
     /// Deletes a key and its secrets; `NotFound` if there was no such key.
@@ -412,6 +634,22 @@ impl Db {
     }
 }
 
+/// Rows a remote bulk write (import) may take per `DB_BUSY_TIMEOUT_MS` of its time bound.
+pub const BULK_ROWS_PER_BOUND: usize = 1000;
+
+/// A bound value of the generic statements (`Db::select`, `Db::write_all`).
+#[derive(Clone, Debug)]
+pub enum Param {
+    Text(String),
+    Int(i64),
+}
+
+/// A batch as the JSON array its statement reads with `json_each`.
+fn json<T: serde::Serialize + ?Sized>(batch: &T) -> String {
+    // Strings, integers and null cannot fail to serialise.
+    serde_json::to_string(batch).unwrap_or_else(|_| "[]".into())
+}
+
 /// What one group commit writes.
 #[derive(Default)]
 pub struct Batch<'a> {
@@ -495,7 +733,8 @@ pub mod sql {
     // SPEC §8.3: changing and removing what exists.
     pub const TOUCH_KEY: &str = "UPDATE keys SET id = id WHERE id = ?";
     pub const SET_KEY_NAME: &str = "UPDATE keys SET name = ? WHERE id = ?";
-    pub const SET_KEY_VALUE: &str = "UPDATE keys SET key_value = ? WHERE id = ?";
+    pub const SET_KEY_VALUE: &str =
+        "UPDATE keys SET key_value = ?, value_hash = ? WHERE id = ?";
     pub const SET_KEY_TIER: &str = "UPDATE keys SET tier_id = ? WHERE id = ?";
     pub const SET_KEY_EXPIRES_AT: &str = "UPDATE keys SET expires_at = ? WHERE id = ?";
     pub const SET_KEY_USAGE_LIMIT: &str = "UPDATE keys SET usage_limit = ? WHERE id = ?";
@@ -525,6 +764,39 @@ pub mod sql {
         previous_token_hash = ?, previous_token_expires_at = ? WHERE id = ?";
     pub const DELETE_SCOPE: &str =
         "DELETE FROM consumer_scopes WHERE consumer_id = ? AND tier_id = ?";
+    /// Keyed value hashes (SPEC §8.3 import and rekey; `Sealer::value_hash`).
+    pub const KEY_VALUE_HASHES: &str = "SELECT id, value_hash FROM keys";
+    /// `[[key_id, hash], …]`.
+    pub const SET_VALUE_HASHES: &str = "UPDATE keys SET value_hash = batch.value ->> 1 \
+        FROM json_each(?) AS batch WHERE keys.id = batch.value ->> 0";
+    pub const SET_VALUE_HASH: &str = "UPDATE keys SET value_hash = ? WHERE id = ?";
+    /// (hash, id) of the keys of tier `?` whose hash is in the JSON array `?`.
+    pub const HASHES_IN_TIER: &str = "SELECT value_hash, id FROM keys WHERE tier_id = ? \
+        AND value_hash IN (SELECT value FROM json_each(?))";
+    /// `[[id, name, key_value, tier_id, expires_at, usage_limit, usage_window_seconds,
+    /// metadata_json, created_at, value_hash], …]`; a value its tier already holds is skipped
+    /// (the caller expects every row inserted, so a skip rolls the import back).
+    pub const IMPORT_KEYS: &str = "INSERT INTO keys (id, name, key_value, tier_id, is_active, \
+        expires_at, usage_limit, usage_count, usage_window_seconds, usage_window_start, \
+        metadata_json, created_at, value_hash) SELECT b.value ->> 0, b.value ->> 1, \
+        b.value ->> 2, b.value ->> 3, 1, b.value ->> 4, b.value ->> 5, 0, b.value ->> 6, NULL, \
+        b.value ->> 7, b.value ->> 8, b.value ->> 9 FROM json_each(?) AS b WHERE NOT EXISTS \
+        (SELECT 1 FROM keys AS k WHERE k.tier_id = b.value ->> 3 AND k.value_hash = b.value ->> 9)";
+    /// `[[key_id, name, value], …]`.
+    pub const IMPORT_SECRETS: &str = "INSERT INTO key_secrets (key_id, name, value) \
+        SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?)";
+    pub const KEYS_PAGE: &str =
+        "SELECT id, key_value, value_hash FROM keys WHERE id > ? ORDER BY id LIMIT ?";
+    pub const SECRETS_PAGE: &str = "SELECT key_id, name, value FROM key_secrets \
+        WHERE (key_id, name) > (?, ?) ORDER BY key_id, name LIMIT ?";
+    /// `[[id, old value, new value, hash], …]`: only where the old value is still stored.
+    pub const RESEAL_KEYS: &str = "UPDATE keys SET key_value = b.value ->> 2, \
+        value_hash = b.value ->> 3 FROM json_each(?) AS b WHERE keys.id = b.value ->> 0 \
+        AND keys.key_value = b.value ->> 1";
+    /// `[[key_id, name, old value, new value], …]`: only where the old value is still stored.
+    pub const RESEAL_SECRETS: &str = "UPDATE key_secrets SET value = b.value ->> 3 \
+        FROM json_each(?) AS b WHERE key_secrets.key_id = b.value ->> 0 \
+        AND key_secrets.name = b.value ->> 1 AND key_secrets.value = b.value ->> 2";
 
     /// `julianday` orders the mixed forms of a Go database by time but keeps only
     /// milliseconds; within one, the text (same canonical form) orders the microseconds.

@@ -9,7 +9,9 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Row, Sqlite, SqliteConnection, SqlitePool};
 
-use super::{key_health, sql, usage_event, Batch, Cells, SnapshotRows, StoreError, MIGRATIONS};
+use super::{
+    key_health, sql, usage_event, Batch, Cells, Param, SnapshotRows, StoreError, MIGRATIONS,
+};
 use crate::config::{Config, Synchronous};
 use crate::model::{ConsumerRecord, KeyRecord, Snapshot, TierRecord, UsageEvent};
 use crate::pool::health::HealthRecord;
@@ -180,6 +182,19 @@ async fn insert_features(tx: &mut SqliteConnection, tier: &TierRecord) -> Result
     Ok(())
 }
 
+fn bind<'q>(
+    mut query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    params: &'q [Param],
+) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    for p in params {
+        query = match p {
+            Param::Text(t) => query.bind(t.as_str()),
+            Param::Int(n) => query.bind(*n),
+        };
+    }
+    query
+}
+
 impl Cells for SqliteRow {
     fn text(&self, i: usize) -> Option<String> {
         self.try_get_unchecked::<Option<String>, _>(i)
@@ -332,7 +347,11 @@ impl SqliteStore {
         tx.finish(outcome).await
     }
 
-    pub async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+    pub async fn create_key(
+        &self,
+        key: &KeyRecord,
+        value_hash: Option<&str>,
+    ) -> Result<(), StoreError> {
         let mut tx = WriteTx::begin(&self.pool).await?;
         let outcome = async {
             sqlx::query(sql::INSERT_KEY)
@@ -351,6 +370,14 @@ impl SqliteStore {
                 .execute(tx.conn())
                 .await
                 .map_err(map_err)?;
+            if let Some(hash) = value_hash {
+                sqlx::query(sql::SET_VALUE_HASH)
+                    .bind(hash)
+                    .bind(&key.id)
+                    .execute(tx.conn())
+                    .await
+                    .map_err(map_err)?;
+            }
             for (name, value) in &key.secrets {
                 sqlx::query(sql::INSERT_KEY_SECRET)
                     .bind(&key.id)
@@ -361,6 +388,52 @@ impl SqliteStore {
                     .map_err(map_err)?;
             }
             Ok(())
+        }
+        .await;
+        tx.finish(outcome).await
+    }
+
+    pub async fn select(
+        &self,
+        statement: &str,
+        params: &[Param],
+    ) -> Result<Vec<Vec<Option<String>>>, StoreError> {
+        let rows = bind(sqlx::query(statement), params)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| (0..r.len()).map(|i| r.text(i)).collect())
+            .collect())
+    }
+
+    pub async fn write_all(
+        &self,
+        statements: &[(&str, Vec<Param>)],
+        expect: &[Option<u64>],
+        _scale: u32,
+    ) -> Result<Vec<u64>, StoreError> {
+        // Locally `DB_BUSY_TIMEOUT_MS` bounds only waiting for the lock, whatever the size.
+        let mut tx = WriteTx::begin(&self.pool).await?;
+        let outcome = async {
+            let mut counts = Vec::with_capacity(statements.len());
+            for (i, (statement, params)) in statements.iter().enumerate() {
+                let done = bind(sqlx::query(statement), params)
+                    .execute(tx.conn())
+                    .await
+                    .map_err(map_err)?;
+                if expect
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|n| n != done.rows_affected())
+                {
+                    return Err(StoreError::Conflict);
+                }
+                counts.push(done.rows_affected());
+            }
+            Ok(counts)
         }
         .await;
         tx.finish(outcome).await

@@ -475,8 +475,9 @@ async fn go_database() -> (tempfile::TempDir, PathBuf, GoFixture) {
 
 /// Columns our migrations add to a Go table (SPEC §8: additive), as `ALTER TABLE` writes them
 /// into its `CREATE TABLE` text: issue 9's outcome columns on `usage_events` (migration 003),
-/// issue 10's previous-token columns on `consumers` (migration 007).
-const ADDED_COLUMNS: [(&str, &str); 5] = [
+/// issue 10's keyed value hash on `keys` (migration 006) and previous-token columns on `consumers` (migration 007).
+const ADDED_COLUMNS: [(&str, &str); 6] = [
+    ("value_hash", ", value_hash TEXT"),
     ("outcome_class", ", outcome_class TEXT"),
     ("outcome_status", ", outcome_status INTEGER"),
     ("outcome_reported_at", ", outcome_reported_at TIMESTAMP"),
@@ -693,7 +694,7 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
     let health = app.admin_get("/admin/health").await;
     assert_eq!(
         health.body,
-        json!({ "pool_size": 7, "encryption": true, "warnings": [],
+        json!({ "pool_size": 7, "encryption": true, "warnings": [], "unreadable_keys": 0,
                 "key_states": super::health::key_states(6, 1) }),
         "{}",
         health.text
@@ -1079,7 +1080,7 @@ async fn go_database_without_the_encryption_key_starts_and_never_serves_sealed_k
     let health = app.admin_get("/admin/health").await;
     assert_eq!(
         health.body,
-        json!({ "pool_size": 7, "encryption": false, "warnings": [],
+        json!({ "pool_size": 7, "encryption": false, "warnings": [], "unreadable_keys": 2,
                 "key_states": super::health::key_states(6, 1) }),
         "{}",
         health.text
@@ -1384,4 +1385,60 @@ async fn go_consumer_with_an_unreadable_token_hash_matches_no_token() {
         0,
         "nothing served"
     );
+}
+
+// Issue 10 items 5 and 6: Go-era keys get their keyed value hash at startup (from the values
+// the pool decrypted), so importing a Go-era value again finds it; rotating away from the Go
+// key and re-sealing keeps every Go value readable.
+#[tokio::test]
+async fn go_keys_get_value_hashes_and_survive_a_key_rotation() {
+    let (_dir, path, _) = go_database().await;
+    let mut go_key = [0u8; 32];
+    hex::decode_to_slice(GO_KEY_HEX, &mut go_key).expect("hex");
+    let mut app = spawn_app_on_file(&path, &[("ENCRYPTION_KEY", GO_KEY_HEX)]).await;
+    let sealer = keypooler::crypto::Sealer::new(Some(go_key));
+    let hash = |v: &str| sealer.value_hash(&keypooler::secret::Secret::new(v));
+    let stored: BTreeMap<String, Option<String>> = app
+        .rows("SELECT id, value_hash FROM keys")
+        .await
+        .into_iter()
+        .map(|r| (r[0].clone().expect("id"), r[1].clone()))
+        .collect();
+    for (id, plain) in [
+        (KEY_PLAIN, PLAIN_VALUE),
+        (KEY_ENC, ENC_VALUE_PLAIN),
+        (KEY_VAULT, ENC_VAULT_PLAIN),
+        (KEY_SPENT, SPENT_VALUE),
+    ] {
+        assert_eq!(stored[id], Some(hash(plain)), "hash of {id}");
+    }
+    let import = app
+        .admin_post(
+            "/admin/keys/import",
+            json!({ "tier": "firecrawl", "keys": [{ "name": "again", "key": ENC_VALUE_PLAIN }] }),
+        )
+        .await;
+    assert_eq!(import.status, StatusCode::OK, "{}", import.text);
+    assert_eq!(import.body["results"][0]["status"], "existing");
+    assert_eq!(import.body["results"][0]["id"], KEY_ENC);
+
+    // Rotate: a new key, the Go key as previous; rekey; then the new key alone.
+    let new_key = "5a".repeat(32);
+    app.env.push(("ENCRYPTION_KEY".into(), new_key.clone()));
+    app.env
+        .push(("ENCRYPTION_KEY_PREVIOUS".into(), GO_KEY_HEX.to_string()));
+    app.restart().await;
+    let rekey = app.admin_post("/admin/rekey", json!(null)).await;
+    assert_eq!(rekey.status, StatusCode::OK, "{}", rekey.text);
+    assert_eq!(rekey.body["unreadable"], 0, "{}", rekey.text);
+    app.env.retain(|(k, _)| k != "ENCRYPTION_KEY_PREVIOUS");
+    app.restart().await;
+    assert_eq!(
+        app.admin_get("/admin/health").await.body["unreadable_keys"],
+        0
+    );
+    let r = app.draw("vault_feature", ADMIN_TOKEN).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["value"], ENC_VAULT_PLAIN);
+    app.stop().await;
 }

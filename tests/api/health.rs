@@ -14,11 +14,11 @@ async fn health_is_public_and_ok() {
 async fn admin_health_counts_every_stored_key_and_reports_encryption() {
     let key = "ab".repeat(32);
     let app = spawn_app_with(&[("ENCRYPTION_KEY", &key)]).await;
-    assert_eq!(app.admin_get("/admin/health").await.body, json!({ "pool_size": 0, "encryption": true, "warnings": [], "key_states": key_states(0, 0) }));
+    assert_eq!(app.admin_get("/admin/health").await.body, json!({ "pool_size": 0, "encryption": true, "warnings": [], "unreadable_keys": 0, "key_states": key_states(0, 0) }));
     app.create_tier("t", &[("scrape", 5, 60)]).await;
     app.add_key(json!({ "name": "k1", "key": "v1", "tier": "t" })).await;
     app.add_key(json!({ "name": "k2", "key": "v2", "tier": "t", "usage_limit": 1 })).await;
-    assert_eq!(app.admin_get("/admin/health").await.body, json!({ "pool_size": 2, "encryption": true, "warnings": [], "key_states": key_states(2, 0) }));
+    assert_eq!(app.admin_get("/admin/health").await.body, json!({ "pool_size": 2, "encryption": true, "warnings": [], "unreadable_keys": 0, "key_states": key_states(2, 0) }));
     let unauth = app.get("/admin/health", None).await;
     assert_eq!(unauth.status, StatusCode::UNAUTHORIZED);
 }

@@ -14,6 +14,7 @@ mod durability;
 mod go_database;
 mod health;
 mod health_states;
+mod import_rekey;
 mod observe;
 mod openapi;
 mod operate;

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 
 /// Every route of the router (SPEC §6 and §8.1), as the README's endpoint table lists them.
-const ROUTES: [(&str, &str); 24] = [
+const ROUTES: [(&str, &str); 26] = [
     ("GET", "/health"),
     ("GET", "/livez"),
     ("GET", "/readyz"),
@@ -25,6 +25,8 @@ const ROUTES: [(&str, &str); 24] = [
     ("POST", "/admin/keys"),
     ("DELETE", "/admin/keys/{id}"),
     ("PATCH", "/admin/keys/{id}"),
+    ("POST", "/admin/keys/import"),
+    ("POST", "/admin/rekey"),
     ("GET", "/admin/consumers"),
     ("POST", "/admin/consumers"),
     ("DELETE", "/admin/consumers/{id}"),
