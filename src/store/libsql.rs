@@ -543,17 +543,7 @@ impl LibsqlStore {
     ) -> Result<(), StoreError> {
         let statements: Vec<(String, Vec<Value>)> = statements
             .iter()
-            .map(|(statement, params)| {
-                let values = params
-                    .iter()
-                    .map(|p| match p {
-                        super::Param::Text(v) => Value::Text(v.clone()),
-                        super::Param::Int(v) => Value::Integer(*v),
-                        super::Param::Null => Value::Null,
-                    })
-                    .collect();
-                (statement.to_string(), values)
-            })
+            .map(|(statement, params)| (statement.to_string(), values(params)))
             .collect();
         self.transaction(&statements, false, |i, affected| {
             if affected == 0 && must_affect.contains(&i) {
@@ -724,6 +714,7 @@ fn values(params: &[Param]) -> Vec<Value> {
         .map(|p| match p {
             Param::Text(t) => Value::Text(t.clone()),
             Param::Int(n) => Value::Integer(*n),
+            Param::Null => Value::Null,
         })
         .collect()
 }

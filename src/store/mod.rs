@@ -637,13 +637,6 @@ impl Db {
 /// Rows a remote bulk write (import) may take per `DB_BUSY_TIMEOUT_MS` of its time bound.
 pub const BULK_ROWS_PER_BOUND: usize = 1000;
 
-/// A bound value of the generic statements (`Db::select`, `Db::write_all`).
-#[derive(Clone, Debug)]
-pub enum Param {
-    Text(String),
-    Int(i64),
-}
-
 /// A batch as the JSON array its statement reads with `json_each`.
 fn json<T: serde::Serialize + ?Sized>(batch: &T) -> String {
     // Strings, integers and null cannot fail to serialise.

@@ -190,6 +190,7 @@ fn bind<'q>(
         query = match p {
             Param::Text(t) => query.bind(t.as_str()),
             Param::Int(n) => query.bind(*n),
+            Param::Null => query.bind(None::<&str>),
         };
     }
     query
@@ -509,15 +510,10 @@ impl SqliteStore {
         let mut tx = WriteTx::begin(&self.pool).await?;
         let outcome = async {
             for (i, (statement, params)) in statements.iter().enumerate() {
-                let mut query = sqlx::query(statement);
-                for param in params {
-                    query = match param {
-                        super::Param::Text(v) => query.bind(v.clone()),
-                        super::Param::Int(v) => query.bind(*v),
-                        super::Param::Null => query.bind(None::<String>),
-                    };
-                }
-                let done = query.execute(tx.conn()).await.map_err(map_err)?;
+                let done = bind(sqlx::query(statement), params)
+                    .execute(tx.conn())
+                    .await
+                    .map_err(map_err)?;
                 if done.rows_affected() == 0 && must_affect.contains(&i) {
                     return Err(StoreError::NotFound);
                 }

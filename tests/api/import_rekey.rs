@@ -78,6 +78,27 @@ async fn stored_values(app: &TestApp) -> Vec<(String, String)> {
 }
 
 on_both_drivers! {
+    // Issue 10 items 1 and 5 together: PATCH rotating a value stores the new value's keyed
+    // hash in the same write, so import finds the new value and no longer the old one.
+    async fn a_rotated_value_is_what_import_matches() {
+        let app = spawn_app_with(&[("ENCRYPTION_KEY", KEY_A)]).await;
+        app.create_tier("t", &[("f", 1000, 60)]).await;
+        let id = app.add_key(json!({ "name": "k", "key": "v-old", "tier": "t" })).await;
+        let patched = app
+            .admin_send(reqwest::Method::PATCH, &format!("/admin/keys/{id}"), Some(&json!({ "key": "v-new" })))
+            .await;
+        assert_eq!(patched.status, StatusCode::OK, "{}", patched.text);
+        let hash = app.rows_with("SELECT value_hash FROM keys WHERE id = ?", &[&id]).await;
+        assert_eq!(hash[0][0], Some(sealer(KEY_A).value_hash(&Secret::new("v-new"))));
+        let r = import(&app, json!({ "tier": "t", "keys": [
+            { "name": "again", "key": "v-new" },
+            { "name": "old", "key": "v-old" },
+        ], "dry_run": true })).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(statuses(&r), ["existing", "created"]);
+        assert_eq!(r.body["results"][0]["id"], id.as_str());
+    }
+
     // Issue 10 item 5: created / existing / invalid per item, dry run, the same file twice.
     async fn import_reports_each_item_and_is_idempotent() {
         let app = spawn_app_with(&[("ENCRYPTION_KEY", KEY_A)]).await;
