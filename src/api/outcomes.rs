@@ -102,7 +102,12 @@ impl PartialSchema for OutcomeBody {
     }
 }
 
-impl ToSchema for OutcomeBody {}
+/// Registers what the report's fields refer to (`OutcomeClass`, `TransportError`).
+impl ToSchema for OutcomeBody {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        <OutcomeReport as ToSchema>::schemas(schemas);
+    }
+}
 
 /// The answer to a report.
 #[derive(Serialize, ToSchema)]
