@@ -248,13 +248,28 @@ impl LibsqlStore {
         idempotent: bool,
         check: impl Fn(usize, u64) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        self.transaction_within(1, statements, idempotent, check)
+            .await
+            .map(|_| ())
+    }
+
+    /// `transaction`, bounded by `scale` times `DB_BUSY_TIMEOUT_MS` (bulk writes), answering
+    /// each statement's affected-row count.
+    async fn transaction_within(
+        &self,
+        scale: u32,
+        statements: &[(String, Vec<Value>)],
+        idempotent: bool,
+        check: impl Fn(usize, u64) -> Result<(), StoreError>,
+    ) -> Result<Vec<u64>, StoreError> {
         use std::sync::atomic::{AtomicBool, Ordering};
         let check = &check;
         let sent = AtomicBool::new(false);
         let sent = &sent;
         let attempt = || async {
-            self.run(|conn| async move {
+            self.run_within(scale, |conn| async move {
                 let tx = conn.transaction().await.map_err(|e| self.err(e))?;
+                let mut counts = Vec::with_capacity(statements.len());
                 for (i, (statement, values)) in statements.iter().enumerate() {
                     sent.store(true, Ordering::SeqCst);
                     let affected = tx
@@ -262,10 +277,11 @@ impl LibsqlStore {
                         .await
                         .map_err(|e| self.err(e))?;
                     check(i, affected)?;
+                    counts.push(affected);
                 }
                 sent.store(true, Ordering::SeqCst);
                 tx.execute("COMMIT", ()).await.map_err(|e| self.err(e))?;
-                Ok(())
+                Ok(counts)
             })
             .await
         };
@@ -432,50 +448,17 @@ impl LibsqlStore {
         expect: &[Option<u64>],
         scale: u32,
     ) -> Result<Vec<u64>, StoreError> {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let sent = AtomicBool::new(false);
-        let sent = &sent;
-        let attempt = || async {
-            self.run_within(scale, |conn| async move {
-                let tx = conn.transaction().await.map_err(|e| self.err(e))?;
-                let mut counts = Vec::with_capacity(statements.len());
-                for (i, (statement, params)) in statements.iter().enumerate() {
-                    sent.store(true, Ordering::SeqCst);
-                    let affected = tx
-                        .execute(statement, Params::Positional(values(params)))
-                        .await
-                        .map_err(|e| self.err(e))?;
-                    if expect
-                        .get(i)
-                        .copied()
-                        .flatten()
-                        .is_some_and(|n| n != affected)
-                    {
-                        return Err(StoreError::Conflict);
-                    }
-                    counts.push(affected);
-                }
-                sent.store(true, Ordering::SeqCst);
-                tx.execute("COMMIT", ()).await.map_err(|e| self.err(e))?;
-                Ok(counts)
-            })
-            .await
-        };
-        let outcome = match attempt().await {
-            Err(StoreError::Unavailable(first)) if !sent.load(Ordering::SeqCst) => {
-                tracing::warn!(error = %first, "libSQL transaction failed; retrying once on a fresh stream");
-                attempt().await
+        let statements: Vec<(String, Vec<Value>)> = statements
+            .iter()
+            .map(|(statement, params)| (statement.to_string(), values(params)))
+            .collect();
+        self.transaction_within(scale, &statements, false, |i, affected| {
+            match expect.get(i).copied().flatten() {
+                Some(n) if n != affected => Err(StoreError::Conflict),
+                _ => Ok(()),
             }
-            other => other,
-        };
-        match outcome {
-            Err(StoreError::Unavailable(detail) | StoreError::Other(detail))
-                if sent.load(Ordering::SeqCst) =>
-            {
-                Err(StoreError::Uncertain(detail))
-            }
-            other => other,
-        }
+        })
+        .await
     }
 
     pub async fn delete_key(&self, id: &str) -> Result<(), StoreError> {

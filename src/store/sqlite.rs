@@ -416,6 +416,22 @@ impl SqliteStore {
         _scale: u32,
     ) -> Result<Vec<u64>, StoreError> {
         // Locally `DB_BUSY_TIMEOUT_MS` bounds only waiting for the lock, whatever the size.
+        self.transaction(statements, |i, affected| {
+            match expect.get(i).copied().flatten() {
+                Some(n) if n != affected => Err(StoreError::Conflict),
+                _ => Ok(()),
+            }
+        })
+        .await
+    }
+
+    /// Runs `statements` in one write transaction; `check` sees each one's affected-row count
+    /// and may refuse it (rolling everything back). Answers the counts.
+    async fn transaction(
+        &self,
+        statements: &[(&str, Vec<Param>)],
+        check: impl Fn(usize, u64) -> Result<(), StoreError>,
+    ) -> Result<Vec<u64>, StoreError> {
         let mut tx = WriteTx::begin(&self.pool).await?;
         let outcome = async {
             let mut counts = Vec::with_capacity(statements.len());
@@ -424,14 +440,7 @@ impl SqliteStore {
                     .execute(tx.conn())
                     .await
                     .map_err(map_err)?;
-                if expect
-                    .get(i)
-                    .copied()
-                    .flatten()
-                    .is_some_and(|n| n != done.rows_affected())
-                {
-                    return Err(StoreError::Conflict);
-                }
+                check(i, done.rows_affected())?;
                 counts.push(done.rows_affected());
             }
             Ok(counts)
@@ -507,21 +516,15 @@ impl SqliteStore {
         statements: &[super::Statement],
         must_affect: &[usize],
     ) -> Result<(), StoreError> {
-        let mut tx = WriteTx::begin(&self.pool).await?;
-        let outcome = async {
-            for (i, (statement, params)) in statements.iter().enumerate() {
-                let done = bind(sqlx::query(statement), params)
-                    .execute(tx.conn())
-                    .await
-                    .map_err(map_err)?;
-                if done.rows_affected() == 0 && must_affect.contains(&i) {
-                    return Err(StoreError::NotFound);
-                }
+        self.transaction(statements, |i, affected| {
+            if affected == 0 && must_affect.contains(&i) {
+                Err(StoreError::NotFound)
+            } else {
+                Ok(())
             }
-            Ok(())
-        }
-        .await;
-        tx.finish(outcome).await
+        })
+        .await
+        .map(|_| ())
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
