@@ -113,6 +113,7 @@ fn documented_routes() -> OpenApiRouter<SharedState> {
         .routes(routes!(consumers::remove))
         .routes(routes!(consumers::grant_scope))
         .routes(routes!(usage::list))
+        .routes(routes!(usage::summary))
 }
 
 /// The whole API.

@@ -18,7 +18,8 @@ use libsql::{params::Params, TransactionBehavior, Value};
 use tokio::sync::Semaphore;
 
 use super::{
-    key_health, sql, usage_event, Batch, Cells, SnapshotRead, SnapshotRows, StoreError, MIGRATIONS,
+    key_health, rollup_row, sql, summary_row, usage_event, Batch, Cells, SnapshotRead,
+    SnapshotRows, StoreError, SummaryRow, MIGRATIONS,
 };
 use crate::config::Config;
 use crate::model::{ConsumerRecord, KeyRecord, Snapshot, TierRecord, UsageEvent};
@@ -483,6 +484,86 @@ impl LibsqlStore {
         self.transaction(&statements, true, |_, _| Ok(())).await
     }
 
+    /// Every row of one read statement, decoded by `decode`.
+    async fn read_all<T>(
+        &self,
+        text: &str,
+        params: &[sql::Param],
+        decode: impl Fn(&libsql::Row) -> T,
+    ) -> Result<Vec<T>, StoreError> {
+        let values = values_of(params);
+        self.run(|conn| async move {
+            let mut rows = conn
+                .query(text, Params::Positional(values))
+                .await
+                .map_err(|e| self.err(e))?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().await.map_err(|e| self.err(e))? {
+                out.push(decode(&r));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn usage_page(
+        &self,
+        text: &str,
+        params: &[sql::Param],
+    ) -> Result<Vec<(i64, UsageEvent)>, StoreError> {
+        self.read_all(text, params, |r| (r.int(8).unwrap_or(0), usage_event(r)))
+            .await
+    }
+
+    pub async fn usage_summary(
+        &self,
+        text: &str,
+        params: &[sql::Param],
+    ) -> Result<Vec<SummaryRow>, StoreError> {
+        self.read_all(text, params, |r| summary_row(r)).await
+    }
+
+    /// The first column of the first row as text, if any.
+    pub async fn read_text(
+        &self,
+        text: &str,
+        params: &[sql::Param],
+    ) -> Result<Option<String>, StoreError> {
+        let rows = self.read_all(text, params, |r| r.text(0)).await?;
+        Ok(rows.into_iter().next().flatten())
+    }
+
+    pub async fn rollup_rows(
+        &self,
+        params: &[sql::Param],
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        self.read_all(sql::ROLLUP_READ, params, |r| rollup_row(r))
+            .await
+    }
+
+    /// Idempotent (the day's rows are replaced), so a lost answer may be retried.
+    pub async fn write_rollup(&self, params: &[sql::Param]) -> Result<(), StoreError> {
+        let statements = vec![
+            (sql::DELETE_ROLLUP_DAY.to_string(), values_of(&params[..1])),
+            (sql::INSERT_ROLLUP.to_string(), values_of(&params[1..3])),
+            (sql::SET_ROLLUP_THROUGH.to_string(), values_of(&params[3..])),
+        ];
+        self.transaction(&statements, true, |_, _| Ok(())).await
+    }
+
+    /// Deleting rows already due is safe to repeat.
+    pub async fn prune_usage(&self, params: &[sql::Param]) -> Result<u64, StoreError> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let deleted = AtomicU64::new(0);
+        let statements = vec![(sql::PRUNE_USAGE.to_string(), values_of(params))];
+        self.transaction(&statements, true, |_, n| {
+            deleted.store(n, Ordering::Relaxed);
+            Ok(())
+        })
+        .await?;
+        Ok(deleted.load(Ordering::Relaxed))
+    }
+
     /// Reads one row by id; `settled`: inside `BEGIN IMMEDIATE`, so what is read is final
     /// (as in `read_by_id`), else as a plain read.
     async fn read_one<T>(
@@ -554,6 +635,16 @@ fn feature_rows(tier: &TierRecord) -> Vec<(String, Vec<Value>)> {
                     Value::Integer(limit.window_seconds),
                 ],
             )
+        })
+        .collect()
+}
+
+fn values_of(params: &[sql::Param]) -> Vec<Value> {
+    params
+        .iter()
+        .map(|p| match p {
+            sql::Param::Text(t) => Value::Text(t.clone()),
+            sql::Param::Int(n) => Value::Integer(*n),
         })
         .collect()
 }

@@ -42,6 +42,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "key_health",
         include_str!("../../migrations/003_key_health.sql"),
     ),
+    (
+        5,
+        "usage_rollup",
+        include_str!("../../migrations/005_usage_rollup.sql"),
+    ),
 ];
 
 /// The database, whichever driver runs it.
@@ -132,6 +137,85 @@ impl Db {
         dispatch!(self, s => s.recent_usage(limit).await)
     }
 
+    /// One page of audit rows matching `filter`, newest (highest rowid) first, each with its
+    /// rowid (the paging cursor).
+    pub async fn usage_page(
+        &self,
+        filter: &UsageFilter,
+    ) -> Result<Vec<(i64, UsageEvent)>, StoreError> {
+        let (text, params) = sql::usage_page(filter);
+        dispatch!(self, s => s.usage_page(&text, &params).await)
+    }
+
+    /// Serves per group over whole UTC days `from..=to` (unbounded where `None`): the rollup
+    /// for days rolled up, raw rows for the rest, read in one statement (one snapshot).
+    pub async fn usage_summary(
+        &self,
+        group: SummaryGroup,
+        from: Option<chrono::NaiveDate>,
+        to: Option<chrono::NaiveDate>,
+    ) -> Result<Vec<SummaryRow>, StoreError> {
+        let text = sql::summary(group);
+        let params = [
+            sql::Param::Text(from.map_or_else(|| sql::FIRST_DAY.into(), day_text)),
+            sql::Param::Text(to.map_or_else(|| sql::LAST_DAY.into(), day_text)),
+        ];
+        dispatch!(self, s => s.usage_summary(&text, &params).await)
+    }
+
+    /// The last day the rollup covers (every earlier day too); `None` before the first rollup.
+    pub async fn rollup_through(&self) -> Result<Option<chrono::NaiveDate>, StoreError> {
+        let day = dispatch!(self, s => s.read_text(sql::ROLLUP_THROUGH, &[]).await)?;
+        Ok(day.as_deref().and_then(parse_day))
+    }
+
+    /// The UTC day of the oldest audit row with a readable time, if any.
+    pub async fn first_usage_day(&self) -> Result<Option<chrono::NaiveDate>, StoreError> {
+        let day = dispatch!(self, s => s.read_text(sql::FIRST_USAGE_DAY, &[]).await)?;
+        Ok(day.as_deref().and_then(parse_day))
+    }
+
+    /// The next UTC day on or after `day` that holds audit rows, if any.
+    pub async fn next_usage_day(
+        &self,
+        day: chrono::NaiveDate,
+    ) -> Result<Option<chrono::NaiveDate>, StoreError> {
+        let params = [sql::Param::Text(day_text(day))];
+        let found = dispatch!(self, s => s.read_text(sql::NEXT_USAGE_DAY, &params).await)?;
+        Ok(found.as_deref().and_then(parse_day))
+    }
+
+    /// Rolls `day` up: counts its raw rows (a read, no write lock held), then replaces the
+    /// day's rollup rows and moves the rollup's end to `day` in one short write. Returns the
+    /// number of rollup rows written. Call only for a day no serve or report can change.
+    pub async fn roll_up_day(&self, day: chrono::NaiveDate) -> Result<usize, StoreError> {
+        let bounds = [
+            sql::Param::Text(day_text(day)),
+            sql::Param::Text(day_text(day + chrono::Days::new(1))),
+        ];
+        let rows = dispatch!(self, s => s.rollup_rows(&bounds).await)?;
+        let count = rows.len();
+        let write = [
+            sql::Param::Text(day_text(day)),
+            sql::Param::Text(day_text(day)),
+            sql::Param::Text(serde_json::to_string(&rows).unwrap_or_else(|_| "[]".into())),
+            sql::Param::Text(day_text(day)),
+        ];
+        dispatch!(self, s => s.write_rollup(&write).await)?;
+        Ok(count)
+    }
+
+    /// Deletes up to `limit` audit rows from days before `before` (a short write on the group
+    /// commit's own connection locally, so `/key` waits at most for one batch); returns how many.
+    pub async fn prune_usage(
+        &self,
+        before: chrono::NaiveDate,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let params = [sql::Param::Text(day_text(before)), sql::Param::Int(limit)];
+        dispatch!(self, s => s.prune_usage(&params).await)
+    }
+
     /// Commits a batch in one transaction: serves' audit rows and their keys' counters,
     /// reported outcomes (each only onto a serve without one) and key health changes (with
     /// each key's `is_active`). Safe to retry: audit ids are unique and ignored when already
@@ -183,6 +267,80 @@ impl Db {
     pub async fn close(&self) {
         dispatch!(self, s => s.close().await)
     }
+}
+
+/// Filters and cursor of one `GET /admin/usage` page.
+#[derive(Default, Debug, Clone)]
+pub struct UsageFilter {
+    pub key_id: Option<String>,
+    pub consumer_id: Option<String>,
+    pub feature: Option<String>,
+    pub since: Option<crate::timestamp::Timestamp>,
+    pub until: Option<crate::timestamp::Timestamp>,
+    /// Only rows with a lower rowid (the previous page's last row).
+    pub before: Option<i64>,
+    pub limit: i64,
+}
+
+/// What a usage summary groups by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SummaryGroup {
+    Key,
+    Consumer,
+    Feature,
+    Day,
+}
+
+/// One group of a usage summary: serves and, per class of `OUTCOME_CLASSES`, reported outcomes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SummaryRow {
+    pub group: String,
+    pub served: i64,
+    pub outcomes: [i64; 7],
+}
+
+/// The outcome classes a rollup row counts, in column order (SPEC §8.2).
+pub const OUTCOME_CLASSES: [&str; 7] = [
+    "ok",
+    "client_error",
+    "auth_invalid",
+    "quota_exhausted",
+    "rate_limited",
+    "upstream_error",
+    "network",
+];
+
+/// A UTC day as stored in the rollup.
+pub fn day_text(day: chrono::NaiveDate) -> String {
+    day.format("%Y-%m-%d").to_string()
+}
+
+fn parse_day(s: &str) -> Option<chrono::NaiveDate> {
+    chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d").ok()
+}
+
+/// A summary row from `sql::summary` (group, served, then the seven class counts).
+pub fn summary_row(r: &dyn Cells) -> SummaryRow {
+    let mut outcomes = [0; 7];
+    for (i, n) in outcomes.iter_mut().enumerate() {
+        *n = r.int(2 + i).unwrap_or(0);
+    }
+    SummaryRow {
+        group: r.text(0).unwrap_or_default(),
+        served: r.int(1).unwrap_or(0),
+        outcomes,
+    }
+}
+
+/// A rollup row from `sql::ROLLUP_READ` as the JSON array `sql::WRITE_ROLLUP` takes.
+pub fn rollup_row(r: &dyn Cells) -> serde_json::Value {
+    let mut row = vec![
+        serde_json::Value::from(r.text(0).unwrap_or_default()),
+        serde_json::Value::from(r.text(1).unwrap_or_default()),
+        serde_json::Value::from(r.text(2).unwrap_or_default()),
+    ];
+    row.extend((3..11).map(|i| serde_json::Value::from(r.int(i).unwrap_or(0))));
+    serde_json::Value::Array(row)
 }
 
 /// What one group commit writes.
@@ -266,6 +424,132 @@ pub mod sql {
     pub const RECENT_USAGE: &str =
         "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT), outcome_class, \
         outcome_status, CAST(outcome_reported_at AS TEXT) FROM usage_events ORDER BY julianday(created_at) DESC, created_at DESC, rowid DESC LIMIT ?";
+
+    /// A bound value of a statement built at run time.
+    #[derive(Debug, Clone)]
+    pub enum Param {
+        Text(String),
+        Int(i64),
+    }
+
+    const USAGE_COLUMNS: &str = "SELECT id, key_id, consumer_id, feature, \
+        CAST(created_at AS TEXT), outcome_class, outcome_status, \
+        CAST(outcome_reported_at AS TEXT), rowid FROM usage_events";
+
+    /// One page of `GET /admin/usage`: only the filters given, newest rowid first. A rowid is
+    /// never reused for a newer row (new rows get a rowid above every existing one), so a
+    /// page that starts below the previous page's last rowid skips and repeats nothing while
+    /// rows are inserted. With a key or consumer filter the time bounds are written `+…` so
+    /// the planner walks that column's index in rowid order instead of sorting a time range.
+    pub fn usage_page(f: &super::UsageFilter) -> (String, Vec<Param>) {
+        use crate::timestamp::to_db;
+        let mut text = String::from(USAGE_COLUMNS);
+        let mut params = Vec::new();
+        let mut conditions = Vec::new();
+        for (column, value) in [
+            ("key_id", &f.key_id),
+            ("consumer_id", &f.consumer_id),
+            ("feature", &f.feature),
+        ] {
+            if let Some(v) = value {
+                conditions.push(format!("{column} = ?"));
+                params.push(Param::Text(v.clone()));
+            }
+        }
+        let time = if f.key_id.is_some() || f.consumer_id.is_some() {
+            "+julianday(created_at)"
+        } else {
+            "julianday(created_at)"
+        };
+        if let Some(t) = f.since {
+            conditions.push(format!("{time} >= julianday(?)"));
+            params.push(Param::Text(to_db(t)));
+        }
+        if let Some(t) = f.until {
+            conditions.push(format!("{time} <= julianday(?)"));
+            params.push(Param::Text(to_db(t)));
+        }
+        if let Some(rowid) = f.before {
+            conditions.push("rowid < ?".into());
+            params.push(Param::Int(rowid));
+        }
+        if !conditions.is_empty() {
+            text.push_str(" WHERE ");
+            text.push_str(&conditions.join(" AND "));
+        }
+        text.push_str(" ORDER BY rowid DESC LIMIT ?");
+        params.push(Param::Int(f.limit));
+        (text, params)
+    }
+
+    /// Bounds of an unbounded summary.
+    pub const FIRST_DAY: &str = "0000-01-01";
+    pub const LAST_DAY: &str = "9999-12-30";
+
+    /// Counts over days `?1..=?2` (`YYYY-MM-DD`): rollup rows for days up to the rollup's end,
+    /// raw rows (by their UTC day) after it, in one statement so both halves see one snapshot.
+    pub fn summary(group: super::SummaryGroup) -> String {
+        use super::SummaryGroup::*;
+        let (rolled, raw) = match group {
+            Key => ("key_id", "key_id"),
+            Consumer => ("consumer_id", "consumer_id"),
+            Feature => ("feature", "feature"),
+            Day => ("day", "date(created_at)"),
+        };
+        let classes = super::OUTCOME_CLASSES;
+        let rolled_classes: Vec<String> = classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c} AS c{i}"))
+            .collect();
+        let raw_classes: Vec<String> = classes
+            .iter()
+            .map(|c| format!("outcome_class IS '{c}'"))
+            .collect();
+        let sums: Vec<String> = (0..classes.len()).map(|i| format!("sum(c{i})")).collect();
+        format!(
+            "WITH bounds AS (SELECT ?1 AS first, ?2 AS last, \
+            (SELECT through_day FROM usage_rollup_state WHERE id = 1) AS rolled) \
+            SELECT g, sum(n), {sums} FROM (\
+            SELECT {rolled} AS g, served AS n, {rolled_classes} FROM usage_rollup, bounds \
+            WHERE day >= bounds.first AND day <= bounds.last AND day <= bounds.rolled \
+            UNION ALL \
+            SELECT {raw} AS g, 1 AS n, {raw_classes} FROM usage_events \
+            WHERE julianday(created_at) >= (SELECT max(julianday(first), \
+            coalesce(julianday(rolled) + 1, 0)) FROM bounds) \
+            AND julianday(created_at) < (SELECT julianday(last) + 1 FROM bounds)\
+            ) GROUP BY g ORDER BY g",
+            sums = sums.join(", "),
+            rolled_classes = rolled_classes.join(", "),
+            raw_classes = raw_classes.join(", "),
+        )
+    }
+
+    pub const ROLLUP_THROUGH: &str = "SELECT through_day FROM usage_rollup_state WHERE id = 1";
+    pub const FIRST_USAGE_DAY: &str = "SELECT date(min(julianday(created_at))) FROM usage_events";
+    pub const NEXT_USAGE_DAY: &str = "SELECT date(min(julianday(created_at))) FROM usage_events \
+        WHERE julianday(created_at) >= julianday(?)";
+    /// One day's rollup rows, from raw rows with `?1 <= time < ?2`.
+    pub const ROLLUP_READ: &str = "SELECT key_id, consumer_id, feature, count(*), \
+        sum(outcome_class IS 'ok'), sum(outcome_class IS 'client_error'), \
+        sum(outcome_class IS 'auth_invalid'), sum(outcome_class IS 'quota_exhausted'), \
+        sum(outcome_class IS 'rate_limited'), sum(outcome_class IS 'upstream_error'), \
+        sum(outcome_class IS 'network') FROM usage_events \
+        WHERE julianday(created_at) >= julianday(?) AND julianday(created_at) < julianday(?) \
+        GROUP BY key_id, consumer_id, feature";
+    /// A day's rollup (day, day, JSON rows as `rollup_row` builds them, day): replaces the
+    /// day's rows and moves the rollup's end to it.
+    pub const DELETE_ROLLUP_DAY: &str = "DELETE FROM usage_rollup WHERE day = ?";
+    pub const INSERT_ROLLUP: &str = "INSERT INTO usage_rollup (day, key_id, consumer_id, \
+        feature, served, ok, client_error, auth_invalid, quota_exhausted, rate_limited, \
+        upstream_error, network) SELECT ?, value ->> 0, value ->> 1, value ->> 2, \
+        value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7, value ->> 8, \
+        value ->> 9, value ->> 10 FROM json_each(?)";
+    pub const SET_ROLLUP_THROUGH: &str = "INSERT INTO usage_rollup_state (id, through_day) \
+        VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET through_day = excluded.through_day";
+    /// Up to `?2` raw rows of days before `?1`.
+    pub const PRUNE_USAGE: &str = "DELETE FROM usage_events WHERE rowid IN (SELECT rowid \
+        FROM usage_events WHERE julianday(created_at) < julianday(?) LIMIT ?)";
 
     /// A batch's audit rows from one bound JSON array `[[id, key_id, consumer_id, feature,
     /// created_at], …]`: constant SQL (prepared once), one parameter whatever the batch size,

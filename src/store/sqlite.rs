@@ -9,7 +9,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Row, Sqlite, SqliteConnection, SqlitePool};
 
-use super::{key_health, sql, usage_event, Batch, Cells, SnapshotRows, StoreError, MIGRATIONS};
+use super::{
+    key_health, rollup_row, sql, summary_row, usage_event, Batch, Cells, SnapshotRows, StoreError,
+    SummaryRow, MIGRATIONS,
+};
 use crate::config::{Config, Synchronous};
 use crate::model::{ConsumerRecord, KeyRecord, Snapshot, TierRecord, UsageEvent};
 use crate::pool::health::HealthRecord;
@@ -127,6 +130,29 @@ static COMMIT_WITH_HEALTH: std::sync::LazyLock<String> = std::sync::LazyLock::ne
         sql::SET_ACTIVE
     )
 });
+
+/// A day's rollup in one transaction (see `sql::DELETE_ROLLUP_DAY`).
+static WRITE_ROLLUP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "BEGIN IMMEDIATE; {}; {}; {}; COMMIT",
+        sql::DELETE_ROLLUP_DAY,
+        sql::INSERT_ROLLUP,
+        sql::SET_ROLLUP_THROUGH
+    )
+});
+
+fn bind_all<'q>(
+    mut query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    params: &'q [sql::Param],
+) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    for p in params {
+        query = match p {
+            sql::Param::Text(t) => query.bind(t.as_str()),
+            sql::Param::Int(n) => query.bind(*n),
+        };
+    }
+    query
+}
 
 /// WAL pages (4 KiB) after which the committing connection checkpoints (PASSIVE) right after
 /// its commit. The WAL starts over only when a write begins with every frame copied back; a
@@ -462,6 +488,17 @@ impl SqliteStore {
                 .bind(events_json)
                 .bind(updates_json)
         };
+        self.on_writer(query).await.map(|_| ())
+    }
+
+    /// Runs `query` on the group commit's own connection: writes serialise behind the
+    /// ledger's commits instead of contending with them for SQLite's lock. On any failure the
+    /// transaction is ended (see `settle`); a writer left in an unknown state is closed and
+    /// reopened by the next use.
+    async fn on_writer<'q>(
+        &self,
+        query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    ) -> Result<sqlx::sqlite::SqliteQueryResult, StoreError> {
         let mut writer = self.writer.lock().await;
         if let Writer::Lost = *writer {
             let conn = self.options.connect().await.map_err(map_err)?;
@@ -472,7 +509,7 @@ impl SqliteStore {
             return Err(StoreError::Unavailable("the database is closed".into()));
         };
         match query.execute(&mut *conn).await {
-            Ok(_) => Ok(()),
+            Ok(done) => Ok(done),
             Err(e) => {
                 // Whichever statement failed, nothing of the batch may stay applied, and no
                 // transaction may stay open holding the write lock.
@@ -487,6 +524,70 @@ impl SqliteStore {
                 Err(map_err(e))
             }
         }
+    }
+
+    pub async fn usage_page(
+        &self,
+        text: &str,
+        params: &[sql::Param],
+    ) -> Result<Vec<(i64, UsageEvent)>, StoreError> {
+        let rows = bind_all(sqlx::query(text), params)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.int(8).unwrap_or(0), usage_event(r)))
+            .collect())
+    }
+
+    pub async fn usage_summary(
+        &self,
+        text: &str,
+        params: &[sql::Param],
+    ) -> Result<Vec<SummaryRow>, StoreError> {
+        let rows = bind_all(sqlx::query(text), params)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(rows.iter().map(|r| summary_row(r)).collect())
+    }
+
+    /// The first column of the first row as text, if any.
+    pub async fn read_text(
+        &self,
+        text: &str,
+        params: &[sql::Param],
+    ) -> Result<Option<String>, StoreError> {
+        let row = bind_all(sqlx::query(text), params)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(row.and_then(|r| r.text(0)))
+    }
+
+    /// A day's rollup rows, read on the admin pool (no write lock held while counting).
+    pub async fn rollup_rows(
+        &self,
+        params: &[sql::Param],
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let rows = bind_all(sqlx::query(sql::ROLLUP_READ), params)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(rows.iter().map(|r| rollup_row(r)).collect())
+    }
+
+    pub async fn write_rollup(&self, params: &[sql::Param]) -> Result<(), StoreError> {
+        self.on_writer(bind_all(sqlx::query(WRITE_ROLLUP.as_str()), params))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn prune_usage(&self, params: &[sql::Param]) -> Result<u64, StoreError> {
+        self.on_writer(bind_all(sqlx::query(sql::PRUNE_USAGE), params))
+            .await
+            .map(|done| done.rows_affected())
     }
 
     /// Locally every commit has ended when its caller hears of it, so any read is settled.

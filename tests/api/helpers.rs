@@ -60,7 +60,7 @@ macro_rules! on_both_drivers {
 }
 
 /// Every table the service keeps (the Go schema's seven, `schema_migrations`, then ours).
-pub const TABLES: [&str; 9] = [
+pub const TABLES: [&str; 11] = [
     "tiers",
     "tier_features",
     "keys",
@@ -70,6 +70,8 @@ pub const TABLES: [&str; 9] = [
     "usage_events",
     "schema_migrations",
     "key_health",
+    "usage_rollup",
+    "usage_rollup_state",
 ];
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";

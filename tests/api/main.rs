@@ -18,3 +18,4 @@ mod observe;
 mod openapi;
 mod process;
 mod remote;
+mod usage_query;

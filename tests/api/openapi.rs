@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 
 /// Every route of the router (SPEC §6 and §8.1), as the README's endpoint table lists them.
-const ROUTES: [(&str, &str); 20] = [
+const ROUTES: [(&str, &str); 21] = [
     ("GET", "/health"),
     ("GET", "/livez"),
     ("GET", "/readyz"),
@@ -29,6 +29,7 @@ const ROUTES: [(&str, &str); 20] = [
     ("DELETE", "/admin/consumers/{id}"),
     ("POST", "/admin/consumers/{id}/scopes"),
     ("GET", "/admin/usage"),
+    ("GET", "/admin/usage/summary"),
     ("POST", "/serves/{serve_id}/outcome"),
 ];
 
