@@ -228,14 +228,24 @@ fn present(raw: Option<String>) -> Option<String> {
     raw.filter(|s| !s.is_empty())
 }
 
+/// An RFC 3339 time, held within years 0000–9999 in UTC (an offset can push one just past
+/// them; SQLite's date functions read nothing outside).
 fn parse_time(name: &str, raw: Option<&str>) -> Result<Option<Timestamp>, ApiError> {
+    // 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z (SQLite reads no later second).
+    let first = chrono::DateTime::from_timestamp(-62_167_219_200, 0);
+    let last = chrono::DateTime::from_timestamp(253_402_300_799, 0);
     match raw {
         None | Some("") => Ok(None),
-        Some(raw) => timestamp::parse_rfc3339(raw).map(Some).ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "{name} must be an RFC 3339 date-time, e.g. 2026-11-26T00:00:00Z"
-            ))
-        }),
+        Some(raw) => timestamp::parse_rfc3339(raw)
+            .map(|t| {
+                let t = first.map_or(t, |first| t.max(first));
+                Some(last.map_or(t, |last| t.min(last)))
+            })
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "{name} must be an RFC 3339 date-time, e.g. 2026-11-26T00:00:00Z"
+                ))
+            }),
     }
 }
 

@@ -335,6 +335,8 @@ async fn summaries_count_per_group_and_survive_rollup_and_pruning() {
 // Issue 10 item 7: bad input answers 400 naming the parameter, as JSON.
 async fn bad_usage_parameters_answer_400_naming_them() {
     let app = spawn_app().await;
+    app.create_tier("t", &[("f", 100, 60)]).await;
+    app.add_key(json!({ "name": "k", "key": "v", "tier": "t" })).await;
     for (path, name) in [
         ("/admin/usage?since=yesterday", "since"),
         ("/admin/usage?until=2026-13-01T00:00:00Z", "until"),
@@ -360,6 +362,15 @@ async fn bad_usage_parameters_answer_400_naming_them() {
     let r = app.admin_get("/admin/usage?limit=99999999999999999999&cursor=1").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body, json!([]));
+    // Offsets past year 9999 or before 0000 read as those years' bounds.
+    assert_eq!(app.draw("f", ADMIN_TOKEN).await.status, StatusCode::OK);
+    let r = app.admin_get("/admin/usage?since=0000-01-01T00:00:00%2B01:00&until=9999-12-31T23:00:00-05:00").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body.as_array().map(Vec::len), Some(1), "{}", r.text);
+    let r = app.admin_get("/admin/usage/summary?group_by=day&since=0000-01-01T00:00:00%2B01:00&until=9999-12-31T23:00:00-05:00").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!((&r.body["since"], &r.body["until"]), (&json!("0000-01-01"), &json!("9999-12-31")));
+    assert_eq!(r.body["groups"].as_array().map(Vec::len), Some(1), "{}", r.text);
     let r = app.admin_get("/admin/usage/summary?group_by=day&since=2026-02-01T00:00:00Z&until=2026-01-01T00:00:00Z").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body["groups"], json!([]));
