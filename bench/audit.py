@@ -210,7 +210,7 @@ def run(db_path):
     tiers = {"keys": {}, "consumers": []}
     for t in range(TIERS):
         server.ok("POST", "/admin/tiers", {"name": f"t{t}", "features": {f"f{i}": {"rate_limit": 1_000_000_000, "window_seconds": 1} for i in range(4)} if t == 0 else {f"f{i}-{t}": {"rate_limit": 1000, "window_seconds": 60} for i in range(4)}})
-        tiers["keys"][t] = [server.ok("POST", "/admin/keys", {"name": f"t{t}-k{k}", "key": f"sk-{t}-{k}", "tier": f"t{t}", "usage_limit": 10**15})[0]["id"] for k in range(KEYS_PER_TIER)]
+        tiers["keys"][t] = [server.ok("POST", "/admin/keys", {"name": f"t{t}-k{k}", "key": f"sk-{t}-{k}", "tier": f"t{t}", "usage_limit": 10**12})[0]["id"] for k in range(KEYS_PER_TIER)]
     token = None
     for c in range(CONSUMERS):
         made, _ = server.ok("POST", "/admin/consumers", {"name": f"c{c}"})

@@ -1,4 +1,9 @@
-//! Audit upkeep in the background (SPEC §8.3): the daily rollup and `AUDIT_RETENTION_DAYS`.
+//! Audit upkeep in the background (SPEC §8.3): the side indexes of filtered usage reads, the
+//! daily rollup and `AUDIT_RETENTION_DAYS`.
+//!
+//! Side indexes: every second, audit rows committed since the last fill are added to
+//! `usage_by_key` / `usage_by_consumer` in one bulk statement — the hot path's commits stay
+//! as small as before; reads scan the few rows above the filled end (`store::sql::usage_page`).
 //!
 //! Rollup: a UTC day is rolled up once nothing can change its counts any more — every serve
 //! of it is committed and its outcome window has closed (a report lands at most
@@ -20,6 +25,10 @@ use crate::timestamp::Timestamp;
 
 /// How often a pass runs (the first runs at startup).
 const PASS_INTERVAL: Duration = Duration::from_secs(600);
+/// How often the side indexes are filled, and how many rows one fill covers at most (a
+/// backlog, e.g. a Go-era table on first start, is filled batch after batch with `PAUSE`).
+const INDEX_INTERVAL: Duration = Duration::from_secs(1);
+pub const INDEX_BATCH: i64 = 20_000;
 /// Audit rows deleted per batch: a few milliseconds of write lock.
 pub const PRUNE_BATCH: i64 = 500;
 /// Pause between prune batches and between rolled days, so commits queue in between.
@@ -30,21 +39,42 @@ const SETTLE_MARGIN: chrono::Duration = chrono::Duration::minutes(10);
 /// The running upkeep task.
 pub struct AuditJobs {
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
 }
 
 impl AuditJobs {
     /// Starts the upkeep task on the current runtime.
     pub fn start(db: Db, retention_days: Option<u32>, outcome_window: Duration) -> AuditJobs {
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run(db, retention_days, outcome_window, stopped));
-        AuditJobs { stop, task }
+        let tasks = [
+            tokio::spawn(fill_indexes(db.clone(), stopped.clone())),
+            tokio::spawn(run(db, retention_days, outcome_window, stopped)),
+        ];
+        AuditJobs { stop, tasks }
     }
 
-    /// Stops between two batches and waits for the task to end.
+    /// Stops between two batches and waits for the tasks to end.
     pub async fn stop(self) {
         self.stop.send_replace(true);
-        let _ = self.task.await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+async fn fill_indexes(db: Db, mut stopped: watch::Receiver<bool>) {
+    loop {
+        let wait = match db.index_usage(INDEX_BATCH).await {
+            Ok(n) if n >= INDEX_BATCH => PAUSE,
+            Ok(_) => INDEX_INTERVAL,
+            Err(e) => {
+                tracing::warn!(error = %e, "filling the audit side indexes failed; retrying");
+                INDEX_INTERVAL
+            }
+        };
+        if pause(&mut stopped, wait).await {
+            return;
+        }
     }
 }
 

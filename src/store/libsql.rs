@@ -18,8 +18,8 @@ use libsql::{params::Params, TransactionBehavior, Value};
 use tokio::sync::Semaphore;
 
 use super::{
-    key_health, rollup_row, sql, summary_row, usage_event, Batch, Cells, SnapshotRead,
-    SnapshotRows, StoreError, SummaryRow, MIGRATIONS,
+    key_health, prune_candidate, rollup_row, sql, summary_row, usage_event, Batch, Cells,
+    SnapshotRead, SnapshotRows, StoreError, SummaryRow, MIGRATIONS,
 };
 use crate::config::Config;
 use crate::model::{ConsumerRecord, KeyRecord, Snapshot, TierRecord, UsageEvent};
@@ -551,17 +551,35 @@ impl LibsqlStore {
         self.transaction(&statements, true, |_, _| Ok(())).await
     }
 
-    /// Deleting rows already due is safe to repeat.
-    pub async fn prune_usage(&self, params: &[sql::Param]) -> Result<u64, StoreError> {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        let deleted = AtomicU64::new(0);
-        let statements = vec![(sql::PRUNE_USAGE.to_string(), values_of(params))];
-        self.transaction(&statements, true, |_, n| {
-            deleted.store(n, Ordering::Relaxed);
-            Ok(())
-        })
-        .await?;
-        Ok(deleted.load(Ordering::Relaxed))
+    pub async fn prune_candidates(
+        &self,
+        params: &[sql::Param],
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        self.read_all(sql::PRUNE_CANDIDATES, params, |r| prune_candidate(r))
+            .await
+    }
+
+    /// Deleting rows already deleted changes nothing, so a lost answer may be retried.
+    pub async fn prune_rows(&self, rows: &str) -> Result<(), StoreError> {
+        let statements: Vec<(String, Vec<Value>)> =
+            [sql::PRUNE_BY_KEY, sql::PRUNE_BY_CONSUMER, sql::PRUNE_ROWS]
+                .iter()
+                .map(|q| (q.to_string(), vec![Value::Text(rows.to_string())]))
+                .collect();
+        self.transaction(&statements, true, |_, _| Ok(())).await
+    }
+
+    /// Idempotent (inserts are ignored when present, the end is absolute).
+    pub async fn write_index(&self, params: &[sql::Param]) -> Result<(), StoreError> {
+        let statements = vec![
+            (sql::INDEX_BY_KEY.to_string(), values_of(&params[..2])),
+            (sql::INDEX_BY_CONSUMER.to_string(), values_of(&params[2..4])),
+            (
+                sql::SET_INDEXED_THROUGH.to_string(),
+                values_of(&params[4..]),
+            ),
+        ];
+        self.transaction(&statements, true, |_, _| Ok(())).await
     }
 
     /// Reads one row by id; `settled`: inside `BEGIN IMMEDIATE`, so what is read is final

@@ -205,7 +205,8 @@ impl Db {
         Ok(count)
     }
 
-    /// Deletes up to `limit` audit rows from days before `before` (a short write on the group
+    /// Deletes up to `limit` audit rows from days before `before`, with their side-index
+    /// entries: the rows are picked by a read, then deleted in one short write (on the group
     /// commit's own connection locally, so `/key` waits at most for one batch); returns how many.
     pub async fn prune_usage(
         &self,
@@ -213,7 +214,38 @@ impl Db {
         limit: i64,
     ) -> Result<u64, StoreError> {
         let params = [sql::Param::Text(day_text(before)), sql::Param::Int(limit)];
-        dispatch!(self, s => s.prune_usage(&params).await)
+        let rows = dispatch!(self, s => s.prune_candidates(&params).await)?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let count = rows.len() as u64;
+        let rows = serde_json::to_string(&rows).unwrap_or_else(|_| "[]".into());
+        dispatch!(self, s => s.prune_rows(&rows).await)?;
+        Ok(count)
+    }
+
+    /// Fills the side indexes with up to `batch` audit rows past their end; returns how many
+    /// rows it covered (0: nothing new). Rows up to the newest committed rowid are final.
+    pub async fn index_usage(&self, batch: i64) -> Result<i64, StoreError> {
+        let from = dispatch!(self, s => s.read_text(sql::INDEXED_THROUGH, &[]).await)?
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0);
+        let last = dispatch!(self, s => s.read_text(sql::LAST_ROWID, &[]).await)?
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0);
+        let upto = last.min(from.saturating_add(batch));
+        if upto <= from {
+            return Ok(0);
+        }
+        let params = [
+            sql::Param::Int(from),
+            sql::Param::Int(upto),
+            sql::Param::Int(from),
+            sql::Param::Int(upto),
+            sql::Param::Int(upto),
+        ];
+        dispatch!(self, s => s.write_index(&params).await)?;
+        Ok(upto - from)
     }
 
     /// Commits a batch in one transaction: serves' audit rows and their keys' counters,
@@ -343,6 +375,11 @@ pub fn rollup_row(r: &dyn Cells) -> serde_json::Value {
     serde_json::Value::Array(row)
 }
 
+/// A row of `sql::PRUNE_CANDIDATES` as the JSON array `sql::PRUNE_ROWS` takes.
+pub fn prune_candidate(r: &dyn Cells) -> serde_json::Value {
+    serde_json::json!([r.int(0), r.text(1), r.text(2)])
+}
+
 /// What one group commit writes.
 #[derive(Default)]
 pub struct Batch<'a> {
@@ -432,35 +469,31 @@ pub mod sql {
         Int(i64),
     }
 
-    const USAGE_COLUMNS: &str = "SELECT id, key_id, consumer_id, feature, \
-        CAST(created_at AS TEXT), outcome_class, outcome_status, \
-        CAST(outcome_reported_at AS TEXT), rowid FROM usage_events";
+    const USAGE_COLUMNS: &str = "e.id, e.key_id, e.consumer_id, e.feature, \
+        CAST(e.created_at AS TEXT), e.outcome_class, e.outcome_status, \
+        CAST(e.outcome_reported_at AS TEXT), e.rowid";
 
-    /// One page of `GET /admin/usage`: only the filters given, newest rowid first. A rowid is
-    /// never reused for a newer row (new rows get a rowid above every existing one), so a
-    /// page that starts below the previous page's last rowid skips and repeats nothing while
-    /// rows are inserted. With a key or consumer filter the time bounds are written `+…` so
-    /// the planner walks that column's index in rowid order instead of sorting a time range.
-    pub fn usage_page(f: &super::UsageFilter) -> (String, Vec<Param>) {
+    /// The filters of `f` on `usage_events AS e` (all but `skip`, a column a side index
+    /// already matches), with a cursor on `cursor` (a column holding the rowid).
+    fn usage_conditions(
+        f: &super::UsageFilter,
+        skip: Option<&str>,
+        time: &str,
+        cursor: &str,
+    ) -> (Vec<String>, Vec<Param>) {
         use crate::timestamp::to_db;
-        let mut text = String::from(USAGE_COLUMNS);
-        let mut params = Vec::new();
         let mut conditions = Vec::new();
+        let mut params = Vec::new();
         for (column, value) in [
             ("key_id", &f.key_id),
             ("consumer_id", &f.consumer_id),
             ("feature", &f.feature),
         ] {
-            if let Some(v) = value {
-                conditions.push(format!("{column} = ?"));
+            if let Some(v) = value.as_ref().filter(|_| skip != Some(column)) {
+                conditions.push(format!("e.{column} = ?"));
                 params.push(Param::Text(v.clone()));
             }
         }
-        let time = if f.key_id.is_some() || f.consumer_id.is_some() {
-            "+julianday(created_at)"
-        } else {
-            "julianday(created_at)"
-        };
         if let Some(t) = f.since {
             conditions.push(format!("{time} >= julianday(?)"));
             params.push(Param::Text(to_db(t)));
@@ -470,17 +503,83 @@ pub mod sql {
             params.push(Param::Text(to_db(t)));
         }
         if let Some(rowid) = f.before {
-            conditions.push("rowid < ?".into());
+            conditions.push(format!("{cursor} < ?"));
             params.push(Param::Int(rowid));
         }
-        if !conditions.is_empty() {
-            text.push_str(" WHERE ");
-            text.push_str(&conditions.join(" AND "));
-        }
-        text.push_str(" ORDER BY rowid DESC LIMIT ?");
+        (conditions, params)
+    }
+
+    fn and(conditions: &[String]) -> String {
+        conditions.iter().map(|c| format!(" AND {c}")).collect()
+    }
+
+    /// One page of `GET /admin/usage`: only the filters given, newest rowid first. A rowid is
+    /// never reused for a newer row (new rows get a rowid above every existing one), so a
+    /// page that starts below the previous page's last rowid skips and repeats nothing while
+    /// rows are inserted.
+    ///
+    /// By key or consumer: the side index (`usage_by_key` / `usage_by_consumer`) walked newest
+    /// first for rows up to `indexed_through`, plus the unindexed tail above it scanned by
+    /// rowid — each half at most one page long, merged. Time bounds are written `+…` so the
+    /// planner never trades that walk for a sort of a time range.
+    pub fn usage_page(f: &super::UsageFilter) -> (String, Vec<Param>) {
+        let side = match (&f.key_id, &f.consumer_id) {
+            (Some(key), _) => Some(("usage_by_key", "key_id", key)),
+            (None, Some(consumer)) => Some(("usage_by_consumer", "consumer_id", consumer)),
+            (None, None) => None,
+        };
+        let Some((table, column, value)) = side else {
+            let (conditions, mut params) =
+                usage_conditions(f, None, "julianday(e.created_at)", "e.rowid");
+            let filter = if conditions.is_empty() {
+                String::new()
+            } else {
+                format!(" WHERE {}", conditions.join(" AND "))
+            };
+            params.push(Param::Int(f.limit));
+            return (
+                format!(
+                    "SELECT {USAGE_COLUMNS} FROM usage_events AS e{filter} \
+                    ORDER BY e.rowid DESC LIMIT ?"
+                ),
+                params,
+            );
+        };
+        let time = "+julianday(e.created_at)";
+        let (tail, mut params) = usage_conditions(f, None, time, "e.rowid");
         params.push(Param::Int(f.limit));
+        params.push(Param::Text(value.clone()));
+        let (walked, walked_params) = usage_conditions(f, Some(column), time, "x.row");
+        params.extend(walked_params);
+        params.push(Param::Int(f.limit));
+        params.push(Param::Int(f.limit));
+        let text = format!(
+            "WITH w AS (SELECT coalesce((SELECT indexed_through FROM usage_index_state \
+            WHERE id = 1), 0) AS through) \
+            SELECT * FROM (SELECT {USAGE_COLUMNS} FROM usage_events AS e \
+            WHERE e.rowid > (SELECT through FROM w){tail} ORDER BY e.rowid DESC LIMIT ?) \
+            UNION ALL SELECT * FROM (SELECT {USAGE_COLUMNS} FROM {table} AS x \
+            CROSS JOIN usage_events AS e ON e.rowid = x.row \
+            WHERE x.{column} = ? AND x.row <= (SELECT through FROM w){walked} \
+            ORDER BY x.row DESC LIMIT ?) ORDER BY 9 DESC LIMIT ?",
+            tail = and(&tail),
+            walked = and(&walked),
+        );
         (text, params)
     }
+
+    /// The side indexes' end, and the newest audit row (how far they may be filled).
+    pub const INDEXED_THROUGH: &str =
+        "SELECT coalesce((SELECT indexed_through FROM usage_index_state WHERE id = 1), 0)";
+    pub const LAST_ROWID: &str = "SELECT coalesce(max(rowid), 0) FROM usage_events";
+    /// Fill the side indexes with rows `?1 < rowid <= ?2` (bound twice each, in this order)
+    /// and move their end to `?2`.
+    pub const INDEX_BY_KEY: &str = "INSERT OR IGNORE INTO usage_by_key (key_id, row) \
+        SELECT key_id, rowid FROM usage_events WHERE rowid > ? AND rowid <= ?";
+    pub const INDEX_BY_CONSUMER: &str = "INSERT OR IGNORE INTO usage_by_consumer \
+        (consumer_id, row) SELECT consumer_id, rowid FROM usage_events WHERE rowid > ? AND rowid <= ?";
+    pub const SET_INDEXED_THROUGH: &str = "INSERT INTO usage_index_state (id, indexed_through) \
+        VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET indexed_through = excluded.indexed_through";
 
     /// Bounds of an unbounded summary.
     pub const FIRST_DAY: &str = "0000-01-01";
@@ -547,9 +646,21 @@ pub mod sql {
         value ->> 9, value ->> 10 FROM json_each(?)";
     pub const SET_ROLLUP_THROUGH: &str = "INSERT INTO usage_rollup_state (id, through_day) \
         VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET through_day = excluded.through_day";
-    /// Up to `?2` raw rows of days before `?1`.
-    pub const PRUNE_USAGE: &str = "DELETE FROM usage_events WHERE rowid IN (SELECT rowid \
-        FROM usage_events WHERE julianday(created_at) < julianday(?) LIMIT ?)";
+    /// Up to `?2` raw rows of days before `?1`, as `[rowid, key_id, consumer_id]`.
+    /// The newest row is never pruned: SQLite gives a new row the highest rowid plus one, so
+    /// keeping it means no rowid is ever reused (cursors and `indexed_through` rely on that).
+    pub const PRUNE_CANDIDATES: &str = "SELECT rowid, key_id, consumer_id FROM usage_events \
+        WHERE julianday(created_at) < julianday(?) \
+        AND rowid < (SELECT max(rowid) FROM usage_events) LIMIT ?";
+    /// Deletes the rows of one JSON array of `PRUNE_CANDIDATES` and their side-index entries
+    /// (each statement binds the same array).
+    pub const PRUNE_BY_KEY: &str = "DELETE FROM usage_by_key WHERE (key_id, row) IN \
+        (SELECT value ->> 1, value ->> 0 FROM json_each(?))";
+    pub const PRUNE_BY_CONSUMER: &str =
+        "DELETE FROM usage_by_consumer WHERE (consumer_id, row) IN \
+        (SELECT value ->> 2, value ->> 0 FROM json_each(?))";
+    pub const PRUNE_ROWS: &str =
+        "DELETE FROM usage_events WHERE rowid IN (SELECT value ->> 0 FROM json_each(?))";
 
     /// A batch's audit rows from one bound JSON array `[[id, key_id, consumer_id, feature,
     /// created_at], …]`: constant SQL (prepared once), one parameter whatever the batch size,

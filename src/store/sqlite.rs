@@ -10,8 +10,8 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Row, Sqlite, SqliteConnection, SqlitePool};
 
 use super::{
-    key_health, rollup_row, sql, summary_row, usage_event, Batch, Cells, SnapshotRows, StoreError,
-    SummaryRow, MIGRATIONS,
+    key_health, prune_candidate, rollup_row, sql, summary_row, usage_event, Batch, Cells,
+    SnapshotRows, StoreError, SummaryRow, MIGRATIONS,
 };
 use crate::config::{Config, Synchronous};
 use crate::model::{ConsumerRecord, KeyRecord, Snapshot, TierRecord, UsageEvent};
@@ -138,6 +138,26 @@ static WRITE_ROLLUP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         sql::DELETE_ROLLUP_DAY,
         sql::INSERT_ROLLUP,
         sql::SET_ROLLUP_THROUGH
+    )
+});
+
+/// One prune batch in one transaction (see `sql::PRUNE_ROWS`).
+static PRUNE_ROWS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "BEGIN IMMEDIATE; {}; {}; {}; COMMIT",
+        sql::PRUNE_BY_KEY,
+        sql::PRUNE_BY_CONSUMER,
+        sql::PRUNE_ROWS
+    )
+});
+
+/// One side-index fill in one transaction (see `sql::INDEX_BY_KEY`).
+static WRITE_INDEX: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "BEGIN IMMEDIATE; {}; {}; {}; COMMIT",
+        sql::INDEX_BY_KEY,
+        sql::INDEX_BY_CONSUMER,
+        sql::SET_INDEXED_THROUGH
     )
 });
 
@@ -584,10 +604,32 @@ impl SqliteStore {
             .map(|_| ())
     }
 
-    pub async fn prune_usage(&self, params: &[sql::Param]) -> Result<u64, StoreError> {
-        self.on_writer(bind_all(sqlx::query(sql::PRUNE_USAGE), params))
+    pub async fn prune_candidates(
+        &self,
+        params: &[sql::Param],
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let rows = bind_all(sqlx::query(sql::PRUNE_CANDIDATES), params)
+            .fetch_all(&self.pool)
             .await
-            .map(|done| done.rows_affected())
+            .map_err(map_err)?;
+        Ok(rows.iter().map(|r| prune_candidate(r)).collect())
+    }
+
+    pub async fn prune_rows(&self, rows: &str) -> Result<(), StoreError> {
+        self.on_writer(
+            sqlx::query(PRUNE_ROWS.as_str())
+                .bind(rows)
+                .bind(rows)
+                .bind(rows),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn write_index(&self, params: &[sql::Param]) -> Result<(), StoreError> {
+        self.on_writer(bind_all(sqlx::query(WRITE_INDEX.as_str()), params))
+            .await
+            .map(|_| ())
     }
 
     /// Locally every commit has ended when its caller hears of it, so any read is settled.

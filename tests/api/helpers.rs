@@ -60,7 +60,7 @@ macro_rules! on_both_drivers {
 }
 
 /// Every table the service keeps (the Go schema's seven, `schema_migrations`, then ours).
-pub const TABLES: [&str; 11] = [
+pub const TABLES: [&str; 14] = [
     "tiers",
     "tier_features",
     "keys",
@@ -70,6 +70,9 @@ pub const TABLES: [&str; 11] = [
     "usage_events",
     "schema_migrations",
     "key_health",
+    "usage_by_key",
+    "usage_by_consumer",
+    "usage_index_state",
     "usage_rollup",
     "usage_rollup_state",
 ];

@@ -147,6 +147,11 @@ async fn each_filter_selects_its_rows() {
     }
     let newest_first: Vec<String> = served.iter().rev().map(|s| s.0.clone()).collect();
     let get = |q: String| { let app = &app; async move { ids(&app.admin_get(&format!("/admin/usage?{q}")).await) } };
+    // Once as the rows come (the side indexes filled or not), once with every row indexed.
+    for indexed in [false, true] {
+    if indexed {
+        wait_indexed(&app).await;
+    }
 
     // Insertion order, newest first; the Go rows behind this run's serves.
     let all = get(String::new()).await;
@@ -178,6 +183,7 @@ async fn each_filter_selects_its_rows() {
     assert_eq!(get("since=2026-01-01T00:00:00Z".into()).await, newest_first);
     // Empty values read as absent.
     assert_eq!(get("key_id=&consumer_id=&feature=&since=&until=&cursor=".into()).await, all);
+    }
 }
 
 // Issue 10 item 3: paging while serves are inserted skips and repeats nothing: the pages'
@@ -189,6 +195,8 @@ async fn paging_under_concurrent_serves_skips_and_repeats_nothing() {
         let r = app.draw(if i % 3 == 0 { "b" } else { "a" }, &consumers[i % 2].1).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     }
+    // The first rows through the side indexes, the ones served while paging above their end.
+    wait_indexed(&app).await;
     let stop = Arc::new(AtomicBool::new(false));
     let mut load = Vec::new();
     for w in 0..4 {
@@ -244,17 +252,8 @@ async fn paging_under_concurrent_serves_skips_and_repeats_nothing() {
 async fn summaries_count_per_group_and_survive_rollup_and_pruning() {
     let mut app = spawn_app().await;
     let (keys, consumers) = setup(&app).await;
-    let mut serves = Vec::new();
-    for i in 0..6 {
-        let r = app.draw(if i < 4 { "a" } else { "b" }, &consumers[i % 2].1).await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-        serves.push(r.body["serve_id"].as_str().unwrap().to_string());
-    }
-    for (serve, status) in serves.iter().zip([200, 500, 404]) {
-        let r = app.admin_post(&format!("/serves/{serve}/outcome"), json!({ "status": status })).await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    }
-    // Old days: 10 and 9 days ago, with stored outcome classes.
+    // Old days: 10 and 9 days ago, with stored outcome classes, recorded before today's
+    // serves (the newest row is never pruned: rowids are never reused).
     let day = |ago: u64| (Utc::now().date_naive() - chrono::Days::new(ago)).format("%Y-%m-%d").to_string();
     let (d10, d9) = (day(10), day(9));
     let mut old = Vec::new();
@@ -269,6 +268,16 @@ async fn summaries_count_per_group_and_survive_rollup_and_pruning() {
         old.push((format!("old-{n}"), key.into(), consumer.into(), feature.into(), at, class.into()));
     }
     insert_rows(&app, &old).await;
+    let mut serves = Vec::new();
+    for i in 0..6 {
+        let r = app.draw(if i < 4 { "a" } else { "b" }, &consumers[i % 2].1).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        serves.push(r.body["serve_id"].as_str().unwrap().to_string());
+    }
+    for (serve, status) in serves.iter().zip([200, 500, 404]) {
+        let r = app.admin_post(&format!("/serves/{serve}/outcome"), json!({ "status": status })).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
 
     let since = format!("since={d10}T15:00:00Z");
     let queries = ["group_by=key", "group_by=consumer", "group_by=feature", "group_by=day"]
@@ -317,7 +326,10 @@ async fn summaries_count_per_group_and_survive_rollup_and_pruning() {
         assert_eq!(&summary(&app, q).await, b, "{q} after the rollup");
     }
 
-    // Restart with a 3-day retention: the old rows are pruned in the background.
+    // Restart with a 3-day retention: the old rows are pruned in the background, with their
+    // side-index entries.
+    wait_indexed(&app).await;
+    assert_eq!(app.count("SELECT COUNT(*) FROM usage_by_key WHERE key_id LIKE 'old-%'").await, 30);
     app.env.push(("AUDIT_RETENTION_DAYS".into(), "3".into()));
     app.restart().await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -326,6 +338,8 @@ async fn summaries_count_per_group_and_survive_rollup_and_pruning() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(app.count("SELECT COUNT(*) FROM usage_events").await, 6, "today's serves kept");
+    assert_eq!(app.count("SELECT COUNT(*) FROM usage_by_key WHERE key_id LIKE 'old-%'").await, 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM usage_by_consumer WHERE consumer_id LIKE 'old-%'").await, 0);
     for (q, b) in queries.iter().zip(&before) {
         assert_eq!(&summary(&app, q).await, b, "{q} after pruning");
     }
@@ -378,6 +392,20 @@ async fn bad_usage_parameters_answer_400_naming_them() {
     let (_, token) = app.consumer("c", &[]).await;
     assert_eq!(app.get("/admin/usage/summary?group_by=key", Some(&token)).await.status, StatusCode::FORBIDDEN);
 }
+}
+
+/// Waits until the side indexes cover every audit row there is now.
+async fn wait_indexed(app: &TestApp) {
+    let last = app.count("SELECT max(rowid) FROM usage_events").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app
+        .count("SELECT indexed_through FROM usage_index_state")
+        .await
+        < last
+    {
+        assert!(Instant::now() < deadline, "side indexes not filled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits until the rollup covers `day`; returns how far it got.
