@@ -375,9 +375,9 @@ pub fn rollup_row(r: &dyn Cells) -> serde_json::Value {
     serde_json::Value::Array(row)
 }
 
-/// A row of `sql::PRUNE_CANDIDATES` as the JSON array `sql::PRUNE_ROWS` takes.
+/// A row of `sql::PRUNE_CANDIDATES`: the rowid `sql::PRUNE_ROWS` takes.
 pub fn prune_candidate(r: &dyn Cells) -> serde_json::Value {
-    serde_json::json!([r.int(0), r.text(1), r.text(2)])
+    serde_json::json!(r.int(0))
 }
 
 /// What one group commit writes.
@@ -574,10 +574,10 @@ pub mod sql {
     pub const LAST_ROWID: &str = "SELECT coalesce(max(rowid), 0) FROM usage_events";
     /// Fill the side indexes with rows `?1 < rowid <= ?2` (bound twice each, in this order)
     /// and move their end to `?2`.
-    pub const INDEX_BY_KEY: &str = "INSERT OR IGNORE INTO usage_by_key (key_id, row) \
-        SELECT key_id, rowid FROM usage_events WHERE rowid > ? AND rowid <= ?";
+    pub const INDEX_BY_KEY: &str = "INSERT OR IGNORE INTO usage_by_key (row, key_id) \
+        SELECT rowid, key_id FROM usage_events WHERE rowid > ? AND rowid <= ?";
     pub const INDEX_BY_CONSUMER: &str = "INSERT OR IGNORE INTO usage_by_consumer \
-        (consumer_id, row) SELECT consumer_id, rowid FROM usage_events WHERE rowid > ? AND rowid <= ?";
+        (row, consumer_id) SELECT rowid, consumer_id FROM usage_events WHERE rowid > ? AND rowid <= ?";
     pub const SET_INDEXED_THROUGH: &str = "INSERT INTO usage_index_state (id, indexed_through) \
         VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET indexed_through = excluded.indexed_through";
 
@@ -646,21 +646,20 @@ pub mod sql {
         value ->> 9, value ->> 10 FROM json_each(?)";
     pub const SET_ROLLUP_THROUGH: &str = "INSERT INTO usage_rollup_state (id, through_day) \
         VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET through_day = excluded.through_day";
-    /// Up to `?2` raw rows of days before `?1`, as `[rowid, key_id, consumer_id]`.
+    /// The rowids of up to `?2` raw rows of days before `?1`.
     /// The newest row is never pruned: SQLite gives a new row the highest rowid plus one, so
     /// keeping it means no rowid is ever reused (cursors and `indexed_through` rely on that).
-    pub const PRUNE_CANDIDATES: &str = "SELECT rowid, key_id, consumer_id FROM usage_events \
+    pub const PRUNE_CANDIDATES: &str = "SELECT rowid FROM usage_events \
         WHERE julianday(created_at) < julianday(?) \
         AND rowid < (SELECT max(rowid) FROM usage_events) LIMIT ?";
-    /// Deletes the rows of one JSON array of `PRUNE_CANDIDATES` and their side-index entries
-    /// (each statement binds the same array).
-    pub const PRUNE_BY_KEY: &str = "DELETE FROM usage_by_key WHERE (key_id, row) IN \
-        (SELECT value ->> 1, value ->> 0 FROM json_each(?))";
+    /// Deletes the rows of one JSON array of rowids and their side-index entries (each
+    /// statement binds the same array).
+    pub const PRUNE_BY_KEY: &str =
+        "DELETE FROM usage_by_key WHERE row IN (SELECT value FROM json_each(?))";
     pub const PRUNE_BY_CONSUMER: &str =
-        "DELETE FROM usage_by_consumer WHERE (consumer_id, row) IN \
-        (SELECT value ->> 2, value ->> 0 FROM json_each(?))";
+        "DELETE FROM usage_by_consumer WHERE row IN (SELECT value FROM json_each(?))";
     pub const PRUNE_ROWS: &str =
-        "DELETE FROM usage_events WHERE rowid IN (SELECT value ->> 0 FROM json_each(?))";
+        "DELETE FROM usage_events WHERE rowid IN (SELECT value FROM json_each(?))";
 
     /// A batch's audit rows from one bound JSON array `[[id, key_id, consumer_id, feature,
     /// created_at], …]`: constant SQL (prepared once), one parameter whatever the batch size,
