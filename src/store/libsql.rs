@@ -153,39 +153,47 @@ impl LibsqlStore {
         })
     }
 
+    /// Each migration is one operation under the time bound (`run`), not all of them
+    /// together: a database several migrations behind needs several round trips.
     async fn migrate(&self) -> Result<(), StoreError> {
-        self.run(|conn| async move {
-            conn.execute(sql::CREATE_MIGRATIONS_TABLE, ())
-                .await
-                .map_err(|e| self.err(e))?;
-            let mut applied = Vec::new();
-            let mut rows = conn
-                .query(sql::APPLIED_VERSIONS, ())
-                .await
-                .map_err(|e| self.err(e))?;
-            while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
-                applied.push(row.int(0).unwrap_or(0));
-            }
-            for (version, name, body) in MIGRATIONS {
-                if applied.contains(version) {
-                    continue;
-                }
-                // The migration and its bookkeeping row commit together: a migration that adds
-                // columns could not run twice. Version and name are our constants, the time is
-                // ours; nothing from outside is spliced in.
-                let record = format!(
-                    "INSERT OR IGNORE INTO schema_migrations (version, name, applied_at) \
-                     VALUES ({version}, '{name}', '{}');",
-                    to_db(chrono::Utc::now())
-                );
-                conn.execute_transactional_batch(&format!("{body}\n{record}"))
+        let applied = self
+            .run(|conn| async move {
+                conn.execute(sql::CREATE_MIGRATIONS_TABLE, ())
                     .await
                     .map_err(|e| self.err(e))?;
-                tracing::info!(version, name, "applied migration");
+                let mut applied = Vec::new();
+                let mut rows = conn
+                    .query(sql::APPLIED_VERSIONS, ())
+                    .await
+                    .map_err(|e| self.err(e))?;
+                while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
+                    applied.push(row.int(0).unwrap_or(0));
+                }
+                Ok(applied)
+            })
+            .await?;
+        for (version, name, body) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
             }
-            Ok(())
-        })
-        .await
+            // The migration and its bookkeeping row commit together: a migration that adds
+            // columns could not run twice. Version and name are our constants, the time is
+            // ours; nothing from outside is spliced in.
+            let record = format!(
+                "INSERT OR IGNORE INTO schema_migrations (version, name, applied_at) \
+                 VALUES ({version}, '{name}', '{}');",
+                to_db(chrono::Utc::now())
+            );
+            let batch = format!("{body}\n{record}");
+            self.run(|conn| async move {
+                conn.execute_transactional_batch(&batch)
+                    .await
+                    .map_err(|e| self.err(e))
+            })
+            .await?;
+            tracing::info!(version, name, "applied migration");
+        }
+        Ok(())
     }
 
     async fn all(
