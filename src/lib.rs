@@ -44,7 +44,7 @@ pub struct App {
     pub state: SharedState,
     router: Router,
     idle_timeout: std::time::Duration,
-    /// The audit rollup and pruning task, stopped before the database closes.
+    /// The audit upkeep tasks (side indexes, rollup, pruning), stopped before the database closes.
     audit: audit::AuditJobs,
 }
 
