@@ -31,8 +31,12 @@ const INDEX_INTERVAL: Duration = Duration::from_secs(1);
 pub const INDEX_BATCH: i64 = 20_000;
 /// Audit rows deleted per batch: a few milliseconds of write lock.
 pub const PRUNE_BATCH: i64 = 500;
-/// Pause between prune batches and between rolled days, so commits queue in between.
+/// Pause between rolled days and side-index batches, so commits queue in between.
 const PAUSE: Duration = Duration::from_millis(20);
+/// Pause between prune batches: a batch keeps the writer about 20 ms, so pruning takes at most
+/// a sixth of it (measured at 10 million rows: with 20 ms pauses, durable `/key` fell to 0.69×
+/// its unpruned rate; pruning 1 million rows is not urgent).
+const PRUNE_PAUSE: Duration = Duration::from_millis(100);
 /// Slack after the outcome window for serves still being committed and clock steps.
 const SETTLE_MARGIN: chrono::Duration = chrono::Duration::minutes(10);
 
@@ -145,7 +149,7 @@ async fn pass(
     loop {
         let n = db.prune_usage(before, PRUNE_BATCH).await?;
         pruned += n;
-        if n < PRUNE_BATCH as u64 || pause(stopped, PAUSE).await {
+        if n < PRUNE_BATCH as u64 || pause(stopped, PRUNE_PAUSE).await {
             break;
         }
     }
