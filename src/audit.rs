@@ -1,7 +1,7 @@
 //! Audit upkeep in the background (SPEC §8.3): the side indexes of filtered usage reads, the
 //! daily rollup and `AUDIT_RETENTION_DAYS`.
 //!
-//! Side indexes: every second, audit rows committed since the last fill are added to
+//! Side indexes: every 100 ms, audit rows committed since the last fill are added to
 //! `usage_by_key` / `usage_by_consumer` in one bulk statement — the hot path's commits stay
 //! as small as before; reads scan the few rows above the filled end (`store::sql::usage_page`).
 //!
@@ -27,8 +27,10 @@ use crate::timestamp::Timestamp;
 const PASS_INTERVAL: Duration = Duration::from_secs(600);
 /// How often the side indexes are filled, and how many rows one fill covers at most (a
 /// backlog, e.g. a Go-era table on first start, is filled batch after batch with `PAUSE`).
-const INDEX_INTERVAL: Duration = Duration::from_secs(1);
-pub const INDEX_BATCH: i64 = 20_000;
+/// Small and frequent: a fill holds the group commit's connection, and fills of a second's
+/// serves (20,000 rows) raised durable `/key`'s p99 from 3 to 35 ms in bench/bench.py.
+const INDEX_INTERVAL: Duration = Duration::from_millis(100);
+pub const INDEX_BATCH: i64 = 5_000;
 /// Audit rows deleted per batch: a few milliseconds of write lock.
 pub const PRUNE_BATCH: i64 = 500;
 /// Pause between rolled days and side-index batches, so commits queue in between.
