@@ -8,4 +8,9 @@ if ! command -v wrk >/dev/null 2>&1; then
   (apt-get install -y wrk || (apt-get update && apt-get install -y wrk)) >/dev/null
 fi
 cargo build --release --locked
+# `bash bench/run.sh audit`: the audit benchmark (bench/audit.py; AUDIT_ROWS etc. in its header).
+if [ "${1:-}" = "audit" ]; then
+  shift
+  exec python3 bench/audit.py "$@"
+fi
 exec python3 bench/bench.py "$@"

@@ -73,6 +73,9 @@ pub struct Config {
     /// environment (always `None` in production): tests set it to check the tier's recovery
     /// without waiting 30 s.
     pub host_throttle_floor: Option<Duration>,
+    /// `AUDIT_RETENTION_DAYS`: audit rows older than this many days are pruned (after their
+    /// day is rolled up); `None` (0, the default) keeps every row.
+    pub audit_retention_days: Option<u32>,
     /// Present when running on Railway (`RAILWAY_ENVIRONMENT` set): platform facts, not settings.
     pub railway: Option<Railway>,
 }
@@ -116,6 +119,7 @@ struct RawConfig {
     log_requests: Option<String>,
     metrics_token: Option<String>,
     outcome_window_seconds: Option<String>,
+    audit_retention_days: Option<String>,
     railway_environment: Option<OsString>,
     railway_volume_mount_path: Option<OsString>,
 }
@@ -144,6 +148,7 @@ impl RawConfig {
             "LOG_REQUESTS" => &mut self.log_requests,
             "METRICS_TOKEN" => &mut self.metrics_token,
             "OUTCOME_WINDOW_SECONDS" => &mut self.outcome_window_seconds,
+            "AUDIT_RETENTION_DAYS" => &mut self.audit_retention_days,
             _ => return None,
         })
     }
@@ -288,6 +293,9 @@ where
     }
     Ok(v)
 }
+
+/// The longest `AUDIT_RETENTION_DAYS`: 100 years (0 = keep every row).
+pub const MAX_AUDIT_RETENTION_DAYS: u32 = 36_500;
 
 /// The longest `OUTCOME_WINDOW_SECONDS`: 30 days.
 pub const MAX_OUTCOME_WINDOW_SECONDS: u64 = 2_592_000;
@@ -492,6 +500,14 @@ impl RawConfig {
             )
             .map(Duration::from_secs)?,
             host_throttle_floor: None,
+            audit_retention_days: Some(int_at_least(
+                "AUDIT_RETENTION_DAYS",
+                &self.audit_retention_days,
+                0,
+                0,
+                MAX_AUDIT_RETENTION_DAYS,
+            )?)
+            .filter(|&days| days > 0),
             railway: self
                 .railway_environment
                 .filter(|env| !env.is_empty())
@@ -570,6 +586,7 @@ mod tests {
             c.host_throttle_floor, None,
             "SPEC §8.2's 30 s; no variable sets it"
         );
+        assert_eq!(c.audit_retention_days, None);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert!(
             matches!(c.database, DatabaseConfig::Local { ref path } if path == &PathBuf::from("./data/pool.db"))
@@ -658,6 +675,10 @@ mod tests {
             ("OUTCOME_WINDOW_SECONDS", "0", "1 to 2592000"),
             ("OUTCOME_WINDOW_SECONDS", "2592001", "1 to 2592000"),
             ("OUTCOME_WINDOW_SECONDS", "1h", "whole number"),
+            // Issue 10 item 4: retention is whole days, 0 (keep all) to 100 years.
+            ("AUDIT_RETENTION_DAYS", "-1", "0 to 36500"),
+            ("AUDIT_RETENTION_DAYS", "36501", "0 to 36500"),
+            ("AUDIT_RETENTION_DAYS", "7d", "whole number"),
         ] {
             let e = cfg(&[("ADMIN_TOKEN", "t"), (var, value)])
                 .unwrap_err()

@@ -5,6 +5,7 @@
 //! [`store`]) → 200. Admin writes go to the store first, then update the pool in place.
 
 pub mod api;
+pub mod audit;
 pub mod config;
 pub mod crypto;
 pub mod error;
@@ -44,6 +45,8 @@ pub struct App {
     pub state: SharedState,
     router: Router,
     idle_timeout: std::time::Duration,
+    /// The audit upkeep tasks (side indexes, rollup, pruning), stopped before the database closes.
+    audit: audit::AuditJobs,
 }
 
 /// Opens the store, loads the pool and starts the group-commit writer.
@@ -84,6 +87,11 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
         tracing::warn!("{warning}");
     }
     let ledger = Ledger::start(db.clone(), metrics.ledger());
+    let audit = audit::AuditJobs::start(
+        db.clone(),
+        config.audit_retention_days,
+        config.outcome_window,
+    );
     let mut state = AppState::new(
         pool,
         db,
@@ -108,6 +116,7 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
         state,
         router,
         idle_timeout: config.idle_timeout,
+        audit,
     })
 }
 
@@ -137,6 +146,7 @@ where
         state,
         router,
         idle_timeout,
+        audit,
     } = app;
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
@@ -189,6 +199,7 @@ where
     drop(listener);
     stopping.send_replace(true);
     stopping.closed().await;
+    audit.stop().await;
     state.ledger.shutdown().await;
     state.db.close().await;
     tracing::info!("stopped with nothing pending");

@@ -121,6 +121,7 @@ fn documented_routes() -> OpenApiRouter<SharedState> {
         .routes(routes!(consumers::rotate_token))
         .routes(routes!(consumers::revoke_scope))
         .routes(routes!(usage::list))
+        .routes(routes!(usage::summary))
 }
 
 /// `POST /admin/keys/import` with its own body limit (`import::IMPORT_BODY_LIMIT`), set on the

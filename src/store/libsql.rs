@@ -18,8 +18,8 @@ use libsql::{params::Params, TransactionBehavior, Value};
 use tokio::sync::Semaphore;
 
 use super::{
-    key_health, sql, usage_event, Batch, Cells, Param, SnapshotRead, SnapshotRows, StoreError,
-    MIGRATIONS,
+    key_health, prune_candidate, rollup_row, sql, summary_row, usage_event, Batch, Cells, Param,
+    SnapshotRead, SnapshotRows, StoreError, SummaryRow, MIGRATIONS,
 };
 use crate::config::Config;
 use crate::model::{ConsumerRecord, KeyRecord, Snapshot, TierRecord, UsageEvent};
@@ -166,42 +166,47 @@ impl LibsqlStore {
         })
     }
 
-    /// Bounded by one `DB_BUSY_TIMEOUT_MS` per embedded migration (each may be several
-    /// statements, and the list grows).
+    /// Each migration is one operation under the time bound (`run`), not all of them
+    /// together: a database several migrations behind needs several round trips.
     async fn migrate(&self) -> Result<(), StoreError> {
-        let scale = u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX);
-        self.run_within(scale, |conn| async move {
-            conn.execute(sql::CREATE_MIGRATIONS_TABLE, ())
-                .await
-                .map_err(|e| self.err(e))?;
-            let mut applied = Vec::new();
-            let mut rows = conn
-                .query(sql::APPLIED_VERSIONS, ())
-                .await
-                .map_err(|e| self.err(e))?;
-            while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
-                applied.push(row.int(0).unwrap_or(0));
-            }
-            for (version, name, body) in MIGRATIONS {
-                if applied.contains(version) {
-                    continue;
-                }
-                // The migration and its bookkeeping row commit together: a migration that adds
-                // columns could not run twice. Version and name are our constants, the time is
-                // ours; nothing from outside is spliced in.
-                let record = format!(
-                    "INSERT OR IGNORE INTO schema_migrations (version, name, applied_at) \
-                     VALUES ({version}, '{name}', '{}');",
-                    to_db(chrono::Utc::now())
-                );
-                conn.execute_transactional_batch(&format!("{body}\n{record}"))
+        let applied = self
+            .run(|conn| async move {
+                conn.execute(sql::CREATE_MIGRATIONS_TABLE, ())
                     .await
                     .map_err(|e| self.err(e))?;
-                tracing::info!(version, name, "applied migration");
+                let mut applied = Vec::new();
+                let mut rows = conn
+                    .query(sql::APPLIED_VERSIONS, ())
+                    .await
+                    .map_err(|e| self.err(e))?;
+                while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
+                    applied.push(row.int(0).unwrap_or(0));
+                }
+                Ok(applied)
+            })
+            .await?;
+        for (version, name, body) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
             }
-            Ok(())
-        })
-        .await
+            // The migration and its bookkeeping row commit together: a migration that adds
+            // columns could not run twice. Version and name are our constants, the time is
+            // ours; nothing from outside is spliced in.
+            let record = format!(
+                "INSERT OR IGNORE INTO schema_migrations (version, name, applied_at) \
+                 VALUES ({version}, '{name}', '{}');",
+                to_db(chrono::Utc::now())
+            );
+            let batch = format!("{body}\n{record}");
+            self.run(|conn| async move {
+                conn.execute_transactional_batch(&batch)
+                    .await
+                    .map_err(|e| self.err(e))
+            })
+            .await?;
+            tracing::info!(version, name, "applied migration");
+        }
+        Ok(())
     }
 
     async fn all(
@@ -593,6 +598,101 @@ impl LibsqlStore {
                 vec![Value::Text(sql::tier_parameter(batch.tiers))],
             ));
         }
+        self.transaction(&statements, true, |_, _| Ok(())).await
+    }
+
+    /// Every row of one read statement, decoded by `decode`.
+    async fn read_all<T>(
+        &self,
+        text: &str,
+        params: &[Param],
+        decode: impl Fn(&libsql::Row) -> T,
+    ) -> Result<Vec<T>, StoreError> {
+        let values = values(params);
+        self.run(|conn| async move {
+            let mut rows = conn
+                .query(text, Params::Positional(values))
+                .await
+                .map_err(|e| self.err(e))?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().await.map_err(|e| self.err(e))? {
+                out.push(decode(&r));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn usage_page(
+        &self,
+        text: &str,
+        params: &[Param],
+    ) -> Result<Vec<(i64, UsageEvent)>, StoreError> {
+        self.read_all(text, params, |r| (r.int(8).unwrap_or(0), usage_event(r)))
+            .await
+    }
+
+    pub async fn usage_summary(
+        &self,
+        text: &str,
+        params: &[Param],
+    ) -> Result<Vec<SummaryRow>, StoreError> {
+        self.read_all(text, params, |r| summary_row(r)).await
+    }
+
+    /// The first column of the first row as text, if any.
+    pub async fn read_text(
+        &self,
+        text: &str,
+        params: &[Param],
+    ) -> Result<Option<String>, StoreError> {
+        let rows = self.read_all(text, params, |r| r.text(0)).await?;
+        Ok(rows.into_iter().next().flatten())
+    }
+
+    pub async fn rollup_rows(
+        &self,
+        params: &[Param],
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        self.read_all(sql::ROLLUP_READ, params, |r| rollup_row(r))
+            .await
+    }
+
+    /// Idempotent (the day's rows are replaced), so a lost answer may be retried.
+    pub async fn write_rollup(&self, params: &[Param]) -> Result<(), StoreError> {
+        let statements = vec![
+            (sql::DELETE_ROLLUP_DAY.to_string(), values(&params[..1])),
+            (sql::INSERT_ROLLUP.to_string(), values(&params[1..3])),
+            (sql::SET_ROLLUP_THROUGH.to_string(), values(&params[3..])),
+        ];
+        self.transaction(&statements, true, |_, _| Ok(())).await
+    }
+
+    pub async fn prune_candidates(
+        &self,
+        params: &[Param],
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        self.read_all(sql::PRUNE_CANDIDATES, params, |r| prune_candidate(r))
+            .await
+    }
+
+    /// Deleting rows already deleted changes nothing, so a lost answer may be retried.
+    pub async fn prune_rows(&self, rows: &str) -> Result<(), StoreError> {
+        let statements: Vec<(String, Vec<Value>)> =
+            [sql::PRUNE_BY_KEY, sql::PRUNE_BY_CONSUMER, sql::PRUNE_ROWS]
+                .iter()
+                .map(|q| (q.to_string(), vec![Value::Text(rows.to_string())]))
+                .collect();
+        self.transaction(&statements, true, |_, _| Ok(())).await
+    }
+
+    /// Idempotent (inserts are ignored when present, the end is absolute).
+    pub async fn write_index(&self, params: &[Param]) -> Result<(), StoreError> {
+        let statements = vec![
+            (sql::INDEX_BY_KEY.to_string(), values(&params[..2])),
+            (sql::INDEX_BY_CONSUMER.to_string(), values(&params[2..4])),
+            (sql::SET_INDEXED_THROUGH.to_string(), values(&params[4..])),
+        ];
         self.transaction(&statements, true, |_, _| Ok(())).await
     }
 

@@ -62,6 +62,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/004_health_memory.sql"),
     ),
     (
+        5,
+        "usage_rollup",
+        include_str!("../../migrations/005_usage_rollup.sql"),
+    ),
+    (
         6,
         "value_hash",
         include_str!("../../migrations/006_value_hash.sql"),
@@ -368,7 +373,7 @@ impl Db {
         tier_id: &str,
         hashes: &[String],
     ) -> Result<std::collections::HashMap<String, String>, StoreError> {
-        let list = serde_json::to_string(hashes).unwrap_or_else(|_| "[]".into());
+        let list = json(hashes);
         let rows = self
             .select(
                 sql::HASHES_IN_TIER,
@@ -570,6 +575,117 @@ impl Db {
         dispatch!(self, s => s.recent_usage(limit).await)
     }
 
+    /// One page of audit rows matching `filter`, newest (highest rowid) first, each with its
+    /// rowid (the paging cursor).
+    pub async fn usage_page(
+        &self,
+        filter: &UsageFilter,
+    ) -> Result<Vec<(i64, UsageEvent)>, StoreError> {
+        let (text, params) = sql::usage_page(filter);
+        dispatch!(self, s => s.usage_page(&text, &params).await)
+    }
+
+    /// Serves per group over whole UTC days `from..=to` (unbounded where `None`): the rollup
+    /// for days rolled up, raw rows for the rest, read in one statement (one snapshot).
+    pub async fn usage_summary(
+        &self,
+        group: SummaryGroup,
+        from: Option<chrono::NaiveDate>,
+        to: Option<chrono::NaiveDate>,
+    ) -> Result<Vec<SummaryRow>, StoreError> {
+        let text = sql::summary(group);
+        let params = [
+            Param::Text(from.map_or_else(|| sql::FIRST_DAY.into(), day_text)),
+            Param::Text(to.map_or_else(|| sql::LAST_DAY.into(), day_text)),
+        ];
+        dispatch!(self, s => s.usage_summary(&text, &params).await)
+    }
+
+    /// The last day the rollup covers (every earlier day too); `None` before the first rollup.
+    pub async fn rollup_through(&self) -> Result<Option<chrono::NaiveDate>, StoreError> {
+        let day = dispatch!(self, s => s.read_text(sql::ROLLUP_THROUGH, &[]).await)?;
+        Ok(day.as_deref().and_then(parse_day))
+    }
+
+    /// The UTC day of the oldest audit row with a readable time, if any.
+    pub async fn first_usage_day(&self) -> Result<Option<chrono::NaiveDate>, StoreError> {
+        let day = dispatch!(self, s => s.read_text(sql::FIRST_USAGE_DAY, &[]).await)?;
+        Ok(day.as_deref().and_then(parse_day))
+    }
+
+    /// The next UTC day on or after `day` that holds audit rows, if any.
+    pub async fn next_usage_day(
+        &self,
+        day: chrono::NaiveDate,
+    ) -> Result<Option<chrono::NaiveDate>, StoreError> {
+        let params = [Param::Text(day_text(day))];
+        let found = dispatch!(self, s => s.read_text(sql::NEXT_USAGE_DAY, &params).await)?;
+        Ok(found.as_deref().and_then(parse_day))
+    }
+
+    /// Rolls `day` up: counts its raw rows (a read, no write lock held), then replaces the
+    /// day's rollup rows and moves the rollup's end to `day` in one short write. Returns the
+    /// number of rollup rows written. Call only for a day no serve or report can change.
+    pub async fn roll_up_day(&self, day: chrono::NaiveDate) -> Result<usize, StoreError> {
+        let bounds = [
+            Param::Text(day_text(day)),
+            Param::Text(day_text(day + chrono::Days::new(1))),
+        ];
+        let rows = dispatch!(self, s => s.rollup_rows(&bounds).await)?;
+        let count = rows.len();
+        let write = [
+            Param::Text(day_text(day)),
+            Param::Text(day_text(day)),
+            Param::Text(json(&rows)),
+            Param::Text(day_text(day)),
+        ];
+        dispatch!(self, s => s.write_rollup(&write).await)?;
+        Ok(count)
+    }
+
+    /// Deletes up to `limit` audit rows from days before `before`, with their side-index
+    /// entries: the rows are picked by a read, then deleted in one short write (on the group
+    /// commit's own connection locally, so `/key` waits at most for one batch); returns how many.
+    pub async fn prune_usage(
+        &self,
+        before: chrono::NaiveDate,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let params = [Param::Text(day_text(before)), Param::Int(limit)];
+        let rows = dispatch!(self, s => s.prune_candidates(&params).await)?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let count = rows.len() as u64;
+        let rows = json(&rows);
+        dispatch!(self, s => s.prune_rows(&rows).await)?;
+        Ok(count)
+    }
+
+    /// Fills the side indexes with up to `batch` audit rows past their end; returns how many
+    /// rows it covered (0: nothing new). Rows up to the newest committed rowid are final.
+    pub async fn index_usage(&self, batch: i64) -> Result<i64, StoreError> {
+        let from = dispatch!(self, s => s.read_text(sql::INDEXED_THROUGH, &[]).await)?
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0);
+        let last = dispatch!(self, s => s.read_text(sql::LAST_ROWID, &[]).await)?
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0);
+        let upto = last.min(from.saturating_add(batch));
+        if upto <= from {
+            return Ok(0);
+        }
+        let params = [
+            Param::Int(from),
+            Param::Int(upto),
+            Param::Int(from),
+            Param::Int(upto),
+            Param::Int(upto),
+        ];
+        dispatch!(self, s => s.write_index(&params).await)?;
+        Ok(upto - from)
+    }
+
     /// Commits a batch in one transaction: serves' audit rows and their keys' counters,
     /// reported outcomes (each only onto a serve without one) and key health changes (with
     /// each key's `is_active`). Safe to retry: audit ids are unique and ignored when already
@@ -609,7 +725,7 @@ impl Db {
             return Ok(Vec::new());
         }
         // Serialising strings cannot fail.
-        let ids = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
+        let ids = json(ids);
         dispatch!(self, s => s.read_serves(&ids).await)
     }
 
@@ -643,6 +759,85 @@ fn json<T: serde::Serialize + ?Sized>(batch: &T) -> String {
     serde_json::to_string(batch).unwrap_or_else(|_| "[]".into())
 }
 
+/// Filters and cursor of one `GET /admin/usage` page.
+#[derive(Default, Debug, Clone)]
+pub struct UsageFilter {
+    pub key_id: Option<String>,
+    pub consumer_id: Option<String>,
+    pub feature: Option<String>,
+    pub since: Option<crate::timestamp::Timestamp>,
+    pub until: Option<crate::timestamp::Timestamp>,
+    /// Only rows with a lower rowid (the previous page's last row).
+    pub before: Option<i64>,
+    pub limit: i64,
+}
+
+/// What a usage summary groups by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SummaryGroup {
+    Key,
+    Consumer,
+    Feature,
+    Day,
+}
+
+/// One group of a usage summary: serves and, per class of `OUTCOME_CLASSES`, reported outcomes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SummaryRow {
+    pub group: String,
+    pub served: i64,
+    pub outcomes: [i64; 7],
+}
+
+/// The outcome classes a rollup row counts, in column order (SPEC §8.2).
+pub const OUTCOME_CLASSES: [&str; 7] = [
+    "ok",
+    "client_error",
+    "auth_invalid",
+    "quota_exhausted",
+    "rate_limited",
+    "upstream_error",
+    "network",
+];
+
+/// A UTC day as stored in the rollup.
+pub fn day_text(day: chrono::NaiveDate) -> String {
+    day.format("%Y-%m-%d").to_string()
+}
+
+fn parse_day(s: &str) -> Option<chrono::NaiveDate> {
+    chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d").ok()
+}
+
+/// A summary row from `sql::summary` (group, served, then the seven class counts).
+pub fn summary_row(r: &dyn Cells) -> SummaryRow {
+    let mut outcomes = [0; 7];
+    for (i, n) in outcomes.iter_mut().enumerate() {
+        *n = r.int(2 + i).unwrap_or(0);
+    }
+    SummaryRow {
+        group: r.text(0).unwrap_or_default(),
+        served: r.int(1).unwrap_or(0),
+        outcomes,
+    }
+}
+
+/// A rollup row from `sql::ROLLUP_READ` as the JSON array `sql::WRITE_ROLLUP` takes.
+pub fn rollup_row(r: &dyn Cells) -> serde_json::Value {
+    let mut row = vec![
+        serde_json::Value::from(r.text(0).unwrap_or_default()),
+        serde_json::Value::from(r.text(1).unwrap_or_default()),
+        serde_json::Value::from(r.text(2).unwrap_or_default()),
+    ];
+    row.extend((3..11).map(|i| serde_json::Value::from(r.int(i).unwrap_or(0))));
+    serde_json::Value::Array(row)
+}
+
+/// A row of `sql::PRUNE_CANDIDATES`: the rowid `sql::PRUNE_ROWS` takes.
+pub fn prune_candidate(r: &dyn Cells) -> serde_json::Value {
+    serde_json::json!(r.int(0))
+}
+
 /// What one group commit writes.
 #[derive(Default)]
 pub struct Batch<'a> {
@@ -662,6 +857,8 @@ impl Batch<'_> {
 
 /// SQL shared by both drivers. Placeholders are `?`; values are always bound, never spliced.
 pub mod sql {
+    use super::{json, Param};
+
     pub const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (\
         version INTEGER PRIMARY KEY, name TEXT, applied_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP)";
     pub const APPLIED_VERSIONS: &str = "SELECT version FROM schema_migrations";
@@ -726,8 +923,7 @@ pub mod sql {
     // SPEC §8.3: changing and removing what exists.
     pub const TOUCH_KEY: &str = "UPDATE keys SET id = id WHERE id = ?";
     pub const SET_KEY_NAME: &str = "UPDATE keys SET name = ? WHERE id = ?";
-    pub const SET_KEY_VALUE: &str =
-        "UPDATE keys SET key_value = ?, value_hash = ? WHERE id = ?";
+    pub const SET_KEY_VALUE: &str = "UPDATE keys SET key_value = ?, value_hash = ? WHERE id = ?";
     pub const SET_KEY_TIER: &str = "UPDATE keys SET tier_id = ? WHERE id = ?";
     pub const SET_KEY_EXPIRES_AT: &str = "UPDATE keys SET expires_at = ? WHERE id = ?";
     pub const SET_KEY_USAGE_LIMIT: &str = "UPDATE keys SET usage_limit = ? WHERE id = ?";
@@ -796,6 +992,198 @@ pub mod sql {
     pub const RECENT_USAGE: &str =
         "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT), outcome_class, \
         outcome_status, CAST(outcome_reported_at AS TEXT) FROM usage_events ORDER BY julianday(created_at) DESC, created_at DESC, rowid DESC LIMIT ?";
+
+    const USAGE_COLUMNS: &str = "e.id, e.key_id, e.consumer_id, e.feature, \
+        CAST(e.created_at AS TEXT), e.outcome_class, e.outcome_status, \
+        CAST(e.outcome_reported_at AS TEXT), e.rowid";
+
+    /// The filters of `f` on `usage_events AS e` (all but `skip`, a column a side index
+    /// already matches), with a cursor on `cursor` (a column holding the rowid).
+    fn usage_conditions(
+        f: &super::UsageFilter,
+        skip: Option<&str>,
+        time: &str,
+        cursor: &str,
+    ) -> (Vec<String>, Vec<Param>) {
+        use crate::timestamp::to_db;
+        let mut conditions = Vec::new();
+        let mut params = Vec::new();
+        for (column, value) in [
+            ("key_id", &f.key_id),
+            ("consumer_id", &f.consumer_id),
+            ("feature", &f.feature),
+        ] {
+            if let Some(v) = value.as_ref().filter(|_| skip != Some(column)) {
+                conditions.push(format!("e.{column} = ?"));
+                params.push(Param::Text(v.clone()));
+            }
+        }
+        if let Some(t) = f.since {
+            conditions.push(format!("{time} >= julianday(?)"));
+            params.push(Param::Text(to_db(t)));
+        }
+        if let Some(t) = f.until {
+            conditions.push(format!("{time} <= julianday(?)"));
+            params.push(Param::Text(to_db(t)));
+        }
+        if let Some(rowid) = f.before {
+            conditions.push(format!("{cursor} < ?"));
+            params.push(Param::Int(rowid));
+        }
+        (conditions, params)
+    }
+
+    fn and(conditions: &[String]) -> String {
+        conditions.iter().map(|c| format!(" AND {c}")).collect()
+    }
+
+    /// One page of `GET /admin/usage`: only the filters given, newest rowid first. A rowid is
+    /// never reused for a newer row (new rows get a rowid above every existing one), so a
+    /// page that starts below the previous page's last rowid skips and repeats nothing while
+    /// rows are inserted.
+    ///
+    /// By key or consumer: the side index (`usage_by_key` / `usage_by_consumer`) walked newest
+    /// first for rows up to `indexed_through`, plus the unindexed tail above it scanned by
+    /// rowid — each half at most one page long, merged. Time bounds are written `+…` so the
+    /// planner never trades that walk for a sort of a time range.
+    pub fn usage_page(f: &super::UsageFilter) -> (String, Vec<Param>) {
+        let side = match (&f.key_id, &f.consumer_id) {
+            (Some(key), _) => Some(("usage_by_key", "key_id", key)),
+            (None, Some(consumer)) => Some(("usage_by_consumer", "consumer_id", consumer)),
+            (None, None) => None,
+        };
+        let Some((table, column, value)) = side else {
+            let (conditions, mut params) =
+                usage_conditions(f, None, "julianday(e.created_at)", "e.rowid");
+            let filter = if conditions.is_empty() {
+                String::new()
+            } else {
+                format!(" WHERE {}", conditions.join(" AND "))
+            };
+            params.push(Param::Int(f.limit));
+            return (
+                format!(
+                    "SELECT {USAGE_COLUMNS} FROM usage_events AS e{filter} \
+                    ORDER BY e.rowid DESC LIMIT ?"
+                ),
+                params,
+            );
+        };
+        let time = "+julianday(e.created_at)";
+        let (tail, mut params) = usage_conditions(f, None, time, "e.rowid");
+        params.push(Param::Int(f.limit));
+        params.push(Param::Text(value.clone()));
+        let (walked, walked_params) = usage_conditions(f, Some(column), time, "x.row");
+        params.extend(walked_params);
+        params.push(Param::Int(f.limit));
+        params.push(Param::Int(f.limit));
+        let text = format!(
+            "WITH w AS (SELECT coalesce((SELECT indexed_through FROM usage_index_state \
+            WHERE id = 1), 0) AS through) \
+            SELECT * FROM (SELECT {USAGE_COLUMNS} FROM usage_events AS e \
+            WHERE e.rowid > (SELECT through FROM w){tail} ORDER BY e.rowid DESC LIMIT ?) \
+            UNION ALL SELECT * FROM (SELECT {USAGE_COLUMNS} FROM {table} AS x \
+            CROSS JOIN usage_events AS e ON e.rowid = x.row \
+            WHERE x.{column} = ? AND x.row <= (SELECT through FROM w){walked} \
+            ORDER BY x.row DESC LIMIT ?) ORDER BY 9 DESC LIMIT ?",
+            tail = and(&tail),
+            walked = and(&walked),
+        );
+        (text, params)
+    }
+
+    /// The side indexes' end, and the newest audit row (how far they may be filled).
+    pub const INDEXED_THROUGH: &str =
+        "SELECT coalesce((SELECT indexed_through FROM usage_index_state WHERE id = 1), 0)";
+    pub const LAST_ROWID: &str = "SELECT coalesce(max(rowid), 0) FROM usage_events";
+    /// Fill the side indexes with rows `?1 < rowid <= ?2` (bound twice each, in this order)
+    /// and move their end to `?2`.
+    pub const INDEX_BY_KEY: &str = "INSERT OR IGNORE INTO usage_by_key (row, key_id) \
+        SELECT rowid, key_id FROM usage_events WHERE rowid > ? AND rowid <= ?";
+    pub const INDEX_BY_CONSUMER: &str = "INSERT OR IGNORE INTO usage_by_consumer \
+        (row, consumer_id) SELECT rowid, consumer_id FROM usage_events WHERE rowid > ? AND rowid <= ?";
+    pub const SET_INDEXED_THROUGH: &str = "INSERT INTO usage_index_state (id, indexed_through) \
+        VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET indexed_through = excluded.indexed_through";
+
+    /// Bounds of an unbounded summary.
+    pub const FIRST_DAY: &str = "0000-01-01";
+    pub const LAST_DAY: &str = "9999-12-30";
+
+    /// Counts over days `?1..=?2` (`YYYY-MM-DD`): rollup rows for days up to the rollup's end,
+    /// raw rows (by their UTC day) after it, in one statement so both halves see one snapshot.
+    pub fn summary(group: super::SummaryGroup) -> String {
+        use super::SummaryGroup::*;
+        let (rolled, raw) = match group {
+            Key => ("key_id", "key_id"),
+            Consumer => ("consumer_id", "consumer_id"),
+            Feature => ("feature", "feature"),
+            Day => ("day", "date(created_at)"),
+        };
+        let classes = super::OUTCOME_CLASSES;
+        let rolled_classes: Vec<String> = classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c} AS c{i}"))
+            .collect();
+        let raw_classes: Vec<String> = classes
+            .iter()
+            .map(|c| format!("outcome_class IS '{c}'"))
+            .collect();
+        let sums: Vec<String> = (0..classes.len()).map(|i| format!("sum(c{i})")).collect();
+        format!(
+            "WITH bounds AS (SELECT ?1 AS first, ?2 AS last, \
+            (SELECT through_day FROM usage_rollup_state WHERE id = 1) AS rolled) \
+            SELECT g, sum(n), {sums} FROM (\
+            SELECT {rolled} AS g, served AS n, {rolled_classes} FROM usage_rollup, bounds \
+            WHERE day >= bounds.first AND day <= bounds.last AND day <= bounds.rolled \
+            UNION ALL \
+            SELECT {raw} AS g, 1 AS n, {raw_classes} FROM usage_events \
+            WHERE julianday(created_at) >= (SELECT max(julianday(first), \
+            coalesce(julianday(rolled) + 1, 0)) FROM bounds) \
+            AND julianday(created_at) < (SELECT julianday(last) + 1 FROM bounds)\
+            ) GROUP BY g ORDER BY g",
+            sums = sums.join(", "),
+            rolled_classes = rolled_classes.join(", "),
+            raw_classes = raw_classes.join(", "),
+        )
+    }
+
+    pub const ROLLUP_THROUGH: &str = "SELECT through_day FROM usage_rollup_state WHERE id = 1";
+    pub const FIRST_USAGE_DAY: &str = "SELECT date(min(julianday(created_at))) FROM usage_events";
+    pub const NEXT_USAGE_DAY: &str = "SELECT date(min(julianday(created_at))) FROM usage_events \
+        WHERE julianday(created_at) >= julianday(?)";
+    /// One day's rollup rows, from raw rows with `?1 <= time < ?2`.
+    pub const ROLLUP_READ: &str = "SELECT key_id, consumer_id, feature, count(*), \
+        sum(outcome_class IS 'ok'), sum(outcome_class IS 'client_error'), \
+        sum(outcome_class IS 'auth_invalid'), sum(outcome_class IS 'quota_exhausted'), \
+        sum(outcome_class IS 'rate_limited'), sum(outcome_class IS 'upstream_error'), \
+        sum(outcome_class IS 'network') FROM usage_events \
+        WHERE julianday(created_at) >= julianday(?) AND julianday(created_at) < julianday(?) \
+        GROUP BY key_id, consumer_id, feature";
+    /// A day's rollup (day, day, JSON rows as `rollup_row` builds them, day): replaces the
+    /// day's rows and moves the rollup's end to it.
+    pub const DELETE_ROLLUP_DAY: &str = "DELETE FROM usage_rollup WHERE day = ?";
+    pub const INSERT_ROLLUP: &str = "INSERT INTO usage_rollup (day, key_id, consumer_id, \
+        feature, served, ok, client_error, auth_invalid, quota_exhausted, rate_limited, \
+        upstream_error, network) SELECT ?, value ->> 0, value ->> 1, value ->> 2, \
+        value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7, value ->> 8, \
+        value ->> 9, value ->> 10 FROM json_each(?)";
+    pub const SET_ROLLUP_THROUGH: &str = "INSERT INTO usage_rollup_state (id, through_day) \
+        VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET through_day = excluded.through_day";
+    /// The rowids of up to `?2` raw rows of days before `?1`.
+    /// The newest row is never pruned: SQLite gives a new row the highest rowid plus one, so
+    /// keeping it means no rowid is ever reused (cursors and `indexed_through` rely on that).
+    pub const PRUNE_CANDIDATES: &str = "SELECT rowid FROM usage_events \
+        WHERE julianday(created_at) < julianday(?) \
+        AND rowid < (SELECT max(rowid) FROM usage_events) LIMIT ?";
+    /// Deletes the rows of one JSON array of rowids and their side-index entries (each
+    /// statement binds the same array).
+    pub const PRUNE_BY_KEY: &str =
+        "DELETE FROM usage_by_key WHERE row IN (SELECT value FROM json_each(?))";
+    pub const PRUNE_BY_CONSUMER: &str =
+        "DELETE FROM usage_by_consumer WHERE row IN (SELECT value FROM json_each(?))";
+    pub const PRUNE_ROWS: &str =
+        "DELETE FROM usage_events WHERE rowid IN (SELECT value FROM json_each(?))";
 
     /// A batch's audit rows from one bound JSON array `[[id, key_id, consumer_id, feature,
     /// created_at], …]`: constant SQL (prepared once), one parameter whatever the batch size,
@@ -887,10 +1275,7 @@ pub mod sql {
             })
             .collect();
         // Serialising strings, integers and null cannot fail.
-        (
-            serde_json::to_string(&events).unwrap_or_else(|_| "[]".into()),
-            serde_json::to_string(&updates).unwrap_or_else(|_| "[]".into()),
-        )
+        (json(&events), json(&updates))
     }
 
     /// The JSON parameter of `UPSERT_TIER_HEALTH`.
@@ -899,7 +1284,7 @@ pub mod sql {
             .iter()
             .map(|t| (t.tier_id.as_str(), crate::timestamp::to_db(t.until)))
             .collect();
-        serde_json::to_string(&rows).unwrap_or_else(|_| "[]".into())
+        json(&rows)
     }
 
     /// The JSON parameters of `SET_OUTCOMES` and `UPSERT_HEALTH`.
@@ -949,10 +1334,7 @@ pub mod sql {
                 )
             })
             .collect();
-        (
-            serde_json::to_string(&outcomes).unwrap_or_else(|_| "[]".into()),
-            serde_json::to_string(&health).unwrap_or_else(|_| "[]".into()),
-        )
+        (json(&outcomes), json(&health))
     }
 
     #[cfg(test)]

@@ -10,7 +10,8 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Row, Sqlite, SqliteConnection, SqlitePool};
 
 use super::{
-    key_health, sql, usage_event, Batch, Cells, Param, SnapshotRows, StoreError, MIGRATIONS,
+    key_health, prune_candidate, rollup_row, sql, summary_row, usage_event, Batch, Cells, Param,
+    SnapshotRows, StoreError, SummaryRow, MIGRATIONS,
 };
 use crate::config::{Config, Synchronous};
 use crate::model::{ConsumerRecord, KeyRecord, Snapshot, TierRecord, UsageEvent};
@@ -128,6 +129,36 @@ static COMMIT_WITH_HEALTH: std::sync::LazyLock<String> = std::sync::LazyLock::ne
         sql::UPSERT_HEALTH,
         sql::SET_ACTIVE,
         sql::UPSERT_TIER_HEALTH
+    )
+});
+
+/// A day's rollup in one transaction (see `sql::DELETE_ROLLUP_DAY`).
+static WRITE_ROLLUP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "BEGIN IMMEDIATE; {}; {}; {}; COMMIT",
+        sql::DELETE_ROLLUP_DAY,
+        sql::INSERT_ROLLUP,
+        sql::SET_ROLLUP_THROUGH
+    )
+});
+
+/// One prune batch in one transaction (see `sql::PRUNE_ROWS`).
+static PRUNE_ROWS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "BEGIN IMMEDIATE; {}; {}; {}; COMMIT",
+        sql::PRUNE_BY_KEY,
+        sql::PRUNE_BY_CONSUMER,
+        sql::PRUNE_ROWS
+    )
+});
+
+/// One side-index fill in one transaction (see `sql::INDEX_BY_KEY`).
+static WRITE_INDEX: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "BEGIN IMMEDIATE; {}; {}; {}; COMMIT",
+        sql::INDEX_BY_KEY,
+        sql::INDEX_BY_CONSUMER,
+        sql::SET_INDEXED_THROUGH
     )
 });
 
@@ -565,6 +596,17 @@ impl SqliteStore {
                 .bind(events_json)
                 .bind(updates_json)
         };
+        self.on_writer(query).await.map(|_| ())
+    }
+
+    /// Runs `query` on the group commit's own connection: writes serialise behind the
+    /// ledger's commits instead of contending with them for SQLite's lock. On any failure the
+    /// transaction is ended (see `settle`); a writer left in an unknown state is closed and
+    /// reopened by the next use.
+    async fn on_writer<'q>(
+        &self,
+        query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    ) -> Result<sqlx::sqlite::SqliteQueryResult, StoreError> {
         let mut writer = self.writer.lock().await;
         if let Writer::Lost = *writer {
             let conn = self.options.connect().await.map_err(map_err)?;
@@ -575,7 +617,7 @@ impl SqliteStore {
             return Err(StoreError::Unavailable("the database is closed".into()));
         };
         match query.execute(&mut *conn).await {
-            Ok(_) => Ok(()),
+            Ok(done) => Ok(done),
             Err(e) => {
                 // Whichever statement failed, nothing of the batch may stay applied, and no
                 // transaction may stay open holding the write lock.
@@ -590,6 +632,92 @@ impl SqliteStore {
                 Err(map_err(e))
             }
         }
+    }
+
+    pub async fn usage_page(
+        &self,
+        text: &str,
+        params: &[Param],
+    ) -> Result<Vec<(i64, UsageEvent)>, StoreError> {
+        let rows = bind(sqlx::query(text), params)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.int(8).unwrap_or(0), usage_event(r)))
+            .collect())
+    }
+
+    pub async fn usage_summary(
+        &self,
+        text: &str,
+        params: &[Param],
+    ) -> Result<Vec<SummaryRow>, StoreError> {
+        let rows = bind(sqlx::query(text), params)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(rows.iter().map(|r| summary_row(r)).collect())
+    }
+
+    /// The first column of the first row as text, if any.
+    pub async fn read_text(
+        &self,
+        text: &str,
+        params: &[Param],
+    ) -> Result<Option<String>, StoreError> {
+        let row = bind(sqlx::query(text), params)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(row.and_then(|r| r.text(0)))
+    }
+
+    /// A day's rollup rows, read on the admin pool (no write lock held while counting).
+    pub async fn rollup_rows(
+        &self,
+        params: &[Param],
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let rows = bind(sqlx::query(sql::ROLLUP_READ), params)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(rows.iter().map(|r| rollup_row(r)).collect())
+    }
+
+    pub async fn write_rollup(&self, params: &[Param]) -> Result<(), StoreError> {
+        self.on_writer(bind(sqlx::query(WRITE_ROLLUP.as_str()), params))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn prune_candidates(
+        &self,
+        params: &[Param],
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let rows = bind(sqlx::query(sql::PRUNE_CANDIDATES), params)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(rows.iter().map(|r| prune_candidate(r)).collect())
+    }
+
+    pub async fn prune_rows(&self, rows: &str) -> Result<(), StoreError> {
+        self.on_writer(
+            sqlx::query(PRUNE_ROWS.as_str())
+                .bind(rows)
+                .bind(rows)
+                .bind(rows),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn write_index(&self, params: &[Param]) -> Result<(), StoreError> {
+        self.on_writer(bind(sqlx::query(WRITE_INDEX.as_str()), params))
+            .await
+            .map(|_| ())
     }
 
     /// Locally every commit has ended when its caller hears of it, so any read is settled.

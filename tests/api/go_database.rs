@@ -1023,6 +1023,9 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
     );
 }
 
+// Issue 10 item 3: rows list in insertion order, newest first (what cursor paging needs: a new
+// row never lands behind a page already read); the time filters compare instants, whatever
+// form a Go row stored its time in.
 #[tokio::test]
 async fn go_usage_rows_list_newest_first_in_rfc3339_whatever_form_they_were_stored_in() {
     let (_dir, path, _) = go_database().await;
@@ -1031,9 +1034,7 @@ async fn go_usage_rows_list_newest_first_in_rfc3339_whatever_form_they_were_stor
     assert_eq!(usage.status, StatusCode::OK, "{}", usage.text);
     let rows = usage.body.as_array().expect("usage array");
     assert_eq!(rows.len(), GO_USAGE.len());
-    let mut expected: Vec<_> = GO_USAGE.iter().collect();
-    expected
-        .sort_by_key(|g| std::cmp::Reverse(DateTime::parse_from_rfc3339(g.5).expect("instant")));
+    let expected: Vec<_> = GO_USAGE.iter().rev().collect();
     let got: Vec<(&str, DateTime<Utc>)> = rows
         .iter()
         .map(|r| {
@@ -1056,7 +1057,24 @@ async fn go_usage_rows_list_newest_first_in_rfc3339_whatever_form_they_were_stor
         .collect();
     assert_eq!(
         got, want,
-        "Go rows newest first by instant, not by the text of their stored form"
+        "Go rows newest recorded first, each time read as its instant"
+    );
+    // 10:00–11:00 UTC holds 10:30Z, 11:00 (CURRENT_TIMESTAMP form) and 12:15:30.25+02:00.
+    let window = app
+        .admin_get("/admin/usage?since=2025-06-01T10:00:00Z&until=2025-06-01T11:00:00Z")
+        .await;
+    let ids: Vec<&str> = window
+        .body
+        .as_array()
+        .expect("usage array")
+        .iter()
+        .map(|r| r["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(
+        ids,
+        [GO_USAGE[3].0, GO_USAGE[2].0, GO_USAGE[1].0],
+        "{}",
+        window.text
     );
     for (row, g) in rows.iter().zip(&expected) {
         assert_eq!(row["key_id"], g.1);

@@ -61,7 +61,7 @@ macro_rules! on_both_drivers {
 }
 
 /// Every table the service keeps (the Go schema's seven, `schema_migrations`, then ours).
-pub const TABLES: [&str; 10] = [
+pub const TABLES: [&str; 15] = [
     "tiers",
     "tier_features",
     "keys",
@@ -72,6 +72,11 @@ pub const TABLES: [&str; 10] = [
     "schema_migrations",
     "key_health",
     "tier_health",
+    "usage_by_key",
+    "usage_by_consumer",
+    "usage_index_state",
+    "usage_rollup",
+    "usage_rollup_state",
 ];
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";

@@ -20,3 +20,4 @@ mod openapi;
 mod operate;
 mod process;
 mod remote;
+mod usage_query;

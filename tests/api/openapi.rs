@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 
 /// Every route of the router (SPEC §6 and §8.1), as the README's endpoint table lists them.
-const ROUTES: [(&str, &str); 26] = [
+const ROUTES: [(&str, &str); 27] = [
     ("GET", "/health"),
     ("GET", "/livez"),
     ("GET", "/readyz"),
@@ -35,6 +35,7 @@ const ROUTES: [(&str, &str); 26] = [
     ("POST", "/admin/consumers/{id}/token"),
     ("DELETE", "/admin/consumers/{id}/scopes/{tier}"),
     ("GET", "/admin/usage"),
+    ("GET", "/admin/usage/summary"),
     ("POST", "/serves/{serve_id}/outcome"),
 ];
 
