@@ -41,7 +41,7 @@ admin_token=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
 base="http://127.0.0.1:$port"
 
 ADMIN_TOKEN="$admin_token" DB_PATH="$work/pool.db" SERVER_PORT="$port" \
-  LOG_LEVEL=warn LOG_REQUESTS=false target/release/keypooler >"$work/server.log" 2>&1 &
+  LOG_LEVEL=warn LOG_REQUESTS=false "${CARGO_TARGET_DIR:-target}/release/keypooler" >"$work/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 100); do
   curl -sf "$base/health" >/dev/null && break
