@@ -1178,10 +1178,13 @@ pub mod sql {
         AND rowid < (SELECT max(rowid) FROM usage_events) LIMIT ?";
     /// Deletes the rows of one JSON array of rowids and their side-index entries (each
     /// statement binds the same array).
-    pub const PRUNE_BY_KEY: &str =
-        "DELETE FROM usage_by_key WHERE row IN (SELECT value FROM json_each(?))";
-    pub const PRUNE_BY_CONSUMER: &str =
-        "DELETE FROM usage_by_consumer WHERE row IN (SELECT value FROM json_each(?))";
+    /// (Run before `PRUNE_ROWS`: an entry is found by its audit row's key or consumer.)
+    pub const PRUNE_BY_KEY: &str = "DELETE FROM usage_by_key WHERE (key_id, row) IN \
+        (SELECT e.key_id, e.rowid FROM usage_events AS e \
+        WHERE e.rowid IN (SELECT value FROM json_each(?)))";
+    pub const PRUNE_BY_CONSUMER: &str = "DELETE FROM usage_by_consumer WHERE (consumer_id, row) \
+        IN (SELECT e.consumer_id, e.rowid FROM usage_events AS e \
+        WHERE e.rowid IN (SELECT value FROM json_each(?)))";
     pub const PRUNE_ROWS: &str =
         "DELETE FROM usage_events WHERE rowid IN (SELECT value FROM json_each(?))";
 
