@@ -57,16 +57,19 @@ impl utoipa::PartialSchema for DateTimeParam {
             .item(ObjectBuilder::new().schema_type(Type::String).format(Some(
                 utoipa::openapi::SchemaFormat::KnownFormat(utoipa::openapi::KnownFormat::DateTime),
             )))
-            .item(
-                ObjectBuilder::new()
-                    .schema_type(Type::String)
-                    .enum_values(Some([""])),
-            )
+            .item(empty_value())
             .into()
     }
 }
 
 impl ToSchema for DateTimeParam {}
+
+/// The empty string a query parameter may also be (`?since=`), which reads as absent.
+fn empty_value() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some([""]))
+}
 
 /// `cursor`: the `X-Next-Cursor` of the previous page, or empty (the first page).
 pub struct CursorParam;
@@ -97,11 +100,7 @@ impl utoipa::PartialSchema for LimitParam {
                     .schema_type(Type::Integer)
                     .minimum(Some(1)),
             )
-            .item(
-                ObjectBuilder::new()
-                    .schema_type(Type::String)
-                    .enum_values(Some([""])),
-            )
+            .item(empty_value())
             .into()
     }
 }
