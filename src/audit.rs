@@ -3,7 +3,7 @@
 //!
 //! Side indexes: every 100 ms, audit rows committed since the last fill are added to
 //! `usage_by_key` / `usage_by_consumer` in one bulk statement — the hot path's commits stay
-//! as small as before; reads scan the few rows above the filled end (`store::sql::usage_page`).
+//! as small as before; reads scan the few rows above the filled end (`store::Db::usage_page`).
 //!
 //! Rollup: a UTC day is rolled up once nothing can change its counts any more — every serve
 //! of it is committed and its outcome window has closed (a report lands at most

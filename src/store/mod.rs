@@ -76,6 +76,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "operate",
         include_str!("../../migrations/007_operate.sql"),
     ),
+    (
+        11,
+        "side_index_buckets",
+        include_str!("../../migrations/011_side_index_buckets.sql"),
+    ),
 ];
 
 /// A value bound to a statement of an admin write.
@@ -581,8 +586,45 @@ impl Db {
         &self,
         filter: &UsageFilter,
     ) -> Result<Vec<(i64, UsageEvent)>, StoreError> {
-        let (text, params) = sql::usage_page(filter);
-        dispatch!(self, s => s.usage_page(&text, &params).await)
+        if sql::side_index(filter).is_none() {
+            let (text, params) = sql::usage_scan(filter);
+            return dispatch!(self, s => s.usage_page(&text, &params).await);
+        }
+        // The side index's end first: rows above it come from the table, entries at or
+        // below it from the side index (a fill meanwhile only adds entries above it).
+        let through = self.read_int(sql::INDEXED_THROUGH).await?;
+        let (text, params) = sql::usage_tail(filter, through);
+        let mut page = dispatch!(self, s => s.usage_page(&text, &params).await)?;
+        let first = self.read_int(sql::FIRST_ROWID).await?;
+        let newest = filter
+            .before
+            .map_or(through, |before| through.min(before.saturating_sub(1)));
+        // Buckets newest first, in chunks of 1, 2, 4, … 256 (one query each): a key served
+        // often fills a page from its newest bucket, a rare one is found in few queries.
+        let (floor, mut top) = (
+            first.max(0) >> sql::BUCKET_SHIFT,
+            newest >> sql::BUCKET_SHIFT,
+        );
+        let mut width = 1;
+        while (page.len() as i64) < filter.limit && newest > 0 && top >= floor {
+            let low = floor.max(top - width + 1);
+            let buckets: Vec<i64> = (low..=top).rev().collect();
+            let want = filter.limit - page.len() as i64;
+            let Some((text, params)) = sql::usage_walk(filter, through, &buckets, want) else {
+                break;
+            };
+            page.extend(dispatch!(self, s => s.usage_page(&text, &params).await)?);
+            top = low - 1;
+            width = (width * 2).min(256);
+        }
+        Ok(page)
+    }
+
+    /// A statement's first column as a whole number (0 when absent or not a number).
+    async fn read_int(&self, text: &str) -> Result<i64, StoreError> {
+        Ok(dispatch!(self, s => s.read_text(text, &[]).await)?
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0))
     }
 
     /// Serves per group over whole UTC days `from..=to` (unbounded where `None`): the rollup
@@ -662,17 +704,19 @@ impl Db {
         Ok(count)
     }
 
-    /// Fills the side indexes with up to `batch` audit rows past their end; returns how many
-    /// rows it covered (0: nothing new). Rows up to the newest committed rowid are final.
+    /// Fills the side indexes with the next `batch` audit rows past their end (gaps in the
+    /// rowids, e.g. pruned or Go-era rows, are skipped, not walked); returns how many rows it
+    /// covered (0: nothing new). Rows up to the newest committed rowid are final.
     pub async fn index_usage(&self, batch: i64) -> Result<i64, StoreError> {
-        let from = dispatch!(self, s => s.read_text(sql::INDEXED_THROUGH, &[]).await)?
-            .and_then(|v| v.parse::<i64>().ok())
-            .unwrap_or(0);
-        let last = dispatch!(self, s => s.read_text(sql::LAST_ROWID, &[]).await)?
-            .and_then(|v| v.parse::<i64>().ok())
-            .unwrap_or(0);
-        let upto = last.min(from.saturating_add(batch));
-        if upto <= from {
+        let from = self.read_int(sql::INDEXED_THROUGH).await?;
+        let params = [Param::Int(from), Param::Int(batch)];
+        let found = dispatch!(self, s => s.read_text(sql::NEXT_FILL, &params).await)?;
+        let (count, upto) = found
+            .as_deref()
+            .and_then(|v| v.split_once(' '))
+            .and_then(|(n, last)| Some((n.parse::<i64>().ok()?, last.parse::<i64>().ok()?)))
+            .unwrap_or((0, from));
+        if count == 0 || upto <= from {
             return Ok(0);
         }
         let params = [
@@ -683,7 +727,7 @@ impl Db {
             Param::Int(upto),
         ];
         dispatch!(self, s => s.write_index(&params).await)?;
-        Ok(upto - from)
+        Ok(count)
     }
 
     /// Commits a batch in one transaction: serves' audit rows and their keys' counters,
@@ -1037,71 +1081,116 @@ pub mod sql {
         conditions.iter().map(|c| format!(" AND {c}")).collect()
     }
 
-    /// One page of `GET /admin/usage`: only the filters given, newest rowid first. A rowid is
-    /// never reused for a newer row (new rows get a rowid above every existing one), so a
-    /// page that starts below the previous page's last rowid skips and repeats nothing while
-    /// rows are inserted.
-    ///
-    /// By key or consumer: the side index (`usage_by_key` / `usage_by_consumer`) walked newest
-    /// first for rows up to `indexed_through`, plus the unindexed tail above it scanned by
-    /// rowid — each half at most one page long, merged. Time bounds are written `+…` so the
-    /// planner never trades that walk for a sort of a time range.
-    pub fn usage_page(f: &super::UsageFilter) -> (String, Vec<Param>) {
-        let side = match (&f.key_id, &f.consumer_id) {
+    /// Audit rows per side-index bucket: `bucket = row >> BUCKET_SHIFT` (migration 011; the
+    /// fill and prune statements below spell it `>> 12`, a unit test keeps them in step).
+    pub const BUCKET_SHIFT: u32 = 12;
+
+    /// The side index a page filtered by key or consumer walks: (table, column, value).
+    pub fn side_index(f: &super::UsageFilter) -> Option<(&'static str, &'static str, &str)> {
+        match (&f.key_id, &f.consumer_id) {
             (Some(key), _) => Some(("usage_by_key", "key_id", key)),
             (None, Some(consumer)) => Some(("usage_by_consumer", "consumer_id", consumer)),
             (None, None) => None,
-        };
-        let Some((table, column, value)) = side else {
-            let (conditions, mut params) =
-                usage_conditions(f, None, "julianday(e.created_at)", "e.rowid");
-            let filter = if conditions.is_empty() {
-                String::new()
-            } else {
-                format!(" WHERE {}", conditions.join(" AND "))
-            };
-            params.push(Param::Int(f.limit));
-            return (
-                format!(
-                    "SELECT {USAGE_COLUMNS} FROM usage_events AS e{filter} \
-                    ORDER BY e.rowid DESC LIMIT ?"
-                ),
-                params,
-            );
-        };
-        let time = "+julianday(e.created_at)";
-        let (tail, mut params) = usage_conditions(f, None, time, "e.rowid");
-        params.push(Param::Int(f.limit));
-        params.push(Param::Text(value.clone()));
-        let (walked, walked_params) = usage_conditions(f, Some(column), time, "x.row");
-        params.extend(walked_params);
-        params.push(Param::Int(f.limit));
-        params.push(Param::Int(f.limit));
-        let text = format!(
-            "WITH w AS (SELECT coalesce((SELECT indexed_through FROM usage_index_state \
-            WHERE id = 1), 0) AS through) \
-            SELECT * FROM (SELECT {USAGE_COLUMNS} FROM usage_events AS e \
-            WHERE e.rowid > (SELECT through FROM w){tail} ORDER BY e.rowid DESC LIMIT ?) \
-            UNION ALL SELECT * FROM (SELECT {USAGE_COLUMNS} FROM {table} AS x \
-            CROSS JOIN usage_events AS e ON e.rowid = x.row \
-            WHERE x.{column} = ? AND x.row <= (SELECT through FROM w){walked} \
-            ORDER BY x.row DESC LIMIT ?) ORDER BY 9 DESC LIMIT ?",
-            tail = and(&tail),
-            walked = and(&walked),
-        );
-        (text, params)
+        }
     }
 
-    /// The side indexes' end, and the newest audit row (how far they may be filled).
+    /// One page of `GET /admin/usage` without a key or consumer filter: only the filters
+    /// given, newest rowid first. A rowid is never reused for a newer row (new rows get a
+    /// rowid above every existing one), so a page that starts below the previous page's last
+    /// rowid skips and repeats nothing while rows are inserted.
+    pub fn usage_scan(f: &super::UsageFilter) -> (String, Vec<Param>) {
+        let (conditions, mut params) =
+            usage_conditions(f, None, "julianday(e.created_at)", "e.rowid");
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        };
+        params.push(Param::Int(f.limit));
+        (
+            format!(
+                "SELECT {USAGE_COLUMNS} FROM usage_events AS e{filter} \
+                ORDER BY e.rowid DESC LIMIT ?"
+            ),
+            params,
+        )
+    }
+
+    /// By key or consumer, the part above the side index's end `through`: the unindexed tail
+    /// of the table, scanned by rowid (short: the fill runs every 100 ms). Time bounds are
+    /// written `+…` here and in `usage_walk` so the planner never trades the walk for a sort
+    /// of a time range.
+    pub fn usage_tail(f: &super::UsageFilter, through: i64) -> (String, Vec<Param>) {
+        let time = "+julianday(e.created_at)";
+        let (tail, mut params) = usage_conditions(f, None, time, "e.rowid");
+        params.push(Param::Int(through));
+        params.push(Param::Int(f.limit));
+        (
+            format!(
+                "SELECT {USAGE_COLUMNS} FROM usage_events AS e \
+                WHERE 1{tail} AND e.rowid > ? ORDER BY e.rowid DESC LIMIT ?",
+                tail = and(&tail),
+            ),
+            params,
+        )
+    }
+
+    /// By key or consumer, up to `want` rows at or below `through` from the side index's
+    /// `buckets` (a JSON array, one seek each), newest first. Without other filters the
+    /// entries are cut to `want` before the audit rows are read.
+    pub fn usage_walk(
+        f: &super::UsageFilter,
+        through: i64,
+        buckets: &[i64],
+        want: i64,
+    ) -> Option<(String, Vec<Param>)> {
+        let (table, column, value) = side_index(f)?;
+        let unfiltered = super::UsageFilter {
+            before: None,
+            ..f.clone()
+        };
+        let time = "+julianday(e.created_at)";
+        let (walked, walked_params) = usage_conditions(&unfiltered, Some(column), time, "x.row");
+        let mut params = vec![
+            Param::Text(json(buckets)),
+            Param::Text(value.to_owned()),
+            Param::Int(through),
+            Param::Int(f.before.unwrap_or(i64::MAX)),
+        ];
+        let cut = if walked.is_empty() {
+            params.push(Param::Int(want));
+            " LIMIT ?"
+        } else {
+            ""
+        };
+        params.extend(walked_params);
+        params.push(Param::Int(want));
+        let text = format!(
+            "SELECT {USAGE_COLUMNS} FROM (SELECT row FROM {table} \
+            WHERE bucket IN (SELECT value FROM json_each(?)) AND {column} = ? \
+            AND row <= ? AND row < ? ORDER BY row DESC{cut}) AS x \
+            CROSS JOIN usage_events AS e ON e.rowid = x.row WHERE 1{walked} \
+            ORDER BY x.row DESC LIMIT ?",
+            walked = and(&walked),
+        );
+        Some((text, params))
+    }
+
+    /// The side indexes' end (a rowid: every audit row up to it is in them).
     pub const INDEXED_THROUGH: &str =
         "SELECT coalesce((SELECT indexed_through FROM usage_index_state WHERE id = 1), 0)";
-    pub const LAST_ROWID: &str = "SELECT coalesce(max(rowid), 0) FROM usage_events";
+    /// The next fill: `count last` of the first `?2` rows above rowid `?1`.
+    pub const NEXT_FILL: &str = "SELECT count(*) || ' ' || coalesce(max(rowid), 0) FROM \
+        (SELECT rowid FROM usage_events WHERE rowid > ? ORDER BY rowid LIMIT ?)";
     /// Fill the side indexes with rows `?1 < rowid <= ?2` (bound twice each, in this order)
     /// and move their end to `?2`.
-    pub const INDEX_BY_KEY: &str = "INSERT OR IGNORE INTO usage_by_key (row, key_id) \
-        SELECT rowid, key_id FROM usage_events WHERE rowid > ? AND rowid <= ?";
+    pub const INDEX_BY_KEY: &str = "INSERT OR IGNORE INTO usage_by_key (bucket, key_id, row) \
+        SELECT rowid >> 12, key_id, rowid FROM usage_events WHERE rowid > ? AND rowid <= ?";
     pub const INDEX_BY_CONSUMER: &str = "INSERT OR IGNORE INTO usage_by_consumer \
-        (row, consumer_id) SELECT rowid, consumer_id FROM usage_events WHERE rowid > ? AND rowid <= ?";
+        (bucket, consumer_id, row) SELECT rowid >> 12, consumer_id, rowid FROM usage_events \
+        WHERE rowid > ? AND rowid <= ?";
+    /// The oldest audit row's rowid (0 when empty): where a walk of the side indexes ends.
+    pub const FIRST_ROWID: &str = "SELECT coalesce(min(rowid), 0) FROM usage_events";
     pub const SET_INDEXED_THROUGH: &str = "INSERT INTO usage_index_state (id, indexed_through) \
         VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET indexed_through = excluded.indexed_through";
 
@@ -1179,12 +1268,12 @@ pub mod sql {
     /// Deletes the rows of one JSON array of rowids and their side-index entries (each
     /// statement binds the same array).
     /// (Run before `PRUNE_ROWS`: an entry is found by its audit row's key or consumer.)
-    pub const PRUNE_BY_KEY: &str = "DELETE FROM usage_by_key WHERE (key_id, row) IN \
-        (SELECT e.key_id, e.rowid FROM usage_events AS e \
+    pub const PRUNE_BY_KEY: &str = "DELETE FROM usage_by_key WHERE (bucket, key_id, row) IN \
+        (SELECT e.rowid >> 12, e.key_id, e.rowid FROM usage_events AS e \
         WHERE e.rowid IN (SELECT value FROM json_each(?)))";
-    pub const PRUNE_BY_CONSUMER: &str = "DELETE FROM usage_by_consumer WHERE (consumer_id, row) \
-        IN (SELECT e.consumer_id, e.rowid FROM usage_events AS e \
-        WHERE e.rowid IN (SELECT value FROM json_each(?)))";
+    pub const PRUNE_BY_CONSUMER: &str = "DELETE FROM usage_by_consumer \
+        WHERE (bucket, consumer_id, row) IN (SELECT e.rowid >> 12, e.consumer_id, e.rowid \
+        FROM usage_events AS e WHERE e.rowid IN (SELECT value FROM json_each(?)))";
     pub const PRUNE_ROWS: &str =
         "DELETE FROM usage_events WHERE rowid IN (SELECT value FROM json_each(?))";
 
@@ -1342,6 +1431,19 @@ pub mod sql {
 
     #[cfg(test)]
     mod tests {
+        #[test]
+        fn side_index_statements_use_one_bucket_size() {
+            let shift = format!(">> {}", super::BUCKET_SHIFT);
+            for text in [
+                super::INDEX_BY_KEY,
+                super::INDEX_BY_CONSUMER,
+                super::PRUNE_BY_KEY,
+                super::PRUNE_BY_CONSUMER,
+            ] {
+                assert!(text.contains(&shift), "{text}");
+            }
+        }
+
         #[test]
         fn batch_parameters_are_arrays_in_column_order() {
             let t = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();

@@ -346,6 +346,52 @@ async fn summaries_count_per_group_and_survive_rollup_and_pruning() {
     assert!(ids(&app.admin_get("/admin/usage?key_id=old-k1").await).is_empty());
 }
 
+// Issue 10 item 3: the side indexes are kept per bucket of 4,096 audit rows (migration 011);
+// a page by key or consumer walks them newest first, across empty buckets and bucket edges,
+// whether the key is rare (one row every few hundred buckets) or dense (thousands per bucket).
+async fn pages_walk_side_index_buckets_newest_first() {
+    let app = spawn_app().await;
+    let at = Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    // (rowid, id, key, consumer, feature)
+    let mut rows: Vec<(i64, String, &str, &str, &str)> = Vec::new();
+    for (i, rowid) in [3, 4_095, 4_096, 4_097, 9_000, 40_000, 400_000, 1_200_000].iter().enumerate() {
+        let feature = if i % 2 == 0 { "a" } else { "b" };
+        rows.push((*rowid, format!("rare-{rowid:07}"), "rare-k", "rare-c", feature));
+    }
+    for rowid in 1_200_001..1_206_001 {
+        rows.push((rowid, format!("dense-{rowid:07}"), "dense-k", "dense-c", "a"));
+    }
+    let json_rows: Vec<Value> = rows
+        .iter()
+        .map(|(r, id, k, c, f)| json!([r, id, k, c, f, at]))
+        .collect();
+    app.rows_with(
+        "INSERT INTO usage_events (rowid, id, key_id, consumer_id, feature, created_at) \
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 \
+         FROM json_each(?)",
+        &[&Value::Array(json_rows).to_string()],
+    )
+    .await;
+    wait_indexed(&app).await;
+    let newest_first = |key: &str, feature: Option<&str>| -> Vec<String> {
+        let mut ids: Vec<(i64, String)> = rows
+            .iter()
+            .filter(|(_, _, k, _, f)| *k == key && feature.is_none_or(|want| want == *f))
+            .map(|(r, id, ..)| (*r, id.clone()))
+            .collect();
+        ids.sort_by(|a, b| b.0.cmp(&a.0));
+        ids.into_iter().map(|(_, id)| id).collect()
+    };
+    let rare = newest_first("rare-k", None);
+    assert_eq!(all_pages(&app, "key_id=rare-k", 3).await, rare);
+    assert_eq!(all_pages(&app, "consumer_id=rare-c", 2).await, rare);
+    assert_eq!(all_pages(&app, "key_id=rare-k&feature=a", 1).await, newest_first("rare-k", Some("a")));
+    let dense = newest_first("dense-k", None);
+    let first = app.admin_get("/admin/usage?key_id=dense-k&limit=100").await;
+    assert_eq!(ids(&first), dense[..100]);
+    assert_eq!(all_pages(&app, "consumer_id=dense-c", 1000).await, dense);
+}
+
 // Issue 10 item 7: bad input answers 400 naming the parameter, as JSON.
 async fn bad_usage_parameters_answer_400_naming_them() {
     let app = spawn_app().await;
