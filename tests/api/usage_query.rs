@@ -379,7 +379,7 @@ async fn pages_walk_side_index_buckets_newest_first() {
             .filter(|(_, _, k, _, f)| *k == key && feature.is_none_or(|want| want == *f))
             .map(|(r, id, ..)| (*r, id.clone()))
             .collect();
-        ids.sort_by(|a, b| b.0.cmp(&a.0));
+        ids.sort_by_key(|b| std::cmp::Reverse(b.0));
         ids.into_iter().map(|(_, id)| id).collect()
     };
     let rare = newest_first("rare-k", None);
