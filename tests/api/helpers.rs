@@ -455,6 +455,24 @@ impl TestApp {
             .unwrap_or(0)
     }
 
+    /// Waits until the audit side indexes cover every audit row there is now: no background
+    /// fill is due, so a commit fault injected next hits the write under test, not a fill.
+    pub async fn audit_indexed(&self) {
+        let last = self.count("SELECT max(rowid) FROM usage_events").await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self
+            .count("SELECT indexed_through FROM usage_index_state")
+            .await
+            < last
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "side indexes not filled"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The first cell of the first row, as text.
     pub async fn scalar(&self, sql: &str) -> String {
         self.rows(sql)

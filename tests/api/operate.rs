@@ -527,6 +527,7 @@ mod lost_commit_answers {
     async fn app_losing_answers() -> (TestApp, String, String, String) {
         let app = BACKEND.scope(Backend::Libsql, spawn_app()).await;
         let (key, consumer, token) = small_pool(&app).await;
+        app.audit_indexed().await;
         remote(&app).await.lose_commit_answers(2);
         (app, key, consumer, token)
     }
@@ -566,6 +567,7 @@ mod lost_commit_answers {
         let (app, key, _, token) = app_losing_answers().await;
         stop_losing(&app).await;
         assert_eq!(app.draw("f", &token).await.status, StatusCode::OK);
+        app.audit_indexed().await;
         remote(&app).await.drop_commits(1);
         let r = app
             .patch(&format!("/admin/keys/{key}"), json!({ "key": "v9" }))
@@ -624,6 +626,7 @@ mod lost_commit_answers {
             .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         assert_eq!(app.draw("f", &token).await.status, StatusCode::FORBIDDEN);
+        app.audit_indexed().await;
         remote(&app).await.lose_commit_answers(2);
         let r = app
             .patch(

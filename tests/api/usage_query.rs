@@ -150,7 +150,7 @@ async fn each_filter_selects_its_rows() {
     // Once as the rows come (the side indexes filled or not), once with every row indexed.
     for indexed in [false, true] {
     if indexed {
-        wait_indexed(&app).await;
+        app.audit_indexed().await;
     }
 
     // Insertion order, newest first; the Go rows behind this run's serves.
@@ -196,7 +196,7 @@ async fn paging_under_concurrent_serves_skips_and_repeats_nothing() {
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     }
     // The first rows through the side indexes, the ones served while paging above their end.
-    wait_indexed(&app).await;
+    app.audit_indexed().await;
     let stop = Arc::new(AtomicBool::new(false));
     let mut load = Vec::new();
     for w in 0..4 {
@@ -328,7 +328,7 @@ async fn summaries_count_per_group_and_survive_rollup_and_pruning() {
 
     // Restart with a 3-day retention: the old rows are pruned in the background, with their
     // side-index entries.
-    wait_indexed(&app).await;
+    app.audit_indexed().await;
     assert_eq!(app.count("SELECT COUNT(*) FROM usage_by_key WHERE key_id LIKE 'old-%'").await, 30);
     app.env.push(("AUDIT_RETENTION_DAYS".into(), "3".into()));
     app.restart().await;
@@ -372,7 +372,7 @@ async fn pages_walk_side_index_buckets_newest_first() {
         &[&Value::Array(json_rows).to_string()],
     )
     .await;
-    wait_indexed(&app).await;
+    app.audit_indexed().await;
     let newest_first = |key: &str, feature: Option<&str>| -> Vec<String> {
         let mut ids: Vec<(i64, String)> = rows
             .iter()
@@ -438,20 +438,6 @@ async fn bad_usage_parameters_answer_400_naming_them() {
     let (_, token) = app.consumer("c", &[]).await;
     assert_eq!(app.get("/admin/usage/summary?group_by=key", Some(&token)).await.status, StatusCode::FORBIDDEN);
 }
-}
-
-/// Waits until the side indexes cover every audit row there is now.
-async fn wait_indexed(app: &TestApp) {
-    let last = app.count("SELECT max(rowid) FROM usage_events").await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while app
-        .count("SELECT indexed_through FROM usage_index_state")
-        .await
-        < last
-    {
-        assert!(Instant::now() < deadline, "side indexes not filled");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Waits until the rollup covers `day`; returns how far it got.
