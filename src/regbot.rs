@@ -326,6 +326,10 @@ impl Source {
             for (service, tier) in &mapping {
                 out.push((tier.clone(), self.reader.read(service).await?));
             }
+            // With no tier mapped, one read (rows discarded) still tells whether RegBot answers.
+            if mapping.is_empty() {
+                self.reader.read(DEFAULT_MAPPING[0].1).await?;
+            }
             Ok::<_, String>(out)
         };
         let rows = match tokio::time::timeout(READ_BOUND, read).await {
