@@ -999,7 +999,7 @@ mod tests {
             for url in [Some("/data/regbot.db"), None] {
                 let mut vars = vec![("ADMIN_TOKEN", "t"), ("REGBOT_REFRESH_SECONDS", bad)];
                 vars.extend(url.map(|u| ("REGBOT_DATABASE_URL", u)));
-                let e = cfg(&vars).err().expect("refused").to_string();
+                let e = cfg(&vars).unwrap_err().to_string();
                 assert!(
                     e.contains("REGBOT_REFRESH_SECONDS") && e.contains("1 to 86400"),
                     "{e}"
@@ -1010,8 +1010,7 @@ mod tests {
             ("ADMIN_TOKEN", "t"),
             ("REGBOT_DATABASE_URL", "https://?authToken=rb-SECRET"),
         ])
-        .err()
-        .expect("no host")
+        .unwrap_err()
         .to_string();
         assert!(
             e.contains("REGBOT_DATABASE_URL") && !e.contains("SECRET"),
