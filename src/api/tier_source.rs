@@ -1,5 +1,5 @@
 //! A tier's `source` field (SPEC §8.5, issue 12 item 2): `{"regbot_service": "…"}` on POST and
-//! PATCH `/admin/tiers`, shown on every tier. On PATCH an absent `source` leaves it unchanged
+//! PATCH `/admin/tiers`, shown on a tier that has one. On PATCH an absent `source` leaves it unchanged
 //! and `null` removes it (the tier then follows the default mapping by its name again).
 
 use serde::{Deserialize, Deserializer, Serialize};

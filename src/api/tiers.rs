@@ -118,8 +118,9 @@ pub struct Tier {
     name: String,
     description: String,
     features: BTreeMap<String, FeatureLimits>,
-    /// The tier's explicit RegBot service; `null` when it has none (the default mapping by
+    /// The tier's explicit RegBot service; absent when it has none (the default mapping by
     /// name may still feed it: see `GET /admin/sources`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     source: Option<tier_source::SourceShown>,
 }
 
