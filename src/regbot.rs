@@ -266,6 +266,9 @@ impl Status {
 /// What a refresh remembers between runs.
 #[derive(Default)]
 struct Memory {
+    /// The keys the last refresh put in the pool (a tier deleted since may have dropped some
+    /// from the pool; they are still found here).
+    live: HashMap<Arc<str>, Arc<PoolKey>>,
     /// Keys that left the pool (suspended, deleted, re-mapped away): a credential that comes
     /// back keeps its counters and health.
     retired: HashMap<Arc<str>, Arc<PoolKey>>,
@@ -346,8 +349,7 @@ impl Source {
             }
         };
         let now = Now::read();
-        let current = pool.regbot_keys();
-        let mut keys = Vec::new();
+        let mut keys: Vec<Arc<PoolKey>> = Vec::new();
         let mut seen = Vec::new();
         let mut health = Vec::new();
         let mut tiers: BTreeMap<String, usize> = mapping
@@ -369,7 +371,7 @@ impl Source {
                     }
                 };
                 let id: Arc<str> = Arc::from(credential.key_id());
-                let previous = current.get(&id).or_else(|| memory.retired.get(&id));
+                let previous = memory.live.get(&id).or_else(|| memory.retired.get(&id));
                 let (key, writes) = PoolKey::from_credential(
                     credential,
                     tier_id.clone(),
@@ -381,23 +383,26 @@ impl Source {
                 seen.extend(writes.seen);
                 health.extend(writes.health);
                 *tiers.entry(tier_name.clone()).or_default() += 1;
-                keys.push(key);
+                keys.push(Arc::new(key));
             }
         }
         memory.warned = warned_now;
-        let ids: HashSet<Arc<str>> = keys.iter().map(|k| k.id.clone()).collect();
         let credentials = keys.len();
-        pool.swap_regbot(keys);
-        for id in &ids {
+        pool.swap_regbot(&keys);
+        let live: HashMap<Arc<str>, Arc<PoolKey>> =
+            keys.into_iter().map(|k| (k.id.clone(), k)).collect();
+        for id in live.keys() {
             memory.retired.remove(id);
             memory.stored.remove(&**id);
             memory.stored_health.remove(&**id);
         }
-        for (id, key) in current {
-            if !ids.contains(&id) {
-                memory.retired.insert(id, key);
-            }
-        }
+        let gone: Vec<(Arc<str>, Arc<PoolKey>)> = memory
+            .live
+            .drain()
+            .filter(|(id, _)| !live.contains_key(id))
+            .collect();
+        memory.retired.extend(gone);
+        memory.live = live;
         persist(db, &seen, &health).await;
         let mut status = self.status.lock();
         status.last_success = Some((attempt, Instant::now()));

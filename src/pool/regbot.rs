@@ -180,22 +180,10 @@ impl PoolKey {
 }
 
 impl Pool {
-    /// Every RegBot key now in the pool, by id.
-    pub fn regbot_keys(&self) -> HashMap<Arc<str>, Arc<PoolKey>> {
-        self.index
-            .read()
-            .keys
-            .iter()
-            .filter(|(_, k)| k.regbot.is_some())
-            .map(|(id, k)| (id.clone(), k.clone()))
-            .collect()
-    }
-
     /// Replaces every RegBot key with `keys`, under one write lock: a draw sees the old set or
     /// the new one, never a mix. A key whose tier is gone meanwhile is dropped. Serves already
     /// reserved on a key that leaves complete (they hold the key).
-    pub fn swap_regbot(&self, keys: Vec<PoolKey>) {
-        let keys: Vec<Arc<PoolKey>> = keys.into_iter().map(Arc::new).collect();
+    pub fn swap_regbot(&self, keys: &[Arc<PoolKey>]) {
         let mut index = self.index.write();
         let Index {
             tiers, keys: by_id, ..
@@ -207,7 +195,7 @@ impl Pool {
         for key in keys {
             if let Some(tier) = tiers.get_mut(&key.tier_id) {
                 tier.keys.push(key.clone());
-                by_id.insert(key.id.clone(), key);
+                by_id.insert(key.id.clone(), key.clone());
             }
         }
     }

@@ -592,3 +592,37 @@ async fn a_quarantine_holds_until_regbot_changes_the_row() {
         "probing"
     );
 }
+
+// Issue 12 item 3 (defect found in review): a credential's count survives its tier being
+// deleted and created again — before, the refresh looked for the previous key in the pool
+// only, where the deletion had dropped it, and the count restarted at 0 (over-serving).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_keeps_its_count_when_its_tier_is_recreated() {
+    let regbot = RegBot::new().await;
+    regbot.add("groq", "groq-SECRET", None, Some(3), 0);
+    let app = regbot.app(None).await;
+    app.create_tier("groq", &[("chat", 1000, 60)]).await;
+    app.refresh_regbot().await;
+    for _ in 0..2 {
+        assert_eq!(app.draw("chat", ADMIN_TOKEN).await.status, StatusCode::OK);
+    }
+    let gone = app
+        .admin_send(
+            reqwest::Method::DELETE,
+            "/admin/tiers/groq?force=true",
+            None,
+        )
+        .await;
+    assert_eq!(gone.status, StatusCode::OK, "{}", gone.text);
+    app.refresh_regbot().await;
+    app.create_tier("groq", &[("chat", 1000, 60)]).await;
+    app.refresh_regbot().await;
+    assert_eq!(app.draw("chat", ADMIN_TOKEN).await.status, StatusCode::OK);
+    let spent = app.draw("chat", ADMIN_TOKEN).await;
+    assert_eq!(
+        spent.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "quota 3, served 3: {}",
+        spent.text
+    );
+}
