@@ -13,4 +13,6 @@ if [ "${1:-}" = "audit" ]; then
   shift
   exec python3 bench/audit.py "$@"
 fi
+# `bash bench/run.sh regbot`: the RegBot source benchmark (bench/regbot.py, issue 12).
+case "${1:-}" in regbot) shift; exec python3 bench/regbot.py "$@" ;; esac
 exec python3 bench/bench.py "$@"

@@ -78,6 +78,17 @@ pub struct Config {
     pub audit_retention_days: Option<u32>,
     /// Present when running on Railway (`RAILWAY_ENVIRONMENT` set): platform facts, not settings.
     pub railway: Option<Railway>,
+    /// `REGBOT_DATABASE_URL` and friends (SPEC §8.5); `None` = the RegBot source is off.
+    pub regbot: Option<RegbotConfig>,
+}
+
+/// RegBot's database, read-only (SPEC §8.5).
+#[derive(Clone, Debug)]
+pub struct RegbotConfig {
+    /// A local SQLite file, or a libSQL URL with `REGBOT_AUTH_TOKEN` (or `?authToken=`).
+    pub database: DatabaseConfig,
+    /// `REGBOT_REFRESH_SECONDS` (1–86,400, default 30).
+    pub refresh: Duration,
 }
 
 /// What Railway tells the service about where it runs; read as given, never rejected.
@@ -120,6 +131,9 @@ struct RawConfig {
     metrics_token: Option<String>,
     outcome_window_seconds: Option<String>,
     audit_retention_days: Option<String>,
+    regbot_database_url: Option<String>,
+    regbot_auth_token: Option<String>,
+    regbot_refresh_seconds: Option<String>,
     railway_environment: Option<OsString>,
     railway_volume_mount_path: Option<OsString>,
 }
@@ -149,6 +163,9 @@ impl RawConfig {
             "METRICS_TOKEN" => &mut self.metrics_token,
             "OUTCOME_WINDOW_SECONDS" => &mut self.outcome_window_seconds,
             "AUDIT_RETENTION_DAYS" => &mut self.audit_retention_days,
+            "REGBOT_DATABASE_URL" => &mut self.regbot_database_url,
+            "REGBOT_AUTH_TOKEN" => &mut self.regbot_auth_token,
+            "REGBOT_REFRESH_SECONDS" => &mut self.regbot_refresh_seconds,
             _ => return None,
         })
     }
@@ -458,6 +475,43 @@ impl RawConfig {
             Some(t) => Some(Secret::new(t)),
         };
 
+        let regbot = match present(&self.regbot_database_url) {
+            None => None,
+            Some(url) => {
+                let lower = url.to_ascii_lowercase();
+                let database = if ["libsql://", "https://", "http://"]
+                    .iter()
+                    .any(|s| lower.starts_with(s))
+                {
+                    remote_url("REGBOT_DATABASE_URL", url, present(&self.regbot_auth_token))?
+                } else {
+                    DatabaseConfig::Local {
+                        path: PathBuf::from(url),
+                    }
+                };
+                let refresh = int_at_least(
+                    "REGBOT_REFRESH_SECONDS",
+                    &self.regbot_refresh_seconds,
+                    30u64,
+                    1,
+                    86_400,
+                )?;
+                Some(RegbotConfig {
+                    database,
+                    refresh: Duration::from_secs(refresh),
+                })
+            }
+        };
+        if regbot.is_none() && present(&self.regbot_refresh_seconds).is_some() {
+            int_at_least(
+                "REGBOT_REFRESH_SECONDS",
+                &self.regbot_refresh_seconds,
+                30u64,
+                1,
+                86_400,
+            )?;
+        }
+
         Ok(Config {
             admin_token,
             encryption_key,
@@ -517,25 +571,35 @@ impl RawConfig {
                         .filter(|p| !p.is_empty())
                         .map(PathBuf::from),
                 }),
+            regbot,
         })
     }
 }
 
 /// Splits `?authToken=` off a remote URL; the token never appears in an error.
 fn remote_database(url: &str, env_token: Option<&str>) -> Result<DatabaseConfig, ConfigError> {
+    remote_url("DATABASE_URL", url, env_token)
+}
+
+/// `remote_database` for the variable `var` (`DATABASE_URL`, `REGBOT_DATABASE_URL`).
+fn remote_url(
+    var: &str,
+    url: &str,
+    env_token: Option<&str>,
+) -> Result<DatabaseConfig, ConfigError> {
     let allowed = "expected a libsql://, https:// or http:// URL with a host";
     let lower = url.to_ascii_lowercase();
     let (scheme, rest) = ["libsql://", "https://", "http://"]
         .iter()
         .find_map(|s| lower.starts_with(s).then(|| (*s, &url[s.len()..])))
-        .ok_or_else(|| bad_secret("DATABASE_URL", allowed))?;
+        .ok_or_else(|| bad_secret(var, allowed))?;
     let (base, query) = match rest.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (rest, None),
     };
     let host = base.split('/').next().unwrap_or_default();
     if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(bad_secret("DATABASE_URL", allowed));
+        return Err(bad_secret(var, allowed));
     }
     let mut url_token = None;
     let mut kept = Vec::new();
@@ -901,5 +965,56 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("DATABASE_URL") && !e.contains("sekret"), "{e}");
+    }
+
+    // Issue 12 item 1: REGBOT_DATABASE_URL, REGBOT_AUTH_TOKEN, REGBOT_REFRESH_SECONDS.
+    #[test]
+    fn regbot_source_is_off_by_default_and_validated() {
+        let c = cfg(&[("ADMIN_TOKEN", "t")]).unwrap();
+        assert!(c.regbot.is_none());
+        let c = cfg(&[
+            ("ADMIN_TOKEN", "t"),
+            ("REGBOT_DATABASE_URL", "/data/regbot.db"),
+        ])
+        .unwrap();
+        let r = c.regbot.expect("on");
+        assert_eq!(r.refresh, Duration::from_secs(30));
+        assert!(
+            matches!(r.database, DatabaseConfig::Local { ref path } if path == &PathBuf::from("/data/regbot.db"))
+        );
+        let c = cfg(&[
+            ("ADMIN_TOKEN", "t"),
+            ("REGBOT_DATABASE_URL", "libsql://regbot.example.io"),
+            ("REGBOT_AUTH_TOKEN", "rb-SECRET"),
+            ("REGBOT_REFRESH_SECONDS", "86400"),
+        ])
+        .unwrap();
+        let r = c.regbot.expect("on");
+        assert_eq!(r.refresh, Duration::from_secs(86_400));
+        assert!(
+            matches!(r.database, DatabaseConfig::Remote { auth_token: Some(ref t), .. } if t.expose() == "rb-SECRET")
+        );
+        assert!(!format!("{r:?}").contains("SECRET"));
+        for bad in ["0", "86401", "30s", "-1"] {
+            for url in [Some("/data/regbot.db"), None] {
+                let mut vars = vec![("ADMIN_TOKEN", "t"), ("REGBOT_REFRESH_SECONDS", bad)];
+                vars.extend(url.map(|u| ("REGBOT_DATABASE_URL", u)));
+                let e = cfg(&vars).unwrap_err().to_string();
+                assert!(
+                    e.contains("REGBOT_REFRESH_SECONDS") && e.contains("1 to 86400"),
+                    "{e}"
+                );
+            }
+        }
+        let e = cfg(&[
+            ("ADMIN_TOKEN", "t"),
+            ("REGBOT_DATABASE_URL", "https://?authToken=rb-SECRET"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("REGBOT_DATABASE_URL") && !e.contains("SECRET"),
+            "{e}"
+        );
     }
 }

@@ -13,6 +13,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod model;
 pub mod pool;
+pub mod regbot;
 pub mod rekey;
 pub mod secret;
 pub mod store;
@@ -38,6 +39,8 @@ use store::{Db, StoreError};
 pub enum StartupError {
     #[error("cannot open the database: {0}")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Regbot(String),
 }
 
 /// A built service: state plus router, ready to serve on any listener.
@@ -47,6 +50,8 @@ pub struct App {
     idle_timeout: std::time::Duration,
     /// The audit upkeep tasks (side indexes, rollup, pruning), stopped before the database closes.
     audit: audit::AuditJobs,
+    /// The RegBot refresh loop (SPEC §8.5), stopped before the database closes.
+    regbot: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Opens the store, loads the pool and starts the group-commit writer.
@@ -56,7 +61,15 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
     let metrics = Metrics::new();
     metrics.spawn_upkeep();
     let loading = std::time::Instant::now();
-    let mut pool = Pool::load_metered(db.load_snapshot().await?, &sealer, metrics.clone());
+    let mut snapshot = db.load_snapshot().await?;
+    let regbot_rows = std::mem::take(&mut snapshot.regbot_keys);
+    let regbot_health: std::collections::HashMap<_, _> = snapshot
+        .health
+        .iter()
+        .filter(|(id, _)| id.starts_with(store::regbot::KEY_PREFIX))
+        .map(|(id, h)| (id.clone(), h.clone()))
+        .collect();
+    let mut pool = Pool::load_metered(snapshot, &sealer, metrics.clone());
     pool.set_throttle_floor(config.host_throttle_floor);
     metrics.set_pool_load_time(loading.elapsed());
     let mut unreadable = 0usize;
@@ -102,7 +115,22 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
         config.metrics_token.as_ref(),
     );
     state.outcome_window = config.outcome_window;
+    if let Some(regbot) = &config.regbot {
+        let source = regbot::Source::new(regbot, regbot_rows, regbot_health)
+            .await
+            .map_err(StartupError::Regbot)?;
+        state.regbot = Some(Arc::new(source));
+    }
     let state = Arc::new(state);
+    // The first refresh before serving (bounded; a RegBot that is down leaves the source
+    // `stale` with no keys, and startup goes on), then the loop.
+    let regbot_task = match &state.regbot {
+        Some(source) => {
+            source.refresh(&state.pool, &state.db, &state.sealer).await;
+            Some(source.spawn(state.pool.clone(), state.db.clone(), state.sealer.clone()))
+        }
+        None => None,
+    };
     let router = api::router(
         state.clone(),
         HttpSettings {
@@ -117,6 +145,7 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
         router,
         idle_timeout: config.idle_timeout,
         audit,
+        regbot: regbot_task,
     })
 }
 
@@ -147,6 +176,7 @@ where
         router,
         idle_timeout,
         audit,
+        regbot,
     } = app;
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
@@ -200,6 +230,10 @@ where
     stopping.send_replace(true);
     stopping.closed().await;
     audit.stop().await;
+    if let Some(task) = regbot {
+        task.abort();
+        let _ = task.await;
+    }
     state.ledger.shutdown().await;
     state.db.close().await;
     tracing::info!("stopped with nothing pending");

@@ -17,6 +17,27 @@ pub struct TierRecord {
     pub name: String,
     pub description: String,
     pub features: BTreeMap<String, FeatureLimit>,
+    /// Where the tier's keys also come from (SPEC §8.5): an explicit RegBot service, stored
+    /// in `tier_sources`; `None` = stored keys only, or the seed's default mapping by name.
+    pub source: Option<TierSource>,
+}
+
+/// A tier's explicit RegBot service (`"source": {"regbot_service": …}`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TierSource {
+    pub regbot_service: String,
+}
+
+/// What our database keeps about RegBot credential `regbot:N` (`regbot_keys`), never its value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegbotKeyRow {
+    /// Units served here, ever.
+    pub usage_count: i64,
+    /// RegBot's `quota_used` when last seen changed, and our `usage_count` at that moment.
+    pub quota_used_seen: Option<i64>,
+    pub usage_at_seen: i64,
+    /// Keyed hash of the row's `api_key` and `updated_at`.
+    pub fingerprint: Option<String>,
 }
 
 /// A key as stored: `sealed_value` and secret values are plaintext or `enc:gcm:` ciphertext.
@@ -136,4 +157,6 @@ pub struct Snapshot {
     pub health: std::collections::HashMap<String, crate::pool::health::HealthRecord>,
     /// Stored tier cooldowns by tier id (host-level throttling; past ones change nothing).
     pub tier_cooldowns: std::collections::HashMap<String, Timestamp>,
+    /// RegBot credentials' counters by key id `regbot:N` (SPEC §8.5).
+    pub regbot_keys: std::collections::HashMap<String, RegbotKeyRow>,
 }

@@ -266,6 +266,7 @@ fn parse(body: Map<String, Value>, now: Timestamp) -> Result<Patch, ApiError> {
         (status = 200, description = "Applied; the next /key sees it (usage kept unless reset_usage)", body = KeyView),
         AdminOnly, JsonBodyErrors,
         (status = 404, description = "No key with that id, or no tier of the name given", body = ErrorBody),
+        (status = 409, description = "A RegBot key (`regbot:N`): RegBot owns it, change it there", body = ErrorBody),
         StorageErrors,
     )
 )]
@@ -282,6 +283,7 @@ pub async fn update(
             .pool
             .key(&id)
             .ok_or_else(|| ApiError::NotFound("no key with that id".into()))?;
+        super::keys::regbot_owned(&key)?;
         let tier_id = match &patch.tier {
             None => None,
             Some(name) => Some(

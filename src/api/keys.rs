@@ -208,6 +208,24 @@ pub struct KeyView {
     error: Option<String>,
     /// Its health (SPEC §8.2).
     health: super::outcomes::HealthView,
+    /// `regbot` for a key read from RegBot (SPEC §8.5); absent for a stored key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(examples("regbot"))]
+    source: Option<&'static str>,
+    /// A RegBot key's quota as RegBot reports it, with what was served here since RegBot
+    /// last changed `used`; absent for a stored key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quota: Option<QuotaView>,
+}
+
+/// SPEC §8.5: served while `used + served_here < total` (`total` null: no cap).
+#[derive(Serialize, ToSchema)]
+pub struct QuotaView {
+    #[schema(required = true)]
+    total: Option<i64>,
+    used: i64,
+    unit: String,
+    served_here: i64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -307,6 +325,13 @@ pub(super) fn key_view(
             .err()
             .map(|e| format!("value cannot be served: {e}")),
         health: super::outcomes::health_view(&key.health()),
+        source: key.regbot.as_ref().map(|_| "regbot"),
+        quota: key.regbot.as_ref().map(|q| QuotaView {
+            total: q.total,
+            used: q.used,
+            unit: q.unit.clone(),
+            served_here: key.served_since_seen(),
+        }),
     }
 }
 
@@ -415,6 +440,7 @@ pub async fn create(
         (status = 400, description = "The id is not valid UTF-8", body = ErrorBody),
         AdminOnly,
         (status = 404, description = "No key has that id", body = ErrorBody),
+        (status = 409, description = "A RegBot key (`regbot:N`): RegBot owns it, change it there", body = ErrorBody),
         StorageErrors,
     )
 )]
@@ -425,12 +451,27 @@ pub async fn remove(
     IdPath(id): IdPath,
 ) -> Result<Json<Deleted>, ApiError> {
     admin_write(&state, marker, move |state| async move {
+        if let Some(key) = state.pool.key(&id) {
+            regbot_owned(&key)?;
+        }
         let outcome = state.db.delete_key(&id).await;
         deleted::<KeyRecord>(&state, &id, outcome, "no key with that id").await?;
         tracing::info!(key_id = %id, "key deleted");
         Ok(Json(Deleted::default()))
     })
     .await
+}
+
+/// SPEC §8.5: RegBot owns its credentials' values, status and quota; our admin API does not
+/// change them (409, nothing changed).
+pub(super) fn regbot_owned(key: &PoolKey) -> Result<(), ApiError> {
+    match key.regbot {
+        Some(_) => Err(ApiError::Conflict(format!(
+            "key '{}' comes from RegBot, which owns its value, status and quota; change it in RegBot",
+            key.id
+        ))),
+        None => Ok(()),
+    }
 }
 
 // The checks `POST /admin/keys` makes, shared with `PATCH /admin/keys/{id}` (`key_state.rs`).

@@ -11,6 +11,8 @@ mod keys;
 pub mod observe;
 pub mod openapi;
 mod outcomes;
+mod sources;
+mod tier_source;
 mod tiers;
 mod usage;
 mod write;
@@ -57,6 +59,8 @@ pub struct AppState {
     /// Outcome reports in flight, one per serve (see `outcomes.rs`).
     pub reports: outcomes::InFlight,
     pub outcome_meters: crate::metrics::OutcomeMeters,
+    /// The RegBot credentials source, when `REGBOT_DATABASE_URL` is set (SPEC §8.5).
+    pub regbot: Option<Arc<crate::regbot::Source>>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -83,6 +87,7 @@ impl AppState {
             metrics_token_hash: metrics_token.map(|t| crate::pool::token_hash(t.expose())),
             outcome_window: Duration::from_secs(3600),
             reports: outcomes::InFlight::default(),
+            regbot: None,
         }
     }
 }
@@ -122,6 +127,8 @@ fn documented_routes() -> OpenApiRouter<SharedState> {
         .routes(routes!(consumers::revoke_scope))
         .routes(routes!(usage::list))
         .routes(routes!(usage::summary))
+        .routes(routes!(sources::list))
+        .routes(routes!(sources::refresh))
 }
 
 /// `POST /admin/keys/import` with its own body limit (`import::IMPORT_BODY_LIMIT`), set on the

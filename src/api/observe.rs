@@ -112,6 +112,9 @@ pub async fn readyz(State(state): State<SharedState>) -> Result<Json<Probe>, Api
 pub async fn metrics(_: MetricsReader, State(state): State<SharedState>) -> Response {
     let mut text = state.metrics.render();
     pool_census(&state.pool, &mut text);
+    if let Some(source) = &state.regbot {
+        super::sources::write_metrics(source, &mut text);
+    }
     (
         [(
             CONTENT_TYPE,

@@ -44,6 +44,7 @@ pub const METRICS_TOKEN: &str = "metrics_token";
         (name = "keys", description = "Upstream keys (admin); values and secrets are never listed"),
         (name = "consumers", description = "Callers with their own token, scoped to tiers (admin)"),
         (name = "usage", description = "The audit log and the pool's state (admin)"),
+        (name = "sources", description = "Credential sources feeding the pool: RegBot (admin)"),
     )
 )]
 pub struct ApiDoc;

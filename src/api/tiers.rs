@@ -16,7 +16,7 @@ use super::extract::{
 };
 use super::openapi::{AdminOnly, JsonBodyErrors, StorageErrors};
 use super::write::{admin_write, read_back, settle, WriteMarker};
-use super::SharedState;
+use super::{tier_source, SharedState};
 use crate::error::{ApiError, ErrorBody};
 use crate::model::{FeatureLimit, TierRecord};
 use crate::store::StoreError;
@@ -38,6 +38,10 @@ pub struct TierBody {
     /// whole set on PATCH.
     #[schema(schema_with = features_schema)]
     features: BTreeMap<String, ObjectOnly<FeatureBody>>,
+    /// The RegBot service feeding the tier (SPEC §8.5).
+    #[serde(default, deserialize_with = "tier_source::present")]
+    #[schema(schema_with = tier_source::body_schema)]
+    source: Option<serde_json::Value>,
 }
 
 /// `PATCH /admin/tiers`: the tier named `name` with its new feature set, and optionally a new
@@ -57,6 +61,10 @@ pub struct TierPatchBody {
     /// whole set.
     #[schema(schema_with = features_schema)]
     features: BTreeMap<String, ObjectOnly<FeatureBody>>,
+    /// The RegBot service feeding the tier (SPEC §8.5): absent = unchanged, `null` = removed.
+    #[serde(default, deserialize_with = "tier_source::present")]
+    #[schema(schema_with = tier_source::body_schema)]
+    source: Option<serde_json::Value>,
 }
 
 fn new_name_schema() -> Object {
@@ -110,6 +118,10 @@ pub struct Tier {
     name: String,
     description: String,
     features: BTreeMap<String, FeatureLimits>,
+    /// The tier's explicit RegBot service; absent when it has none (the default mapping by
+    /// name may still feed it: see `GET /admin/sources`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<tier_source::SourceShown>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -171,6 +183,7 @@ impl From<&TierRecord> for Tier {
                     (f.clone(), limits)
                 })
                 .collect(),
+            source: tier_source::shown(tier),
         }
     }
 }
@@ -210,7 +223,7 @@ pub async fn list(_: Admin, State(state): State<SharedState>) -> Json<Vec<Tier>>
             ("DeleteTier" = (operation_id = "delete_tier", parameters(("name" = "$response.body#/name")))),
         )),
         AdminOnly, JsonBodyErrors,
-        (status = 409, description = "A tier with that name exists", body = ErrorBody),
+        (status = 409, description = "A tier with that name exists, or another tier names the same `source.regbot_service`", body = ErrorBody),
         StorageErrors,
     )
 )]
@@ -223,11 +236,13 @@ pub async fn create(
     check_name("name", &body.name)?;
     let description = body.description.clone().unwrap_or_default();
     check_description(&description)?;
+    let features = features(&body.features)?;
     let tier = TierRecord {
         id: uuid::Uuid::new_v4().to_string(),
         name: body.name.clone(),
         description,
-        features: features(&body.features)?,
+        features,
+        source: tier_source::parse(body.source)?.flatten(),
     };
     let created = admin_write(&state, marker, move |state| async move {
         let conflict =
@@ -235,6 +250,7 @@ pub async fn create(
         if state.pool.tier_by_name(&tier.name).is_some() {
             return Err(conflict());
         }
+        tier_source::check_free(&state.pool, &tier.id, tier.source.as_ref())?;
         match state.db.create_tier(&tier).await {
             Ok(()) => state.pool.put_tier(tier.clone()),
             Err(StoreError::Uncertain(detail)) => {
@@ -251,6 +267,9 @@ pub async fn create(
             Err(e) => return Err(e.into()),
         }
         tracing::info!(tier_id = %tier.id, "tier created");
+        if let Some(source) = &state.regbot {
+            source.wake();
+        }
         Ok(tier)
     })
     .await?;
@@ -268,7 +287,7 @@ pub async fn create(
         (status = 200, description = "Updated; the next `/key` uses the new limits", body = Tier),
         AdminOnly, JsonBodyErrors,
         (status = 404, description = "No tier has that name", body = ErrorBody),
-        (status = 409, description = "`new_name` is another tier's name", body = ErrorBody),
+        (status = 409, description = "`new_name` is another tier's name, or another tier names the same `source.regbot_service`", body = ErrorBody),
         StorageErrors,
     )
 )]
@@ -291,6 +310,7 @@ pub async fn update(
         check_description(d)?;
     }
     let features = features(&body.features)?;
+    let source = tier_source::parse(body.source)?;
     let updated = admin_write(&state, marker, move |state| async move {
         let existing = state
             .pool
@@ -309,8 +329,10 @@ pub async fn update(
             name: name.clone(),
             description: body.description.unwrap_or(existing.description.clone()),
             features,
+            source: source.unwrap_or(existing.source.clone()),
             ..existing.clone()
         };
+        tier_source::check_free(&state.pool, &tier.id, tier.source.as_ref())?;
         match state.db.update_tier(&tier).await {
             Ok(()) => state.pool.put_tier(tier.clone()),
             Err(StoreError::Conflict) => return Err(conflict()),
@@ -327,6 +349,9 @@ pub async fn update(
             Err(e) => return Err(e.into()),
         }
         tracing::info!(tier_id = %tier.id, "tier updated");
+        if let Some(source) = &state.regbot {
+            source.wake();
+        }
         Ok(tier)
     })
     .await?;

@@ -9,6 +9,7 @@
 
 pub mod gates;
 pub mod health;
+pub mod regbot;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -82,6 +83,8 @@ pub struct PoolKey {
     /// When the key last served, on the monotonic clock (`mono_micros`; 0 = not yet): a tier's
     /// report counts the keys served in the last minute (host throttling, SPEC §8.2).
     last_served: AtomicI64,
+    /// A RegBot credential's quota view (SPEC §8.5); `None` for a stored key.
+    pub regbot: Option<Arc<regbot::RegbotQuota>>,
 }
 
 struct KeyCounters {
@@ -343,6 +346,7 @@ impl PoolKey {
             })),
             budget_free_at: Arc::new(AtomicI64::new(0)),
             last_served: AtomicI64::new(0),
+            regbot: None,
         }
     }
 
@@ -763,7 +767,12 @@ impl Pool {
     /// What still uses tier `id`: its keys' count and the consumers (id, name) scoped to it.
     pub fn tier_users(&self, id: &str) -> (usize, Vec<(String, String)>) {
         let index = self.index.read();
-        let keys = index.keys.values().filter(|k| &*k.tier_id == id).count();
+        // RegBot keys come and go with the source; they never hold a tier in place.
+        let keys = index
+            .keys
+            .values()
+            .filter(|k| &*k.tier_id == id && k.regbot.is_none())
+            .count();
         let mut consumers: Vec<(String, String)> = index
             .consumers
             .values()
@@ -878,8 +887,10 @@ impl Pool {
         self.index.read().keys.values().cloned().collect()
     }
 
+    /// Stored keys (RegBot keys are not stored; see `regbot_key_count`).
     pub fn key_count(&self) -> usize {
-        self.index.read().keys.len()
+        let index = self.index.read();
+        index.keys.len() - index.keys.values().filter(|k| k.regbot.is_some()).count()
     }
 
     // ---- key health (SPEC §8.2) ----
@@ -911,6 +922,7 @@ impl Pool {
                         name: String::new(),
                         description: String::new(),
                         features: Default::default(),
+                        source: None,
                     },
                     keys: vec![key.clone()],
                     health: Arc::default(),

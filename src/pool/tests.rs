@@ -24,6 +24,7 @@ fn tier(id: &str, features: &[(&str, i64, i64)]) -> TierRecord {
                 )
             })
             .collect(),
+        source: None,
     }
 }
 
@@ -65,6 +66,7 @@ fn pool(tiers: Vec<TierRecord>, keys: Vec<KeyRecord>, consumers: Vec<ConsumerRec
             consumers,
             health: Default::default(),
             tier_cooldowns: Default::default(),
+            regbot_keys: Default::default(),
         },
         &Sealer::new(None),
     )

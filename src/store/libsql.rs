@@ -42,7 +42,7 @@ struct Inner {
     host: String,
 }
 
-fn host_of(url: &str) -> String {
+pub(crate) fn host_of(url: &str) -> String {
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
     rest.split(['/', '?'])
         .next()
@@ -598,6 +598,12 @@ impl LibsqlStore {
                 vec![Value::Text(sql::tier_parameter(batch.tiers))],
             ));
         }
+        if let Some(regbot) = super::regbot::counters_parameter(batch.updates) {
+            statements.push((
+                super::regbot::UPSERT_COUNTERS.to_string(),
+                vec![Value::Text(regbot)],
+            ));
+        }
         self.transaction(&statements, true, |_, _| Ok(())).await
     }
 
@@ -775,6 +781,9 @@ impl LibsqlStore {
 }
 
 fn feature_rows(tier: &TierRecord) -> Vec<(String, Vec<Value>)> {
+    let sources = super::regbot::tier_source_statements(tier)
+        .into_iter()
+        .map(|(text, params)| (text.to_string(), values(&params)));
     tier.features
         .iter()
         .map(|(feature, limit)| {
@@ -788,6 +797,7 @@ fn feature_rows(tier: &TierRecord) -> Vec<(String, Vec<Value>)> {
                 ],
             )
         })
+        .chain(sources)
         .collect()
 }
 
@@ -802,7 +812,7 @@ fn values(params: &[Param]) -> Vec<Value> {
         .collect()
 }
 
-fn redact_all(text: &str, secrets: &[String]) -> String {
+pub(crate) fn redact_all(text: &str, secrets: &[String]) -> String {
     let mut out = text.to_string();
     for s in secrets.iter().filter(|s| !s.is_empty()) {
         out = out.replace(s.as_str(), "***");

@@ -4,6 +4,7 @@
 //! (remote Turso/libSQL). SQL text lives here once; drivers only bind, decode and map errors.
 
 pub mod libsql;
+pub mod regbot;
 pub mod sqlite;
 
 use crate::config::{Config, DatabaseConfig};
@@ -76,6 +77,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "operate",
         include_str!("../../migrations/007_operate.sql"),
     ),
+    (9, "regbot", include_str!("../../migrations/009_regbot.sql")),
     (
         11,
         "side_index_buckets",
@@ -261,6 +263,7 @@ pub fn tier_deletion(id: &str) -> Vec<Statement> {
         (sql::DELETE_SECRETS_OF_TIER, id()),
         (sql::DELETE_HEALTH_OF_TIER, id()),
         (sql::DELETE_TIER_COOLDOWN, id()),
+        (regbot::DELETE_TIER_SOURCE, id()),
         (sql::DELETE_KEYS_OF_TIER, id()),
         (sql::DELETE_SCOPES_OF_TIER, id()),
         (sql::DELETE_TIER, id()),
@@ -1499,12 +1502,16 @@ pub struct SnapshotRows {
     pub health: Vec<(String, HealthRecord)>,
     /// (tier_id, cooled until)
     pub tier_cooldowns: Vec<(String, crate::timestamp::Timestamp)>,
+    /// (tier_id, RegBot service)
+    pub tier_sources: Vec<(String, String)>,
+    /// (key_id `regbot:N`, counters)
+    pub regbot_keys: Vec<(String, crate::model::RegbotKeyRow)>,
 }
 
 impl SnapshotRows {
     /// The queries that load the pool, each with how a row of it is kept; a driver runs them
     /// in order and feeds every row to its function.
-    pub const READS: [SnapshotRead; 8] = [
+    pub const READS: [SnapshotRead; 10] = [
         (sql::SELECT_TIERS, keep_tier),
         (sql::SELECT_TIER_FEATURES, keep_feature),
         (sql::SELECT_KEYS, keep_key),
@@ -1513,11 +1520,14 @@ impl SnapshotRows {
         (sql::SELECT_SCOPES, keep_scope),
         (sql::SELECT_HEALTH, keep_health),
         (sql::SELECT_TIER_HEALTH, keep_tier_health),
+        (regbot::SELECT_TIER_SOURCES, regbot::keep_tier_source),
+        (regbot::SELECT_REGBOT_KEYS, regbot::keep_regbot_key),
     ];
     /// One tier with its features; each query binds the tier id.
-    pub const TIER_READS: [SnapshotRead; 2] = [
+    pub const TIER_READS: [SnapshotRead; 3] = [
         (sql::SELECT_TIER, keep_tier),
         (sql::SELECT_FEATURES_OF, keep_feature),
+        (regbot::SELECT_TIER_SOURCE_OF, regbot::keep_tier_source),
     ];
     /// One key with its secrets; each query binds the key id.
     pub const KEY_READS: [SnapshotRead; 2] = [
@@ -1541,6 +1551,7 @@ impl SnapshotRows {
                 name,
                 description,
                 features: Default::default(),
+                source: None,
             })
             .collect();
         let tier_pos: HashMap<String, usize> = tiers
@@ -1563,6 +1574,11 @@ impl SnapshotRows {
                         window_seconds,
                     },
                 );
+            }
+        }
+        for (tier_id, regbot_service) in self.tier_sources {
+            if let Some(&i) = tier_pos.get(&tier_id) {
+                tiers[i].source = Some(crate::model::TierSource { regbot_service });
             }
         }
         let mut keys = self.keys;
@@ -1593,6 +1609,7 @@ impl SnapshotRows {
             consumers,
             health: self.health.into_iter().collect(),
             tier_cooldowns: self.tier_cooldowns.into_iter().collect(),
+            regbot_keys: self.regbot_keys.into_iter().collect(),
         }
     }
 }

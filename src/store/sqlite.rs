@@ -122,13 +122,24 @@ static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// the shorter text above, so the hot path runs no extra statement).
 static COMMIT_WITH_HEALTH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "BEGIN IMMEDIATE; {}; {}; {}; {}; {}; {}; COMMIT",
+        "BEGIN IMMEDIATE; {}; {}; {}; {}; {}; {}; {}; COMMIT",
         sql::INSERT_EVENTS,
         sql::UPDATE_COUNTERS,
         sql::SET_OUTCOMES,
         sql::UPSERT_HEALTH,
         sql::SET_ACTIVE,
-        sql::UPSERT_TIER_HEALTH
+        sql::UPSERT_TIER_HEALTH,
+        super::regbot::UPSERT_COUNTERS
+    )
+});
+
+/// A group commit that serves RegBot keys (SPEC §8.5): their counters live in `regbot_keys`.
+static COMMIT_WITH_REGBOT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "BEGIN IMMEDIATE; {}; {}; {}; COMMIT",
+        sql::INSERT_EVENTS,
+        sql::UPDATE_COUNTERS,
+        super::regbot::UPSERT_COUNTERS
     )
 });
 
@@ -206,6 +217,12 @@ async fn insert_features(tx: &mut SqliteConnection, tier: &TierRecord) -> Result
             .bind(feature)
             .bind(limit.rate_limit)
             .bind(limit.window_seconds)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+    }
+    for (text, params) in super::regbot::tier_source_statements(tier) {
+        bind(sqlx::query(text), &params)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
@@ -582,6 +599,7 @@ impl SqliteStore {
     /// in an unknown state is closed and reopened by the next commit.
     pub async fn commit_batch(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
         let (events_json, updates_json) = sql::batch_parameters(batch.events, batch.updates);
+        let regbot = super::regbot::counters_parameter(batch.updates);
         let query = if batch.has_health() {
             let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
             sqlx::query(COMMIT_WITH_HEALTH.as_str())
@@ -591,6 +609,12 @@ impl SqliteStore {
                 .bind(health_json.clone())
                 .bind(health_json)
                 .bind(sql::tier_parameter(batch.tiers))
+                .bind(regbot.unwrap_or_else(|| "[]".into()))
+        } else if let Some(regbot) = regbot {
+            sqlx::query(COMMIT_WITH_REGBOT.as_str())
+                .bind(events_json)
+                .bind(updates_json)
+                .bind(regbot)
         } else {
             sqlx::query(COMMIT_BATCH.as_str())
                 .bind(events_json)

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 
 /// Every route of the router (SPEC §6 and §8.1), as the README's endpoint table lists them.
-const ROUTES: [(&str, &str); 27] = [
+const ROUTES: [(&str, &str); 29] = [
     ("GET", "/health"),
     ("GET", "/livez"),
     ("GET", "/readyz"),
@@ -37,6 +37,8 @@ const ROUTES: [(&str, &str); 27] = [
     ("GET", "/admin/usage"),
     ("GET", "/admin/usage/summary"),
     ("POST", "/serves/{serve_id}/outcome"),
+    ("GET", "/admin/sources"),
+    ("POST", "/admin/sources/regbot/refresh"),
 ];
 
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
