@@ -12,6 +12,7 @@ pub mod observe;
 pub mod openapi;
 mod outcomes;
 mod tiers;
+pub mod ui;
 mod usage;
 mod write;
 
@@ -122,6 +123,8 @@ fn documented_routes() -> OpenApiRouter<SharedState> {
         .routes(routes!(consumers::revoke_scope))
         .routes(routes!(usage::list))
         .routes(routes!(usage::summary))
+        .routes(routes!(ui::page))
+        .routes(routes!(ui::asset))
 }
 
 /// `POST /admin/keys/import` with its own body limit (`import::IMPORT_BODY_LIMIT`), set on the
@@ -141,6 +144,7 @@ pub fn router(state: SharedState, settings: HttpSettings) -> Router {
     let metrics = state.metrics.clone();
     // Generate the served document now, so no request pays for it.
     openapi::document();
+    ui::prepare();
     let (routes, _) = documented_routes().split_for_parts();
     let mut router = routes
         .fallback(|| async { ApiError::NotFound("no such route".into()) })

@@ -44,6 +44,7 @@ pub const METRICS_TOKEN: &str = "metrics_token";
         (name = "keys", description = "Upstream keys (admin); values and secrets are never listed"),
         (name = "consumers", description = "Callers with their own token, scoped to tiers (admin)"),
         (name = "usage", description = "The audit log and the pool's state (admin)"),
+        (name = "admin page", description = "The admin page (HTML, public; its script reads the admin API with the token entered)"),
     )
 )]
 pub struct ApiDoc;
