@@ -13,4 +13,9 @@ if [ "${1:-}" = "audit" ]; then
   shift
   exec python3 bench/audit.py "$@"
 fi
+# `bash bench/run.sh ui`: the admin page's load time (bench/ui.py; needs chromium, chromedriver).
+if [ "${1:-}" = "ui" ]; then
+  shift
+  exec python3 bench/ui.py "$@"
+fi
 exec python3 bench/bench.py "$@"
