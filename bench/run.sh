@@ -15,4 +15,9 @@ if [ "${1:-}" = "audit" ]; then
 fi
 # `bash bench/run.sh regbot`: the RegBot source benchmark (bench/regbot.py, issue 12).
 case "${1:-}" in regbot) shift; exec python3 bench/regbot.py "$@" ;; esac
+# `bash bench/run.sh ui`: the admin page's load time (bench/ui.py; needs chromium, chromedriver).
+if [ "${1:-}" = "ui" ]; then
+  shift
+  exec python3 bench/ui.py "$@"
+fi
 exec python3 bench/bench.py "$@"

@@ -14,6 +14,7 @@ mod outcomes;
 mod sources;
 mod tier_source;
 mod tiers;
+pub mod ui;
 mod usage;
 mod write;
 
@@ -129,6 +130,8 @@ fn documented_routes() -> OpenApiRouter<SharedState> {
         .routes(routes!(usage::summary))
         .routes(routes!(sources::list))
         .routes(routes!(sources::refresh))
+        .routes(routes!(ui::page))
+        .routes(routes!(ui::asset))
 }
 
 /// `POST /admin/keys/import` with its own body limit (`import::IMPORT_BODY_LIMIT`), set on the
@@ -148,6 +151,7 @@ pub fn router(state: SharedState, settings: HttpSettings) -> Router {
     let metrics = state.metrics.clone();
     // Generate the served document now, so no request pays for it.
     openapi::document();
+    ui::prepare();
     let (routes, _) = documented_routes().split_for_parts();
     let mut router = routes
         .fallback(|| async { ApiError::NotFound("no such route".into()) })

@@ -45,6 +45,7 @@ pub const METRICS_TOKEN: &str = "metrics_token";
         (name = "consumers", description = "Callers with their own token, scoped to tiers (admin)"),
         (name = "usage", description = "The audit log and the pool's state (admin)"),
         (name = "sources", description = "Credential sources feeding the pool: RegBot (admin)"),
+        (name = "admin page", description = "The admin page (HTML, public; its script reads the admin API with the token entered)"),
     )
 )]
 pub struct ApiDoc;

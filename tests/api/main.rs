@@ -6,6 +6,7 @@ mod hrana;
 mod hrana_selftest;
 
 mod admin;
+mod admin_ui;
 mod bad_input;
 mod concurrency;
 mod disk_full;

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 
 /// Every route of the router (SPEC §6 and §8.1), as the README's endpoint table lists them.
-const ROUTES: [(&str, &str); 29] = [
+const ROUTES: [(&str, &str); 31] = [
     ("GET", "/health"),
     ("GET", "/livez"),
     ("GET", "/readyz"),
@@ -39,6 +39,9 @@ const ROUTES: [(&str, &str); 29] = [
     ("POST", "/serves/{serve_id}/outcome"),
     ("GET", "/admin/sources"),
     ("POST", "/admin/sources/regbot/refresh"),
+    // Issue 15: the admin page (HTML, public) and its hashed assets.
+    ("GET", "/admin/ui"),
+    ("GET", "/admin/ui/assets/{file}"),
 ];
 
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
@@ -63,6 +66,7 @@ fn concrete(path: &str) -> String {
         .replace("{serve_id}", "00000000-0000-7000-8000-000000000000")
         .replace("{name}", "no-such-tier")
         .replace("{tier}", "no-such-tier")
+        .replace("{file}", "no-such-asset.js")
 }
 
 /// Whether an answer is the router's own "no such route" or "wrong method" fallback.
@@ -164,7 +168,12 @@ async fn document_states_who_may_call_each_operation() {
         let security = operation["security"].clone();
         let responses = operation["responses"].as_object().expect("responses");
         match path {
-            "/health" | "/openapi.json" | "/livez" | "/readyz" => {
+            "/health"
+            | "/openapi.json"
+            | "/livez"
+            | "/readyz"
+            | "/admin/ui"
+            | "/admin/ui/assets/{file}" => {
                 assert!(security.is_null(), "{method} {path}: {security}");
                 assert!(!responses.contains_key("401"), "{method} {path}");
             }
