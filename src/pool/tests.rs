@@ -17,10 +17,10 @@ fn tier(id: &str, features: &[(&str, i64, i64)]) -> TierRecord {
             .map(|(f, rate_limit, window_seconds)| {
                 (
                     f.to_string(),
-                    FeatureLimit {
+                    vec![FeatureLimit {
                         rate_limit: *rate_limit,
                         window_seconds: *window_seconds,
-                    },
+                    }],
                 )
             })
             .collect(),
