@@ -65,6 +65,7 @@ fn pool(tiers: Vec<TierRecord>, keys: Vec<KeyRecord>, consumers: Vec<ConsumerRec
             consumers,
             health: Default::default(),
             tier_cooldowns: Default::default(),
+            rate_windows: Default::default(),
         },
         &Sealer::new(None),
     )
