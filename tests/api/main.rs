@@ -18,6 +18,7 @@ mod import_rekey;
 mod observe;
 mod openapi;
 mod operate;
+mod plan_limits;
 mod process;
 mod remote;
 mod usage_query;
