@@ -13,4 +13,9 @@ if [ "${1:-}" = "audit" ]; then
   shift
   exec python3 bench/audit.py "$@"
 fi
+# `bash bench/run.sh limits`: plan-shaped limits (bench/limits.py; issue 11).
+if [ "${1:-}" = "limits" ]; then
+  shift
+  exec python3 bench/limits.py "$@"
+fi
 exec python3 bench/bench.py "$@"

@@ -92,14 +92,11 @@ pub async fn draw_key(
         .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?
         .0;
     let cost = cost(query.cost.as_deref())?;
-    let feature = query
-        .feature
-        .filter(|f| !f.is_empty())
-        .ok_or_else(|| {
-            ApiError::BadRequest(
-                "query parameter `feature` is required, e.g. /key?feature=scrape".into(),
-            )
-        })?;
+    let feature = query.feature.filter(|f| !f.is_empty()).ok_or_else(|| {
+        ApiError::BadRequest(
+            "query parameter `feature` is required, e.g. /key?feature=scrape".into(),
+        )
+    })?;
 
     // From the draw on, the write timeout no longer answers: a serve counted here is answered
     // after its commit ends (200 once committed, else 503), never cut off in between.
@@ -112,9 +109,11 @@ pub async fn draw_key(
     let now = Now::read();
     // Outcomes are recorded on the feature's cached handles (atomic increments, no lock); the
     // pool records its 429s itself.
-    match state.pool.draw_cost(&caller, &feature, cost, now, |r, meters| {
-        (ledger.submit(r), meters.clone())
-    }) {
+    match state
+        .pool
+        .draw_cost(&caller, &feature, cost, now, |r, meters| {
+            (ledger.submit(r), meters.clone())
+        }) {
         Draw::Served((pending, meters)) => {
             let committed = pending.committed().await.map_err(|_| {
                 meters.unavailable.increment(1);

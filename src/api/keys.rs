@@ -234,14 +234,16 @@ fn usage_schema() -> utoipa::openapi::schema::Object {
     ObjectBuilder::new()
         .schema_type(Type::Object)
         .additional_properties(Some(utoipa::openapi::RefOr::T(
-            utoipa::openapi::schema::Schema::OneOf(OneOfBuilder::new()
-                .item(RateUsage::schema())
-                .item(
-                    ArrayBuilder::new()
-                        .items(RateUsage::schema())
-                        .min_items(Some(2)),
-                )
-                .build()),
+            utoipa::openapi::schema::Schema::OneOf(
+                OneOfBuilder::new()
+                    .item(RateUsage::schema())
+                    .item(
+                        ArrayBuilder::new()
+                            .items(RateUsage::schema())
+                            .min_items(Some(2)),
+                    )
+                    .build(),
+            ),
         )))
         .build()
 }

@@ -219,15 +219,17 @@ fn shown_features_schema() -> Object {
     ObjectBuilder::new()
         .schema_type(Type::Object)
         .additional_properties(Some(utoipa::openapi::RefOr::T(
-            utoipa::openapi::schema::Schema::OneOf(OneOfBuilder::new()
-                .item(FeatureLimits::schema())
-                .item(
-                    ArrayBuilder::new()
-                        .items(FeatureLimits::schema())
-                        .min_items(Some(2))
-                        .max_items(Some(MAX_WINDOWS)),
-                )
-                .build()),
+            utoipa::openapi::schema::Schema::OneOf(
+                OneOfBuilder::new()
+                    .item(FeatureLimits::schema())
+                    .item(
+                        ArrayBuilder::new()
+                            .items(FeatureLimits::schema())
+                            .min_items(Some(2))
+                            .max_items(Some(MAX_WINDOWS)),
+                    )
+                    .build(),
+            ),
         )))
         .build()
 }

@@ -133,7 +133,9 @@ impl RateWindows {
     /// Gives one serve back to the window of `mark`'s length, if it is the same window.
     pub fn give_back(&mut self, mark: &WindowState) {
         for w in self.slots.iter_mut().flatten() {
-            if w.seconds == mark.seconds && w.window.start == mark.window.start && w.window.count > 0
+            if w.seconds == mark.seconds
+                && w.window.start == mark.window.start
+                && w.window.count > 0
             {
                 w.window.count -= 1;
             }
@@ -399,7 +401,10 @@ mod tests {
             1,
         )
         .unwrap();
-        assert!(matches!(usage_after_serve(s, budget, t0(), 1), Err(Some(_))));
+        assert!(matches!(
+            usage_after_serve(s, budget, t0(), 1),
+            Err(Some(_))
+        ));
     }
 
     // Issue 7 item 7: a windowed budget whose stored window start is missing or unreadable is

@@ -468,7 +468,10 @@ impl PoolKey {
             return Err(wait.filter(|w| self.free_before_expiry(now.wall, *w).is_some()));
         }
         let rate = gates::rates_after_serve(
-            counters.rates.get(feature).unwrap_or(&RateWindows::default()),
+            counters
+                .rates
+                .get(feature)
+                .unwrap_or(&RateWindows::default()),
             limits,
             now.mono,
         );

@@ -32,13 +32,24 @@ fn retry_after(r: &Resp) -> Option<u64> {
 
 /// Every caller draws until a refusal that is not the per-second window's (Retry-After above
 /// 1 s); a per-second refusal waits briefly and tries again. Returns served key ids.
-async fn drain(app: &TestApp, feature: &str, cost: &str, token: &str, callers: usize) -> (Vec<String>, HashMap<u16, usize>) {
+async fn drain(
+    app: &TestApp,
+    feature: &str,
+    cost: &str,
+    token: &str,
+    callers: usize,
+) -> (Vec<String>, HashMap<u16, usize>) {
     let served = Arc::new(Mutex::new(Vec::new()));
     let statuses = Arc::new(Mutex::new(HashMap::new()));
     let mut tasks = Vec::new();
     for _ in 0..callers {
-        let (client, url, token, feature, cost) =
-            (app.client.clone(), app.url("/key"), token.to_string(), feature.to_string(), cost.to_string());
+        let (client, url, token, feature, cost) = (
+            app.client.clone(),
+            app.url("/key"),
+            token.to_string(),
+            feature.to_string(),
+            cost.to_string(),
+        );
         let (served, statuses) = (served.clone(), statuses.clone());
         tasks.push(tokio::spawn(async move {
             for _ in 0..10_000 {
@@ -57,7 +68,10 @@ async fn drain(app: &TestApp, feature: &str, cost: &str, token: &str, callers: u
                     .and_then(|v| v.parse().ok());
                 let body: Value = r.json().await.expect("json");
                 if status == StatusCode::OK {
-                    served.lock().await.push(body["key_id"].as_str().expect("key_id").to_string());
+                    served
+                        .lock()
+                        .await
+                        .push(body["key_id"].as_str().expect("key_id").to_string());
                     continue;
                 }
                 if status == StatusCode::TOO_MANY_REQUESTS && wait == Some(1) {

@@ -771,9 +771,21 @@ async fn kill_9_mid_load_never_lets_a_window_be_exceeded() {
     load.signalled.store(true, Ordering::SeqCst);
     server.child.sigkill();
     let run1 = join_all(handles).await;
-    assert!(before_kill > 0, "no 200 before the kill; log:\n{}", read_log(&log));
-    assert!(run1.errors_before_signal.is_empty(), "{:?}", run1.errors_before_signal);
-    assert!(run1.statuses.is_empty(), "only 200s before the kill: {:?}", run1.statuses);
+    assert!(
+        before_kill > 0,
+        "no 200 before the kill; log:\n{}",
+        read_log(&log)
+    );
+    assert!(
+        run1.errors_before_signal.is_empty(),
+        "{:?}",
+        run1.errors_before_signal
+    );
+    assert!(
+        run1.statuses.is_empty(),
+        "only 200s before the kill: {:?}",
+        run1.statuses
+    );
     let delivered1 = run1.per_key();
 
     // On disk: each key's hour window counts exactly its committed serves, at least those delivered.
@@ -790,9 +802,19 @@ async fn kill_9_mid_load_never_lets_a_window_be_exceeded() {
         .expect("read the stored window");
         let count = count.unwrap_or(0);
         let row = after_kill[id];
-        assert_eq!(count, row.events, "key {id}: the window counts every committed serve");
-        assert_eq!(row.usage_count, COST * row.events, "key {id}: the budget counts units");
-        assert!(delivered1.get(id).copied().unwrap_or(0) as i64 <= count, "key {id}");
+        assert_eq!(
+            count, row.events,
+            "key {id}: the window counts every committed serve"
+        );
+        assert_eq!(
+            row.usage_count,
+            COST * row.events,
+            "key {id}: the budget counts units"
+        );
+        assert!(
+            delivered1.get(id).copied().unwrap_or(0) as i64 <= count,
+            "key {id}"
+        );
         stored.insert(id.clone(), count);
     }
     assert_eq!(
@@ -809,19 +831,42 @@ async fn kill_9_mid_load_never_lets_a_window_be_exceeded() {
     let mut server = start_server(&as_refs(&env), &admin, &log, dir.path()).await;
     let load = Load::new(&server, &feature, &token, &values);
     let run2 = join_all(load.spawn(CALLERS)).await;
-    assert!(run2.errors_before_signal.is_empty(), "{:?}", run2.errors_before_signal);
+    assert!(
+        run2.errors_before_signal.is_empty(),
+        "{:?}",
+        run2.errors_before_signal
+    );
     assert!(run2.wrong.is_empty(), "{:?}", run2.wrong);
-    assert_eq!(run2.statuses, BTreeMap::from([(429, CALLERS)]), "every caller ends on the window's 429");
-    assert_eq!(run2.retry_after_on_429.len(), CALLERS, "the window frees up: Retry-After on every 429");
+    assert_eq!(
+        run2.statuses,
+        BTreeMap::from([(429, CALLERS)]),
+        "every caller ends on the window's 429"
+    );
+    assert_eq!(
+        run2.retry_after_on_429.len(),
+        CALLERS,
+        "the window frees up: Retry-After on every 429"
+    );
     let delivered2 = run2.per_key();
     for id in &key_ids {
         let d1 = delivered1.get(id).copied().unwrap_or(0) as i64;
         let d2 = delivered2.get(id).copied().unwrap_or(0) as i64;
-        assert!(d1 + d2 <= WINDOW, "key {id}: {d1} + {d2} > {WINDOW} within the hour, across the crash");
-        assert_eq!(d2, WINDOW - stored[id], "key {id}: the restart serves exactly what the window had left");
+        assert!(
+            d1 + d2 <= WINDOW,
+            "key {id}: {d1} + {d2} > {WINDOW} within the hour, across the crash"
+        );
+        assert_eq!(
+            d2,
+            WINDOW - stored[id],
+            "key {id}: the restart serves exactly what the window had left"
+        );
     }
     let exit = server.terminate(Duration::from_secs(15)).await;
-    assert!(exit.success(), "graceful exit: {exit}; log:\n{}", read_log(&log));
+    assert!(
+        exit.success(),
+        "graceful exit: {exit}; log:\n{}",
+        read_log(&log)
+    );
 }
 
 // Issue 9 item 6: key health answered 200 survives `kill -9` (the crash test's companion):
