@@ -96,6 +96,9 @@ struct Job {
     ack: oneshot::Sender<JobOutcome>,
 }
 
+// A serve carries its windows inline (a fixed array, SPEC §8.4): moved once into the queue,
+// where a box would cost an allocation per serve.
+#[allow(clippy::large_enum_variant)]
 enum Message {
     Serve(Serve),
     Health(Job),
@@ -512,14 +515,12 @@ async fn commit(
         match window_position.get(&(&*r.key.id, r.feature.as_str())) {
             Some(&i) => {
                 // Same windows in the same order: overwrite in place.
-                let mut at = i;
-                for w in r.window_writes() {
+                for (at, w) in (i..).zip(r.window_writes()) {
                     if at < windows.len() && windows[at].window_seconds == w.window_seconds {
                         windows[at] = w;
                     } else {
                         windows.push(w);
                     }
-                    at += 1;
                 }
             }
             None => {
