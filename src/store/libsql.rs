@@ -585,11 +585,15 @@ impl LibsqlStore {
                 sql::UPDATE_COUNTERS.to_string(),
                 vec![Value::Text(updates_json)],
             ),
-            (
+        ];
+        // One statement more per commit only when there are windows to write: remotely each
+        // statement is a round trip.
+        if !batch.windows.is_empty() {
+            statements.push((
                 sql::UPSERT_RATE_WINDOWS.to_string(),
                 vec![Value::Text(sql::window_parameter(batch.windows))],
-            ),
-        ];
+            ));
+        }
         if batch.has_health() {
             let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
             statements.push((

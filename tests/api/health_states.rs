@@ -412,12 +412,20 @@ async fn health_states_survive_a_restart() {
 
     app.restart().await;
     assert_eq!(app.health_of(&ids[0]).await, quarantined, "quarantine kept as it was");
-    assert!(!app.serves_key("f", &ids[0], 20).await);
+    // Key 0 is never served. Key 1's 1 s cooldown may end during these draws (a slower
+    // restart, e.g. remote), and then its one probe is served here: noted, not lost.
+    let mut probed = false;
+    for _ in 0..20 {
+        let r = app.draw("f", ADMIN_TOKEN).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_ne!(r.body["key_id"], ids[0].as_str(), "a quarantined key is not served");
+        probed |= r.body["key_id"] == ids[1].as_str();
+    }
     // A report on a serve from before the restart still works (found in the database).
     let again = app.report(&s1, &token, json!({ "status": 401 })).await;
     assert_eq!(again.status, StatusCode::OK, "{}", again.text);
     // The 1 s cooldown: served again once it is over, probing first.
-    assert!(eventually(Duration::from_secs(5), async || app.serves_key("f", &ids[1], 4).await).await);
+    assert!(probed || eventually(Duration::from_secs(5), async || app.serves_key("f", &ids[1], 4).await).await);
 }
 
 // Issue 9 item 7: an operator disables and enables a key; enabling clears automatic states.
