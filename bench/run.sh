@@ -13,11 +13,12 @@ if [ "${1:-}" = "audit" ]; then
   shift
   exec python3 bench/audit.py "$@"
 fi
-# `bash bench/run.sh regbot`: the RegBot source benchmark (bench/regbot.py, issue 12).
-case "${1:-}" in regbot) shift; exec python3 bench/regbot.py "$@" ;; esac
-# `bash bench/run.sh ui`: the admin page's load time (bench/ui.py; needs chromium, chromedriver).
-if [ "${1:-}" = "ui" ]; then
-  shift
-  exec python3 bench/ui.py "$@"
-fi
+# `bash bench/run.sh regbot|ui|limits`: the RegBot source (bench/regbot.py, issue 12), the admin
+# page's load time (bench/ui.py; needs chromium, chromedriver), plan-shaped limits
+# (bench/limits.py, issue 11).
+case "${1:-}" in
+  regbot) shift; exec python3 bench/regbot.py "$@" ;;
+  ui) shift; exec python3 bench/ui.py "$@" ;;
+  limits) shift; exec python3 bench/limits.py "$@" ;;
+esac
 exec python3 bench/bench.py "$@"

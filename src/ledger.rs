@@ -33,7 +33,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::LedgerMeters;
-use crate::model::{HealthWrite, KeyUsageUpdate, OutcomeWrite, TierCooldownWrite, UsageEvent};
+use crate::model::{
+    HealthWrite, KeyUsageUpdate, OutcomeWrite, RateWindowWrite, TierCooldownWrite, UsageEvent,
+};
 use crate::pool::{PoolKey, Reservation};
 use crate::store::{Batch, Db, StoreError};
 use recent::{RecentServe, RecentServes};
@@ -94,6 +96,9 @@ struct Job {
     ack: oneshot::Sender<JobOutcome>,
 }
 
+// A serve carries its windows inline (a fixed array, SPEC §8.4): moved once into the queue,
+// where a box would cost an allocation per serve.
+#[allow(clippy::large_enum_variant)]
 enum Message {
     Serve(Serve),
     Health(Job),
@@ -309,11 +314,12 @@ async fn finished(commit: tokio::task::JoinHandle<Uncertain>) -> Uncertain {
 struct Uncertain {
     events: Vec<UsageEvent>,
     updates: Vec<KeyUsageUpdate>,
+    windows: Vec<RateWindowWrite>,
 }
 
 impl Uncertain {
     fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.updates.is_empty()
+        self.events.is_empty() && self.updates.is_empty() && self.windows.is_empty()
     }
 
     /// Approximate memory held: each row's inline size plus its strings.
@@ -427,6 +433,7 @@ fn prepare(serve: Serve) -> Prepared {
         feature: r.feature.clone(),
         created_at: r.at,
         outcome: None,
+        cost: r.cost,
     };
     Prepared { serve, event }
 }
@@ -499,6 +506,29 @@ async fn commit(
             }
         }
     }
+    // Rate windows (SPEC §8.4) as of each (key, feature)'s last serve here: its reservation
+    // was taken last under the key's lock, so it holds the newest absolute counts.
+    let mut windows: Vec<RateWindowWrite> = Vec::new();
+    let mut window_position: HashMap<(&str, &str), usize> = HashMap::new();
+    for s in &live {
+        let r = &s.reservation;
+        match window_position.get(&(&*r.key.id, r.feature.as_str())) {
+            Some(&i) => {
+                // Same windows in the same order: overwrite in place.
+                for (at, w) in (i..).zip(r.window_writes()) {
+                    if at < windows.len() && windows[at].window_seconds == w.window_seconds {
+                        windows[at] = w;
+                    } else {
+                        windows.push(w);
+                    }
+                }
+            }
+            None => {
+                window_position.insert((&r.key.id, r.feature.as_str()), windows.len());
+                windows.extend(r.window_writes());
+            }
+        }
+    }
     // A carried counter stands unless this batch holds a newer one for the same key.
     let carried_updates: Vec<KeyUsageUpdate> = carry
         .updates
@@ -506,6 +536,13 @@ async fn commit(
         .filter(|u| !position.contains_key(u.key_id.as_str()))
         .cloned()
         .collect();
+    let mut all_windows: Vec<RateWindowWrite> = carry
+        .windows
+        .iter()
+        .filter(|w| !window_position.contains_key(&(w.key_id.as_str(), w.feature.as_str())))
+        .cloned()
+        .collect();
+    all_windows.extend(windows);
     let carried_events = carry.events.len();
     let mut events = carry.events;
     events.extend(new_events);
@@ -529,6 +566,7 @@ async fn commit(
             outcomes: &outcomes,
             health: &health,
             tiers: &tiers,
+            windows: &all_windows,
         })
         .await;
     let job_outcome = match &outcome {
@@ -577,6 +615,7 @@ async fn commit(
             Uncertain {
                 events,
                 updates: all_updates,
+                windows: all_windows,
             }
         }
         Err(e) => {
@@ -587,6 +626,7 @@ async fn commit(
             Uncertain {
                 events,
                 updates: carry.updates,
+                windows: carry.windows,
             }
         }
     }
@@ -614,10 +654,12 @@ mod tests {
             feature: "scrape".into(),
             created_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             outcome: None,
+            cost: 1,
         };
         Uncertain {
             events: vec![event; serves],
             updates: Vec::new(),
+            windows: Vec::new(),
         }
     }
 

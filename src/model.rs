@@ -11,12 +11,18 @@ pub struct FeatureLimit {
     pub window_seconds: i64,
 }
 
+/// The most windows one feature may carry (SPEC §8.4): a draw keeps them in a fixed array.
+pub const MAX_WINDOWS: usize = 8;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TierRecord {
     pub id: String,
     pub name: String,
     pub description: String,
-    pub features: BTreeMap<String, FeatureLimit>,
+    /// Each feature's rate windows (SPEC §8.4), never empty, at most `MAX_WINDOWS`, no two with
+    /// the same `window_seconds`; the first is the Go `tier_features` row, the rest
+    /// `feature_windows` rows in order.
+    pub features: BTreeMap<String, Vec<FeatureLimit>>,
     /// Where the tier's keys also come from (SPEC §8.5): an explicit RegBot service, stored
     /// in `tier_sources`; `None` = stored keys only, or the seed's default mapping by name.
     pub source: Option<TierSource>,
@@ -106,6 +112,8 @@ pub struct UsageEvent {
     pub created_at: Timestamp,
     /// The first outcome reported for this serve, if any (SPEC §8.2).
     pub outcome: Option<StoredOutcome>,
+    /// Budget units the serve took (SPEC §8.4); a Go-era row's NULL reads as 1.
+    pub cost: i64,
 }
 
 /// A serve's recorded outcome. The class is kept as stored text (shown as is).
@@ -147,6 +155,17 @@ pub struct KeyUsageUpdate {
     pub usage_window_start: Option<Timestamp>,
 }
 
+/// A (key, feature) rate window as the group commit writes it and startup restores it
+/// (windows of a minute or longer, SPEC §8.4): opened at `start` (wall time), `count` serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateWindowWrite {
+    pub key_id: String,
+    pub feature: String,
+    pub window_seconds: i64,
+    pub start: Timestamp,
+    pub count: i64,
+}
+
 /// Everything the in-memory pool is built from at startup.
 #[derive(Default)]
 pub struct Snapshot {
@@ -159,4 +178,6 @@ pub struct Snapshot {
     pub tier_cooldowns: std::collections::HashMap<String, Timestamp>,
     /// RegBot credentials' counters by key id `regbot:N` (SPEC §8.5).
     pub regbot_keys: std::collections::HashMap<String, RegbotKeyRow>,
+    /// Stored rate windows (SPEC §8.4); ones elapsed or of unknown keys change nothing.
+    pub rate_windows: Vec<RateWindowWrite>,
 }

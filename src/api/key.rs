@@ -18,6 +18,26 @@ use crate::pool::{Caller, Draw, Now};
 #[derive(Deserialize)]
 struct FeatureQuery {
     feature: Option<String>,
+    cost: Option<String>,
+}
+
+/// The largest `cost` one serve may take (SPEC §8.4).
+pub const MAX_COST: i64 = 10_000;
+
+/// `cost`: absent or empty is 1; else a whole number 1–10,000 written in digits.
+fn cost(raw: Option<&str>) -> Result<i64, ApiError> {
+    let raw = match raw {
+        None | Some("") => return Ok(1),
+        Some(raw) => raw,
+    };
+    raw.parse::<i64>()
+        .ok()
+        .filter(|c| raw.bytes().all(|b| b.is_ascii_digit()) && (1..=MAX_COST).contains(c))
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "query parameter `cost` must be a whole number from 1 to {MAX_COST} (budget units this serve takes; default 1)"
+            ))
+        })
 }
 
 /// A served key: its value, metadata and bound secrets.
@@ -43,12 +63,15 @@ pub struct Served<'a> {
     params(
         ("feature" = String, Query, min_length = 1,
             description = "The feature to draw a key for (a feature name of some tier)"),
+        ("cost" = Option<i64>, Query, minimum = 1, maximum = 10000,
+            description = "Budget units this serve takes (SPEC §8.4), default 1 (empty: 1); \
+                rate windows count the serve once whatever its cost"),
     ),
     security(("admin_token" = []), ("consumer_token" = [])),
     responses(
         (status = 200, description = "A key, counted and audited before this answer left", body = Served,
             links(("ReportOutcome" = (operation_id = "report_outcome", parameters(("serve_id" = "$response.body#/serve_id")))))),
-        (status = 400, description = "`feature` is missing or empty, or the query string is malformed", body = ErrorBody),
+        (status = 400, description = "`feature` is missing or empty, `cost` is not a whole number from 1 to 10,000, or the query string is malformed", body = ErrorBody),
         Unauthorized,
         (status = 403, description = "A consumer whose tiers do not list the feature", body = ErrorBody),
         (status = 404, description = "No tier lists the feature", body = ErrorBody),
@@ -65,16 +88,15 @@ pub async fn draw_key(
     marker: WriteMarker,
     uri: Uri,
 ) -> Result<Response, ApiError> {
-    let feature = Query::<FeatureQuery>::try_from_uri(&uri)
+    let query = Query::<FeatureQuery>::try_from_uri(&uri)
         .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?
-        .0
-        .feature
-        .filter(|f| !f.is_empty())
-        .ok_or_else(|| {
-            ApiError::BadRequest(
-                "query parameter `feature` is required, e.g. /key?feature=scrape".into(),
-            )
-        })?;
+        .0;
+    let cost = cost(query.cost.as_deref())?;
+    let feature = query.feature.filter(|f| !f.is_empty()).ok_or_else(|| {
+        ApiError::BadRequest(
+            "query parameter `feature` is required, e.g. /key?feature=scrape".into(),
+        )
+    })?;
 
     // From the draw on, the write timeout no longer answers: a serve counted here is answered
     // after its commit ends (200 once committed, else 503), never cut off in between.
@@ -87,9 +109,11 @@ pub async fn draw_key(
     let now = Now::read();
     // Outcomes are recorded on the feature's cached handles (atomic increments, no lock); the
     // pool records its 429s itself.
-    match state.pool.draw(&caller, &feature, now, |r, meters| {
-        (ledger.submit(r), meters.clone())
-    }) {
+    match state
+        .pool
+        .draw_cost(&caller, &feature, cost, now, |r, meters| {
+            (ledger.submit(r), meters.clone())
+        }) {
         Draw::Served((pending, meters)) => {
             let committed = pending.committed().await.map_err(|_| {
                 meters.unavailable.increment(1);

@@ -190,7 +190,8 @@ pub struct KeyView {
     expires_at: Option<String>,
     #[schema(required = true)]
     usage_limit: Option<i64>,
-    /// Serves counted in the current budget window (0 once a windowed budget's window elapsed).
+    /// Budget units counted in the current budget window — one per serve unless `/key` was
+    /// given a `cost` (SPEC §8.4); 0 once a windowed budget's window elapsed.
     usage_count: i64,
     #[schema(required = true)]
     usage_window_seconds: Option<i64>,
@@ -199,8 +200,10 @@ pub struct KeyView {
     #[schema(value_type = Object)]
     metadata: serde_json::Map<String, Value>,
     secret_names: Vec<String>,
-    /// Rate use per feature of the key's tier, in the current window.
-    usage: BTreeMap<String, RateUsage>,
+    /// Rate use per feature of the key's tier, in the current window: an object for a
+    /// feature with one window, an array (in the feature's order) for one with several.
+    #[schema(schema_with = usage_schema)]
+    usage: BTreeMap<String, RateUsages>,
     /// `false` when the stored value cannot be decrypted: the key is never served then.
     readable: bool,
     /// Why an unreadable key cannot be served (present only then; never the value).
@@ -233,6 +236,34 @@ pub struct RateUsage {
     used: i64,
     limit: i64,
     window_seconds: i64,
+}
+
+/// A feature's rate use: one window's object, or the array of several (SPEC §8.4).
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum RateUsages {
+    One(RateUsage),
+    Many(Vec<RateUsage>),
+}
+
+fn usage_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+    use utoipa::PartialSchema;
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .additional_properties(Some(utoipa::openapi::RefOr::T(
+            utoipa::openapi::schema::Schema::OneOf(
+                OneOfBuilder::new()
+                    .item(RateUsage::schema())
+                    .item(
+                        ArrayBuilder::new()
+                            .items(RateUsage::schema())
+                            .min_items(Some(2)),
+                    )
+                    .build(),
+            ),
+        )))
+        .build()
 }
 
 /// The answer to `POST /admin/keys`.
@@ -292,12 +323,15 @@ pub(super) fn key_view(
         .map(|t| {
             t.features
                 .iter()
-                .map(|(f, limit)| {
-                    let used = key.rate_used(f, *limit, now.mono);
-                    let usage = RateUsage {
-                        used,
+                .map(|(f, windows)| {
+                    let shown = |limit: &crate::model::FeatureLimit| RateUsage {
+                        used: key.rate_used(f, *limit, now.mono),
                         limit: limit.rate_limit,
                         window_seconds: limit.window_seconds,
+                    };
+                    let usage = match windows.as_slice() {
+                        [one] => RateUsages::One(shown(one)),
+                        many => RateUsages::Many(many.iter().map(shown).collect()),
                     };
                     (f.clone(), usage)
                 })

@@ -194,6 +194,8 @@ async fn find_serve(
             consumer_id: recent.consumer_id.to_string(),
             feature: String::new(),
             created_at: recent.created_at,
+            // Reports read neither the feature nor the cost of a serve.
+            cost: 1,
             outcome: recent.outcome.map(|(class, status)| StoredOutcome {
                 class: class.as_str().to_owned(),
                 status: status.map(i64::from),

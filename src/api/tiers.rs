@@ -1,4 +1,7 @@
 //! `/admin/tiers`: list, create, and replace a tier's feature set.
+//!
+//! A feature's value is one window object or (SPEC §8.4) a non-empty array of them; a feature
+//! with one window is shown as the object, as the Go service did, and with several as the array.
 
 use std::collections::BTreeMap;
 
@@ -6,7 +9,9 @@ use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use utoipa::openapi::schema::{Object, ObjectBuilder, SchemaType, Type};
+use utoipa::openapi::schema::{
+    ArrayBuilder, Object, ObjectBuilder, OneOf, OneOfBuilder, SchemaType, Type,
+};
 use utoipa::{PartialSchema, ToSchema};
 
 use super::auth::Admin;
@@ -18,7 +23,7 @@ use super::openapi::{AdminOnly, JsonBodyErrors, StorageErrors};
 use super::write::{admin_write, read_back, settle, WriteMarker};
 use super::{tier_source, SharedState};
 use crate::error::{ApiError, ErrorBody};
-use crate::model::{FeatureLimit, TierRecord};
+use crate::model::{FeatureLimit, TierRecord, MAX_WINDOWS};
 use crate::store::StoreError;
 
 /// Longest window accepted: ten years.
@@ -37,7 +42,7 @@ pub struct TierBody {
     /// The features the tier's keys serve, each with its rate limit per key; replaces the
     /// whole set on PATCH.
     #[schema(schema_with = features_schema)]
-    features: BTreeMap<String, ObjectOnly<FeatureBody>>,
+    features: BTreeMap<String, FeatureValue>,
     /// The RegBot service feeding the tier (SPEC §8.5).
     #[serde(default, deserialize_with = "tier_source::present")]
     #[schema(schema_with = tier_source::body_schema)]
@@ -60,7 +65,7 @@ pub struct TierPatchBody {
     /// The features the tier's keys serve, each with its rate limit per key; replaces the
     /// whole set.
     #[schema(schema_with = features_schema)]
-    features: BTreeMap<String, ObjectOnly<FeatureBody>>,
+    features: BTreeMap<String, FeatureValue>,
     /// The RegBot service feeding the tier (SPEC §8.5): absent = unchanged, `null` = removed.
     #[serde(default, deserialize_with = "tier_source::present")]
     #[schema(schema_with = tier_source::body_schema)]
@@ -84,12 +89,84 @@ struct FeatureBody {
     window_seconds: Option<i64>,
 }
 
+/// A feature's windows as written: one object, or a non-empty array of them (SPEC §8.4).
+enum FeatureValue {
+    One(FeatureBody),
+    Many(Vec<FeatureBody>),
+}
+
+impl<'de> Deserialize<'de> for FeatureValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ValueVisitor;
+        impl<'de> serde::de::Visitor<'de> for ValueVisitor {
+            type Value = FeatureValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a window object or an array of window objects")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<FeatureValue, A::Error> {
+                FeatureBody::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(FeatureValue::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<FeatureValue, A::Error> {
+                let mut windows = Vec::new();
+                while let Some(ObjectOnly(window)) =
+                    seq.next_element::<ObjectOnly<FeatureBody>>()?
+                {
+                    // Bounded while reading: a huge array is refused without being kept.
+                    if windows.len() == MAX_WINDOWS {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "a feature takes at most {MAX_WINDOWS} windows"
+                        )));
+                    }
+                    windows.push(window);
+                }
+                Ok(FeatureValue::Many(windows))
+            }
+        }
+        deserializer.deserialize_any(ValueVisitor)
+    }
+}
+
+impl FeatureValue {
+    fn windows(&self) -> &[FeatureBody] {
+        match self {
+            FeatureValue::One(window) => std::slice::from_ref(window),
+            FeatureValue::Many(windows) => windows,
+        }
+    }
+}
+
+/// One window, or a non-empty array of windows with distinct lengths.
+fn feature_value_schema() -> OneOf {
+    OneOfBuilder::new()
+        .item(FeatureBody::schema())
+        .item(
+            ArrayBuilder::new()
+                .items(FeatureBody::schema())
+                .min_items(Some(1))
+                .max_items(Some(MAX_WINDOWS))
+                .description(Some(
+                    "Several windows (SPEC §8.4): a serve must fit every one; no two with the \
+                     same `window_seconds`",
+                )),
+        )
+        .build()
+}
+
 fn features_schema() -> Object {
     ObjectBuilder::new()
         .schema_type(Type::Object)
         .min_properties(Some(1))
         .property_names(Some(name_schema()))
-        .additional_properties(Some(FeatureBody::schema()))
+        .additional_properties(Some(utoipa::openapi::RefOr::T(
+            utoipa::openapi::schema::Schema::OneOf(feature_value_schema()),
+        )))
         .build()
 }
 
@@ -117,7 +194,10 @@ pub struct Tier {
     id: String,
     name: String,
     description: String,
-    features: BTreeMap<String, FeatureLimits>,
+    /// A feature with one window shows the object (as the Go service did), one with several
+    /// the array, in the order given.
+    #[schema(schema_with = shown_features_schema)]
+    features: BTreeMap<String, ShownWindows>,
     /// The tier's explicit RegBot service; absent when it has none (the default mapping by
     /// name may still feed it: see `GET /admin/sources`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -130,40 +210,109 @@ pub struct FeatureLimits {
     window_seconds: i64,
 }
 
+/// A feature's windows as shown: the object for one, the array for several.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum ShownWindows {
+    One(FeatureLimits),
+    Many(Vec<FeatureLimits>),
+}
+
+impl ShownWindows {
+    pub fn of<T>(windows: &[T], show: impl Fn(&T) -> FeatureLimits) -> ShownWindows {
+        match windows {
+            [one] => ShownWindows::One(show(one)),
+            many => ShownWindows::Many(many.iter().map(show).collect()),
+        }
+    }
+}
+
+fn shown_features_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .additional_properties(Some(utoipa::openapi::RefOr::T(
+            utoipa::openapi::schema::Schema::OneOf(
+                OneOfBuilder::new()
+                    .item(FeatureLimits::schema())
+                    .item(
+                        ArrayBuilder::new()
+                            .items(FeatureLimits::schema())
+                            .min_items(Some(2))
+                            .max_items(Some(MAX_WINDOWS)),
+                    )
+                    .build(),
+            ),
+        )))
+        .build()
+}
+
 fn features(
-    features: &BTreeMap<String, ObjectOnly<FeatureBody>>,
-) -> Result<BTreeMap<String, FeatureLimit>, ApiError> {
+    features: &BTreeMap<String, FeatureValue>,
+) -> Result<BTreeMap<String, Vec<FeatureLimit>>, ApiError> {
     if features.is_empty() {
         return Err(ApiError::BadRequest(
             "features must list at least one feature".into(),
         ));
     }
     let mut out = BTreeMap::new();
-    for (feature, ObjectOnly(limit)) in features {
+    for (feature, value) in features {
         check_name("feature name", feature)?;
-        if !(1..=MAX_RATE_LIMIT).contains(&limit.rate_limit) {
+        let bodies = value.windows();
+        if bodies.is_empty() {
             return Err(ApiError::BadRequest(format!(
-                "features.{feature}.rate_limit must be from 1 to {MAX_RATE_LIMIT}"
+                "features.{feature}: an array of windows must hold at least one"
             )));
         }
-        let window_seconds = match limit.window_seconds {
-            None | Some(0) => 60,
-            Some(w) if (1..=MAX_WINDOW_SECONDS).contains(&w) => w,
-            Some(_) => {
+        let mut windows: Vec<FeatureLimit> = Vec::with_capacity(bodies.len());
+        for (i, body) in bodies.iter().enumerate() {
+            let field = match value {
+                FeatureValue::One(_) => format!("features.{feature}"),
+                FeatureValue::Many(_) => format!("features.{feature}[{i}]"),
+            };
+            let window = window(&field, body)?;
+            if windows
+                .iter()
+                .any(|w| w.window_seconds == window.window_seconds)
+            {
                 return Err(ApiError::BadRequest(format!(
-                    "features.{feature}.window_seconds must be from 0 (meaning 60) to {MAX_WINDOW_SECONDS}"
-                )))
+                    "{field}.window_seconds: {} is given twice; each window of a feature needs a length of its own",
+                    window.window_seconds
+                )));
             }
-        };
-        out.insert(
-            feature.clone(),
-            FeatureLimit {
-                rate_limit: limit.rate_limit,
-                window_seconds,
-            },
-        );
+            windows.push(window);
+        }
+        out.insert(feature.clone(), windows);
     }
     Ok(out)
+}
+
+/// One window's limits, checked; `field` names it in errors.
+fn window(field: &str, limit: &FeatureBody) -> Result<FeatureLimit, ApiError> {
+    if !(1..=MAX_RATE_LIMIT).contains(&limit.rate_limit) {
+        return Err(ApiError::BadRequest(format!(
+            "{field}.rate_limit must be from 1 to {MAX_RATE_LIMIT}"
+        )));
+    }
+    let window_seconds = match limit.window_seconds {
+        None | Some(0) => 60,
+        Some(w) if (1..=MAX_WINDOW_SECONDS).contains(&w) => w,
+        Some(_) => {
+            return Err(ApiError::BadRequest(format!(
+                "{field}.window_seconds must be from 0 (meaning 60) to {MAX_WINDOW_SECONDS}"
+            )))
+        }
+    };
+    Ok(FeatureLimit {
+        rate_limit: limit.rate_limit,
+        window_seconds,
+    })
+}
+
+fn shown(limit: &FeatureLimit) -> FeatureLimits {
+    FeatureLimits {
+        rate_limit: limit.rate_limit,
+        window_seconds: limit.window_seconds,
+    }
 }
 
 impl From<&TierRecord> for Tier {
@@ -175,13 +324,7 @@ impl From<&TierRecord> for Tier {
             features: tier
                 .features
                 .iter()
-                .map(|(f, l)| {
-                    let limits = FeatureLimits {
-                        rate_limit: l.rate_limit,
-                        window_seconds: l.window_seconds,
-                    };
-                    (f.clone(), limits)
-                })
+                .map(|(f, windows)| (f.clone(), ShownWindows::of(windows, shown)))
                 .collect(),
             source: tier_source::shown(tier),
         }

@@ -120,6 +120,8 @@ pub struct UsageEvent {
     /// The reported outcome (SPEC §8.2), `null` until one is reported.
     #[schema(required = true)]
     outcome: Option<OutcomeView>,
+    /// Budget units the serve took (SPEC §8.4 `cost`; 1 for rows written before it existed).
+    cost: i64,
 }
 
 /// A serve's reported outcome.
@@ -294,6 +296,7 @@ fn view(e: &crate::model::UsageEvent) -> UsageEvent {
             status: o.status,
             reported_at: o.reported_at.map(timestamp::to_api),
         }),
+        cost: e.cost,
     }
 }
 

@@ -1,15 +1,17 @@
-//! The two gates of SPEC §7, as pure functions of state and `now`:
-//! a fixed rate window per (key, feature) and a usage budget per key.
+//! The two gates of SPEC §7, as pure functions of state and `now`: fixed rate windows per
+//! (key, feature) — several per feature since SPEC §8.4, each counting requests — and a usage
+//! budget per key, counting units (a serve's `cost`).
 //!
-//! Clocks: rate windows live only in this process, so they are measured on the monotonic
-//! clock (`Instant`) — a wall-clock step can neither open a window early nor stretch one.
+//! Clocks: rate windows are measured on the monotonic clock (`Instant`) — a wall-clock step
+//! can neither open a window early nor stretch one while the process runs. Their persisted
+//! copies (SPEC §8.4) are placed on wall time only when written and restored (`pool`).
 //! Budget windows are persisted (`usage_window_start`), so they stay on wall time.
 
 use std::time::{Duration, Instant};
 
 use chrono::TimeDelta;
 
-use crate::model::FeatureLimit;
+use crate::model::{FeatureLimit, MAX_WINDOWS};
 use crate::timestamp::Timestamp;
 
 /// A fixed rate window that opens at the first serve after the previous one elapsed.
@@ -83,6 +85,91 @@ pub fn rate_after_serve(
     }
 }
 
+/// One rate window of a (key, feature), identified by its length (unique within a feature).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowState {
+    pub seconds: i64,
+    pub window: RateWindow,
+}
+
+/// The rate windows of one (key, feature): a fixed array, so a serve allocates nothing per
+/// window. Slots follow the feature's windows in order; an empty slot has not served yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateWindows {
+    slots: [Option<WindowState>; MAX_WINDOWS],
+}
+
+impl RateWindows {
+    /// The window `seconds` long, if it has served.
+    pub fn get(&self, seconds: i64) -> Option<RateWindow> {
+        self.iter().find(|w| w.seconds == seconds).map(|w| w.window)
+    }
+
+    /// Every window that has served, in the feature's order.
+    pub fn iter(&self) -> impl Iterator<Item = &WindowState> {
+        self.slots.iter().flatten()
+    }
+
+    /// Puts `state` in place of the window of its length, else in the first free slot (a
+    /// restored window); `false` when every slot is taken.
+    pub fn put(&mut self, state: WindowState) -> bool {
+        let slot = match self
+            .slots
+            .iter()
+            .position(|s| s.is_some_and(|s| s.seconds == state.seconds))
+        {
+            Some(i) => Some(i),
+            None => self.slots.iter().position(Option::is_none),
+        };
+        match slot {
+            Some(i) => {
+                self.slots[i] = Some(state);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Gives one serve back to the window of `mark`'s length, if it is the same window.
+    pub fn give_back(&mut self, mark: &WindowState) {
+        for w in self.slots.iter_mut().flatten() {
+            if w.seconds == mark.seconds
+                && w.window.start == mark.window.start
+                && w.window.count > 0
+            {
+                w.window.count -= 1;
+            }
+        }
+    }
+}
+
+/// Every window of a feature after one more serve, or how long until all of them allow one:
+/// the longest wait among the full windows (a window with room keeps it while time passes).
+/// A refused serve changes no window. The API never stores more than `MAX_WINDOWS` windows.
+pub fn rates_after_serve(
+    current: &RateWindows,
+    limits: &[FeatureLimit],
+    now: Instant,
+) -> Result<RateWindows, Duration> {
+    let mut next = RateWindows::default();
+    let mut wait: Option<Duration> = None;
+    for (slot, limit) in next.slots.iter_mut().zip(limits) {
+        match rate_after_serve(current.get(limit.window_seconds), *limit, now) {
+            Ok(window) => {
+                *slot = Some(WindowState {
+                    seconds: limit.window_seconds,
+                    window,
+                })
+            }
+            Err(w) => wait = Some(wait.map_or(w, |longest| longest.max(w))),
+        }
+    }
+    match wait {
+        Some(w) => Err(w),
+        None => Ok(next),
+    }
+}
+
 /// Serves counted in the current rate window (0 once it elapsed).
 pub fn rate_used(window: Option<RateWindow>, limit: FeatureLimit, now: Instant) -> i64 {
     match window {
@@ -91,23 +178,27 @@ pub fn rate_used(window: Option<RateWindow>, limit: FeatureLimit, now: Instant) 
     }
 }
 
-/// The usage state after one more serve, or how long until the budget allows one.
-/// With a window, the count resets once the window elapsed, and the window opens at that serve.
+/// The usage state after one more serve costing `cost` units (SPEC §8.4), or how long until
+/// the budget allows it: a serve must fit whole in what is left. With a window, the count
+/// resets once the window elapsed, and the window opens at that serve. A cost above the whole
+/// `usage_limit` never fits (`Err(None)`).
 pub fn usage_after_serve(
     state: UsageState,
     budget: UsageBudget,
     now: Timestamp,
+    cost: i64,
 ) -> Result<UsageState, Wait> {
     let current = current_usage(state, budget, now);
     let next = UsageState {
-        count: current.count.saturating_add(1),
+        count: current.count.saturating_add(cost),
         window_start: match (budget.usage_window_seconds, current.window_start) {
             (Some(_), None) => Some(now),
             (_, start) => start,
         },
     };
     match budget.usage_limit {
-        Some(limit) if current.count >= limit => {
+        Some(limit) if cost > limit => Err(None),
+        Some(limit) if current.count.saturating_add(cost) > limit => {
             Err(match (budget.usage_window_seconds, current.window_start) {
                 (Some(w), Some(start)) => Some(until(window_end(start, w), now)),
                 _ => None,
@@ -115,6 +206,14 @@ pub fn usage_after_serve(
         }
         _ => Ok(next),
     }
+}
+
+/// Whether the budget refuses even a serve of cost 1 now (what a draw may remember to step
+/// over the key without its lock; a costlier refusal says nothing about a cheaper serve).
+pub fn budget_spent(state: UsageState, budget: UsageBudget, now: Timestamp) -> bool {
+    budget
+        .usage_limit
+        .is_some_and(|limit| current_usage(state, budget, now).count >= limit)
 }
 
 /// The usage state as of `now`: a windowed count whose window elapsed reads as a fresh window,
@@ -217,11 +316,11 @@ mod tests {
             count: 0,
             window_start: None,
         };
-        s = usage_after_serve(s, budget, t0()).unwrap();
-        s = usage_after_serve(s, budget, t0()).unwrap();
+        s = usage_after_serve(s, budget, t0(), 1).unwrap();
+        s = usage_after_serve(s, budget, t0(), 1).unwrap();
         assert_eq!(s.count, 2);
         assert_eq!(
-            usage_after_serve(s, budget, t0() + secs(10_000_000)),
+            usage_after_serve(s, budget, t0() + secs(10_000_000), 1),
             Err(None)
         );
     }
@@ -238,7 +337,7 @@ mod tests {
             window_start: None,
         };
         for _ in 0..3 {
-            s = usage_after_serve(s, budget, t0() + secs(5)).unwrap();
+            s = usage_after_serve(s, budget, t0() + secs(5), 1).unwrap();
         }
         assert_eq!(
             s,
@@ -248,10 +347,10 @@ mod tests {
             }
         );
         assert_eq!(
-            usage_after_serve(s, budget, t0() + secs(100)),
+            usage_after_serve(s, budget, t0() + secs(100), 1),
             Err(Some(Duration::from_secs((month - 95) as u64)))
         );
-        let renewed = usage_after_serve(s, budget, t0() + secs(5 + month)).unwrap();
+        let renewed = usage_after_serve(s, budget, t0() + secs(5 + month), 1).unwrap();
         assert_eq!(
             renewed,
             UsageState {
@@ -274,6 +373,7 @@ mod tests {
             },
             budget,
             t0(),
+            1,
         )
         .unwrap();
         assert_eq!(s.count, 42);
@@ -298,9 +398,13 @@ mod tests {
             },
             budget,
             t0(),
+            1,
         )
         .unwrap();
-        assert!(matches!(usage_after_serve(s, budget, t0()), Err(Some(_))));
+        assert!(matches!(
+            usage_after_serve(s, budget, t0(), 1),
+            Err(Some(_))
+        ));
     }
 
     // Issue 7 item 7: a windowed budget whose stored window start is missing or unreadable is
@@ -322,7 +426,7 @@ mod tests {
                 window_start: None
             }
         );
-        let first = usage_after_serve(spent_without_start, budget, t0()).expect("fresh window");
+        let first = usage_after_serve(spent_without_start, budget, t0(), 1).expect("fresh window");
         assert_eq!(
             first,
             UsageState {
@@ -330,9 +434,9 @@ mod tests {
                 window_start: Some(t0())
             }
         );
-        let second = usage_after_serve(first, budget, t0() + secs(1)).expect("within limit");
+        let second = usage_after_serve(first, budget, t0() + secs(1), 1).expect("within limit");
         assert_eq!(
-            usage_after_serve(second, budget, t0() + secs(10)),
+            usage_after_serve(second, budget, t0() + secs(10), 1),
             Err(Some(Duration::from_secs(3590))),
             "then spent until the window opened at the first serve elapses"
         );
@@ -342,7 +446,7 @@ mod tests {
             usage_window_seconds: None,
         };
         assert_eq!(
-            usage_after_serve(spent_without_start, lifetime, t0()),
+            usage_after_serve(spent_without_start, lifetime, t0(), 1),
             Err(None)
         );
     }
@@ -360,9 +464,138 @@ mod tests {
                     window_start: None
                 },
                 budget,
-                t0()
+                t0(),
+                1
             ),
             Err(None)
         );
+    }
+
+    // Issue 11 item 4: several windows, cost against the budget.
+    const FIVE_PER_SECOND: FeatureLimit = FeatureLimit {
+        rate_limit: 5,
+        window_seconds: 1,
+    };
+    const EIGHT_PER_MINUTE: FeatureLimit = FeatureLimit {
+        rate_limit: 8,
+        window_seconds: 60,
+    };
+
+    fn counts(w: &RateWindows) -> Vec<(i64, i64)> {
+        w.iter().map(|s| (s.seconds, s.window.count)).collect()
+    }
+
+    #[test]
+    fn one_window_full_refuses_and_consumes_from_none() {
+        let base = m0();
+        let limits = [FIVE_PER_SECOND, EIGHT_PER_MINUTE];
+        let mut w = RateWindows::default();
+        for _ in 0..5 {
+            w = rates_after_serve(&w, &limits, base).expect("room in both");
+        }
+        assert_eq!(counts(&w), vec![(1, 5), (60, 5)]);
+        // The per-second window is full, the per-minute one is not: refused, nothing taken,
+        // and the wait is the full window's.
+        let refused = rates_after_serve(&w, &limits, base + Duration::from_millis(400));
+        assert_eq!(refused, Err(Duration::from_millis(600)));
+        assert_eq!(counts(&w), vec![(1, 5), (60, 5)]);
+        // A second later the per-second window reopens; three more fill the per-minute one.
+        for i in 0..3 {
+            w = rates_after_serve(&w, &limits, mono(base, 1) + Duration::from_millis(i))
+                .expect("per-minute window has room");
+        }
+        assert_eq!(counts(&w), vec![(1, 3), (60, 8)]);
+        // Now the per-second window has room but the per-minute one is full: it binds.
+        assert_eq!(
+            rates_after_serve(&w, &limits, mono(base, 2)),
+            Err(Duration::from_secs(58))
+        );
+    }
+
+    #[test]
+    fn windows_freeing_at_different_times_wait_for_the_latest() {
+        let base = m0();
+        let limits = [FIVE_PER_SECOND, EIGHT_PER_MINUTE];
+        let mut w = RateWindows::default();
+        // Both full at once: the per-minute window opened first and frees last.
+        for i in 0..3 {
+            w = rates_after_serve(&w, &limits, mono(base, i)).unwrap();
+        }
+        for _ in 0..5 {
+            w = rates_after_serve(&w, &limits, mono(base, 10)).unwrap();
+        }
+        assert_eq!(counts(&w), vec![(1, 5), (60, 8)]);
+        // Retry-After is the latest of the binding windows: 50 s, not the per-second 1 s.
+        assert_eq!(
+            rates_after_serve(&w, &limits, mono(base, 10)),
+            Err(Duration::from_secs(50))
+        );
+        // At 60 s both have reopened.
+        let next = rates_after_serve(&w, &limits, mono(base, 60)).unwrap();
+        assert_eq!(counts(&next), vec![(1, 1), (60, 1)]);
+    }
+
+    #[test]
+    fn windows_are_matched_by_length_when_a_tier_changes_them() {
+        let base = m0();
+        let mut w = RateWindows::default();
+        for _ in 0..4 {
+            w = rates_after_serve(&w, &[EIGHT_PER_MINUTE], base).unwrap();
+        }
+        // A per-second window added before it: the per-minute count carries over.
+        let w = rates_after_serve(&w, &[FIVE_PER_SECOND, EIGHT_PER_MINUTE], base).unwrap();
+        assert_eq!(counts(&w), vec![(1, 1), (60, 5)]);
+        // Dropped again: only the per-minute window is kept.
+        let w = rates_after_serve(&w, &[EIGHT_PER_MINUTE], base).unwrap();
+        assert_eq!(counts(&w), vec![(60, 6)]);
+        let mut given = w;
+        given.give_back(&w.iter().copied().next().unwrap());
+        assert_eq!(counts(&given), vec![(60, 5)]);
+    }
+
+    #[test]
+    fn cost_larger_than_the_remaining_budget_is_refused_equal_is_served() {
+        let budget = UsageBudget {
+            usage_limit: Some(10),
+            usage_window_seconds: Some(3600),
+        };
+        let s = usage_after_serve(
+            UsageState {
+                count: 0,
+                window_start: None,
+            },
+            budget,
+            t0(),
+            7,
+        )
+        .unwrap();
+        assert_eq!(s.count, 7);
+        // 3 left: cost 4 is refused until the window resets, and consumes nothing.
+        assert_eq!(
+            usage_after_serve(s, budget, t0() + secs(100), 4),
+            Err(Some(Duration::from_secs(3500)))
+        );
+        assert!(!budget_spent(s, budget, t0() + secs(100)));
+        // Cost equal to what is left is served and spends the budget exactly.
+        let spent = usage_after_serve(s, budget, t0() + secs(100), 3).unwrap();
+        assert_eq!(spent.count, 10);
+        assert!(budget_spent(spent, budget, t0() + secs(100)));
+        assert_eq!(
+            usage_after_serve(spent, budget, t0() + secs(100), 1),
+            Err(Some(Duration::from_secs(3500)))
+        );
+        // A cost above the whole limit never fits.
+        let fresh = UsageState {
+            count: 0,
+            window_start: None,
+        };
+        assert_eq!(usage_after_serve(fresh, budget, t0(), 11), Err(None));
+        // A lifetime cap: more than what is left never fits.
+        let lifetime = UsageBudget {
+            usage_limit: Some(10),
+            usage_window_seconds: None,
+        };
+        assert_eq!(usage_after_serve(s, lifetime, t0(), 4), Err(None));
+        assert_eq!(usage_after_serve(s, lifetime, t0(), 3).unwrap().count, 10);
     }
 }

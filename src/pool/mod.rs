@@ -22,11 +22,12 @@ use sha2::{Digest, Sha256};
 use crate::crypto::{SealError, Sealer};
 use crate::metrics::{FeatureMeters, Metrics};
 use crate::model::{
-    ConsumerRecord, FeatureLimit, KeyRecord, Snapshot, TierCooldownWrite, TierRecord,
+    ConsumerRecord, FeatureLimit, KeyRecord, RateWindowWrite, Snapshot, TierCooldownWrite,
+    TierRecord,
 };
 use crate::secret::Secret;
 use crate::timestamp::Timestamp;
-use gates::{RateWindow, UsageBudget, UsageState, Wait};
+use gates::{RateWindow, RateWindows, UsageBudget, UsageState, Wait, WindowState};
 use health::{
     Admission, Health, HealthRecord, Jitter, Outcome, ReportContext, ServeRef, StateKind,
     TierHealth, TierLoad, Transition,
@@ -89,7 +90,8 @@ pub struct PoolKey {
 
 struct KeyCounters {
     usage: UsageState,
-    rates: HashMap<String, RateWindow>,
+    /// Per feature, its rate windows (SPEC §8.4: several, matched by length).
+    rates: HashMap<String, RateWindows>,
     /// Bumped when a failed commit rolls the usage back; serves reserved before are void.
     generation: u64,
     /// Active, held or disabled (SPEC §8.2); `is_active` is the draw's one branch.
@@ -187,10 +189,43 @@ pub struct Reservation {
     pub feature: String,
     pub consumer_id: Arc<str>,
     pub at: Timestamp,
+    /// `at` on the monotonic clock, to place the rate windows on wall time when written.
+    pub at_mono: Instant,
+    /// Budget units taken (SPEC §8.4 `cost`, 1 by default); every window counts one request.
+    pub cost: i64,
     pub usage_before: UsageState,
     pub usage_after: UsageState,
-    pub rate_window_start: Instant,
+    /// The feature's rate windows after this serve.
+    pub rates: RateWindows,
     pub generation: u64,
+}
+
+/// Windows this short are not persisted: SPEC §8.4 keeps windows of a minute or longer across
+/// restarts, and a shorter one has elapsed by the time a restarted process serves again.
+pub const PERSISTED_WINDOW_SECONDS: i64 = 60;
+
+impl Reservation {
+    /// The rate windows to persist with this serve, each start placed on wall time as of this
+    /// serve: `at` minus the monotonic time since the window opened. So a wall-clock step while
+    /// the process runs moves the stored start with it; only a step while it is down is unseen.
+    pub fn window_writes(&self) -> impl Iterator<Item = RateWindowWrite> + '_ {
+        self.rates
+            .iter()
+            .filter(|w| w.seconds >= PERSISTED_WINDOW_SECONDS)
+            .map(|w| {
+                let open_for = self.at_mono.saturating_duration_since(w.window.start);
+                RateWindowWrite {
+                    key_id: self.key.id.to_string(),
+                    feature: self.feature.clone(),
+                    window_seconds: w.seconds,
+                    start: chrono::TimeDelta::from_std(open_for)
+                        .ok()
+                        .and_then(|d| self.at.checked_sub_signed(d))
+                        .unwrap_or(self.at),
+                    count: w.window.count,
+                }
+            })
+    }
 }
 
 /// The result of a draw; `Served` carries what the caller's `on_reserve` returned.
@@ -417,11 +452,13 @@ impl PoolKey {
             .checked_add_signed(chrono::TimeDelta::try_seconds(seconds)?)
     }
 
-    /// Tries both gates for `feature`; consumes from both or from neither.
+    /// Tries both gates for `feature` (every window, and `cost` units of the budget); consumes
+    /// from all or from none.
     fn try_reserve(
         self: &Arc<Self>,
         feature: &str,
-        limit: FeatureLimit,
+        limits: &[FeatureLimit],
+        cost: i64,
         caller: &Caller,
         now: Now,
     ) -> Result<(Reservation, parking_lot::MutexGuard<'_, KeyCounters>), Wait> {
@@ -434,14 +471,21 @@ impl PoolKey {
         if let Admission::Skip { wait } = admission {
             return Err(wait.filter(|w| self.free_before_expiry(now.wall, *w).is_some()));
         }
-        let rate = gates::rate_after_serve(counters.rates.get(feature).copied(), limit, now.mono);
-        let usage = gates::usage_after_serve(counters.usage, self.budget, now.wall);
+        let rate = gates::rates_after_serve(
+            counters
+                .rates
+                .get(feature)
+                .unwrap_or(&RateWindows::default()),
+            limits,
+            now.mono,
+        );
+        let usage = gates::usage_after_serve(counters.usage, self.budget, now.wall, cost);
         match (rate, usage) {
             (Ok(rate), Ok(usage)) => {
                 let before = counters.usage;
                 // Allocate the feature name only the first time this key serves it.
                 match counters.rates.get_mut(feature) {
-                    Some(window) => *window = rate,
+                    Some(windows) => *windows = rate,
                     None => {
                         counters.rates.insert(feature.to_string(), rate);
                     }
@@ -460,16 +504,21 @@ impl PoolKey {
                     feature: feature.to_string(),
                     consumer_id: caller.audit_id(),
                     at: now.wall,
+                    at_mono: now.mono,
+                    cost,
                     usage_before: before,
                     usage_after: usage,
-                    rate_window_start: rate.start,
+                    rates: rate,
                     generation: counters.generation,
                 };
                 Ok((reservation, counters))
             }
             (rate, usage) => {
                 let rate_wait = rate.err().unwrap_or(Duration::ZERO);
-                if let Err(usage_wait) = usage {
+                // Remembered only when even one unit is refused: a costly serve's refusal
+                // says nothing about a cheaper one.
+                let spent = gates::budget_spent(counters.usage, self.budget, now.wall);
+                if let (Err(usage_wait), true) = (usage, spent) {
                     let free_at = usage_wait
                         .and_then(|w| self.free_before_expiry(now.wall, w))
                         .map_or(i64::MAX, |t| t.timestamp_micros());
@@ -520,14 +569,36 @@ impl PoolKey {
         }
     }
 
-    /// Gives one serve back to the rate window it was taken from, if that window is still open.
+    /// Gives one serve back to each rate window it was taken from, if that window is still open.
     pub fn give_back_rate(&self, reservation: &Reservation) {
         let mut counters = self.counters.lock();
-        if let Some(w) = counters.rates.get_mut(&reservation.feature) {
-            if w.start == reservation.rate_window_start && w.count > 0 {
-                w.count -= 1;
+        if let Some(windows) = counters.rates.get_mut(&reservation.feature) {
+            for mark in reservation.rates.iter() {
+                windows.give_back(mark);
             }
         }
+    }
+
+    /// Puts back a rate window stored before a restart (SPEC §8.4). Its wall-clock start is
+    /// placed on this process's monotonic clock by the wall time elapsed since; a start in the
+    /// future (the wall clock stepped back) counts as opened now — the window then holds for
+    /// its whole length, never less. An elapsed window changes nothing.
+    fn restore_rate_window(&self, stored: &RateWindowWrite, now: Now) {
+        let elapsed = (now.wall - stored.start).to_std().unwrap_or(Duration::ZERO);
+        let length = Duration::from_secs(u64::try_from(stored.window_seconds).unwrap_or(0));
+        if elapsed >= length || stored.count <= 0 {
+            return;
+        }
+        let start = now.mono.checked_sub(elapsed).unwrap_or(now.mono);
+        let mut counters = self.counters.lock();
+        let windows = counters.rates.entry(stored.feature.clone()).or_default();
+        windows.put(WindowState {
+            seconds: stored.window_seconds,
+            window: RateWindow {
+                start,
+                count: stored.count,
+            },
+        });
     }
 
     /// The usage counter as of `now`.
@@ -540,9 +611,15 @@ impl PoolKey {
         self.counters.lock().usage
     }
 
-    /// Serves counted in the current rate window of `feature`.
+    /// Serves counted in the current rate window of `feature` that is `limit`'s length.
     pub fn rate_used(&self, feature: &str, limit: FeatureLimit, now: Instant) -> i64 {
-        gates::rate_used(self.counters.lock().rates.get(feature).copied(), limit, now)
+        let window = self
+            .counters
+            .lock()
+            .rates
+            .get(feature)
+            .and_then(|w| w.get(limit.window_seconds));
+        gates::rate_used(window, limit, now)
     }
 }
 
@@ -582,6 +659,14 @@ impl Pool {
                 key.restore_health(&record, now);
             }
             pool.add_key(key);
+        }
+        {
+            let index = pool.index.read();
+            for stored in &snapshot.rate_windows {
+                if let Some(key) = index.keys.get(stored.key_id.as_str()) {
+                    key.restore_rate_window(stored, now);
+                }
+            }
         }
         for consumer in snapshot.consumers {
             pool.put_consumer(consumer);
@@ -626,12 +711,25 @@ impl Pool {
         now: Now,
         on_reserve: impl FnOnce(Reservation, &Arc<FeatureMeters>) -> R,
     ) -> Draw<R> {
+        self.draw_cost(caller, feature, 1, now, on_reserve)
+    }
+
+    /// `draw` of a serve costing `cost` budget units (SPEC §8.4): a key whose budget has less
+    /// left is skipped and the next tried; rate windows count the serve once whatever its cost.
+    pub fn draw_cost<R>(
+        &self,
+        caller: &Caller,
+        feature: &str,
+        cost: i64,
+        now: Now,
+        on_reserve: impl FnOnce(Reservation, &Arc<FeatureMeters>) -> R,
+    ) -> Draw<R> {
         let index = self.index.read();
         let Some(entry) = index.features.get(feature) else {
             return Draw::UnknownFeature;
         };
-        // Each tier with its limit and, while host throttling cools it, how long that lasts.
-        let tiers: Vec<(&TierEntry, FeatureLimit, Option<Duration>)> = entry
+        // Each tier with its windows and, while host throttling cools it, how long that lasts.
+        let tiers: Vec<(&TierEntry, &[FeatureLimit], Option<Duration>)> = entry
             .tiers
             .iter()
             .filter(|t| match caller {
@@ -640,8 +738,8 @@ impl Pool {
             })
             .filter_map(|t| index.tiers.get(t))
             .filter_map(|t| {
-                let limit = t.record.features.get(feature)?;
-                Some((t, *limit, t.health.wait(now.mono)))
+                let limits = t.record.features.get(feature)?;
+                Some((t, limits.as_slice(), t.health.wait(now.mono)))
             })
             .collect();
         if tiers.is_empty() {
@@ -675,12 +773,14 @@ impl Pool {
                 continue;
             }
             if let Some(wait) = key.known_spent(now.wall) {
+                // A spent budget frees up for any cost only if the cost fits the whole limit.
+                let wait = wait.filter(|_| key.budget.usage_limit.is_none_or(|l| cost <= l));
                 if let Some(wait) = wait {
                     earliest = Some(earliest.map_or(wait, |e| e.min(wait)));
                 }
                 continue;
             }
-            match key.try_reserve(feature, limit, caller, now) {
+            match key.try_reserve(feature, limit, cost, caller, now) {
                 Ok((reservation, guard)) => {
                     let out = on_reserve(reservation, &entry.meters);
                     drop(guard);

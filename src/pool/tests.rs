@@ -17,10 +17,10 @@ fn tier(id: &str, features: &[(&str, i64, i64)]) -> TierRecord {
             .map(|(f, rate_limit, window_seconds)| {
                 (
                     f.to_string(),
-                    FeatureLimit {
+                    vec![FeatureLimit {
                         rate_limit: *rate_limit,
                         window_seconds: *window_seconds,
-                    },
+                    }],
                 )
             })
             .collect(),
@@ -67,6 +67,7 @@ fn pool(tiers: Vec<TierRecord>, keys: Vec<KeyRecord>, consumers: Vec<ConsumerRec
             health: Default::default(),
             tier_cooldowns: Default::default(),
             regbot_keys: Default::default(),
+            rate_windows: Default::default(),
         },
         &Sealer::new(None),
     )
@@ -853,4 +854,109 @@ fn a_rollback_of_an_old_version_serve_frees_the_new_version() {
         draw_id(&p, &Caller::Admin, "f", t0()),
         Draw::Served("k".into())
     );
+}
+
+// Issue 11 item 3: a stored rate window is placed on the monotonic clock by the wall time
+// elapsed since it opened; a start in the future (the wall clock stepped back while the
+// process was down) holds the window for its whole length, and an elapsed one is dropped.
+#[test]
+fn restored_rate_windows_follow_elapsed_wall_time_and_a_backward_step_holds_them() {
+    let stored = |start: Timestamp, count: i64| RateWindowWrite {
+        key_id: "a".into(),
+        feature: "scrape".into(),
+        window_seconds: 60,
+        start,
+        count,
+    };
+    let now = t0() + TimeDelta::seconds(600);
+    let fresh = || {
+        pool(
+            vec![tier("t", &[("scrape", 5, 60)])],
+            vec![key("a", "t")],
+            vec![],
+        )
+    };
+    // Opened 20 s ago and full: refused until the 40 s left have passed.
+    let p = fresh();
+    p.key("a")
+        .unwrap()
+        .restore_rate_window(&stored(now - TimeDelta::seconds(20), 5), at(now));
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "scrape", now),
+        Draw::Exhausted {
+            retry_after: Some(Duration::from_secs(40))
+        }
+    );
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "scrape", now + TimeDelta::seconds(40)),
+        Draw::Served(_)
+    ));
+    // Opened 20 s ago with 3 served: 2 more fit.
+    let p = fresh();
+    p.key("a")
+        .unwrap()
+        .restore_rate_window(&stored(now - TimeDelta::seconds(20), 3), at(now));
+    for _ in 0..2 {
+        assert!(matches!(
+            draw_id(&p, &Caller::Admin, "scrape", now),
+            Draw::Served(_)
+        ));
+    }
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "scrape", now),
+        Draw::Exhausted { .. }
+    ));
+    // Stored "in the future": counted as opened now, so it holds the full 60 s.
+    let p = fresh();
+    p.key("a")
+        .unwrap()
+        .restore_rate_window(&stored(now + TimeDelta::seconds(3600), 5), at(now));
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "scrape", now),
+        Draw::Exhausted {
+            retry_after: Some(Duration::from_secs(60))
+        }
+    );
+    // Elapsed before the restart: nothing restored.
+    let p = fresh();
+    p.key("a")
+        .unwrap()
+        .restore_rate_window(&stored(now - TimeDelta::seconds(61), 5), at(now));
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "scrape", now),
+        Draw::Served(_)
+    ));
+}
+
+// Issue 11 item 2: the reservation carries the cost and the windows to persist, each start
+// placed on wall time as of the serve.
+#[test]
+fn a_reservation_carries_its_cost_and_the_windows_of_a_minute_or_longer() {
+    let mut t = tier("t", &[("scrape", 5, 1)]);
+    t.features.get_mut("scrape").unwrap().push(FeatureLimit {
+        rate_limit: 10,
+        window_seconds: 3600,
+    });
+    let p = pool(vec![t], vec![key("a", "t")], vec![]);
+    let first = p.draw_cost(&Caller::Admin, "scrape", 4, at(t0()), |r, _| r.cost);
+    assert_eq!(first, Draw::Served(4));
+    let later = t0() + TimeDelta::seconds(30);
+    let writes = p.draw_cost(&Caller::Admin, "scrape", 1, at(later), |r, _| {
+        r.window_writes().collect::<Vec<_>>()
+    });
+    let Draw::Served(writes) = writes else {
+        panic!("{writes:?}")
+    };
+    assert_eq!(
+        writes,
+        vec![RateWindowWrite {
+            key_id: "a".into(),
+            feature: "scrape".into(),
+            window_seconds: 3600,
+            start: t0(),
+            count: 2,
+        }],
+        "the hour window opened at the first serve; the per-second one is not persisted"
+    );
+    assert_eq!(p.key("a").unwrap().stored_usage().count, 5);
 }

@@ -367,6 +367,10 @@ impl LibsqlStore {
                 sql::DELETE_TIER_FEATURES.to_string(),
                 vec![Value::Text(tier.id.clone())],
             ),
+            (
+                sql::DELETE_FEATURE_WINDOWS.to_string(),
+                vec![Value::Text(tier.id.clone())],
+            ),
         ];
         statements.extend(feature_rows(tier));
         self.transaction(&statements, false, |i, affected| {
@@ -582,6 +586,14 @@ impl LibsqlStore {
                 vec![Value::Text(updates_json)],
             ),
         ];
+        // One statement more per commit only when there are windows to write: remotely each
+        // statement is a round trip.
+        if !batch.windows.is_empty() {
+            statements.push((
+                sql::UPSERT_RATE_WINDOWS.to_string(),
+                vec![Value::Text(sql::window_parameter(batch.windows))],
+            ));
+        }
         if batch.has_health() {
             let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
             statements.push((
@@ -634,7 +646,7 @@ impl LibsqlStore {
         text: &str,
         params: &[Param],
     ) -> Result<Vec<(i64, UsageEvent)>, StoreError> {
-        self.read_all(text, params, |r| (r.int(8).unwrap_or(0), usage_event(r)))
+        self.read_all(text, params, |r| (r.int(9).unwrap_or(0), usage_event(r)))
             .await
     }
 
@@ -780,22 +792,29 @@ impl LibsqlStore {
     }
 }
 
+/// Each feature's first window as its Go row, the others as `feature_windows` rows.
 fn feature_rows(tier: &TierRecord) -> Vec<(String, Vec<Value>)> {
     let sources = super::regbot::tier_source_statements(tier)
         .into_iter()
         .map(|(text, params)| (text.to_string(), values(&params)));
     tier.features
         .iter()
-        .map(|(feature, limit)| {
-            (
-                sql::INSERT_TIER_FEATURE.to_string(),
-                vec![
+        .flat_map(|(feature, windows)| {
+            windows.iter().enumerate().map(move |(position, limit)| {
+                let mut values = vec![
                     Value::Text(tier.id.clone()),
                     Value::Text(feature.clone()),
                     Value::Integer(limit.rate_limit),
                     Value::Integer(limit.window_seconds),
-                ],
-            )
+                ];
+                let text = if position == 0 {
+                    sql::INSERT_TIER_FEATURE
+                } else {
+                    values.push(Value::Integer(position as i64));
+                    sql::INSERT_FEATURE_WINDOW
+                };
+                (text.to_string(), values)
+            })
         })
         .chain(sources)
         .collect()

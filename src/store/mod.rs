@@ -9,8 +9,8 @@ pub mod sqlite;
 
 use crate::config::{Config, DatabaseConfig};
 use crate::model::{
-    ConsumerRecord, HealthWrite, KeyRecord, KeyUsageUpdate, OutcomeWrite, Snapshot, StoredOutcome,
-    TierCooldownWrite, TierRecord, UsageEvent,
+    ConsumerRecord, HealthWrite, KeyRecord, KeyUsageUpdate, OutcomeWrite, RateWindowWrite,
+    Snapshot, StoredOutcome, TierCooldownWrite, TierRecord, UsageEvent,
 };
 use crate::pool::health::{HealthMemory, HealthRecord, Reason, StateKind};
 use crate::timestamp::Timestamp;
@@ -76,6 +76,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         7,
         "operate",
         include_str!("../../migrations/007_operate.sql"),
+    ),
+    (
+        8,
+        "plan_limits",
+        include_str!("../../migrations/008_plan_limits.sql"),
     ),
     (9, "regbot", include_str!("../../migrations/009_regbot.sql")),
     (
@@ -260,6 +265,8 @@ pub fn tier_deletion(id: &str) -> Vec<Statement> {
     let id = || vec![Param::text(id)];
     vec![
         (sql::DELETE_TIER_FEATURES, id()),
+        (sql::DELETE_FEATURE_WINDOWS, id()),
+        (sql::DELETE_RATE_WINDOWS_OF_TIER, id()),
         (sql::DELETE_SECRETS_OF_TIER, id()),
         (sql::DELETE_HEALTH_OF_TIER, id()),
         (sql::DELETE_TIER_COOLDOWN, id()),
@@ -893,6 +900,8 @@ pub struct Batch<'a> {
     pub outcomes: &'a [OutcomeWrite],
     pub health: &'a [HealthWrite],
     pub tiers: &'a [TierCooldownWrite],
+    /// Rate windows of a minute or longer after the batch's serves (SPEC §8.4).
+    pub windows: &'a [RateWindowWrite],
 }
 
 impl Batch<'_> {
@@ -918,7 +927,12 @@ pub mod sql {
     /// so one entity reads back with the same columns and decoding as the whole pool.
     macro_rules! select {
         (tiers) => { "SELECT id, name, description FROM tiers" };
-        (tier_features) => { "SELECT tier_id, feature, rate_limit, window_seconds FROM tier_features" };
+        // A feature's first window is the Go row (position 0), the rest `feature_windows`.
+        (tier_features) => {
+            "SELECT tier_id, feature, rate_limit, window_seconds, position FROM \
+            (SELECT tier_id, feature, rate_limit, window_seconds, 0 AS position FROM tier_features \
+            UNION ALL SELECT tier_id, feature, rate_limit, window_seconds, position FROM feature_windows)"
+        };
         (keys) => {
             "SELECT id, name, key_value, tier_id, is_active, \
             CAST(expires_at AS TEXT), usage_limit, usage_count, usage_window_seconds, \
@@ -950,6 +964,21 @@ pub mod sql {
     pub const DELETE_TIER_FEATURES: &str = "DELETE FROM tier_features WHERE tier_id = ?";
     pub const INSERT_TIER_FEATURE: &str =
         "INSERT INTO tier_features (tier_id, feature, rate_limit, window_seconds) VALUES (?, ?, ?, ?)";
+    /// A feature's windows after its first (SPEC §8.4).
+    pub const DELETE_FEATURE_WINDOWS: &str = "DELETE FROM feature_windows WHERE tier_id = ?";
+    pub const INSERT_FEATURE_WINDOW: &str = "INSERT INTO feature_windows \
+        (tier_id, feature, rate_limit, window_seconds, position) VALUES (?, ?, ?, ?, ?)";
+    pub const DELETE_RATE_WINDOWS_OF_TIER: &str =
+        "DELETE FROM rate_windows WHERE key_id IN (SELECT id FROM keys WHERE tier_id = ?)";
+    /// Rate windows from one bound JSON array `[[key_id, feature, window_seconds, start,
+    /// count], …]`; absolute values, so a re-send is harmless.
+    pub const UPSERT_RATE_WINDOWS: &str = "INSERT INTO rate_windows (key_id, feature, \
+        window_seconds, window_start, count) SELECT value ->> 0, value ->> 1, value ->> 2, \
+        value ->> 3, value ->> 4 FROM json_each(?) WHERE true \
+        ON CONFLICT (key_id, feature, window_seconds) DO UPDATE SET \
+        window_start = excluded.window_start, count = excluded.count";
+    pub const SELECT_RATE_WINDOWS: &str = "SELECT key_id, feature, window_seconds, \
+        CAST(window_start AS TEXT), count FROM rate_windows";
 
     pub const INSERT_KEY: &str = "INSERT INTO keys (id, name, key_value, tier_id, is_active, expires_at, \
         usage_limit, usage_count, usage_window_seconds, usage_window_start, metadata_json, created_at) \
@@ -1038,11 +1067,11 @@ pub mod sql {
     /// milliseconds; within one, the text (same canonical form) orders the microseconds.
     pub const RECENT_USAGE: &str =
         "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT), outcome_class, \
-        outcome_status, CAST(outcome_reported_at AS TEXT) FROM usage_events ORDER BY julianday(created_at) DESC, created_at DESC, rowid DESC LIMIT ?";
+        outcome_status, CAST(outcome_reported_at AS TEXT), cost FROM usage_events ORDER BY julianday(created_at) DESC, created_at DESC, rowid DESC LIMIT ?";
 
     const USAGE_COLUMNS: &str = "e.id, e.key_id, e.consumer_id, e.feature, \
         CAST(e.created_at AS TEXT), e.outcome_class, e.outcome_status, \
-        CAST(e.outcome_reported_at AS TEXT), e.rowid";
+        CAST(e.outcome_reported_at AS TEXT), e.cost, e.rowid";
 
     /// The filters of `f` on `usage_events AS e` (all but `skip`, a column a side index
     /// already matches), with a cursor on `cursor` (a column holding the rowid).
@@ -1284,8 +1313,9 @@ pub mod sql {
     /// created_at], …]`: constant SQL (prepared once), one parameter whatever the batch size,
     /// rows inserted in array order.
     pub const INSERT_EVENTS: &str =
-        "INSERT OR IGNORE INTO usage_events (id, key_id, consumer_id, feature, created_at) \
-        SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 FROM json_each(?)";
+        "INSERT OR IGNORE INTO usage_events (id, key_id, consumer_id, feature, created_at, cost) \
+        SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 \
+        FROM json_each(?)";
     /// Reported outcomes from one bound JSON array `[[serve_id, class, status, reported_at], …]`;
     /// a serve that has an outcome keeps it (the first report wins, across processes too).
     pub const SET_OUTCOMES: &str = "UPDATE usage_events SET outcome_class = batch.value ->> 1, \
@@ -1330,11 +1360,11 @@ pub mod sql {
     /// Audit rows whose ids are in one bound JSON array (the primary key finds each).
     pub const SELECT_SERVES: &str =
         "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT), outcome_class, \
-        outcome_status, CAST(outcome_reported_at AS TEXT) FROM usage_events \
+        outcome_status, CAST(outcome_reported_at AS TEXT), cost FROM usage_events \
         WHERE id IN (SELECT value FROM json_each(?))";
     pub const SELECT_SERVE: &str =
         "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT), outcome_class, \
-        outcome_status, CAST(outcome_reported_at AS TEXT) FROM usage_events WHERE id = ?";
+        outcome_status, CAST(outcome_reported_at AS TEXT), cost FROM usage_events WHERE id = ?";
 
     /// A batch's absolute counters from one bound JSON array `[[key_id, usage_count,
     /// usage_window_start], …]`.
@@ -1347,7 +1377,7 @@ pub mod sql {
         updates: &[crate::model::KeyUsageUpdate],
     ) -> (String, String) {
         use crate::timestamp::to_db;
-        let events: Vec<(&str, &str, &str, &str, String)> = events
+        let events: Vec<(&str, &str, &str, &str, String, i64)> = events
             .iter()
             .map(|e| {
                 (
@@ -1356,6 +1386,7 @@ pub mod sql {
                     e.consumer_id.as_str(),
                     e.feature.as_str(),
                     to_db(e.created_at),
+                    e.cost,
                 )
             })
             .collect();
@@ -1371,6 +1402,23 @@ pub mod sql {
             .collect();
         // Serialising strings, integers and null cannot fail.
         (json(&events), json(&updates))
+    }
+
+    /// The JSON parameter of `UPSERT_RATE_WINDOWS`.
+    pub fn window_parameter(windows: &[crate::model::RateWindowWrite]) -> String {
+        let rows: Vec<(&str, &str, i64, String, i64)> = windows
+            .iter()
+            .map(|w| {
+                (
+                    w.key_id.as_str(),
+                    w.feature.as_str(),
+                    w.window_seconds,
+                    crate::timestamp::to_db(w.start),
+                    w.count,
+                )
+            })
+            .collect();
+        json(&rows)
     }
 
     /// The JSON parameter of `UPSERT_TIER_HEALTH`.
@@ -1457,6 +1505,7 @@ pub mod sql {
                 feature: "f".into(),
                 created_at: t,
                 outcome: None,
+                cost: 5,
             }];
             let updates = [crate::model::KeyUsageUpdate {
                 key_id: "k".into(),
@@ -1466,7 +1515,7 @@ pub mod sql {
             let (e, u) = super::batch_parameters(&events, &updates);
             assert_eq!(
                 e,
-                r#"[["e\"1","k","admin","f","2023-11-14 22:13:20.000000"]]"#
+                r#"[["e\"1","k","admin","f","2023-11-14 22:13:20.000000",5]]"#
             );
             assert_eq!(u, r#"[["k",7,null]]"#);
         }
@@ -1488,8 +1537,8 @@ pub type SnapshotRead = (&'static str, fn(&mut SnapshotRows, &dyn Cells));
 pub struct SnapshotRows {
     /// (id, name, description)
     pub tiers: Vec<(String, String, String)>,
-    /// (tier_id, feature, rate_limit, window_seconds)
-    pub features: Vec<(String, String, i64, i64)>,
+    /// (tier_id, feature, rate_limit, window_seconds, position)
+    pub features: Vec<(String, String, i64, i64, i64)>,
     /// Keys without their secrets.
     pub keys: Vec<KeyRecord>,
     /// (key_id, name, sealed value)
@@ -1506,12 +1555,13 @@ pub struct SnapshotRows {
     pub tier_sources: Vec<(String, String)>,
     /// (key_id `regbot:N`, counters)
     pub regbot_keys: Vec<(String, crate::model::RegbotKeyRow)>,
+    pub rate_windows: Vec<RateWindowWrite>,
 }
 
 impl SnapshotRows {
     /// The queries that load the pool, each with how a row of it is kept; a driver runs them
     /// in order and feeds every row to its function.
-    pub const READS: [SnapshotRead; 10] = [
+    pub const READS: [SnapshotRead; 11] = [
         (sql::SELECT_TIERS, keep_tier),
         (sql::SELECT_TIER_FEATURES, keep_feature),
         (sql::SELECT_KEYS, keep_key),
@@ -1522,6 +1572,7 @@ impl SnapshotRows {
         (sql::SELECT_TIER_HEALTH, keep_tier_health),
         (regbot::SELECT_TIER_SOURCES, regbot::keep_tier_source),
         (regbot::SELECT_REGBOT_KEYS, regbot::keep_regbot_key),
+        (sql::SELECT_RATE_WINDOWS, keep_rate_window),
     ];
     /// One tier with its features; each query binds the tier id.
     pub const TIER_READS: [SnapshotRead; 3] = [
@@ -1559,7 +1610,11 @@ impl SnapshotRows {
             .enumerate()
             .map(|(i, t)| (t.id.clone(), i))
             .collect();
-        for (tier_id, feature, rate_limit, window_seconds) in self.features {
+        // The first window (the Go row) before the others; a later window whose feature has
+        // no first (a Go service removed it) is dropped with it.
+        let mut features = self.features;
+        features.sort_by_key(|f| f.4);
+        for (tier_id, feature, rate_limit, window_seconds, position) in features {
             if let Some(&i) = tier_pos.get(&tier_id) {
                 // The Go service treated a missing or zero window as 60 seconds.
                 let window_seconds = if window_seconds > 0 {
@@ -1567,13 +1622,18 @@ impl SnapshotRows {
                 } else {
                     60
                 };
-                tiers[i].features.insert(
-                    feature,
-                    crate::model::FeatureLimit {
-                        rate_limit,
-                        window_seconds,
-                    },
-                );
+                let limit = crate::model::FeatureLimit {
+                    rate_limit,
+                    window_seconds,
+                };
+                match tiers[i].features.get_mut(&feature) {
+                    Some(windows) if position > 0 => windows.push(limit),
+                    Some(_) => {}
+                    None if position == 0 => {
+                        tiers[i].features.insert(feature, vec![limit]);
+                    }
+                    None => {}
+                }
             }
         }
         for (tier_id, regbot_service) in self.tier_sources {
@@ -1610,6 +1670,7 @@ impl SnapshotRows {
             health: self.health.into_iter().collect(),
             tier_cooldowns: self.tier_cooldowns.into_iter().collect(),
             regbot_keys: self.regbot_keys.into_iter().collect(),
+            rate_windows: self.rate_windows,
         }
     }
 }
@@ -1628,7 +1689,23 @@ fn keep_feature(rows: &mut SnapshotRows, r: &dyn Cells) {
         r.text(1).unwrap_or_default(),
         r.int(2).unwrap_or(0),
         r.int(3).unwrap_or(60),
+        r.int(4).unwrap_or(0),
     ))
+}
+
+/// A stored rate window; one whose start is unreadable is dropped (it cannot be placed).
+fn keep_rate_window(rows: &mut SnapshotRows, r: &dyn Cells) {
+    let key_id = r.text(0).unwrap_or_default();
+    let Some(start) = parse_stored_time(r.text(3), "rate_windows.window_start", &key_id) else {
+        return;
+    };
+    rows.rate_windows.push(RateWindowWrite {
+        feature: r.text(1).unwrap_or_default(),
+        window_seconds: r.int(2).unwrap_or(0),
+        start,
+        count: r.int(4).unwrap_or(0),
+        key_id,
+    })
 }
 
 fn keep_key(rows: &mut SnapshotRows, r: &dyn Cells) {
@@ -1760,6 +1837,7 @@ pub fn usage_event(r: &dyn Cells) -> UsageEvent {
             status: r.int(6),
             reported_at: r.text(7).as_deref().and_then(crate::timestamp::parse_db),
         }),
+        cost: r.int(8).unwrap_or(1),
     }
 }
 

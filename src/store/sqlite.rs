@@ -112,9 +112,10 @@ async fn settle(conn: &mut SqliteConnection) -> bool {
 /// A whole group commit in one statement text, prepared once.
 static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "BEGIN IMMEDIATE; {}; {}; COMMIT",
+        "BEGIN IMMEDIATE; {}; {}; {}; COMMIT",
         sql::INSERT_EVENTS,
-        sql::UPDATE_COUNTERS
+        sql::UPDATE_COUNTERS,
+        sql::UPSERT_RATE_WINDOWS
     )
 });
 
@@ -122,9 +123,10 @@ static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// the shorter text above, so the hot path runs no extra statement).
 static COMMIT_WITH_HEALTH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "BEGIN IMMEDIATE; {}; {}; {}; {}; {}; {}; {}; COMMIT",
+        "BEGIN IMMEDIATE; {}; {}; {}; {}; {}; {}; {}; {}; COMMIT",
         sql::INSERT_EVENTS,
         sql::UPDATE_COUNTERS,
+        sql::UPSERT_RATE_WINDOWS,
         sql::SET_OUTCOMES,
         sql::UPSERT_HEALTH,
         sql::SET_ACTIVE,
@@ -136,9 +138,10 @@ static COMMIT_WITH_HEALTH: std::sync::LazyLock<String> = std::sync::LazyLock::ne
 /// A group commit that serves RegBot keys (SPEC §8.5): their counters live in `regbot_keys`.
 static COMMIT_WITH_REGBOT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "BEGIN IMMEDIATE; {}; {}; {}; COMMIT",
+        "BEGIN IMMEDIATE; {}; {}; {}; {}; COMMIT",
         sql::INSERT_EVENTS,
         sql::UPDATE_COUNTERS,
+        sql::UPSERT_RATE_WINDOWS,
         super::regbot::UPSERT_COUNTERS
     )
 });
@@ -210,16 +213,27 @@ fn map_err(e: sqlx::Error) -> StoreError {
     }
 }
 
+/// Each feature's first window as its Go row, the others as `feature_windows` rows.
 async fn insert_features(tx: &mut SqliteConnection, tier: &TierRecord) -> Result<(), StoreError> {
-    for (feature, limit) in &tier.features {
-        sqlx::query(sql::INSERT_TIER_FEATURE)
-            .bind(&tier.id)
-            .bind(feature)
-            .bind(limit.rate_limit)
-            .bind(limit.window_seconds)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+    for (feature, windows) in &tier.features {
+        for (position, limit) in windows.iter().enumerate() {
+            let query = if position == 0 {
+                sqlx::query(sql::INSERT_TIER_FEATURE)
+            } else {
+                sqlx::query(sql::INSERT_FEATURE_WINDOW)
+            };
+            let query = query
+                .bind(&tier.id)
+                .bind(feature)
+                .bind(limit.rate_limit)
+                .bind(limit.window_seconds);
+            let query = if position == 0 {
+                query
+            } else {
+                query.bind(position as i64)
+            };
+            query.execute(&mut *tx).await.map_err(map_err)?;
+        }
     }
     for (text, params) in super::regbot::tier_source_statements(tier) {
         bind(sqlx::query(text), &params)
@@ -385,11 +399,13 @@ impl SqliteStore {
             if updated.rows_affected() == 0 {
                 return Err(StoreError::NotFound);
             }
-            sqlx::query(sql::DELETE_TIER_FEATURES)
-                .bind(&tier.id)
-                .execute(tx.conn())
-                .await
-                .map_err(map_err)?;
+            for delete in [sql::DELETE_TIER_FEATURES, sql::DELETE_FEATURE_WINDOWS] {
+                sqlx::query(delete)
+                    .bind(&tier.id)
+                    .execute(tx.conn())
+                    .await
+                    .map_err(map_err)?;
+            }
             insert_features(tx.conn(), tier).await
         }
         .await;
@@ -605,6 +621,7 @@ impl SqliteStore {
             sqlx::query(COMMIT_WITH_HEALTH.as_str())
                 .bind(events_json)
                 .bind(updates_json)
+                .bind(sql::window_parameter(batch.windows))
                 .bind(outcomes_json)
                 .bind(health_json.clone())
                 .bind(health_json)
@@ -614,11 +631,13 @@ impl SqliteStore {
             sqlx::query(COMMIT_WITH_REGBOT.as_str())
                 .bind(events_json)
                 .bind(updates_json)
+                .bind(sql::window_parameter(batch.windows))
                 .bind(regbot)
         } else {
             sqlx::query(COMMIT_BATCH.as_str())
                 .bind(events_json)
                 .bind(updates_json)
+                .bind(sql::window_parameter(batch.windows))
         };
         self.on_writer(query).await.map(|_| ())
     }
@@ -669,7 +688,7 @@ impl SqliteStore {
             .map_err(map_err)?;
         Ok(rows
             .iter()
-            .map(|r| (r.int(8).unwrap_or(0), usage_event(r)))
+            .map(|r| (r.int(9).unwrap_or(0), usage_event(r)))
             .collect())
     }
 

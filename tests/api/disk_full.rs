@@ -608,6 +608,7 @@ async fn wal_stays_bounded_under_sustained_group_commits() {
                 feature: feature.clone(),
                 created_at: chrono::Utc::now(),
                 outcome: None,
+                cost: 1,
             })
             .collect();
         db.commit_serves(&events, &[])

@@ -180,7 +180,7 @@ async fn one_tier_key_or_consumer_reads_back_as_stored() {
     let tier_id = tier["id"].as_str().unwrap();
     let stored = db.read_tier(tier_id).await.unwrap().expect("tier");
     assert_eq!((stored.name.as_str(), stored.features.len()), ("t", 2));
-    assert_eq!(stored.features["search"].rate_limit, 7);
+    assert_eq!(stored.features["search"][0].rate_limit, 7);
 
     let stored = db.read_key(&key).await.unwrap().expect("key");
     assert_eq!((stored.name.as_str(), stored.tier_id.as_str(), stored.usage_limit), ("k", tier_id, Some(9)));

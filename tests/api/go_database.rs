@@ -476,7 +476,7 @@ async fn go_database() -> (tempfile::TempDir, PathBuf, GoFixture) {
 /// Columns our migrations add to a Go table (SPEC §8: additive), as `ALTER TABLE` writes them
 /// into its `CREATE TABLE` text: issue 9's outcome columns on `usage_events` (migration 003),
 /// issue 10's keyed value hash on `keys` (migration 006) and previous-token columns on `consumers` (migration 007).
-const ADDED_COLUMNS: [(&str, &str); 6] = [
+const ADDED_COLUMNS: [(&str, &str); 7] = [
     ("value_hash", ", value_hash TEXT"),
     ("outcome_class", ", outcome_class TEXT"),
     ("outcome_status", ", outcome_status INTEGER"),
@@ -486,6 +486,7 @@ const ADDED_COLUMNS: [(&str, &str); 6] = [
         "previous_token_expires_at",
         ", previous_token_expires_at TIMESTAMP",
     ),
+    ("cost", ", cost INTEGER"),
 ];
 
 /// Every row of `table` in rowid order, each column `quote()`d (type-preserving), headed by

@@ -61,7 +61,7 @@ macro_rules! on_both_drivers {
 }
 
 /// Every table the service keeps (the Go schema's seven, `schema_migrations`, then ours).
-pub const TABLES: [&str; 17] = [
+pub const TABLES: [&str; 19] = [
     "tiers",
     "tier_features",
     "keys",
@@ -79,6 +79,8 @@ pub const TABLES: [&str; 17] = [
     "usage_rollup_state",
     "tier_sources",
     "regbot_keys",
+    "feature_windows",
+    "rate_windows",
 ];
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";

@@ -19,6 +19,7 @@ mod import_rekey;
 mod observe;
 mod openapi;
 mod operate;
+mod plan_limits;
 mod process;
 mod regbot;
 mod remote;

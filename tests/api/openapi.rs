@@ -227,8 +227,14 @@ async fn document_limits_match_what_the_handlers_check() {
     let features = &tier["properties"]["features"];
     assert_eq!(features["minProperties"], 1);
     assert_eq!(features["propertyNames"], *name);
-    let limits = &features["additionalProperties"]["properties"];
+    // Issue 11 item 1: one window object, or a non-empty array of them (at most 8).
+    let one_of = &features["additionalProperties"]["oneOf"];
+    let limits = &one_of[0]["properties"];
     assert_eq!(limits["rate_limit"]["minimum"], 1);
+    assert_eq!(one_of[1]["type"], "array", "{one_of}");
+    assert_eq!(one_of[1]["minItems"], 1);
+    assert_eq!(one_of[1]["maxItems"], 8);
+    assert_eq!(one_of[1]["items"], one_of[0]);
 
     // Just past each stated bound, the handler refuses; at it, it accepts.
     let at_limit = "n".repeat(200);

@@ -728,6 +728,147 @@ async fn kill_9_mid_load_never_over_serves_and_every_delivered_serve_is_counted(
     );
 }
 
+// Issue 11 item 3: rate windows of a minute or longer survive `kill -9` mid-load: what the
+// killed process committed is the window's count, and the restarted one serves only the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_load_never_lets_a_window_be_exceeded() {
+    const WINDOW: i64 = 150;
+    const KILL_AFTER: usize = 100;
+    const COST: i64 = 2;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db_path = dir.path().join("data").join("pool.db");
+    let log = dir.path().join("server.log");
+    let admin = distinctive("adm-");
+    let env = quiet_env(&db_path);
+    let mut server = start_server(&as_refs(&env), &admin, &log, dir.path()).await;
+    server
+        .admin(
+            Method::POST,
+            "/admin/tiers",
+            Some(json!({ "name": "plan", "features": { "scrape": [
+                { "rate_limit": 1_000_000, "window_seconds": 1 },
+                { "rate_limit": WINDOW, "window_seconds": 3600 }
+            ] } })),
+            StatusCode::CREATED,
+        )
+        .await;
+    let mut values = HashMap::new();
+    let mut key_ids = Vec::new();
+    for i in 0..3 {
+        let value = format!("value-{i}-{}", uuid::Uuid::new_v4().simple());
+        let id = server
+            .add_key(json!({ "name": format!("k{i}"), "key": value, "tier": "plan", "usage_limit": 1_000_000 }))
+            .await;
+        values.insert(id.clone(), value);
+        key_ids.push(id);
+    }
+    let (_, token) = server.consumer("worker", "plan").await;
+    let feature = format!("scrape&cost={COST}");
+
+    let load = Load::new(&server, &feature, &token, &values);
+    let handles = load.spawn(CALLERS);
+    let before_kill = load.wait_for_ok(KILL_AFTER, Duration::from_secs(15)).await;
+    load.signalled.store(true, Ordering::SeqCst);
+    server.child.sigkill();
+    let run1 = join_all(handles).await;
+    assert!(
+        before_kill > 0,
+        "no 200 before the kill; log:\n{}",
+        read_log(&log)
+    );
+    assert!(
+        run1.errors_before_signal.is_empty(),
+        "{:?}",
+        run1.errors_before_signal
+    );
+    assert!(
+        run1.statuses.is_empty(),
+        "only 200s before the kill: {:?}",
+        run1.statuses
+    );
+    let delivered1 = run1.per_key();
+
+    // On disk: each key's hour window counts exactly its committed serves, at least those delivered.
+    let (after_kill, _) = committed(&db_path, &key_ids).await;
+    let db = open_db(&db_path).await;
+    let mut stored = HashMap::new();
+    for id in &key_ids {
+        let count: Option<i64> = sqlx::query_scalar(
+            "SELECT count FROM rate_windows WHERE key_id = ? AND feature = 'scrape' AND window_seconds = 3600",
+        )
+        .bind(id)
+        .fetch_optional(&db)
+        .await
+        .expect("read the stored window");
+        let count = count.unwrap_or(0);
+        let row = after_kill[id];
+        assert_eq!(
+            count, row.events,
+            "key {id}: the window counts every committed serve"
+        );
+        assert_eq!(
+            row.usage_count,
+            COST * row.events,
+            "key {id}: the budget counts units"
+        );
+        assert!(
+            delivered1.get(id).copied().unwrap_or(0) as i64 <= count,
+            "key {id}"
+        );
+        stored.insert(id.clone(), count);
+    }
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM rate_windows WHERE window_seconds = 1")
+            .fetch_one(&db)
+            .await
+            .expect("count per-second rows"),
+        0,
+        "windows under a minute are not persisted"
+    );
+    db.close().await;
+
+    // Restart on the same file and drain: each key serves exactly what its window had left.
+    let mut server = start_server(&as_refs(&env), &admin, &log, dir.path()).await;
+    let load = Load::new(&server, &feature, &token, &values);
+    let run2 = join_all(load.spawn(CALLERS)).await;
+    assert!(
+        run2.errors_before_signal.is_empty(),
+        "{:?}",
+        run2.errors_before_signal
+    );
+    assert!(run2.wrong.is_empty(), "{:?}", run2.wrong);
+    assert_eq!(
+        run2.statuses,
+        BTreeMap::from([(429, CALLERS)]),
+        "every caller ends on the window's 429"
+    );
+    assert_eq!(
+        run2.retry_after_on_429.len(),
+        CALLERS,
+        "the window frees up: Retry-After on every 429"
+    );
+    let delivered2 = run2.per_key();
+    for id in &key_ids {
+        let d1 = delivered1.get(id).copied().unwrap_or(0) as i64;
+        let d2 = delivered2.get(id).copied().unwrap_or(0) as i64;
+        assert!(
+            d1 + d2 <= WINDOW,
+            "key {id}: {d1} + {d2} > {WINDOW} within the hour, across the crash"
+        );
+        assert_eq!(
+            d2,
+            WINDOW - stored[id],
+            "key {id}: the restart serves exactly what the window had left"
+        );
+    }
+    let exit = server.terminate(Duration::from_secs(15)).await;
+    assert!(
+        exit.success(),
+        "graceful exit: {exit}; log:\n{}",
+        read_log(&log)
+    );
+}
+
 // Issue 9 item 6: key health answered 200 survives `kill -9` (the crash test's companion):
 // a quarantine, a long cooldown and an operator's disable, killed while serves are running;
 // and (issue 9 remainder, item 2) a first 401, so a second one after the crash quarantines.

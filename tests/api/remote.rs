@@ -561,10 +561,10 @@ async fn at_the_uncertain_backlog_bound_new_serves_are_refused_and_not_counted()
         description: String::new(),
         features: [(
             "scrape".to_string(),
-            FeatureLimit {
+            vec![FeatureLimit {
                 rate_limit: 1000,
                 window_seconds: 3600,
-            },
+            }],
         )]
         .into(),
         source: None,
