@@ -302,6 +302,29 @@ on_both_drivers! {
         assert_eq!(app.count(&format!("SELECT COUNT(*) FROM usage_events WHERE key_id = '{key_id}'")).await, 6);
     }
 
+    // Issue 12 item 4 with issue 11's cost: a RegBot quota counts units. 10 left: cost 4 twice,
+    // then a cost-4 serve no longer fits (429) while a cost-2 one still does.
+    async fn regbot_quota_counts_units_of_cost() {
+        let regbot = RegBot::new().await;
+        let id = regbot.add("serper", "sp-SECRET", None, Some(12), 2);
+        let app = regbot.app(None).await;
+        app.create_tier("serper", &[("search", 1000, 60)]).await;
+        app.refresh_regbot().await;
+        let draw = async |cost: u32| {
+            app.get(&format!("/key?feature=search&cost={cost}"), Some(ADMIN_TOKEN))
+                .await
+        };
+        for _ in 0..2 {
+            let r = draw(4).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        }
+        assert_eq!(draw(4).await.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(draw(2).await.status, StatusCode::OK);
+        assert_eq!(draw(1).await.status, StatusCode::TOO_MANY_REQUESTS);
+        let view = app.key_view(&format!("regbot:{id}")).await.expect("listed");
+        assert_eq!(view["quota"]["served_here"], 10);
+    }
+
     // Issue 12 item 5: RegBot unreachable → the last good snapshot keeps serving, the source
     // is `stale` with its last success and the error (never the token), /readyz stays ready;
     // recovery by itself. A cold start without RegBot serves nothing from it and starts.
