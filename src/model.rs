@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use crate::timestamp::Timestamp;
 
+pub mod upstream;
+
 /// A tier's limit for one feature: at most `rate_limit` serves per key per `window_seconds`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FeatureLimit {
@@ -17,6 +19,8 @@ pub struct TierRecord {
     pub name: String,
     pub description: String,
     pub features: BTreeMap<String, FeatureLimit>,
+    /// Where `/proxy` forwards this tier's requests (SPEC §8.6); `None`: not proxied.
+    pub upstream: Option<upstream::TierUpstream>,
 }
 
 /// A key as stored: `sealed_value` and secret values are plaintext or `enc:gcm:` ciphertext.

@@ -11,6 +11,8 @@ mod keys;
 pub mod observe;
 pub mod openapi;
 mod outcomes;
+mod proxy;
+mod tier_upstream;
 mod tiers;
 mod usage;
 mod write;
@@ -57,6 +59,8 @@ pub struct AppState {
     /// Outcome reports in flight, one per serve (see `outcomes.rs`).
     pub reports: outcomes::InFlight,
     pub outcome_meters: crate::metrics::OutcomeMeters,
+    /// Proxy mode's upstream client (SPEC §8.6): one connection pool for every tier.
+    pub upstream_client: crate::proxy::Client,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -83,6 +87,7 @@ impl AppState {
             metrics_token_hash: metrics_token.map(|t| crate::pool::token_hash(t.expose())),
             outcome_window: Duration::from_secs(3600),
             reports: outcomes::InFlight::default(),
+            upstream_client: crate::proxy::Client::default(),
         }
     }
 }
@@ -122,6 +127,27 @@ fn documented_routes() -> OpenApiRouter<SharedState> {
         .routes(routes!(consumers::revoke_scope))
         .routes(routes!(usage::list))
         .routes(routes!(usage::summary))
+        .merge(proxy_route())
+}
+
+/// `ANY /proxy/{feature}/{*path}` (SPEC §8.6): axum's catch-all `{*path}` has no OpenAPI
+/// spelling, so the route is registered under it while the document describes the same handler
+/// (its annotation) as `/proxy/{feature}/{path}`. Its request body is streamed by the handler,
+/// not read through `BODY_LIMIT` (README "Proxy mode" gives the limits).
+fn proxy_route() -> OpenApiRouter<SharedState> {
+    let (schemas, paths, _) = routes!(proxy::forward);
+    let mut router = OpenApiRouter::new().route(
+        "/proxy/{feature}/{*path}",
+        axum::routing::any(proxy::forward),
+    );
+    let openapi = router.get_openapi_mut();
+    openapi.paths.paths.extend(paths.paths);
+    openapi
+        .components
+        .get_or_insert_with(Default::default)
+        .schemas
+        .extend(schemas);
+    router
 }
 
 /// `POST /admin/keys/import` with its own body limit (`import::IMPORT_BODY_LIMIT`), set on the

@@ -1,4 +1,4 @@
-//! `/admin/tiers`: list, create, and replace a tier's feature set.
+//! `/admin/tiers`: list, create, and replace a tier's feature set (and its proxy upstream).
 
 use std::collections::BTreeMap;
 
@@ -15,9 +15,11 @@ use super::extract::{
     whole_number, IdPath, JsonBody, ObjectOnly,
 };
 use super::openapi::{AdminOnly, JsonBodyErrors, StorageErrors};
+use super::tier_upstream;
 use super::write::{admin_write, read_back, settle, WriteMarker};
 use super::SharedState;
 use crate::error::{ApiError, ErrorBody};
+use crate::model::upstream::TierUpstream;
 use crate::model::{FeatureLimit, TierRecord};
 use crate::store::StoreError;
 
@@ -38,6 +40,10 @@ pub struct TierBody {
     /// whole set on PATCH.
     #[schema(schema_with = features_schema)]
     features: BTreeMap<String, ObjectOnly<FeatureBody>>,
+    /// Proxy mode (SPEC §8.6): absent or `null`, the tier is not proxied.
+    #[serde(default, deserialize_with = "tier_upstream::present")]
+    #[schema(schema_with = tier_upstream::nullable_upstream_schema)]
+    upstream: Option<serde_json::Value>,
 }
 
 /// `PATCH /admin/tiers`: the tier named `name` with its new feature set, and optionally a new
@@ -57,6 +63,10 @@ pub struct TierPatchBody {
     /// whole set.
     #[schema(schema_with = features_schema)]
     features: BTreeMap<String, ObjectOnly<FeatureBody>>,
+    /// Proxy mode (SPEC §8.6): absent leaves it unchanged, `null` removes it.
+    #[serde(default, deserialize_with = "tier_upstream::present")]
+    #[schema(schema_with = tier_upstream::nullable_upstream_schema)]
+    upstream: Option<serde_json::Value>,
 }
 
 fn new_name_schema() -> Object {
@@ -110,6 +120,9 @@ pub struct Tier {
     name: String,
     description: String,
     features: BTreeMap<String, FeatureLimits>,
+    /// Proxy mode (SPEC §8.6): `null` when the tier is not proxied.
+    #[schema(required = true)]
+    upstream: Option<TierUpstream>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -171,6 +184,7 @@ impl From<&TierRecord> for Tier {
                     (f.clone(), limits)
                 })
                 .collect(),
+            upstream: tier.upstream.clone(),
         }
     }
 }
@@ -228,6 +242,10 @@ pub async fn create(
         name: body.name.clone(),
         description,
         features: features(&body.features)?,
+        upstream: match &body.upstream {
+            Some(given) => tier_upstream::parse(given)?,
+            None => None,
+        },
     };
     let created = admin_write(&state, marker, move |state| async move {
         let conflict =
@@ -291,6 +309,11 @@ pub async fn update(
         check_description(d)?;
     }
     let features = features(&body.features)?;
+    let upstream = body
+        .upstream
+        .as_ref()
+        .map(tier_upstream::parse)
+        .transpose()?;
     let updated = admin_write(&state, marker, move |state| async move {
         let existing = state
             .pool
@@ -309,6 +332,7 @@ pub async fn update(
             name: name.clone(),
             description: body.description.unwrap_or(existing.description.clone()),
             features,
+            upstream: upstream.unwrap_or(existing.upstream.clone()),
             ..existing.clone()
         };
         match state.db.update_tier(&tier).await {

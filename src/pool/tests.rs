@@ -24,6 +24,7 @@ fn tier(id: &str, features: &[(&str, i64, i64)]) -> TierRecord {
                 )
             })
             .collect(),
+        upstream: None,
     }
 }
 

@@ -76,6 +76,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "operate",
         include_str!("../../migrations/007_operate.sql"),
     ),
+    (
+        10,
+        "tier_upstream",
+        include_str!("../../migrations/010_tier_upstream.sql"),
+    ),
 ];
 
 /// A value bound to a statement of an admin write.
@@ -258,8 +263,22 @@ pub fn tier_deletion(id: &str) -> Vec<Statement> {
         (sql::DELETE_TIER_COOLDOWN, id()),
         (sql::DELETE_KEYS_OF_TIER, id()),
         (sql::DELETE_SCOPES_OF_TIER, id()),
+        (sql::DELETE_TIER_UPSTREAM, id()),
         (sql::DELETE_TIER, id()),
     ]
+}
+
+/// Writing tier `tier`'s upstream (SPEC §8.6) as it is now: the old row goes, the new one (if
+/// any) comes — run in the same transaction as the tier's other rows.
+pub fn upstream_statements(tier: &TierRecord) -> Vec<Statement> {
+    let mut out = vec![(sql::DELETE_TIER_UPSTREAM, vec![Param::text(&tier.id)])];
+    if let Some(upstream) = &tier.upstream {
+        out.push((
+            sql::INSERT_TIER_UPSTREAM,
+            vec![Param::text(&tier.id), Param::text(upstream.to_stored())],
+        ));
+    }
+    out
 }
 
 /// The database, whichever driver runs it.
@@ -938,6 +957,12 @@ pub mod sql {
     pub const DELETE_KEY_SECRET: &str = "DELETE FROM key_secrets WHERE key_id = ? AND name = ?";
 
     pub const DELETE_TIER: &str = "DELETE FROM tiers WHERE id = ?";
+    pub const SELECT_TIER_UPSTREAMS: &str = "SELECT tier_id, upstream_json FROM tier_upstreams";
+    pub const SELECT_UPSTREAM_OF: &str =
+        "SELECT tier_id, upstream_json FROM tier_upstreams WHERE tier_id = ?";
+    pub const DELETE_TIER_UPSTREAM: &str = "DELETE FROM tier_upstreams WHERE tier_id = ?";
+    pub const INSERT_TIER_UPSTREAM: &str =
+        "INSERT INTO tier_upstreams (tier_id, upstream_json) VALUES (?, ?)";
     pub const DELETE_TIER_COOLDOWN: &str = "DELETE FROM tier_health WHERE tier_id = ?";
     pub const DELETE_SECRETS_OF_TIER: &str =
         "DELETE FROM key_secrets WHERE key_id IN (SELECT id FROM keys WHERE tier_id = ?)";
@@ -1397,12 +1422,14 @@ pub struct SnapshotRows {
     pub health: Vec<(String, HealthRecord)>,
     /// (tier_id, cooled until)
     pub tier_cooldowns: Vec<(String, crate::timestamp::Timestamp)>,
+    /// (tier_id, upstream JSON) — SPEC §8.6
+    pub upstreams: Vec<(String, String)>,
 }
 
 impl SnapshotRows {
     /// The queries that load the pool, each with how a row of it is kept; a driver runs them
     /// in order and feeds every row to its function.
-    pub const READS: [SnapshotRead; 8] = [
+    pub const READS: [SnapshotRead; 9] = [
         (sql::SELECT_TIERS, keep_tier),
         (sql::SELECT_TIER_FEATURES, keep_feature),
         (sql::SELECT_KEYS, keep_key),
@@ -1411,11 +1438,13 @@ impl SnapshotRows {
         (sql::SELECT_SCOPES, keep_scope),
         (sql::SELECT_HEALTH, keep_health),
         (sql::SELECT_TIER_HEALTH, keep_tier_health),
+        (sql::SELECT_TIER_UPSTREAMS, keep_upstream),
     ];
     /// One tier with its features; each query binds the tier id.
-    pub const TIER_READS: [SnapshotRead; 2] = [
+    pub const TIER_READS: [SnapshotRead; 3] = [
         (sql::SELECT_TIER, keep_tier),
         (sql::SELECT_FEATURES_OF, keep_feature),
+        (sql::SELECT_UPSTREAM_OF, keep_upstream),
     ];
     /// One key with its secrets; each query binds the key id.
     pub const KEY_READS: [SnapshotRead; 2] = [
@@ -1439,6 +1468,7 @@ impl SnapshotRows {
                 name,
                 description,
                 features: Default::default(),
+                upstream: None,
             })
             .collect();
         let tier_pos: HashMap<String, usize> = tiers
@@ -1461,6 +1491,11 @@ impl SnapshotRows {
                         window_seconds,
                     },
                 );
+            }
+        }
+        for (tier_id, json) in self.upstreams {
+            if let Some(&i) = tier_pos.get(&tier_id) {
+                tiers[i].upstream = crate::model::upstream::TierUpstream::from_stored(&tier_id, &json);
             }
         }
         let mut keys = self.keys;
@@ -1501,6 +1536,12 @@ fn keep_tier(rows: &mut SnapshotRows, r: &dyn Cells) {
         r.text(1).unwrap_or_default(),
         r.text(2).unwrap_or_default(),
     ))
+}
+
+fn keep_upstream(rows: &mut SnapshotRows, r: &dyn Cells) {
+    if let (Some(tier_id), Some(json)) = (r.text(0), r.text(1)) {
+        rows.upstreams.push((tier_id, json));
+    }
 }
 
 fn keep_feature(rows: &mut SnapshotRows, r: &dyn Cells) {

@@ -61,7 +61,7 @@ macro_rules! on_both_drivers {
 }
 
 /// Every table the service keeps (the Go schema's seven, `schema_migrations`, then ours).
-pub const TABLES: [&str; 15] = [
+pub const TABLES: [&str; 16] = [
     "tiers",
     "tier_features",
     "keys",
@@ -77,6 +77,7 @@ pub const TABLES: [&str; 15] = [
     "usage_index_state",
     "usage_rollup",
     "usage_rollup_state",
+    "tier_upstreams",
 ];
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
