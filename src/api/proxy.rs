@@ -164,6 +164,7 @@ pub async fn forward(
             Ok(c) => c,
             Err(e) => match held.take() {
                 Some(answer) => return Ok(relay(answer, attempt - 1, None, deadline)),
+                None if attempt > 1 => return Err(unreachable_upstream()),
                 None => return Err(e),
             },
         };
@@ -202,9 +203,7 @@ pub async fn forward(
                 if matches!(upload, Upload::Replayable(_)) && Instant::now() < ends_at {
                     continue;
                 }
-                return Err(ApiError::BadGateway(
-                    "could not connect to the upstream".into(),
-                ));
+                return Err(unreachable_upstream());
             }
             Ok(Err(e)) => {
                 let word = if e.is_timeout() { "timeout" } else { "error" };
@@ -270,10 +269,12 @@ pub async fn forward(
     match held {
         Some(answer) => Ok(relay(answer, MAX_ATTEMPTS, None, deadline)),
         // Every attempt failed to connect.
-        None => Err(ApiError::BadGateway(
-            "could not connect to the upstream".into(),
-        )),
+        None => Err(unreachable_upstream()),
     }
+}
+
+fn unreachable_upstream() -> ApiError {
+    ApiError::BadGateway("could not connect to the upstream".into())
 }
 
 fn timed_out(timeout: Duration) -> ApiError {

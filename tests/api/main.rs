@@ -19,5 +19,6 @@ mod observe;
 mod openapi;
 mod operate;
 mod process;
+mod proxy;
 mod remote;
 mod usage_query;
