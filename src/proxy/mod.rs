@@ -185,7 +185,8 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// The caller's headers as the upstream gets them: hop-by-hop, `Host`, framing, every caller
+/// The caller's headers as the upstream gets them: hop-by-hop, `Host`, framing, `Expect`
+/// (the body was read already), every caller
 /// credential and the tier's auth header dropped; the tier's static headers and the key (in
 /// its header, marked sensitive) added; `Accept-Encoding: identity`, so an error body can be
 /// searched for the key.
@@ -200,7 +201,7 @@ pub fn upstream_headers(
         let n = name.as_str();
         let dropped = HOP_BY_HOP.contains(&n)
             || CALLER_CREDENTIALS.contains(&n)
-            || matches!(n, "host" | "content-length" | "accept-encoding")
+            || matches!(n, "host" | "content-length" | "accept-encoding" | "expect")
             || listed.contains(name)
             || upstream.headers.contains_key(n)
             || matches!(&upstream.auth, UpstreamAuth::Header { header, .. } if header == n);
