@@ -34,7 +34,10 @@ async fn small() -> Response {
 }
 
 async fn sse(Query(q): Query<Sse>) -> Response {
-    let (events, gap) = (q.events.unwrap_or(5), Duration::from_millis(q.gap_ms.unwrap_or(0)));
+    let (events, gap) = (
+        q.events.unwrap_or(5),
+        Duration::from_millis(q.gap_ms.unwrap_or(0)),
+    );
     let stream = futures_util::stream::unfold(0u32, move |n| async move {
         if n >= events {
             return None;
@@ -46,7 +49,10 @@ async fn sse(Query(q): Query<Sse>) -> Response {
         Some((Ok::<_, std::io::Error>(event), n + 1))
     });
     (
-        [("content-type", "text/event-stream"), ("cache-control", "no-cache")],
+        [
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-cache"),
+        ],
         Body::from_stream(stream),
     )
         .into_response()
@@ -55,7 +61,8 @@ async fn sse(Query(q): Query<Sse>) -> Response {
 async fn big(Query(q): Query<Big>) -> Response {
     let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
     let chunks = q.mib.unwrap_or(1024) * 16;
-    let stream = futures_util::stream::iter(0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone()));
+    let stream =
+        futures_util::stream::iter(0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone()));
     (
         [("content-type", "application/octet-stream")],
         Body::from_stream(stream),
@@ -67,7 +74,10 @@ use futures_util::StreamExt;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let port: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let port: u16 = std::env::args()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     let app = Router::new()
         .route("/small", any(small))
         .route("/sse", get(sse))

@@ -93,7 +93,9 @@ impl FromRequestParts<SharedState> for ProxyCaller {
             .map(str::trim)
             .filter(|t| !t.is_empty());
         let Some(token) = given else {
-            return Caller::from_request_parts(parts, state).await.map(ProxyCaller);
+            return Caller::from_request_parts(parts, state)
+                .await
+                .map(ProxyCaller);
         };
         if is_admin(state, token) {
             return Ok(ProxyCaller(Caller::Admin));

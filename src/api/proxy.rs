@@ -29,8 +29,8 @@ use crate::error::{ApiError, ErrorBody};
 use crate::model::upstream::TierUpstream;
 use crate::pool::health::{self, OutcomeClass, OutcomeReport, TransportError};
 use crate::pool::{Caller, Draw};
-use crate::proxy::relay::{End, OnEnd, Relay};
 use crate::proxy::redact::Redactor;
+use crate::proxy::relay::{End, OnEnd, Relay};
 use crate::proxy::{self as plumbing, ERROR_PREFIX, IDLE_TIMEOUT, RETRY_BUFFER};
 
 /// Attempts per proxied request, the first included.
@@ -179,12 +179,18 @@ pub async fn forward(
                 "the tier of feature '{feature}' no longer has an upstream"
             )));
         };
-        let (ends_at, timeout) =
-            *deadline.get_or_insert_with(|| (Instant::now() + upstream.timeout(), upstream.timeout()));
+        let (ends_at, timeout) = *deadline
+            .get_or_insert_with(|| (Instant::now() + upstream.timeout(), upstream.timeout()));
         let material = pooled.material.as_ref().map_err(|_| ApiError::Internal)?;
         let key_value = material.value.expose();
         let request = build_request(
-            &client, &parts, &upstream, path, query, key_value, &mut upload,
+            &client,
+            &parts,
+            &upstream,
+            path,
+            query,
+            key_value,
+            &mut upload,
         )?;
         let started = std::time::Instant::now();
         let sent = tokio::time::timeout_at(ends_at, client.execute(request)).await;
@@ -254,9 +260,9 @@ pub async fn forward(
         record(status_report).await;
         let retry = match class {
             OutcomeClass::AuthInvalid | OutcomeClass::QuotaExhausted => true,
-            OutcomeClass::RateLimited => {
-                !state.pool.tier_throttled(&pooled.tier_id, std::time::Instant::now())
-            }
+            OutcomeClass::RateLimited => !state
+                .pool
+                .tier_throttled(&pooled.tier_id, std::time::Instant::now()),
             _ => false,
         };
         let replayable = matches!(upload, Upload::Replayable(_));
@@ -346,9 +352,8 @@ fn build_request(
     key: &str,
     upload: &mut Upload,
 ) -> Result<reqwest::Request, ApiError> {
-    let url = plumbing::target_url(upstream, path, query, key).ok_or_else(|| {
-        ApiError::BadRequest(plumbing::PathError::Traversal.to_string())
-    })?;
+    let url = plumbing::target_url(upstream, path, query, key)
+        .ok_or_else(|| ApiError::BadRequest(plumbing::PathError::Traversal.to_string()))?;
     let mut headers =
         plumbing::upstream_headers(&parts.headers, upstream, key).ok_or(ApiError::Internal)?;
     let mut builder = client.request(parts.method.clone(), url);

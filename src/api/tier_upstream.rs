@@ -23,7 +23,8 @@ const TOKEN_PATTERN: &str = "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$";
 const QUERY_NAME_PATTERN: &str = "^[A-Za-z0-9._~-]+$";
 /// Visible ASCII, space and tab: what every HTTP/1.1 and HTTP/2 hop accepts.
 const HEADER_VALUE_PATTERN: &str = "^[\\x20-\\x7e\\t]*$";
-const URL_PATTERN: &str = "^[hH][tT][tT][pP][sS]?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~!$&'()*+,;=:%/-]*)?$";
+const URL_PATTERN: &str =
+    "^[hH][tT][tT][pP][sS]?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~!$&'()*+,;=:%/-]*)?$";
 
 /// Headers the proxy owns: hop-by-hop ones, framing, `Host`. A tier may neither inject its key
 /// in them nor set them statically.
@@ -71,7 +72,8 @@ pub fn parse(value: &Value) -> Result<Option<TierUpstream>, ApiError> {
     let Some(Value::String(base_url)) = object.get("base_url") else {
         return bad("base_url is required: an http:// or https:// URL".into());
     };
-    let base_url = base_url_of(base_url).map_err(|e| ApiError::BadRequest(format!("upstream.base_url {e}")))?;
+    let base_url = base_url_of(base_url)
+        .map_err(|e| ApiError::BadRequest(format!("upstream.base_url {e}")))?;
     let auth = match object.get("auth") {
         Some(Value::Object(auth)) => auth_of(auth)?,
         _ => {
@@ -109,7 +111,9 @@ pub fn parse(value: &Value) -> Result<Option<TierUpstream>, ApiError> {
                     }
                 }
                 if headers.insert(name.clone(), value.clone()).is_some() {
-                    return bad(format!("headers.{name} is given twice (names are case-insensitive)"));
+                    return bad(format!(
+                        "headers.{name} is given twice (names are case-insensitive)"
+                    ));
                 }
             }
         }
@@ -274,7 +278,8 @@ pub fn upstream_schema() -> Object {
         ))
         .property(
             "base_url",
-            string(URL_PATTERN, MAX_URL_CHARS).examples([serde_json::json!("https://api.firecrawl.dev")]),
+            string(URL_PATTERN, MAX_URL_CHARS)
+                .examples([serde_json::json!("https://api.firecrawl.dev")]),
         )
         .property(
             "auth",

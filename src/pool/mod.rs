@@ -817,7 +817,10 @@ impl Pool {
     }
 
     /// Tier `id`'s name and upstream (SPEC §8.6), if it has one.
-    pub fn tier_upstream(&self, id: &str) -> Option<(String, crate::model::upstream::TierUpstream)> {
+    pub fn tier_upstream(
+        &self,
+        id: &str,
+    ) -> Option<(String, crate::model::upstream::TierUpstream)> {
         let index = self.index.read();
         let tier = index.tiers.get(id)?;
         Some((tier.record.name.clone(), tier.record.upstream.clone()?))

@@ -1495,7 +1495,8 @@ impl SnapshotRows {
         }
         for (tier_id, json) in self.upstreams {
             if let Some(&i) = tier_pos.get(&tier_id) {
-                tiers[i].upstream = crate::model::upstream::TierUpstream::from_stored(&tier_id, &json);
+                tiers[i].upstream =
+                    crate::model::upstream::TierUpstream::from_stored(&tier_id, &json);
             }
         }
         let mut keys = self.keys;

@@ -251,11 +251,31 @@ async fn the_key_is_injected_per_scheme_and_the_callers_token_never_leaves() {
     let app = spawn_app().await;
     let stub = start_stub().await;
     let schemes = [
-        ("bearer", json!({ "header": "Authorization", "prefix": "Bearer " }), "authorization", "Bearer "),
-        ("token", json!({ "header": "Authorization", "prefix": "Token " }), "authorization", "Token "),
-        ("raw", json!({ "header": "authorization" }), "authorization", ""),
+        (
+            "bearer",
+            json!({ "header": "Authorization", "prefix": "Bearer " }),
+            "authorization",
+            "Bearer ",
+        ),
+        (
+            "token",
+            json!({ "header": "Authorization", "prefix": "Token " }),
+            "authorization",
+            "Token ",
+        ),
+        (
+            "raw",
+            json!({ "header": "authorization" }),
+            "authorization",
+            "",
+        ),
         ("xapikey", json!({ "header": "x-api-key" }), "x-api-key", ""),
-        ("xiapikey", json!({ "header": "xi-api-key" }), "xi-api-key", ""),
+        (
+            "xiapikey",
+            json!({ "header": "xi-api-key" }),
+            "xi-api-key",
+            "",
+        ),
     ];
     let (_, consumer_token) = {
         let mut tiers = Vec::new();
@@ -309,18 +329,31 @@ async fn the_key_is_injected_per_scheme_and_the_callers_token_never_leaves() {
         );
         assert_eq!(seen.headers["x-static"], "yes");
         assert_eq!(seen.headers["content-type"], "application/json");
-        assert_eq!(seen.headers["host"], stub.base.trim_start_matches("http://"));
+        assert_eq!(
+            seen.headers["host"],
+            stub.base.trim_start_matches("http://")
+        );
         let text = seen.all_text();
-        for leaked in [consumer_token.as_str(), "caller-sdk-placeholder", "sdk-dummy", "session=caller"] {
-            assert!(!text.contains(leaked), "{name}: {leaked} reached the upstream:\n{text}");
+        for leaked in [
+            consumer_token.as_str(),
+            "caller-sdk-placeholder",
+            "sdk-dummy",
+            "session=caller",
+        ] {
+            assert!(
+                !text.contains(leaked),
+                "{name}: {leaked} reached the upstream:\n{text}"
+            );
         }
         assert!(!seen.headers.contains_key("x-keypool-token"));
     }
     // The query scheme: the caller's own api_key parameter is replaced, not doubled.
     let r = app
-        .send(
-            app.proxy(reqwest::Method::GET, "/f-query/search?q=1&api_key=caller-guess", &consumer_token),
-        )
+        .send(app.proxy(
+            reqwest::Method::GET,
+            "/f-query/search?q=1&api_key=caller-guess",
+            &consumer_token,
+        ))
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let seen = stub.seen().pop().expect("request");
@@ -335,19 +368,29 @@ async fn the_key_is_injected_per_scheme_and_the_callers_token_never_leaves() {
 async fn retries_on_429_401_402_go_to_another_key_and_the_caller_sees_only_the_last_answer() {
     let app = spawn_app().await;
     let stub = start_stub().await;
-    for (status, class) in [(429u16, "rate_limited"), (401, "auth_invalid"), (402, "quota_exhausted")] {
+    for (status, class) in [
+        (429u16, "rate_limited"),
+        (401, "auth_invalid"),
+        (402, "quota_exhausted"),
+    ] {
         let tier = format!("t{status}");
         let feature = format!("f{status}");
         proxied_tier(&app, &tier, &feature, bearer_upstream(&stub.base)).await;
         // Round-robin starts at the tier's first key: the failing one.
         let bad = format!("bad-{status}-key");
         let good = format!("good-{status}-key");
-        app.add_key(json!({ "name": bad, "key": bad, "tier": tier })).await;
-        app.add_key(json!({ "name": good, "key": good, "tier": tier })).await;
+        app.add_key(json!({ "name": bad, "key": bad, "tier": tier }))
+            .await;
+        app.add_key(json!({ "name": good, "key": good, "tier": tier }))
+            .await;
         stub.answer_for(&bad, status, "{\"error\":\"no\"}");
         let before = stub.seen().len();
         let r = app
-            .send(app.proxy(reqwest::Method::GET, &format!("/{feature}/by-key"), ADMIN_TOKEN))
+            .send(app.proxy(
+                reqwest::Method::GET,
+                &format!("/{feature}/by-key"),
+                ADMIN_TOKEN,
+            ))
             .await;
         assert_eq!(r.status, StatusCode::OK, "{status}: {}", r.text);
         assert_eq!(r.body, json!({ "ok": true }));
@@ -356,7 +399,10 @@ async fn retries_on_429_401_402_go_to_another_key_and_the_caller_sees_only_the_l
             .iter()
             .map(|s| s.headers["authorization"].to_str().unwrap().to_owned())
             .collect();
-        assert_eq!(seen, vec![format!("Bearer {bad}"), format!("Bearer {good}")]);
+        assert_eq!(
+            seen,
+            vec![format!("Bearer {bad}"), format!("Bearer {good}")]
+        );
         // Two serves audited: the failed one with its class, the answered one ok.
         let rows = app
             .rows_with(
@@ -375,7 +421,11 @@ async fn retries_on_429_401_402_go_to_another_key_and_the_caller_sees_only_the_l
         let name = key["name"].as_str().unwrap();
         let health = &key["health"];
         if let Some(status) = name.strip_prefix("bad-").and_then(|n| n.split('-').next()) {
-            assert_eq!(health["last_status"].to_string(), status, "{name}: {health}");
+            assert_eq!(
+                health["last_status"].to_string(),
+                status,
+                "{name}: {health}"
+            );
         }
         if name.starts_with("bad-401") {
             assert_eq!(health["state"], "cooling", "{name}");
@@ -396,10 +446,13 @@ async fn when_every_key_fails_the_last_upstream_answer_is_passed_on_after_at_mos
     proxied_tier(&app, "t", "f", bearer_upstream(&stub.base)).await;
     for i in 0..4 {
         let key = format!("dead-key-{i}");
-        app.add_key(json!({ "name": key, "key": key, "tier": "t" })).await;
+        app.add_key(json!({ "name": key, "key": key, "tier": "t" }))
+            .await;
         stub.answer_for(&key, 401, "{\"error\":\"unauthorized\"}");
     }
-    let r = app.send(app.proxy(reqwest::Method::GET, "/f/by-key", ADMIN_TOKEN)).await;
+    let r = app
+        .send(app.proxy(reqwest::Method::GET, "/f/by-key", ADMIN_TOKEN))
+        .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text);
     assert_eq!(r.body, json!({ "error": "unauthorized" }));
     assert_eq!(r.headers["x-keypool-attempts"], "3");
@@ -407,9 +460,12 @@ async fn when_every_key_fails_the_last_upstream_answer_is_passed_on_after_at_mos
 
     // One key, rate limited: its 429 and Retry-After come back after the one attempt.
     proxied_tier(&app, "one", "g", bearer_upstream(&stub.base)).await;
-    app.add_key(json!({ "name": "only", "key": "only-key", "tier": "one" })).await;
+    app.add_key(json!({ "name": "only", "key": "only-key", "tier": "one" }))
+        .await;
     stub.answer_for("only-key", 429, "slow down");
-    let r = app.send(app.proxy(reqwest::Method::GET, "/g/by-key", ADMIN_TOKEN)).await;
+    let r = app
+        .send(app.proxy(reqwest::Method::GET, "/g/by-key", ADMIN_TOKEN))
+        .await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(r.text, "slow down");
     assert_eq!(r.headers["retry-after"], "1");
@@ -422,15 +478,22 @@ async fn a_400_is_not_retried() {
     let app = spawn_app().await;
     let stub = start_stub().await;
     proxied_tier(&app, "t", "f", bearer_upstream(&stub.base)).await;
-    app.add_key(json!({ "name": "a", "key": "key-a", "tier": "t" })).await;
-    app.add_key(json!({ "name": "b", "key": "key-b", "tier": "t" })).await;
+    app.add_key(json!({ "name": "a", "key": "key-a", "tier": "t" }))
+        .await;
+    app.add_key(json!({ "name": "b", "key": "key-b", "tier": "t" }))
+        .await;
     stub.answer_for("key-a", 400, "{\"error\":\"bad field\"}");
-    let r = app.send(app.proxy(reqwest::Method::POST, "/f/by-key", ADMIN_TOKEN)).await;
+    let r = app
+        .send(app.proxy(reqwest::Method::POST, "/f/by-key", ADMIN_TOKEN))
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.body, json!({ "error": "bad field" }));
     assert_eq!(r.headers["x-keypool-attempts"], "1");
     assert_eq!(stub.seen().len(), 1);
-    assert_eq!(outcome_of(&app, &serve_id(&r)).await, ("client_error".into(), Some("400".into())));
+    assert_eq!(
+        outcome_of(&app, &serve_id(&r)).await,
+        ("client_error".into(), Some("400".into()))
+    );
 }
 
 // Issue 13 item 3: SSE events reach the caller one by one: the first before the stub sends
@@ -440,7 +503,8 @@ async fn sse_events_arrive_incrementally() {
     let app = spawn_app().await;
     let stub = start_stub().await;
     proxied_tier(&app, "t", "f", bearer_upstream(&stub.base)).await;
-    app.add_key(json!({ "name": "a", "key": "key-a", "tier": "t" })).await;
+    app.add_key(json!({ "name": "a", "key": "key-a", "tier": "t" }))
+        .await;
     let mut r = app
         .proxy(reqwest::Method::GET, "/f/sse", ADMIN_TOKEN)
         .send()
@@ -471,11 +535,16 @@ async fn an_upstream_that_is_down_answers_502_json() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
     };
-    let upstream = json!({ "base_url": format!("http://{closed}"), "auth": { "header": "x-api-key" } });
+    let upstream =
+        json!({ "base_url": format!("http://{closed}"), "auth": { "header": "x-api-key" } });
     proxied_tier(&app, "t", "f", upstream).await;
-    app.add_key(json!({ "name": "a", "key": "key-a", "tier": "t" })).await;
-    app.add_key(json!({ "name": "b", "key": "key-b", "tier": "t" })).await;
-    let r = app.send(app.proxy(reqwest::Method::GET, "/f/x", ADMIN_TOKEN)).await;
+    app.add_key(json!({ "name": "a", "key": "key-a", "tier": "t" }))
+        .await;
+    app.add_key(json!({ "name": "b", "key": "key-b", "tier": "t" }))
+        .await;
+    let r = app
+        .send(app.proxy(reqwest::Method::GET, "/f/x", ADMIN_TOKEN))
+        .await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text);
     assert!(r.error().contains("could not connect"));
     let rows = app
@@ -490,12 +559,17 @@ async fn an_upstream_that_is_down_answers_502_json() {
 async fn slow_headers_time_out_with_504_json() {
     let app = spawn_app().await;
     let stub = start_stub().await;
-    let upstream = json!({ "base_url": stub.base, "auth": { "header": "x-api-key" }, "timeout_seconds": 1 });
+    let upstream =
+        json!({ "base_url": stub.base, "auth": { "header": "x-api-key" }, "timeout_seconds": 1 });
     proxied_tier(&app, "t", "f", upstream).await;
-    app.add_key(json!({ "name": "a", "key": "key-a", "tier": "t" })).await;
-    app.add_key(json!({ "name": "b", "key": "key-b", "tier": "t" })).await;
+    app.add_key(json!({ "name": "a", "key": "key-a", "tier": "t" }))
+        .await;
+    app.add_key(json!({ "name": "b", "key": "key-b", "tier": "t" }))
+        .await;
     let started = std::time::Instant::now();
-    let r = app.send(app.proxy(reqwest::Method::GET, "/f/slow", ADMIN_TOKEN)).await;
+    let r = app
+        .send(app.proxy(reqwest::Method::GET, "/f/slow", ADMIN_TOKEN))
+        .await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text);
     assert!(r.error().contains("1 s"), "{}", r.text);
     assert!(started.elapsed() < Duration::from_secs(20));
@@ -511,23 +585,32 @@ async fn slow_headers_time_out_with_504_json() {
 async fn a_stalled_stream_is_cut_and_not_retried_after_bytes_went_out() {
     let app = spawn_app().await;
     let stub = start_stub().await;
-    let upstream = json!({ "base_url": stub.base, "auth": { "header": "x-api-key" }, "timeout_seconds": 1 });
+    let upstream =
+        json!({ "base_url": stub.base, "auth": { "header": "x-api-key" }, "timeout_seconds": 1 });
     proxied_tier(&app, "t", "f", upstream).await;
-    app.add_key(json!({ "name": "a", "key": "key-a", "tier": "t" })).await;
-    app.add_key(json!({ "name": "b", "key": "key-b", "tier": "t" })).await;
+    app.add_key(json!({ "name": "a", "key": "key-a", "tier": "t" }))
+        .await;
+    app.add_key(json!({ "name": "b", "key": "key-b", "tier": "t" }))
+        .await;
     let mut r = app
         .proxy(reqwest::Method::GET, "/f/stall", ADMIN_TOKEN)
         .send()
         .await
         .expect("sent");
     assert_eq!(r.status(), StatusCode::OK);
-    let id = r.headers()["x-keypool-serve-id"].to_str().unwrap().to_owned();
+    let id = r.headers()["x-keypool-serve-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let first = r.chunk().await.expect("first chunk").expect("bytes");
     assert_eq!(&first[..], b"first chunk;");
     let rest = tokio::time::timeout(Duration::from_secs(20), r.chunk())
         .await
         .expect("the stalled body is cut, not left hanging");
-    assert!(rest.is_err(), "the body must end in an error, not look complete: {rest:?}");
+    assert!(
+        rest.is_err(),
+        "the body must end in an error, not look complete: {rest:?}"
+    );
     assert_eq!(stub.seen().len(), 1);
     assert_eq!(outcome_of(&app, &id).await.0, "upstream_error");
 }
@@ -543,7 +626,10 @@ async fn raw_status(app: &TestApp, target: &str) -> u16 {
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).await.expect("read");
     let text = String::from_utf8_lossy(&answer);
-    text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 // Issue 13 item 5: traversal and absolute URLs are refused with 400 before anything is drawn
@@ -553,7 +639,8 @@ async fn path_traversal_and_absolute_urls_are_refused() {
     let app = spawn_app().await;
     let stub = start_stub().await;
     proxied_tier(&app, "t", "f", bearer_upstream(&stub.base)).await;
-    app.add_key(json!({ "name": "a", "key": "key-a", "tier": "t" })).await;
+    app.add_key(json!({ "name": "a", "key": "key-a", "tier": "t" }))
+        .await;
     for target in [
         "/proxy/f/../../admin",
         "/proxy/f/a/../../x",
@@ -580,8 +667,11 @@ async fn a_key_in_an_upstream_error_body_never_reaches_the_caller() {
     let upstream = json!({ "base_url": stub.base, "auth": { "header": "x-api-key" } });
     proxied_tier(&app, "t", "f", upstream).await;
     let key = "sk-live-0123456789abcdef";
-    app.add_key(json!({ "name": "a", "key": key, "tier": "t" })).await;
-    let r = app.send(app.proxy(reqwest::Method::GET, "/f/leak", ADMIN_TOKEN)).await;
+    app.add_key(json!({ "name": "a", "key": key, "tier": "t" }))
+        .await;
+    let r = app
+        .send(app.proxy(reqwest::Method::GET, "/f/leak", ADMIN_TOKEN))
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(!r.text.contains(key), "{}", r.text);
     assert_eq!(
@@ -602,20 +692,32 @@ async fn proxy_answers_401_403_404_409_like_key_and_draws_nothing() {
     let stub = start_stub().await;
     proxied_tier(&app, "p", "proxied", bearer_upstream(&stub.base)).await;
     app.create_tier("plain", &[("direct", 10, 60)]).await;
-    app.add_key(json!({ "name": "a", "key": "key-a", "tier": "p" })).await;
-    app.add_key(json!({ "name": "b", "key": "key-b", "tier": "plain" })).await;
+    app.add_key(json!({ "name": "a", "key": "key-a", "tier": "p" }))
+        .await;
+    app.add_key(json!({ "name": "b", "key": "key-b", "tier": "plain" }))
+        .await;
     let (_, token) = app.consumer("c", &["plain"]).await;
     let none = app.send(app.client.get(app.url("/proxy/proxied/x"))).await;
     assert_eq!(none.status, StatusCode::UNAUTHORIZED);
     let wrong = app
-        .send(app.client.get(app.url("/proxy/proxied/x")).header("x-keypool-token", "nope"))
+        .send(
+            app.client
+                .get(app.url("/proxy/proxied/x"))
+                .header("x-keypool-token", "nope"),
+        )
         .await;
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
-    let out = app.send(app.proxy(reqwest::Method::GET, "/proxied/x", &token)).await;
+    let out = app
+        .send(app.proxy(reqwest::Method::GET, "/proxied/x", &token))
+        .await;
     assert_eq!(out.status, StatusCode::FORBIDDEN, "{}", out.text);
-    let unknown = app.send(app.proxy(reqwest::Method::GET, "/nosuch/x", &token)).await;
+    let unknown = app
+        .send(app.proxy(reqwest::Method::GET, "/nosuch/x", &token))
+        .await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
-    let off = app.send(app.proxy(reqwest::Method::GET, "/direct/x", &token)).await;
+    let off = app
+        .send(app.proxy(reqwest::Method::GET, "/direct/x", &token))
+        .await;
     assert_eq!(off.status, StatusCode::CONFLICT, "{}", off.text);
     assert!(off.error().contains("upstream"));
     assert_eq!(app.count("SELECT COUNT(*) FROM usage_events").await, 0);
@@ -630,21 +732,29 @@ async fn large_bodies_pass_both_ways_and_latency_is_measured() {
     let app = spawn_app().await;
     let stub = start_stub().await;
     proxied_tier(&app, "big-tier", "f", bearer_upstream(&stub.base)).await;
-    app.add_key(json!({ "name": "a", "key": "key-a", "tier": "big-tier" })).await;
+    app.add_key(json!({ "name": "a", "key": "key-a", "tier": "big-tier" }))
+        .await;
     for size in [3 * 1024 * 1024, 12 * 1024 * 1024] {
         let r = app
-            .send(app.proxy(reqwest::Method::PUT, "/f/upload", ADMIN_TOKEN).body(vec![b'u'; size]))
+            .send(
+                app.proxy(reqwest::Method::PUT, "/f/upload", ADMIN_TOKEN)
+                    .body(vec![b'u'; size]),
+            )
             .await;
         assert_eq!(r.status, StatusCode::OK, "{size}: {}", r.text);
         assert_eq!(r.body["length"], size, "{size}");
         assert_eq!(stub.seen().last().unwrap().body.len(), size);
     }
-    let r = app.send(app.proxy(reqwest::Method::GET, "/f/big", ADMIN_TOKEN)).await;
+    let r = app
+        .send(app.proxy(reqwest::Method::GET, "/f/big", ADMIN_TOKEN))
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.text.len(), 4 * 1024 * 1024);
     let metrics = app.get("/metrics", None).await.text;
     assert!(
-        metrics.contains("keypooler_proxy_upstream_duration_seconds_count{tier=\"big-tier\",status=\"200\"} 3"),
+        metrics.contains(
+            "keypooler_proxy_upstream_duration_seconds_count{tier=\"big-tier\",status=\"200\"} 3"
+        ),
         "{metrics}"
     );
 }
