@@ -825,3 +825,40 @@ async fn tier_upstream_is_validated_stored_patched_and_removed() {
     assert_eq!(app.count("SELECT COUNT(*) FROM tier_upstreams").await, 0);
 }
 }
+
+// Issue 13 item 4: once the tier is throttled as a whole (SPEC §8.2 host-level throttling: 3
+// keys rate limited within a minute), the proxy fans out to no further key: the next request
+// gets /key's 429 without reaching the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_tier_gets_no_fan_out_across_keys() {
+    let app = spawn_app().await;
+    let stub = start_stub().await;
+    proxied_tier(&app, "t", "f", bearer_upstream(&stub.base)).await;
+    for i in 0..4 {
+        let key = format!("limited-key-{i}");
+        app.add_key(json!({ "name": key, "key": key, "tier": "t" }))
+            .await;
+        stub.answer_for(&key, 429, "{\"error\":\"rate limited\"}");
+    }
+    let r = app
+        .send(app.proxy(reqwest::Method::GET, "/f/by-key", ADMIN_TOKEN))
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.body, json!({ "error": "rate limited" }));
+    assert_eq!(stub.seen().len(), 3);
+    let r = app
+        .send(app.proxy(reqwest::Method::GET, "/f/by-key", ADMIN_TOKEN))
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers.contains_key("retry-after"));
+    assert!(
+        !r.headers.contains_key("x-keypool-attempts"),
+        "answered by keypooler: {}",
+        r.text
+    );
+    assert_eq!(
+        stub.seen().len(),
+        3,
+        "no key was tried while the tier cools"
+    );
+}
