@@ -49,9 +49,9 @@ def first_event_ms(port, path, headers):
         conn.request("GET", path, headers=headers)
         r = conn.getresponse()
         assert r.status == 200, r.status
-        line = r.fp.readline()
+        line = r.readline()
         while line and not line.startswith(b"data:"):
-            line = r.fp.readline()
+            line = r.readline()
         samples.append((time.perf_counter() - t0) * 1000)
         r.read()
     conn.close()
@@ -130,6 +130,10 @@ def main():
         direct2 = wrk(f"http://127.0.0.1:{stub_port}/small")
         proxied2 = wrk(f"http://127.0.0.1:{port}/proxy/bench/small", token=ADMIN)
 
+        # The draw alone (same tier, same token): what every proxied attempt pays before its
+        # upstream request — a serve counted and audited in the group commit.
+        key_only = wrk(f"http://127.0.0.1:{port}/key?feature=bench", token=ADMIN)
+
         sse_direct = first_event_ms(stub_port, "/sse?events=3", {})
         sse_proxied = first_event_ms(port, "/proxy/bench/sse?events=3", auth)
 
@@ -141,7 +145,8 @@ def main():
 
         print(f"{'case':44} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
         for name, r in (("direct to the stub (small JSON)", direct), ("through /proxy (small JSON)", proxied),
-                        ("direct to the stub, again", direct2), ("through /proxy, again", proxied2)):
+                        ("direct to the stub, again", direct2), ("through /proxy, again", proxied2),
+                        ("GET /key alone (the draw each attempt makes)", key_only)):
             print(f"{name:44} {r['rps']:>10.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['non2xx'] + r['socket']:>8}")
         for label, d, p in (("run 1", direct, proxied), ("run 2", direct2, proxied2)):
             print(f"{label}: proxied/direct throughput {p['rps'] / d['rps']:.2f}x (goal >= 0.5x), "

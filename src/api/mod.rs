@@ -130,7 +130,8 @@ fn documented_routes() -> OpenApiRouter<SharedState> {
         .merge(proxy_route())
 }
 
-/// `ANY /proxy/{feature}/{*path}` (SPEC §8.6): axum's catch-all `{*path}` has no OpenAPI
+/// `/proxy/{feature}/{*path}` for GET (and HEAD), POST, PUT, PATCH and DELETE — the methods the
+/// document lists; any other is 405 like every route (SPEC §8.6): axum's catch-all `{*path}` has no OpenAPI
 /// spelling, so the route is registered under it while the document describes the same handler
 /// (its annotation) as `/proxy/{feature}/{path}`. Its request body is streamed by the handler,
 /// not read through `BODY_LIMIT` (README "Proxy mode" gives the limits).
@@ -138,7 +139,11 @@ fn proxy_route() -> OpenApiRouter<SharedState> {
     let (schemas, paths, _) = routes!(proxy::forward);
     let mut router = OpenApiRouter::new().route(
         "/proxy/{feature}/{*path}",
-        axum::routing::any(proxy::forward),
+        axum::routing::get(proxy::forward)
+            .post(proxy::forward)
+            .put(proxy::forward)
+            .patch(proxy::forward)
+            .delete(proxy::forward),
     );
     let openapi = router.get_openapi_mut();
     openapi.paths.paths.extend(paths.paths);

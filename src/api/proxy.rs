@@ -355,7 +355,13 @@ fn build_request(
     let url = plumbing::target_url(upstream, path, query, key)
         .ok_or_else(|| ApiError::BadRequest(plumbing::PathError::Traversal.to_string()))?;
     let mut headers =
-        plumbing::upstream_headers(&parts.headers, upstream, key).ok_or(ApiError::Internal)?;
+        plumbing::upstream_headers(&parts.headers, upstream, key).ok_or_else(|| {
+            ApiError::BadGateway(
+            "the drawn key cannot be sent in the tier's auth header (it holds characters a header \
+             value cannot); fix the key or the tier's auth"
+                .into(),
+        )
+        })?;
     let mut builder = client.request(parts.method.clone(), url);
     match upload {
         Upload::Replayable(bytes) if bytes.is_empty() => {}

@@ -103,13 +103,6 @@ pub fn parse(value: &Value) -> Result<Option<TierUpstream>, ApiError> {
                         "headers.{name} must be visible ASCII, spaces or tabs, at most {MAX_HEADER_VALUE_CHARS} characters"
                     ));
                 }
-                if let UpstreamAuth::Header { header, .. } = &auth {
-                    if header == &name {
-                        return bad(format!(
-                            "headers.{name} is the auth header; the key goes there"
-                        ));
-                    }
-                }
                 if headers.insert(name.clone(), value.clone()).is_some() {
                     return bad(format!(
                         "headers.{name} is given twice (names are case-insensitive)"

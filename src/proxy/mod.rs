@@ -188,8 +188,8 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 /// The caller's headers as the upstream gets them: hop-by-hop, `Host`, framing, `Expect`
 /// (the body was read already), every caller
 /// credential and the tier's auth header dropped; the tier's static headers and the key (in
-/// its header, marked sensitive) added; `Accept-Encoding: identity`, so an error body can be
-/// searched for the key.
+/// its header, marked sensitive, over a static header of the same name) added; `Accept-Encoding: identity`, so an error body can be
+/// searched for the key. `None` when the key cannot be a header value (control characters).
 pub fn upstream_headers(
     caller: &HeaderMap,
     upstream: &TierUpstream,

@@ -720,6 +720,16 @@ async fn proxy_answers_401_403_404_409_like_key_and_draws_nothing() {
         .await;
     assert_eq!(off.status, StatusCode::CONFLICT, "{}", off.text);
     assert!(off.error().contains("upstream"));
+    // Only the documented methods are routed (Schemathesis: TRACE answered 502 before).
+    let trace = app
+        .send(app.proxy(reqwest::Method::TRACE, "/proxied/x", ADMIN_TOKEN))
+        .await;
+    assert_eq!(
+        trace.status,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "{}",
+        trace.text
+    );
     assert_eq!(app.count("SELECT COUNT(*) FROM usage_events").await, 0);
     assert!(stub.seen().is_empty());
 }
