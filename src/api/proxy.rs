@@ -1,4 +1,4 @@
-//! `ANY /proxy/{feature}/{*path}` (SPEC §8.6, issue 13): draws a key exactly as `GET /key`
+//! `/proxy/{feature}/{*path}` (SPEC §8.6, issue 13; GET, POST, PUT, PATCH, DELETE): draws a key exactly as `GET /key`
 //! does (`key::serve`: same auth, scopes, gates, audit), forwards the request to the key's
 //! tier upstream with the key injected, and streams the answer back. Each attempt's outcome
 //! goes through `POST /serves/{serve_id}/outcome`'s own path (`outcomes::record`).
