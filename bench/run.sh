@@ -8,6 +8,12 @@ if ! command -v wrk >/dev/null 2>&1; then
   (apt-get install -y wrk || (apt-get update && apt-get install -y wrk)) >/dev/null
 fi
 cargo build --release --locked
+# `bash bench/run.sh proxy`: the proxy benchmark (bench/proxy.py) against examples/upstream_stub.rs.
+if [ "${1:-}" = "proxy" ]; then
+  shift
+  cargo build --release --locked --example upstream_stub
+  exec python3 bench/proxy.py "$@"
+fi
 # `bash bench/run.sh audit`: the audit benchmark (bench/audit.py; AUDIT_ROWS etc. in its header).
 if [ "${1:-}" = "audit" ]; then
   shift

@@ -42,6 +42,12 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Unavailable(String),
+    /// Proxy mode: the upstream could not be reached or broke off before answering.
+    #[error("{0}")]
+    BadGateway(String),
+    /// Proxy mode: the upstream did not answer within the tier's deadline.
+    #[error("{0}")]
+    GatewayTimeout(String),
     #[error("internal error")]
     Internal,
 }
@@ -60,6 +66,8 @@ impl ApiError {
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

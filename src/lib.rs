@@ -13,6 +13,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod model;
 pub mod pool;
+pub mod proxy;
 pub mod regbot;
 pub mod rekey;
 pub mod secret;

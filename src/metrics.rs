@@ -21,6 +21,7 @@ pub const COMMIT_DURATION: &str = "keypooler_commit_duration_seconds";
 pub const COMMITS: &str = "keypooler_commits_total";
 pub const POOL_LOAD: &str = "keypooler_pool_load_seconds";
 pub const OUTCOME_REPORTS: &str = "keypooler_outcome_reports_total";
+pub const PROXY_UPSTREAM_DURATION: &str = "keypooler_proxy_upstream_duration_seconds";
 
 /// Latency buckets (seconds): sub-millisecond serves up to the 30 s default write timeout.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -127,6 +128,12 @@ impl Metrics {
             "Outcome reports recorded (answered 200, repeats excluded) by class",
         );
         describe(
+            PROXY_UPSTREAM_DURATION,
+            Some(Unit::Seconds),
+            "Proxy mode: time from sending a request upstream to its response head (or failure), \
+             by tier and upstream status (timeout, connect or error when none came)",
+        );
+        describe(
             POOL_LOAD,
             Some(Unit::Seconds),
             "How long loading the pool from the database took at startup",
@@ -214,6 +221,19 @@ impl Metrics {
                 vec![Label::from_static_parts("class", class.as_str())],
             )
         }))
+    }
+
+    /// Records one proxied attempt's upstream latency (SPEC §8.1, §8.6). Registers on each call
+    /// (the proxy's path, not `/key`'s); labels are the tier's name and a status code or word.
+    pub fn proxy_upstream(&self, tier: &str, status: &str, took: Duration) {
+        self.histogram(
+            PROXY_UPSTREAM_DURATION,
+            vec![
+                Label::new("tier", tier.to_string()),
+                Label::new("status", status.to_string()),
+            ],
+        )
+        .record(took.as_secs_f64());
     }
 
     pub fn set_pool_load_time(&self, took: Duration) {

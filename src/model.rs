@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use crate::timestamp::Timestamp;
 
+pub mod upstream;
+
 /// A tier's limit for one feature: at most `rate_limit` serves per key per `window_seconds`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FeatureLimit {
@@ -26,6 +28,8 @@ pub struct TierRecord {
     /// Where the tier's keys also come from (SPEC §8.5): an explicit RegBot service, stored
     /// in `tier_sources`; `None` = stored keys only, or the seed's default mapping by name.
     pub source: Option<TierSource>,
+    /// Where `/proxy` forwards this tier's requests (SPEC §8.6); `None`: not proxied.
+    pub upstream: Option<upstream::TierUpstream>,
 }
 
 /// A tier's explicit RegBot service (`"source": {"regbot_service": …}`).

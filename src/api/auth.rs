@@ -77,3 +77,33 @@ impl FromRequestParts<SharedState> for Caller {
             .ok_or(ApiError::Unauthorized)
     }
 }
+
+/// Proxy mode's caller (SPEC §8.6): `X-Keypool-Token: <token>`, else `Authorization: Bearer
+/// <token>` — the same tokens, scopes and answers as `GET /key`.
+pub struct ProxyCaller(pub Caller);
+
+impl FromRequestParts<SharedState> for ProxyCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, ApiError> {
+        let given = parts
+            .headers
+            .get("x-keypool-token")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|t| !t.is_empty());
+        let Some(token) = given else {
+            return Caller::from_request_parts(parts, state)
+                .await
+                .map(ProxyCaller);
+        };
+        if is_admin(state, token) {
+            return Ok(ProxyCaller(Caller::Admin));
+        }
+        state
+            .pool
+            .consumer_for_token(token)
+            .map(|c| ProxyCaller(Caller::Consumer(c)))
+            .ok_or(ApiError::Unauthorized)
+    }
+}

@@ -105,13 +105,43 @@ pub async fn draw_key(
             "request timed out; nothing was changed".into(),
         ));
     }
+    let committed = serve(&state, &caller, &feature, cost, |_| true, |_| true).await?;
+    let (key, serve_id) = (committed.key, committed.serve_id);
+    let material = key.material.as_ref().map_err(|_| ApiError::Internal)?;
+    Ok(Json(Served {
+        key_id: &key.id,
+        serve_id: &serve_id,
+        value: material.value.expose(),
+        metadata: &key.metadata,
+        secrets: material
+            .secrets
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.expose()))
+            .collect(),
+    })
+    .into_response())
+}
+
+/// The draw of `GET /key` (SPEC §7) — also the proxy's, per attempt (SPEC §8.6): draws among
+/// the tiers `tier_ok` accepts, skipping keys `key_ok` refuses, and resolves once the serve's
+/// usage and audit row are committed (503 if that fails: nothing was served). `cost`: budget
+/// units (SPEC §8.4; the proxy's attempts cost 1). The caller has
+/// begun its write (`WriteMarker::begin_write`).
+pub async fn serve(
+    state: &SharedState,
+    caller: &Caller,
+    feature: &str,
+    cost: i64,
+    tier_ok: impl Fn(&crate::model::TierRecord) -> bool,
+    key_ok: impl Fn(&crate::pool::PoolKey) -> bool,
+) -> Result<crate::ledger::Committed, ApiError> {
     let ledger = &state.ledger;
     let now = Now::read();
     // Outcomes are recorded on the feature's cached handles (atomic increments, no lock); the
     // pool records its 429s itself.
     match state
         .pool
-        .draw_cost(&caller, &feature, cost, now, |r, meters| {
+        .draw_among(caller, feature, cost, now, tier_ok, key_ok, |r, meters| {
             (ledger.submit(r), meters.clone())
         }) {
         Draw::Served((pending, meters)) => {
@@ -121,21 +151,8 @@ pub async fn draw_key(
                     "usage could not be recorded, so no key was served; try again".into(),
                 )
             })?;
-            let (key, serve_id) = (committed.key, committed.serve_id);
-            let material = key.material.as_ref().map_err(|_| ApiError::Internal)?;
             meters.served.increment(1);
-            Ok(Json(Served {
-                key_id: &key.id,
-                serve_id: &serve_id,
-                value: material.value.expose(),
-                metadata: &key.metadata,
-                secrets: material
-                    .secrets
-                    .iter()
-                    .map(|(n, v)| (n.as_str(), v.expose()))
-                    .collect(),
-            })
-            .into_response())
+            Ok(committed)
         }
         Draw::UnknownFeature => Err(ApiError::NotFound(format!(
             "no tier lists feature '{feature}'"

@@ -11,8 +11,10 @@ mod keys;
 pub mod observe;
 pub mod openapi;
 mod outcomes;
+mod proxy;
 mod sources;
 mod tier_source;
+mod tier_upstream;
 mod tiers;
 pub mod ui;
 mod usage;
@@ -62,6 +64,8 @@ pub struct AppState {
     pub outcome_meters: crate::metrics::OutcomeMeters,
     /// The RegBot credentials source, when `REGBOT_DATABASE_URL` is set (SPEC §8.5).
     pub regbot: Option<Arc<crate::regbot::Source>>,
+    /// Proxy mode's upstream client (SPEC §8.6): one connection pool for every tier.
+    pub upstream_client: crate::proxy::Client,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -89,6 +93,7 @@ impl AppState {
             outcome_window: Duration::from_secs(3600),
             reports: outcomes::InFlight::default(),
             regbot: None,
+            upstream_client: crate::proxy::Client::default(),
         }
     }
 }
@@ -132,6 +137,32 @@ fn documented_routes() -> OpenApiRouter<SharedState> {
         .routes(routes!(sources::refresh))
         .routes(routes!(ui::page))
         .routes(routes!(ui::asset))
+        .merge(proxy_route())
+}
+
+/// `/proxy/{feature}/{*path}` for GET (and HEAD), POST, PUT, PATCH and DELETE — the methods the
+/// document lists; any other is 405 like every route (SPEC §8.6): axum's catch-all `{*path}` has no OpenAPI
+/// spelling, so the route is registered under it while the document describes the same handler
+/// (its annotation) as `/proxy/{feature}/{path}`. Its request body is streamed by the handler,
+/// not read through `BODY_LIMIT` (README "Proxy mode" gives the limits).
+fn proxy_route() -> OpenApiRouter<SharedState> {
+    let (schemas, paths, _) = routes!(proxy::forward);
+    let mut router = OpenApiRouter::new().route(
+        "/proxy/{feature}/{*path}",
+        axum::routing::get(proxy::forward)
+            .post(proxy::forward)
+            .put(proxy::forward)
+            .patch(proxy::forward)
+            .delete(proxy::forward),
+    );
+    let openapi = router.get_openapi_mut();
+    openapi.paths.paths.extend(paths.paths);
+    openapi
+        .components
+        .get_or_insert_with(Default::default)
+        .schemas
+        .extend(schemas);
+    router
 }
 
 /// `POST /admin/keys/import` with its own body limit (`import::IMPORT_BODY_LIMIT`), set on the

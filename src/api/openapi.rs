@@ -21,6 +21,8 @@ use crate::error::ErrorBody;
 pub const ADMIN_TOKEN: &str = "admin_token";
 /// Security scheme of a consumer's token.
 pub const CONSUMER_TOKEN: &str = "consumer_token";
+/// Proxy mode's alternative to the bearer header: `X-Keypool-Token: <admin or consumer token>`.
+pub const KEYPOOL_TOKEN: &str = "keypool_token";
 /// Security scheme of `METRICS_TOKEN` (only when it is set).
 pub const METRICS_TOKEN: &str = "metrics_token";
 
@@ -46,6 +48,7 @@ pub const METRICS_TOKEN: &str = "metrics_token";
         (name = "usage", description = "The audit log and the pool's state (admin)"),
         (name = "sources", description = "Credential sources feeding the pool: RegBot (admin)"),
         (name = "admin page", description = "The admin page (HTML, public; its script reads the admin API with the token entered)"),
+        (name = "proxy", description = "Proxy mode: requests forwarded upstream with a pooled key injected (SPEC §8.6)"),
     )
 )]
 pub struct ApiDoc;
@@ -81,9 +84,19 @@ impl Modify for BearerSchemes {
             CONSUMER_TOKEN,
             bearer(
                 "`Authorization: Bearer <token>` with a consumer's token (64 hex characters, shown \
-                 once by `POST /admin/consumers`). Accepted on /key only, for the tiers granted to \
-                 the consumer; /admin/* answers it 403.",
+                 once by `POST /admin/consumers`). Accepted on /key (and /proxy) only, for the \
+                 tiers granted to the consumer; /admin/* answers it 403.",
             ),
+        );
+        components.add_security_scheme(
+            KEYPOOL_TOKEN,
+            SecurityScheme::ApiKey(utoipa::openapi::security::ApiKey::Header(
+                utoipa::openapi::security::ApiKeyValue::with_description(
+                    "X-Keypool-Token",
+                    "Proxy mode only: the admin or a consumer token in `X-Keypool-Token` instead \
+                     of `Authorization` (which then may carry anything; it is never forwarded).",
+                ),
+            )),
         );
     }
 }

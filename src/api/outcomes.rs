@@ -152,19 +152,36 @@ pub async fn report(
     let outcome = parse_report(body)?
         .validate()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    record(&state, &caller, &serve_id, uuid.as_u128(), outcome, || {
+        marker.begin_write()
+    })
+    .await
+}
+
+/// Records `outcome` on serve `serve_id` (its UUID's bits: `uuid`) as `caller` reports it: the
+/// one path behind `POST /serves/{serve_id}/outcome`, which the proxy also takes for each of its
+/// attempts (SPEC §8.6). `begin_write` claims the answer just before the outcome is applied.
+pub async fn record(
+    state: &SharedState,
+    caller: &Caller,
+    serve_id: &str,
+    uuid: u128,
+    outcome: Outcome,
+    begin_write: impl Fn() -> bool,
+) -> Result<Json<ReportAnswer>, ApiError> {
     loop {
-        match claim(&state, uuid.as_u128()) {
+        match claim(state, uuid) {
             Claim::Wait(mut done) => {
                 // Ends with an error once the report in flight drops its slot; then look again.
                 let _ = done.changed().await;
             }
             Claim::Mine(slot) => {
                 // Read while holding the slot, so no report of this serve can land unseen.
-                let serve = find_serve(&state, &caller, &serve_id, uuid.as_u128()).await?;
-                if let Some(answer) = already_reported(&state, &serve, &outcome)? {
+                let serve = find_serve(state, caller, serve_id, uuid).await?;
+                if let Some(answer) = already_reported(state, &serve, &outcome)? {
                     return Ok(answer);
                 }
-                if !marker.begin_write() {
+                if !begin_write() {
                     return Err(ApiError::Unavailable(
                         "request timed out; nothing was changed".into(),
                     ));

@@ -2,6 +2,8 @@
 //!
 //! A feature's value is one window object or (SPEC §8.4) a non-empty array of them; a feature
 //! with one window is shown as the object, as the Go service did, and with several as the array.
+//! A tier may also name its RegBot service (`source`, SPEC §8.5) and its proxy upstream
+//! (`upstream`, SPEC §8.6).
 
 use std::collections::BTreeMap;
 
@@ -20,9 +22,11 @@ use super::extract::{
     whole_number, IdPath, JsonBody, ObjectOnly,
 };
 use super::openapi::{AdminOnly, JsonBodyErrors, StorageErrors};
+use super::tier_upstream;
 use super::write::{admin_write, read_back, settle, WriteMarker};
 use super::{tier_source, SharedState};
 use crate::error::{ApiError, ErrorBody};
+use crate::model::upstream::TierUpstream;
 use crate::model::{FeatureLimit, TierRecord, MAX_WINDOWS};
 use crate::store::StoreError;
 
@@ -47,6 +51,10 @@ pub struct TierBody {
     #[serde(default, deserialize_with = "tier_source::present")]
     #[schema(schema_with = tier_source::body_schema)]
     source: Option<serde_json::Value>,
+    /// Proxy mode (SPEC §8.6): absent or `null`, the tier is not proxied.
+    #[serde(default, deserialize_with = "tier_upstream::present")]
+    #[schema(schema_with = tier_upstream::nullable_upstream_schema)]
+    upstream: Option<serde_json::Value>,
 }
 
 /// `PATCH /admin/tiers`: the tier named `name` with its new feature set, and optionally a new
@@ -70,6 +78,10 @@ pub struct TierPatchBody {
     #[serde(default, deserialize_with = "tier_source::present")]
     #[schema(schema_with = tier_source::body_schema)]
     source: Option<serde_json::Value>,
+    /// Proxy mode (SPEC §8.6): absent leaves it unchanged, `null` removes it.
+    #[serde(default, deserialize_with = "tier_upstream::present")]
+    #[schema(schema_with = tier_upstream::nullable_upstream_schema)]
+    upstream: Option<serde_json::Value>,
 }
 
 fn new_name_schema() -> Object {
@@ -202,6 +214,9 @@ pub struct Tier {
     /// name may still feed it: see `GET /admin/sources`).
     #[serde(skip_serializing_if = "Option::is_none")]
     source: Option<tier_source::SourceShown>,
+    /// Proxy mode (SPEC §8.6): `null` when the tier is not proxied.
+    #[schema(required = true)]
+    upstream: Option<TierUpstream>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -327,6 +342,7 @@ impl From<&TierRecord> for Tier {
                 .map(|(f, windows)| (f.clone(), ShownWindows::of(windows, shown)))
                 .collect(),
             source: tier_source::shown(tier),
+            upstream: tier.upstream.clone(),
         }
     }
 }
@@ -386,6 +402,10 @@ pub async fn create(
         description,
         features,
         source: tier_source::parse(body.source)?.flatten(),
+        upstream: match &body.upstream {
+            Some(given) => tier_upstream::parse(given)?,
+            None => None,
+        },
     };
     let created = admin_write(&state, marker, move |state| async move {
         let conflict =
@@ -454,6 +474,11 @@ pub async fn update(
     }
     let features = features(&body.features)?;
     let source = tier_source::parse(body.source)?;
+    let upstream = body
+        .upstream
+        .as_ref()
+        .map(tier_upstream::parse)
+        .transpose()?;
     let updated = admin_write(&state, marker, move |state| async move {
         let existing = state
             .pool
@@ -473,6 +498,7 @@ pub async fn update(
             description: body.description.unwrap_or(existing.description.clone()),
             features,
             source: source.unwrap_or(existing.source.clone()),
+            upstream: upstream.unwrap_or(existing.upstream.clone()),
             ..existing.clone()
         };
         tier_source::check_free(&state.pool, &tier.id, tier.source.as_ref())?;

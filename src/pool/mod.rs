@@ -724,6 +724,23 @@ impl Pool {
         now: Now,
         on_reserve: impl FnOnce(Reservation, &Arc<FeatureMeters>) -> R,
     ) -> Draw<R> {
+        self.draw_among(caller, feature, cost, now, |_| true, |_| true, on_reserve)
+    }
+
+    /// `draw_cost` among the tiers `tier_ok` accepts, skipping the keys `key_ok` refuses (the
+    /// proxy: tiers with an upstream, keys not yet tried for this request). A skipped key
+    /// consumes nothing; when `tier_ok` leaves no tier in scope the answer is `OutOfScope`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn draw_among<R>(
+        &self,
+        caller: &Caller,
+        feature: &str,
+        cost: i64,
+        now: Now,
+        tier_ok: impl Fn(&TierRecord) -> bool,
+        key_ok: impl Fn(&PoolKey) -> bool,
+        on_reserve: impl FnOnce(Reservation, &Arc<FeatureMeters>) -> R,
+    ) -> Draw<R> {
         let index = self.index.read();
         let Some(entry) = index.features.get(feature) else {
             return Draw::UnknownFeature;
@@ -737,6 +754,7 @@ impl Pool {
                 Caller::Consumer(c) => c.scopes.contains(*t),
             })
             .filter_map(|t| index.tiers.get(t))
+            .filter(|t| tier_ok(&t.record))
             .filter_map(|t| {
                 let limits = t.record.features.get(feature)?;
                 Some((t, limits.as_slice(), t.health.wait(now.mono)))
@@ -765,7 +783,7 @@ impl Pool {
             let Some((key, limit, cooled)) = chosen else {
                 continue;
             };
-            if !key.servable(now.wall) {
+            if !key.servable(now.wall) || !key_ok(key) {
                 continue;
             }
             if let Some(wait) = cooled {
@@ -909,6 +927,48 @@ impl Pool {
         index.tiers.get(id).map(|t| t.record.clone())
     }
 
+    /// Tier `id`'s name and upstream (SPEC §8.6), if it has one.
+    pub fn tier_upstream(
+        &self,
+        id: &str,
+    ) -> Option<(String, crate::model::upstream::TierUpstream)> {
+        let index = self.index.read();
+        let tier = index.tiers.get(id)?;
+        Some((tier.record.name.clone(), tier.record.upstream.clone()?))
+    }
+
+    /// Whether tier `id` cools as a whole for host-level throttling now (SPEC §8.2).
+    pub fn tier_throttled(&self, id: &str, now: Instant) -> bool {
+        self.index
+            .read()
+            .tiers
+            .get(id)
+            .is_some_and(|t| t.health.wait(now).is_some())
+    }
+
+    /// For the proxy: how many of the tiers listing `feature` that `caller` may use have an
+    /// upstream — `Err` with `/key`'s answer when no tier lists it or none is in scope.
+    pub fn proxied_tiers(&self, caller: &Caller, feature: &str) -> Result<usize, Draw<()>> {
+        let index = self.index.read();
+        let entry = index.features.get(feature).ok_or(Draw::UnknownFeature)?;
+        let in_scope: Vec<&TierEntry> = entry
+            .tiers
+            .iter()
+            .filter(|t| match caller {
+                Caller::Admin => true,
+                Caller::Consumer(c) => c.scopes.contains(*t),
+            })
+            .filter_map(|t| index.tiers.get(t))
+            .collect();
+        if in_scope.is_empty() {
+            return Err(Draw::OutOfScope);
+        }
+        Ok(in_scope
+            .iter()
+            .filter(|t| t.record.upstream.is_some())
+            .count())
+    }
+
     pub fn tier_name(&self, id: &str) -> Option<String> {
         self.index
             .read()
@@ -1023,6 +1083,7 @@ impl Pool {
                         description: String::new(),
                         features: Default::default(),
                         source: None,
+                        upstream: None,
                     },
                     keys: vec![key.clone()],
                     health: Arc::default(),

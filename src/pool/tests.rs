@@ -25,6 +25,7 @@ fn tier(id: &str, features: &[(&str, i64, i64)]) -> TierRecord {
             })
             .collect(),
         source: None,
+        upstream: None,
     }
 }
 

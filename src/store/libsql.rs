@@ -350,6 +350,11 @@ impl LibsqlStore {
             ],
         )];
         statements.extend(feature_rows(tier));
+        statements.extend(
+            super::upstream_statements(tier)
+                .into_iter()
+                .map(|(sql, params)| (sql.to_string(), values(&params))),
+        );
         self.transaction(&statements, false, |_, _| Ok(())).await
     }
 
@@ -373,6 +378,11 @@ impl LibsqlStore {
             ),
         ];
         statements.extend(feature_rows(tier));
+        statements.extend(
+            super::upstream_statements(tier)
+                .into_iter()
+                .map(|(sql, params)| (sql.to_string(), values(&params))),
+        );
         self.transaction(&statements, false, |i, affected| {
             if i == 0 && affected == 0 {
                 Err(StoreError::NotFound)

@@ -84,6 +84,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (9, "regbot", include_str!("../../migrations/009_regbot.sql")),
     (
+        10,
+        "tier_upstream",
+        include_str!("../../migrations/010_tier_upstream.sql"),
+    ),
+    (
         11,
         "side_index_buckets",
         include_str!("../../migrations/011_side_index_buckets.sql"),
@@ -273,8 +278,22 @@ pub fn tier_deletion(id: &str) -> Vec<Statement> {
         (regbot::DELETE_TIER_SOURCE, id()),
         (sql::DELETE_KEYS_OF_TIER, id()),
         (sql::DELETE_SCOPES_OF_TIER, id()),
+        (sql::DELETE_TIER_UPSTREAM, id()),
         (sql::DELETE_TIER, id()),
     ]
+}
+
+/// Writing tier `tier`'s upstream (SPEC §8.6) as it is now: the old row goes, the new one (if
+/// any) comes — run in the same transaction as the tier's other rows.
+pub fn upstream_statements(tier: &TierRecord) -> Vec<Statement> {
+    let mut out = vec![(sql::DELETE_TIER_UPSTREAM, vec![Param::text(&tier.id)])];
+    if let Some(upstream) = &tier.upstream {
+        out.push((
+            sql::INSERT_TIER_UPSTREAM,
+            vec![Param::text(&tier.id), Param::text(upstream.to_stored())],
+        ));
+    }
+    out
 }
 
 /// The database, whichever driver runs it.
@@ -1014,6 +1033,12 @@ pub mod sql {
     pub const DELETE_KEY_SECRET: &str = "DELETE FROM key_secrets WHERE key_id = ? AND name = ?";
 
     pub const DELETE_TIER: &str = "DELETE FROM tiers WHERE id = ?";
+    pub const SELECT_TIER_UPSTREAMS: &str = "SELECT tier_id, upstream_json FROM tier_upstreams";
+    pub const SELECT_UPSTREAM_OF: &str =
+        "SELECT tier_id, upstream_json FROM tier_upstreams WHERE tier_id = ?";
+    pub const DELETE_TIER_UPSTREAM: &str = "DELETE FROM tier_upstreams WHERE tier_id = ?";
+    pub const INSERT_TIER_UPSTREAM: &str =
+        "INSERT INTO tier_upstreams (tier_id, upstream_json) VALUES (?, ?)";
     pub const DELETE_TIER_COOLDOWN: &str = "DELETE FROM tier_health WHERE tier_id = ?";
     pub const DELETE_SECRETS_OF_TIER: &str =
         "DELETE FROM key_secrets WHERE key_id IN (SELECT id FROM keys WHERE tier_id = ?)";
@@ -1556,12 +1581,14 @@ pub struct SnapshotRows {
     /// (key_id `regbot:N`, counters)
     pub regbot_keys: Vec<(String, crate::model::RegbotKeyRow)>,
     pub rate_windows: Vec<RateWindowWrite>,
+    /// (tier_id, upstream JSON) — SPEC §8.6
+    pub upstreams: Vec<(String, String)>,
 }
 
 impl SnapshotRows {
     /// The queries that load the pool, each with how a row of it is kept; a driver runs them
     /// in order and feeds every row to its function.
-    pub const READS: [SnapshotRead; 11] = [
+    pub const READS: [SnapshotRead; 12] = [
         (sql::SELECT_TIERS, keep_tier),
         (sql::SELECT_TIER_FEATURES, keep_feature),
         (sql::SELECT_KEYS, keep_key),
@@ -1573,12 +1600,14 @@ impl SnapshotRows {
         (regbot::SELECT_TIER_SOURCES, regbot::keep_tier_source),
         (regbot::SELECT_REGBOT_KEYS, regbot::keep_regbot_key),
         (sql::SELECT_RATE_WINDOWS, keep_rate_window),
+        (sql::SELECT_TIER_UPSTREAMS, keep_upstream),
     ];
     /// One tier with its features; each query binds the tier id.
-    pub const TIER_READS: [SnapshotRead; 3] = [
+    pub const TIER_READS: [SnapshotRead; 4] = [
         (sql::SELECT_TIER, keep_tier),
         (sql::SELECT_FEATURES_OF, keep_feature),
         (regbot::SELECT_TIER_SOURCE_OF, regbot::keep_tier_source),
+        (sql::SELECT_UPSTREAM_OF, keep_upstream),
     ];
     /// One key with its secrets; each query binds the key id.
     pub const KEY_READS: [SnapshotRead; 2] = [
@@ -1603,6 +1632,7 @@ impl SnapshotRows {
                 description,
                 features: Default::default(),
                 source: None,
+                upstream: None,
             })
             .collect();
         let tier_pos: HashMap<String, usize> = tiers
@@ -1639,6 +1669,12 @@ impl SnapshotRows {
         for (tier_id, regbot_service) in self.tier_sources {
             if let Some(&i) = tier_pos.get(&tier_id) {
                 tiers[i].source = Some(crate::model::TierSource { regbot_service });
+            }
+        }
+        for (tier_id, json) in self.upstreams {
+            if let Some(&i) = tier_pos.get(&tier_id) {
+                tiers[i].upstream =
+                    crate::model::upstream::TierUpstream::from_stored(&tier_id, &json);
             }
         }
         let mut keys = self.keys;
@@ -1681,6 +1717,12 @@ fn keep_tier(rows: &mut SnapshotRows, r: &dyn Cells) {
         r.text(1).unwrap_or_default(),
         r.text(2).unwrap_or_default(),
     ))
+}
+
+fn keep_upstream(rows: &mut SnapshotRows, r: &dyn Cells) {
+    if let (Some(tier_id), Some(json)) = (r.text(0), r.text(1)) {
+        rows.upstreams.push((tier_id, json));
+    }
 }
 
 fn keep_feature(rows: &mut SnapshotRows, r: &dyn Cells) {

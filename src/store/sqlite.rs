@@ -244,6 +244,17 @@ async fn insert_features(tx: &mut SqliteConnection, tier: &TierRecord) -> Result
     Ok(())
 }
 
+/// The tier's upstream row (SPEC §8.6), replaced by what `tier` holds.
+async fn write_upstream(tx: &mut SqliteConnection, tier: &TierRecord) -> Result<(), StoreError> {
+    for (statement, params) in super::upstream_statements(tier) {
+        bind(sqlx::query(statement), &params)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+    }
+    Ok(())
+}
+
 fn bind<'q>(
     mut query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
     params: &'q [Param],
@@ -380,7 +391,8 @@ impl SqliteStore {
                 .execute(tx.conn())
                 .await
                 .map_err(map_err)?;
-            insert_features(tx.conn(), tier).await
+            insert_features(tx.conn(), tier).await?;
+            write_upstream(tx.conn(), tier).await
         }
         .await;
         tx.finish(outcome).await
@@ -406,7 +418,8 @@ impl SqliteStore {
                     .await
                     .map_err(map_err)?;
             }
-            insert_features(tx.conn(), tier).await
+            insert_features(tx.conn(), tier).await?;
+            write_upstream(tx.conn(), tier).await
         }
         .await;
         tx.finish(outcome).await

@@ -708,13 +708,16 @@ async fn go_database_opens_unchanged_and_serves_with_its_encryption_key() {
         tiers.body,
         json!([
             { "id": TIER_BUDGET, "name": "budget", "description": "Monthly budgets",
-              "features": { "budget_feature": { "rate_limit": 100, "window_seconds": 3600 } } },
+              "features": { "budget_feature": { "rate_limit": 100, "window_seconds": 3600 } },
+              "upstream": null },
             { "id": TIER_FIRECRAWL, "name": "firecrawl", "description": "Firecrawl pooled free-tier accounts",
               "features": {
                   "firecrawl_scrape": { "rate_limit": 100, "window_seconds": 60 },
-                  "firecrawl_search": { "rate_limit": 5, "window_seconds": 60 } } },
+                  "firecrawl_search": { "rate_limit": 5, "window_seconds": 60 } },
+              "upstream": null },
             { "id": TIER_VAULT, "name": "vault", "description": "",
-              "features": { "vault_feature": { "rate_limit": 10, "window_seconds": 60 } } },
+              "features": { "vault_feature": { "rate_limit": 10, "window_seconds": 60 } },
+              "upstream": null },
         ])
     );
 

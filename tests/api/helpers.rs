@@ -61,7 +61,7 @@ macro_rules! on_both_drivers {
 }
 
 /// Every table the service keeps (the Go schema's seven, `schema_migrations`, then ours).
-pub const TABLES: [&str; 19] = [
+pub const TABLES: [&str; 20] = [
     "tiers",
     "tier_features",
     "keys",
@@ -81,6 +81,7 @@ pub const TABLES: [&str; 19] = [
     "regbot_keys",
     "feature_windows",
     "rate_windows",
+    "tier_upstreams",
 ];
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";

@@ -21,6 +21,7 @@ mod openapi;
 mod operate;
 mod plan_limits;
 mod process;
+mod proxy;
 mod regbot;
 mod remote;
 mod usage_query;

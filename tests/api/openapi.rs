@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 
 /// Every route of the router (SPEC §6 and §8.1), as the README's endpoint table lists them.
-const ROUTES: [(&str, &str); 31] = [
+const ROUTES: [(&str, &str); 36] = [
     ("GET", "/health"),
     ("GET", "/livez"),
     ("GET", "/readyz"),
@@ -42,6 +42,12 @@ const ROUTES: [(&str, &str); 31] = [
     // Issue 15: the admin page (HTML, public) and its hashed assets.
     ("GET", "/admin/ui"),
     ("GET", "/admin/ui/assets/{file}"),
+    // Issue 13 (SPEC §8.6): routed for any method; these five are documented.
+    ("GET", "/proxy/{feature}/{path}"),
+    ("POST", "/proxy/{feature}/{path}"),
+    ("PUT", "/proxy/{feature}/{path}"),
+    ("PATCH", "/proxy/{feature}/{path}"),
+    ("DELETE", "/proxy/{feature}/{path}"),
 ];
 
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
@@ -67,6 +73,8 @@ fn concrete(path: &str) -> String {
         .replace("{name}", "no-such-tier")
         .replace("{tier}", "no-such-tier")
         .replace("{file}", "no-such-asset.js")
+        .replace("{feature}", "no-such-feature")
+        .replace("{path}", "v1/x")
 }
 
 /// Whether an answer is the router's own "no such route" or "wrong method" fallback.
@@ -191,6 +199,14 @@ async fn document_states_who_may_call_each_operation() {
                 let forbidden = path == "/key";
                 assert!(responses.contains_key("401"), "{method} {path}");
                 assert_eq!(responses.contains_key("403"), forbidden, "{method} {path}");
+            }
+            // Issue 13: either token, as a bearer or in X-Keypool-Token.
+            "/proxy/{feature}/{path}" => {
+                assert_eq!(
+                    security,
+                    json!([{ "admin_token": [] }, { "consumer_token": [] }, { "keypool_token": [] }])
+                );
+                assert!(responses.contains_key("401") && responses.contains_key("403"));
             }
             _ => {
                 assert_eq!(security, json!([{ "admin_token": [] }]), "{method} {path}");

@@ -568,6 +568,7 @@ async fn at_the_uncertain_backlog_bound_new_serves_are_refused_and_not_counted()
         )]
         .into(),
         source: None,
+        upstream: None,
     };
     db.create_tier(&tier).await.expect("tier");
     let key = KeyRecord {

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Proxy mode benchmark (issue 13 item 6): keypooler's /proxy against a fast local upstream.
+
+Starts target/release/examples/upstream_stub and target/release/keypooler on 127.0.0.1, gives a
+tier the stub as its upstream (8 keys, no effective rate limit), then in one run:
+  - wrk on the stub's small JSON answer, direct and through the proxy: throughput ratio
+    (goal >= 0.5x) and added p50 (goal <= 1 ms);
+  - first SSE event latency, direct and proxied, median of BENCH_SSE_SAMPLES requests
+    (goal: <= 5 ms added);
+  - a 1 GiB response streamed through the proxy while keypooler's RSS is sampled every 10 ms:
+    peak RSS against the idle RSS before it (flat memory), and the throughput.
+Every figure comes from one run; compare the ratios, not absolute numbers, across machines.
+"""
+import http.client
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import ADMIN, BINARY, ROOT, Admin, free_port, rss_kib, wrk  # noqa: E402
+
+STUB = os.environ.get("BENCH_STUB") or os.path.join(ROOT, "target", "release", "examples", "upstream_stub")
+SSE_SAMPLES = int(os.environ.get("BENCH_SSE_SAMPLES", "200"))
+BIG_MIB = int(os.environ.get("BENCH_BIG_MIB", "1024"))
+
+
+def wait_port(port):
+    import socket
+
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"nothing listens on {port}")
+
+
+def first_event_ms(port, path, headers):
+    """Median ms from sending a request to reading its first SSE event (one keep-alive connection)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    samples = []
+    for _ in range(SSE_SAMPLES):
+        t0 = time.perf_counter()
+        conn.request("GET", path, headers=headers)
+        r = conn.getresponse()
+        assert r.status == 200, r.status
+        line = r.readline()
+        while line and not line.startswith(b"data:"):
+            line = r.readline()
+        samples.append((time.perf_counter() - t0) * 1000)
+        r.read()
+    conn.close()
+    return statistics.median(samples)
+
+
+class PeakRss:
+    """Samples a process's VmRSS every 10 ms while active (peak kept)."""
+
+    def __init__(self, pid):
+        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.wait(0.01):
+            self.peak = max(self.peak, rss_kib(self.pid, "VmRSS"))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_):
+        self.stop.set()
+        self.thread.join()
+
+
+def stream_all(port, path, headers):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("GET", path, headers=headers)
+    r = conn.getresponse()
+    assert r.status == 200, r.status
+    total, t0 = 0, time.perf_counter()
+    while True:
+        chunk = r.read(1 << 20)
+        if not chunk:
+            break
+        total += len(chunk)
+    took = time.perf_counter() - t0
+    conn.close()
+    return total, took
+
+
+def main():
+    for path in (BINARY, STUB):
+        if not os.path.exists(path):
+            sys.exit(f"{path} is missing (bash bench/run.sh proxy builds it)")
+    workdir = tempfile.mkdtemp(prefix="keypooler-proxy-bench-")
+    stub = subprocess.Popen([STUB, "0"], stdout=subprocess.PIPE, text=True)
+    stub_port = int(stub.stdout.readline().strip().split("=")[1])
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "ADMIN_TOKEN": ADMIN,
+        "DB_PATH": os.path.join(workdir, "pool.db"),
+        "SERVER_PORT": str(port),
+        "LOG_LEVEL": "warn",
+        "LOG_REQUESTS": "false",
+    }
+    server = subprocess.Popen([BINARY], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        wait_port(stub_port)
+        admin = Admin(port)
+        admin.ok("POST", "/admin/tiers", {
+            "name": "proxied",
+            "features": {"bench": {"rate_limit": 1_000_000_000, "window_seconds": 1}},
+            "upstream": {"base_url": f"http://127.0.0.1:{stub_port}", "auth": {"header": "x-api-key"}},
+        })
+        for i in range(8):
+            admin.ok("POST", "/admin/keys", {"name": f"k{i}", "key": f"sk-bench-{i}", "tier": "proxied"})
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+
+        direct = wrk(f"http://127.0.0.1:{stub_port}/small")
+        proxied = wrk(f"http://127.0.0.1:{port}/proxy/bench/small", token=ADMIN)
+        # Warm both paths once more and measure again; the second pair is reported too.
+        direct2 = wrk(f"http://127.0.0.1:{stub_port}/small")
+        proxied2 = wrk(f"http://127.0.0.1:{port}/proxy/bench/small", token=ADMIN)
+
+        # The draw alone (same tier, same token): what every proxied attempt pays before its
+        # upstream request — a serve counted and audited in the group commit.
+        key_only = wrk(f"http://127.0.0.1:{port}/key?feature=bench", token=ADMIN)
+
+        sse_direct = first_event_ms(stub_port, "/sse?events=3", {})
+        sse_proxied = first_event_ms(port, "/proxy/bench/sse?events=3", auth)
+
+        idle_rss = rss_kib(server.pid, "VmRSS")
+        with PeakRss(server.pid) as peak:
+            total, took = stream_all(port, f"/proxy/bench/big?mib={BIG_MIB}", auth)
+        direct_total, direct_took = stream_all(stub_port, f"/big?mib={BIG_MIB}", {})
+        assert total == BIG_MIB << 20, total
+
+        print(f"{'case':44} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
+        for name, r in (("direct to the stub (small JSON)", direct), ("through /proxy (small JSON)", proxied),
+                        ("direct to the stub, again", direct2), ("through /proxy, again", proxied2),
+                        ("GET /key alone (the draw each attempt makes)", key_only)):
+            print(f"{name:44} {r['rps']:>10.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['non2xx'] + r['socket']:>8}")
+        for label, d, p in (("run 1", direct, proxied), ("run 2", direct2, proxied2)):
+            print(f"{label}: proxied/direct throughput {p['rps'] / d['rps']:.2f}x (goal >= 0.5x), "
+                  f"added p50 {p['p50'] - d['p50']:.3f} ms (goal <= 1 ms)")
+        print(f"first SSE event (median of {SSE_SAMPLES}): direct {sse_direct:.3f} ms, proxied {sse_proxied:.3f} ms, "
+              f"added {sse_proxied - sse_direct:.3f} ms (goal <= 5 ms)")
+        print(f"{BIG_MIB} MiB streamed through /proxy in {took:.2f} s ({total / took / 2**20:.0f} MiB/s; "
+              f"direct {direct_total / direct_took / 2**20:.0f} MiB/s); keypooler RSS idle {idle_rss / 1024:.1f} MiB, "
+              f"peak while streaming {peak.peak / 1024:.1f} MiB")
+    finally:
+        for p in (server, stub):
+            p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    main()
