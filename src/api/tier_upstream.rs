@@ -26,22 +26,10 @@ const HEADER_VALUE_PATTERN: &str = "^[\\x20-\\x7e\\t]*$";
 const URL_PATTERN: &str =
     "^[hH][tT][tT][pP][sS]?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~!$&'()*+,;=:%/-]*)?$";
 
-/// Headers the proxy owns: hop-by-hop ones, framing, `Host`. A tier may neither inject its key
-/// in them nor set them statically.
-pub const RESERVED_HEADERS: [&str; 12] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
-    "x-keypool-token",
-];
+/// Headers the proxy owns besides the hop-by-hop ones (`proxy::HOP_BY_HOP`): framing, `Host`
+/// and the caller's token header. A tier may neither inject its key in them nor set them
+/// statically.
+const RESERVED_HEADERS: [&str; 3] = ["host", "content-length", "x-keypool-token"];
 
 /// `upstream` as given: absent (`None`), or present, `null` included (`Some(Value::Null)`), so
 /// PATCH can tell "unchanged" from "remove". Use with `#[serde(default)]`.
@@ -215,7 +203,9 @@ fn header_name(field: &str, given: &str) -> Result<String, ApiError> {
             ))
         })?;
     let name = name.as_str().to_owned();
-    if RESERVED_HEADERS.contains(&name.as_str()) {
+    if crate::proxy::HOP_BY_HOP.contains(&name.as_str())
+        || RESERVED_HEADERS.contains(&name.as_str())
+    {
         return Err(ApiError::BadRequest(format!(
             "upstream.{field}: '{name}' is set by the proxy itself"
         )));

@@ -24,7 +24,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const ERROR_PREFIX: usize = 64 * 1024;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded either way.
-const HOP_BY_HOP: [&str; 9] = [
+pub const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-authenticate",
