@@ -254,7 +254,8 @@ async fn readyz_is_503_when_the_database_answers_slower_than_the_bound() {
             Backend::Libsql,
             spawn_app_with(&[
                 ("DB_BUSY_TIMEOUT_MS", "30000"),
-                ("SERVER_WRITE_TIMEOUT_SECONDS", "1"),
+                // 2 s, not 1 s: the write timeout must not race the probe's own 1 s bound.
+                ("SERVER_WRITE_TIMEOUT_SECONDS", "2"),
             ]),
         )
         .await;
