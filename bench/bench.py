@@ -79,6 +79,20 @@ def wrk(url, token=None, script=None, script_args=(), seconds=None):
     return {"rps": rps, "p50": lat["50"], "p99": lat["99"], "non2xx": errors, "socket": sock, "total": total}
 
 
+def server_env(workdir, port, **extra):
+    """The service's environment for a benchmark run: a temp database in `workdir`, `port` on
+    127.0.0.1, quiet logs; `extra` adds or overrides variables."""
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "ADMIN_TOKEN": ADMIN,
+        "DB_PATH": os.path.join(workdir, "pool.db"),
+        "SERVER_PORT": str(port),
+        "LOG_LEVEL": "warn",
+        "LOG_REQUESTS": "false",
+        **extra,
+    }
+
+
 def written_bytes(pid):
     """Bytes the process has caused to be written to storage (/proc/PID/io write_bytes)."""
     try:
@@ -133,14 +147,7 @@ def main():
         sys.exit("wrk is required (bench/run.sh installs it)")
     workdir = tempfile.mkdtemp(prefix="keypooler-bench-")
     port = free_port()
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "ADMIN_TOKEN": ADMIN,
-        "DB_PATH": os.path.join(workdir, "pool.db"),
-        "SERVER_PORT": str(port),
-        "LOG_LEVEL": "warn",
-        "LOG_REQUESTS": "false",
-    }
+    env = server_env(workdir, port)
     server = subprocess.Popen([BINARY], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     started = time.time()

@@ -21,7 +21,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import ADMIN, BINARY, ROOT, Admin, free_port, rss_kib, wrk  # noqa: E402
+from bench import ADMIN, BINARY, ROOT, Admin, free_port, rss_kib, server_env, wrk  # noqa: E402
 
 STUB = os.environ.get("BENCH_STUB") or os.path.join(ROOT, "target", "release", "examples", "upstream_stub")
 SSE_SAMPLES = int(os.environ.get("BENCH_SSE_SAMPLES", "200"))
@@ -102,14 +102,7 @@ def main():
     stub = subprocess.Popen([STUB, "0"], stdout=subprocess.PIPE, text=True)
     stub_port = int(stub.stdout.readline().strip().split("=")[1])
     port = free_port()
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "ADMIN_TOKEN": ADMIN,
-        "DB_PATH": os.path.join(workdir, "pool.db"),
-        "SERVER_PORT": str(port),
-        "LOG_LEVEL": "warn",
-        "LOG_REQUESTS": "false",
-    }
+    env = server_env(workdir, port)
     server = subprocess.Popen([BINARY], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)

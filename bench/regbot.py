@@ -22,7 +22,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import ADMIN, BINARY, ROUNDS, Admin, free_port, wrk  # noqa: E402
+from bench import ADMIN, BINARY, ROUNDS, Admin, free_port, server_env, wrk  # noqa: E402
 
 KEYS = int(os.environ.get("BENCH_REGBOT_KEYS", "10000"))
 SEED_SCHEMA = """CREATE TABLE credentials (
@@ -61,17 +61,8 @@ def main():
     regbot = os.path.join(workdir, "regbot.db")
     regbot_db(regbot)
     port = free_port()
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "ADMIN_TOKEN": ADMIN,
-        "DB_PATH": os.path.join(workdir, "pool.db"),
-        "SERVER_PORT": str(port),
-        "LOG_LEVEL": "warn",
-        "LOG_REQUESTS": "false",
-        "SERVER_WRITE_TIMEOUT_SECONDS": "300",
-        "REGBOT_DATABASE_URL": regbot,
-        "REGBOT_REFRESH_SECONDS": "86400",
-    }
+    env = server_env(workdir, port, SERVER_WRITE_TIMEOUT_SECONDS="300",
+                     REGBOT_DATABASE_URL=regbot, REGBOT_REFRESH_SECONDS="86400")
     server = subprocess.Popen([BINARY], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
