@@ -181,6 +181,14 @@ impl Caller {
             Caller::Consumer(c) => c.id.clone(),
         }
     }
+
+    /// Whether this caller may draw from tier `tier_id` (admin: any; a consumer: its scopes).
+    pub fn may_use(&self, tier_id: &str) -> bool {
+        match self {
+            Caller::Admin => true,
+            Caller::Consumer(c) => c.scopes.contains(tier_id),
+        }
+    }
 }
 
 /// One serve's claim on a key: the counters before and after, to commit or give back.
@@ -749,10 +757,7 @@ impl Pool {
         let tiers: Vec<(&TierEntry, &[FeatureLimit], Option<Duration>)> = entry
             .tiers
             .iter()
-            .filter(|t| match caller {
-                Caller::Admin => true,
-                Caller::Consumer(c) => c.scopes.contains(*t),
-            })
+            .filter(|t| caller.may_use(t))
             .filter_map(|t| index.tiers.get(t))
             .filter(|t| tier_ok(&t.record))
             .filter_map(|t| {
@@ -954,10 +959,7 @@ impl Pool {
         let in_scope: Vec<&TierEntry> = entry
             .tiers
             .iter()
-            .filter(|t| match caller {
-                Caller::Admin => true,
-                Caller::Consumer(c) => c.scopes.contains(*t),
-            })
+            .filter(|t| caller.may_use(t))
             .filter_map(|t| index.tiers.get(t))
             .collect();
         if in_scope.is_empty() {
