@@ -69,6 +69,9 @@ pub struct Config {
     pub metrics_token: Option<Secret>,
     /// `OUTCOME_WINDOW_SECONDS`: how long after a serve its outcome may be reported (SPEC §8.2).
     pub outcome_window: Duration,
+    /// `SYNC_INTERVAL_MS` (100–60,000, default 1,000): how often this replica polls the change
+    /// log for what other replicas changed (SPEC §8.7, `src/sync.rs`).
+    pub sync_interval: Duration,
     /// A throttled tier's shortest cooldown, `None` = SPEC §8.2's 30 s. Never read from the
     /// environment (always `None` in production): tests set it to check the tier's recovery
     /// without waiting 30 s.
@@ -130,6 +133,7 @@ struct RawConfig {
     log_requests: Option<String>,
     metrics_token: Option<String>,
     outcome_window_seconds: Option<String>,
+    sync_interval_ms: Option<String>,
     audit_retention_days: Option<String>,
     regbot_database_url: Option<String>,
     regbot_auth_token: Option<String>,
@@ -162,6 +166,7 @@ impl RawConfig {
             "LOG_REQUESTS" => &mut self.log_requests,
             "METRICS_TOKEN" => &mut self.metrics_token,
             "OUTCOME_WINDOW_SECONDS" => &mut self.outcome_window_seconds,
+            "SYNC_INTERVAL_MS" => &mut self.sync_interval_ms,
             "AUDIT_RETENTION_DAYS" => &mut self.audit_retention_days,
             "REGBOT_DATABASE_URL" => &mut self.regbot_database_url,
             "REGBOT_AUTH_TOKEN" => &mut self.regbot_auth_token,
@@ -313,6 +318,10 @@ where
 
 /// The longest `AUDIT_RETENTION_DAYS`: 100 years (0 = keep every row).
 pub const MAX_AUDIT_RETENTION_DAYS: u32 = 36_500;
+
+/// `SYNC_INTERVAL_MS`'s bounds: 100 ms to a minute (SPEC §8.7).
+pub const MIN_SYNC_INTERVAL_MS: u64 = 100;
+pub const MAX_SYNC_INTERVAL_MS: u64 = 60_000;
 
 /// The longest `OUTCOME_WINDOW_SECONDS`: 30 days.
 pub const MAX_OUTCOME_WINDOW_SECONDS: u64 = 2_592_000;
@@ -553,6 +562,14 @@ impl RawConfig {
                 MAX_OUTCOME_WINDOW_SECONDS,
             )
             .map(Duration::from_secs)?,
+            sync_interval: int_at_least(
+                "SYNC_INTERVAL_MS",
+                &self.sync_interval_ms,
+                1000,
+                MIN_SYNC_INTERVAL_MS,
+                MAX_SYNC_INTERVAL_MS,
+            )
+            .map(Duration::from_millis)?,
             host_throttle_floor: None,
             audit_retention_days: Some(int_at_least(
                 "AUDIT_RETENTION_DAYS",
@@ -646,6 +663,7 @@ mod tests {
         assert!(c.log_requests);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.outcome_window, Duration::from_secs(3600));
+        assert_eq!(c.sync_interval, Duration::from_millis(1000));
         assert_eq!(
             c.host_throttle_floor, None,
             "SPEC §8.2's 30 s; no variable sets it"
@@ -739,6 +757,10 @@ mod tests {
             ("OUTCOME_WINDOW_SECONDS", "0", "1 to 2592000"),
             ("OUTCOME_WINDOW_SECONDS", "2592001", "1 to 2592000"),
             ("OUTCOME_WINDOW_SECONDS", "1h", "whole number"),
+            // Issue 14 item 3: the change log is polled every 100 ms to a minute.
+            ("SYNC_INTERVAL_MS", "99", "100 to 60000"),
+            ("SYNC_INTERVAL_MS", "60001", "100 to 60000"),
+            ("SYNC_INTERVAL_MS", "1s", "whole number"),
             // Issue 10 item 4: retention is whole days, 0 (keep all) to 100 years.
             ("AUDIT_RETENTION_DAYS", "-1", "0 to 36500"),
             ("AUDIT_RETENTION_DAYS", "36501", "0 to 36500"),

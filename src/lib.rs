@@ -18,6 +18,7 @@ pub mod regbot;
 pub mod rekey;
 pub mod secret;
 pub mod store;
+pub mod sync;
 pub mod timestamp;
 
 use std::future::Future;
@@ -53,6 +54,8 @@ pub struct App {
     audit: audit::AuditJobs,
     /// The RegBot refresh loop (SPEC §8.5), stopped before the database closes.
     regbot: Option<tokio::task::JoinHandle<()>>,
+    /// The change-log poller (SPEC §8.7), stopped before the database closes.
+    sync: tokio::task::JoinHandle<()>,
 }
 
 /// Opens the store, loads the pool and starts the group-commit writer.
@@ -62,6 +65,8 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
     let metrics = Metrics::new();
     metrics.spawn_upkeep();
     let loading = std::time::Instant::now();
+    // The change log's end before the snapshot: whatever lands meanwhile is applied again.
+    let sync_from = db.change_log_position().await?;
     let mut snapshot = db.load_snapshot().await?;
     let regbot_rows = std::mem::take(&mut snapshot.regbot_keys);
     let regbot_health: std::collections::HashMap<_, _> = snapshot
@@ -132,6 +137,11 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
         }
         None => None,
     };
+    let sync = sync::spawn(
+        Arc::downgrade(&state),
+        sync::Poller::new(sync_from, sync::LogBound::default()),
+        config.sync_interval,
+    );
     let router = api::router(
         state.clone(),
         HttpSettings {
@@ -147,6 +157,7 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
         idle_timeout: config.idle_timeout,
         audit,
         regbot: regbot_task,
+        sync,
     })
 }
 
@@ -178,6 +189,7 @@ where
         idle_timeout,
         audit,
         regbot,
+        sync,
     } = app;
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
@@ -231,6 +243,8 @@ where
     stopping.send_replace(true);
     stopping.closed().await;
     audit.stop().await;
+    sync.abort();
+    let _ = sync.await;
     if let Some(task) = regbot {
         task.abort();
         let _ = task.await;

@@ -18,7 +18,7 @@ mod tier_upstream;
 mod tiers;
 pub mod ui;
 mod usage;
-mod write;
+pub(crate) mod write;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1200,6 +1200,74 @@ impl Pool {
         Some((changes, out))
     }
 
+    /// A health record the database holds for `key_id`, written by any replica (SPEC §8.7):
+    /// adopted only when its state changed later than this key's (`changed_at`), so this
+    /// replica's own write coming back, or an older one, never undoes a newer state here.
+    /// Under the tier's report lock like a report; returns whether the key took it.
+    pub fn apply_stored_health(&self, key_id: &str, stored: &HealthRecord, now: Now) -> bool {
+        let index = self.index.read();
+        let Some(key) = index.keys.get(key_id).cloned() else {
+            return false;
+        };
+        let cell = index.tiers.get(&key.tier_id).map(|t| t.health.clone());
+        let _reports = cell.as_ref().map(|c| c.reports.lock());
+        let mut counters = key.counters.lock();
+        let ours = counters.health.record().changed_at;
+        if !stored_health_is_newer(stored.changed_at, ours) {
+            return false;
+        }
+        let from = counters.health.kind();
+        counters.health = Health::restore(stored, now);
+        if from != stored.state {
+            tracing::info!(
+                key_id = %key_id,
+                from = from.as_str(),
+                to = stored.state.as_str(),
+                "key health changed by another replica"
+            );
+        }
+        // A spent-budget shortcut may no longer hold for the state taken over.
+        key.budget_free_at.store(0, Ordering::Relaxed);
+        true
+    }
+
+    /// A host-throttling cooldown the database holds for `tier_id` (SPEC §8.7): extends this
+    /// replica's cooldown of the tier to `until`, never shortens it. Returns whether it did.
+    pub fn apply_tier_cooldown(&self, tier_id: &str, until: Timestamp, now: Now) -> bool {
+        if until <= now.wall {
+            return false;
+        }
+        let index = self.index.read();
+        let Some(tier) = index.tiers.get(tier_id) else {
+            return false;
+        };
+        let mut reports = tier.health.reports.lock();
+        if reports.cooldown().is_some_and(|c| c.wall >= until) {
+            return false;
+        }
+        let until = health::Deadline::from_wall(until, now);
+        reports.restore_cooldown(until);
+        tier.health
+            .cooled_until
+            .fetch_max(mono_micros(until.mono), Ordering::Relaxed);
+        true
+    }
+
+    /// Ids of every tier, stored key and consumer (a resync removes those the database lost).
+    pub fn stored_ids(&self) -> (Vec<Arc<str>>, Vec<Arc<str>>, Vec<Arc<str>>) {
+        let index = self.index.read();
+        (
+            index.tiers.keys().cloned().collect(),
+            index
+                .keys
+                .values()
+                .filter(|k| k.regbot.is_none())
+                .map(|k| k.id.clone())
+                .collect(),
+            index.consumers.keys().cloned().collect(),
+        )
+    }
+
     /// Undoes changes whose write failed, for each key whose health is still what the change
     /// made it (a later change stands).
     pub fn revert_health(&self, changes: Vec<HealthChange>) {
@@ -1318,6 +1386,16 @@ impl Pool {
             scopes,
             ..old.fields()
         });
+    }
+}
+
+/// Whether a stored health whose state changed at `stored` is newer than one that changed at
+/// `ours` (a state never changed counts as oldest; equal times are the same change).
+pub fn stored_health_is_newer(stored: Option<Timestamp>, ours: Option<Timestamp>) -> bool {
+    match (stored, ours) {
+        (Some(stored), Some(ours)) => stored > ours,
+        (Some(_), None) => true,
+        (None, _) => false,
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod libsql;
 pub mod regbot;
 pub mod sqlite;
+pub mod sync;
 
 use crate::config::{Config, DatabaseConfig};
 use crate::model::{
@@ -92,6 +93,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         11,
         "side_index_buckets",
         include_str!("../../migrations/011_side_index_buckets.sql"),
+    ),
+    (
+        13,
+        "change_log",
+        include_str!("../../migrations/013_change_log.sql"),
     ),
 ];
 

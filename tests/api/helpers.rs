@@ -61,7 +61,7 @@ macro_rules! on_both_drivers {
 }
 
 /// Every table the service keeps (the Go schema's seven, `schema_migrations`, then ours).
-pub const TABLES: [&str; 20] = [
+pub const TABLES: [&str; 22] = [
     "tiers",
     "tier_features",
     "keys",
@@ -82,6 +82,8 @@ pub const TABLES: [&str; 20] = [
     "feature_windows",
     "rate_windows",
     "tier_upstreams",
+    "change_log",
+    "change_log_state",
 ];
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
