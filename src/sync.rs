@@ -150,7 +150,10 @@ impl Poller {
                 break;
             }
         }
-        if self.pruned_at.is_none_or(|at| at.elapsed() >= self.bound.every) {
+        if self
+            .pruned_at
+            .is_none_or(|at| at.elapsed() >= self.bound.every)
+        {
             self.pruned_at = Some(Instant::now());
             prune(&state.db, self.bound).await?;
         }
@@ -217,20 +220,20 @@ async fn resync(state: &AppState) -> Result<i64, StoreError> {
     let _admin = state.admin_writes.lock().await;
     let position = state.db.change_log_position().await?;
     let snapshot = state.db.load_snapshot().await?;
-    let (tiers, keys, consumers) = state.pool.stored_ids();
+    let held = state.pool.stored_ids();
     let now = Now::read();
     let stored: BTreeSet<&str> = snapshot.tiers.iter().map(|t| t.id.as_str()).collect();
     for tier in &snapshot.tiers {
         TierRecord::follow(state, &tier.id, Some(tier));
     }
-    for id in tiers.iter().filter(|id| !stored.contains(&***id)) {
+    for id in held.tiers.iter().filter(|id| !stored.contains(&***id)) {
         TierRecord::follow(state, id, None);
     }
     let stored: BTreeSet<&str> = snapshot.keys.iter().map(|k| k.id.as_str()).collect();
     for key in &snapshot.keys {
         KeyRecord::follow(state, &key.id, Some(key));
     }
-    for id in keys.iter().filter(|id| !stored.contains(&***id)) {
+    for id in held.keys.iter().filter(|id| !stored.contains(&***id)) {
         KeyRecord::follow(state, id, None);
     }
     for (id, health) in &snapshot.health {
@@ -243,7 +246,7 @@ async fn resync(state: &AppState) -> Result<i64, StoreError> {
     for consumer in &snapshot.consumers {
         ConsumerRecord::follow(state, &consumer.id, Some(consumer));
     }
-    for id in consumers.iter().filter(|id| !stored.contains(&***id)) {
+    for id in held.consumers.iter().filter(|id| !stored.contains(&***id)) {
         ConsumerRecord::follow(state, id, None);
     }
     if let Some(source) = &state.regbot {
@@ -361,8 +364,10 @@ mod tests {
     #[test]
     fn too_many_distinct_changes_resync_but_repeats_do_not_count() {
         let many: Vec<(i64, String)> = (1..=3).map(|i| (i, format!("k{i}"))).collect();
-        let rows: Vec<(i64, &str, &str)> =
-            many.iter().map(|(s, id)| (*s, "key", id.as_str())).collect();
+        let rows: Vec<(i64, &str, &str)> = many
+            .iter()
+            .map(|(s, id)| (*s, "key", id.as_str()))
+            .collect();
         assert_eq!(plan(0, &page(0, &rows), 2), Plan::Resync);
         let same: Vec<(i64, &str, &str)> = (1..=50).map(|s| (s, "key", "k")).collect();
         assert!(matches!(
@@ -438,7 +443,10 @@ mod tests {
         }
 
         fn serves(pool: &Pool, now: Now) -> bool {
-            matches!(pool.draw(&Caller::Admin, "f", now, |_, _| ()), Draw::Served(()))
+            matches!(
+                pool.draw(&Caller::Admin, "f", now, |_, _| ()),
+                Draw::Served(())
+            )
         }
 
         #[test]
@@ -466,7 +474,10 @@ mod tests {
             let mut older = record(StateKind::Active, now, None);
             older.changed_at = Some(now.wall - TimeDelta::seconds(5));
             assert!(!pool.apply_stored_health("k", &older, now));
-            assert_eq!(pool.key("k").map(|k| k.health().state), Some(StateKind::Disabled));
+            assert_eq!(
+                pool.key("k").map(|k| k.health().state),
+                Some(StateKind::Disabled)
+            );
             // A later enable is taken.
             let mut enabled = record(StateKind::Active, now, None);
             enabled.changed_at = Some(now.wall + TimeDelta::milliseconds(1));

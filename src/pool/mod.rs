@@ -631,6 +631,13 @@ impl PoolKey {
     }
 }
 
+/// What the pool holds that the database stores (RegBot keys are not stored).
+pub struct StoredIds {
+    pub tiers: Vec<Arc<str>>,
+    pub keys: Vec<Arc<str>>,
+    pub consumers: Vec<Arc<str>>,
+}
+
 /// A read-only view of a tier, for listings.
 #[derive(Clone)]
 pub struct TierView {
@@ -1254,18 +1261,18 @@ impl Pool {
     }
 
     /// Ids of every tier, stored key and consumer (a resync removes those the database lost).
-    pub fn stored_ids(&self) -> (Vec<Arc<str>>, Vec<Arc<str>>, Vec<Arc<str>>) {
+    pub fn stored_ids(&self) -> StoredIds {
         let index = self.index.read();
-        (
-            index.tiers.keys().cloned().collect(),
-            index
+        StoredIds {
+            tiers: index.tiers.keys().cloned().collect(),
+            keys: index
                 .keys
                 .values()
                 .filter(|k| k.regbot.is_none())
                 .map(|k| k.id.clone())
                 .collect(),
-            index.consumers.keys().cloned().collect(),
-        )
+            consumers: index.consumers.keys().cloned().collect(),
+        }
     }
 
     /// Undoes changes whose write failed, for each key whose health is still what the change

@@ -153,7 +153,9 @@ impl Db {
 
     /// One key's stored health, if it has a row (stored and RegBot keys alike).
     pub async fn poll_health(&self, key_id: &str) -> Result<Option<HealthRecord>, StoreError> {
-        let rows = self.select(SELECT_HEALTH_OF, &[Param::text(key_id)]).await?;
+        let rows = self
+            .select(SELECT_HEALTH_OF, &[Param::text(key_id)])
+            .await?;
         Ok(rows
             .into_iter()
             .next()

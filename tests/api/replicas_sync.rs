@@ -157,10 +157,13 @@ async fn every_change_propagates(servers: &[Server]) -> Duration {
         .await;
     let new_token = fresh["token"].as_str().expect("new token").to_string();
     slowest = slowest.max(
-        honoured_within("token rotated on A: C takes the new one, refuses the old", || async {
-            draw(c, "f", &new_token).await.0 == StatusCode::OK
-                && draw(c, "f", &old_token).await.0 == StatusCode::UNAUTHORIZED
-        })
+        honoured_within(
+            "token rotated on A: C takes the new one, refuses the old",
+            || async {
+                draw(c, "f", &new_token).await.0 == StatusCode::OK
+                    && draw(c, "f", &old_token).await.0 == StatusCode::UNAUTHORIZED
+            },
+        )
         .await,
     );
     // A rotation with grace keeps the old token working on C until it ends.
@@ -208,7 +211,11 @@ async fn every_change_propagates(servers: &[Server]) -> Duration {
     for _ in 0..6 {
         let (status, body) = draw(c, "f", &c.admin_token).await;
         assert_eq!(status, StatusCode::OK, "{body}");
-        assert_eq!(body["key_id"], k2.as_str(), "C served the key disabled on A");
+        assert_eq!(
+            body["key_id"],
+            k2.as_str(),
+            "C served the key disabled on A"
+        );
     }
 
     // A key quarantined by health reports made on A is not served by C.
@@ -251,7 +258,11 @@ async fn every_change_propagates(servers: &[Server]) -> Duration {
         .await,
     );
     let (status, body) = draw(c, "fq", &c.admin_token).await;
-    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "C served a quarantined key: {body}");
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "C served a quarantined key: {body}"
+    );
 
     // A feature added to a tier on A is drawable on C.
     a.admin(
