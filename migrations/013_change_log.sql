@@ -62,12 +62,13 @@ END;
 CREATE TRIGGER IF NOT EXISTS change_log_tier_sources_delete AFTER DELETE ON tier_sources BEGIN
     INSERT INTO change_log (entity, entity_id) VALUES ('tier', OLD.tier_id);
 END;
--- keys: every column but the counters and the value hash (`UPDATE keys SET id = id`, which
--- each admin PATCH starts with, logs the key too).
+-- keys: every column but the counters, the value hash and `is_active` (`UPDATE keys SET id = id`,
+-- which each admin PATCH starts with, logs the key too). `is_active` is written with the key's
+-- `key_health` row, which logs it as `health`; leaving it out keeps a health change to one row.
 CREATE TRIGGER IF NOT EXISTS change_log_keys_insert AFTER INSERT ON keys BEGIN
     INSERT INTO change_log (entity, entity_id) VALUES ('key', NEW.id);
 END;
-CREATE TRIGGER IF NOT EXISTS change_log_keys_update AFTER UPDATE OF id, name, key_value, tier_id, is_active, expires_at, usage_limit, usage_window_seconds, metadata_json ON keys BEGIN
+CREATE TRIGGER IF NOT EXISTS change_log_keys_update AFTER UPDATE OF id, name, key_value, tier_id, expires_at, usage_limit, usage_window_seconds, metadata_json ON keys BEGIN
     INSERT INTO change_log (entity, entity_id) VALUES ('key', NEW.id);
 END;
 CREATE TRIGGER IF NOT EXISTS change_log_keys_delete AFTER DELETE ON keys BEGIN
