@@ -49,15 +49,20 @@ async fn draw(server: &Server, feature: &str, token: &str) -> (StatusCode, Value
         .await
 }
 
-/// The `health` of `key_id` as `server` lists it.
-async fn health_of(server: &Server, key_id: &str) -> Value {
+/// `key_id` as `server` lists it.
+async fn key_view(server: &Server, key_id: &str) -> Value {
     let keys = server
         .admin(Method::GET, "/admin/keys", None, StatusCode::OK)
         .await;
     keys.as_array()
         .and_then(|ks| ks.iter().find(|k| k["id"] == key_id))
-        .map(|k| k["health"].clone())
+        .cloned()
         .unwrap_or(Value::Null)
+}
+
+/// The `health` of `key_id` as `server` lists it.
+async fn health_of(server: &Server, key_id: &str) -> Value {
+    key_view(server, key_id).await["health"].clone()
 }
 
 /// Three replicas on one database; `db_env` says which (DB_PATH or DATABASE_URL).
@@ -217,6 +222,32 @@ async fn every_change_propagates(servers: &[Server]) -> Duration {
             "C served the key disabled on A"
         );
     }
+
+    // A change to a key re-read from the database never lowers C's in-memory counters.
+    let used_before = key_view(c, &k2).await["usage_count"]
+        .as_i64()
+        .expect("usage_count");
+    assert!(used_before >= 6, "C counted its serves: {used_before}");
+    a.admin(
+        Method::PATCH,
+        &format!("/admin/keys/{k2}"),
+        Some(json!({ "name": "k2-renamed" })),
+        StatusCode::OK,
+    )
+    .await;
+    slowest = slowest.max(
+        honoured_within("key renamed on A, renamed on C", || async {
+            key_view(c, &k2).await["name"] == "k2-renamed"
+        })
+        .await,
+    );
+    let used_after = key_view(c, &k2).await["usage_count"]
+        .as_i64()
+        .expect("usage_count");
+    assert!(
+        used_after >= used_before,
+        "C's count went from {used_before} to {used_after}"
+    );
 
     // A key quarantined by health reports made on A is not served by C.
     a.admin(
