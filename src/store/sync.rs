@@ -117,7 +117,7 @@ impl Db {
         Ok(counts.first().copied().unwrap_or(0))
     }
 
-    /// How many rows the log holds (tests and `/metrics`-style checks).
+    /// How many rows the log holds (its bound is checked by the tests).
     pub async fn change_log_rows(&self) -> Result<i64, StoreError> {
         self.read_int(LOG_ROWS).await
     }
