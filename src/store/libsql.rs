@@ -169,44 +169,59 @@ impl LibsqlStore {
     /// Each migration is one operation under the time bound (`run`), not all of them
     /// together: a database several migrations behind needs several round trips.
     async fn migrate(&self) -> Result<(), StoreError> {
-        let applied = self
-            .run(|conn| async move {
-                conn.execute(sql::CREATE_MIGRATIONS_TABLE, ())
-                    .await
-                    .map_err(|e| self.err(e))?;
-                let mut applied = Vec::new();
-                let mut rows = conn
-                    .query(sql::APPLIED_VERSIONS, ())
-                    .await
-                    .map_err(|e| self.err(e))?;
-                while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
-                    applied.push(row.int(0).unwrap_or(0));
-                }
-                Ok(applied)
-            })
-            .await?;
+        self.run(|conn| async move {
+            conn.execute(sql::CREATE_MIGRATIONS_TABLE, ())
+                .await
+                .map_err(|e| self.err(e))
+        })
+        .await?;
+        let applied = self.applied_versions().await?;
         for (version, name, body) in MIGRATIONS {
             if applied.contains(version) {
                 continue;
             }
             // The migration and its bookkeeping row commit together: a migration that adds
-            // columns could not run twice. Version and name are our constants, the time is
-            // ours; nothing from outside is spliced in.
+            // columns could not run twice. The row goes first as a plain INSERT, so a replica
+            // starting at the same moment that applied it already fails before the body.
+            // Version and name are our constants, the time is ours; nothing from outside is
+            // spliced in.
             let record = format!(
-                "INSERT OR IGNORE INTO schema_migrations (version, name, applied_at) \
+                "INSERT INTO schema_migrations (version, name, applied_at) \
                  VALUES ({version}, '{name}', '{}');",
                 to_db(chrono::Utc::now())
             );
-            let batch = format!("{body}\n{record}");
-            self.run(|conn| async move {
-                conn.execute_transactional_batch(&batch)
-                    .await
-                    .map_err(|e| self.err(e))
-            })
-            .await?;
-            tracing::info!(version, name, "applied migration");
+            let batch = format!("{record}\n{body}");
+            let outcome = self
+                .run(|conn| async move {
+                    conn.execute_transactional_batch(&batch)
+                        .await
+                        .map_err(|e| self.err(e))
+                })
+                .await;
+            match outcome {
+                Ok(_) => tracing::info!(version, name, "applied migration"),
+                Err(_) if self.applied_versions().await?.contains(version) => {
+                    tracing::info!(version, name, "migration applied by another process");
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
+    }
+
+    async fn applied_versions(&self) -> Result<Vec<i64>, StoreError> {
+        self.run(|conn| async move {
+            let mut applied = Vec::new();
+            let mut rows = conn
+                .query(sql::APPLIED_VERSIONS, ())
+                .await
+                .map_err(|e| self.err(e))?;
+            while let Some(row) = rows.next().await.map_err(|e| self.err(e))? {
+                applied.push(row.int(0).unwrap_or(0));
+            }
+            Ok(applied)
+        })
+        .await
     }
 
     async fn all(

@@ -945,8 +945,10 @@ pub mod sql {
     pub const APPLIED_VERSIONS: &str = "SELECT version FROM schema_migrations";
     /// Readiness: reads the database itself (a bare `SELECT 1` would not touch the file).
     pub const PING: &str = "SELECT 1 FROM schema_migrations LIMIT 1";
+    /// Runs first in a migration's transaction: a plain INSERT, so a replica that lost the race
+    /// to apply the same migration fails on the primary key before running its body twice.
     pub const RECORD_MIGRATION: &str =
-        "INSERT OR IGNORE INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)";
+        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)";
 
     /// The snapshot queries, and each as one row by id (`…_OF`: the children of one parent),
     /// so one entity reads back with the same columns and decoding as the whole pool.

@@ -97,6 +97,17 @@ impl Drop for WriteTx {
     }
 }
 
+/// How long opening the file is retried while another process holds it (at least).
+const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// SQLITE_BUSY or SQLITE_LOCKED (primary codes 5 and 6, extended codes keep them in the low byte).
+fn is_busy(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .and_then(|code| code.parse::<i64>().ok())
+        .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+}
+
 /// Ends whatever transaction `conn` may be in; true when it is then known to be in autocommit
 /// mode. SQLite rolls back by itself after some failures (a COMMIT on a full disk), so a failed
 /// ROLLBACK is followed by a plain BEGIN, which succeeds only outside a transaction and takes
@@ -307,6 +318,38 @@ impl SqliteStore {
             .pragma("cache_size", CACHE_SIZE)
             .pragma("journal_size_limit", WAL_SIZE_LIMIT)
             .pragma("wal_autocheckpoint", AUTOCHECKPOINT_PAGES);
+        // Replicas starting at the same moment on a fresh file (SPEC §8.7) contend while the
+        // first turns it to WAL; SQLite answers that without waiting on the busy timeout, so
+        // opening (idempotent) is retried for a bounded time.
+        let patience = std::time::Instant::now() + config.db_busy_timeout.max(OPEN_PATIENCE);
+        let (pool, writer) = loop {
+            match Self::connect(&options, config).await {
+                Err(e) if is_busy(&e) && std::time::Instant::now() < patience => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot open {}: {e}",
+                        path.display()
+                    )))
+                }
+                Ok(opened) => break opened,
+            }
+        };
+        let store = SqliteStore {
+            pool,
+            writer: Arc::new(tokio::sync::Mutex::new(Writer::Open(writer))),
+            options: Arc::new(options),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The pool and the group commit's own connection.
+    async fn connect(
+        options: &SqliteConnectOptions,
+        config: &Config,
+    ) -> Result<(SqlitePool, SqliteConnection), sqlx::Error> {
         let pool = SqlitePoolOptions::new()
             .max_connections(config.db_max_open_conns)
             .min_connections(1)
@@ -318,16 +361,14 @@ impl SqliteStore {
                     .max(std::time::Duration::from_secs(1)),
             )
             .connect_with(options.clone())
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        let writer = options.connect().await.map_err(map_err)?;
-        let store = SqliteStore {
-            pool,
-            writer: Arc::new(tokio::sync::Mutex::new(Writer::Open(writer))),
-            options: Arc::new(options),
-        };
-        store.migrate().await?;
-        Ok(store)
+            .await?;
+        match options.connect().await {
+            Ok(writer) => Ok((pool, writer)),
+            Err(e) => {
+                pool.close().await;
+                Err(e)
+            }
+        }
     }
 
     /// Applies the embedded migrations not yet recorded in `schema_migrations`. A Go database
@@ -337,33 +378,44 @@ impl SqliteStore {
             .execute(&self.pool)
             .await
             .map_err(map_err)?;
-        let applied: Vec<i64> = sqlx::query_scalar(sql::APPLIED_VERSIONS)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err)?;
+        let applied = self.applied_versions().await?;
         for (version, name, body) in MIGRATIONS {
             if applied.contains(version) {
                 continue;
             }
+            // The bookkeeping row goes first: a replica starting at the same moment that
+            // applied this migration already makes the INSERT fail, so no body runs twice.
             let mut tx = WriteTx::begin(&self.pool).await?;
             let outcome = async {
-                sqlx::raw_sql(body)
-                    .execute(tx.conn())
-                    .await
-                    .map_err(map_err)?;
                 sqlx::query(sql::RECORD_MIGRATION)
                     .bind(version)
                     .bind(name)
                     .bind(to_db(chrono::Utc::now()))
                     .execute(tx.conn())
                     .await
+                    .map_err(map_err)?;
+                sqlx::raw_sql(body)
+                    .execute(tx.conn())
+                    .await
                     .map_err(map_err)
             }
             .await;
-            tx.finish(outcome).await?;
-            tracing::info!(version, name, "applied migration");
+            match tx.finish(outcome).await {
+                Ok(_) => tracing::info!(version, name, "applied migration"),
+                Err(_) if self.applied_versions().await?.contains(version) => {
+                    tracing::info!(version, name, "migration applied by another process");
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
+    }
+
+    async fn applied_versions(&self) -> Result<Vec<i64>, StoreError> {
+        sqlx::query_scalar(sql::APPLIED_VERSIONS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)
     }
 
     pub async fn load_snapshot(&self) -> Result<Snapshot, StoreError> {
