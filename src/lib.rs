@@ -121,6 +121,10 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
         config.metrics_token.as_ref(),
     );
     state.outcome_window = config.outcome_window;
+    state.changes = Some(tokio::sync::Mutex::new(sync::Poller::new(
+        sync_from,
+        sync::LogBound::default(),
+    )));
     if let Some(regbot) = &config.regbot {
         let source = regbot::Source::new(regbot, regbot_rows, regbot_health)
             .await
@@ -137,11 +141,7 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
         }
         None => None,
     };
-    let sync = sync::spawn(
-        Arc::downgrade(&state),
-        sync::Poller::new(sync_from, sync::LogBound::default()),
-        config.sync_interval,
-    );
+    let sync = sync::spawn(Arc::downgrade(&state), config.sync_interval);
     let router = api::router(
         state.clone(),
         HttpSettings {

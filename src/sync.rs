@@ -261,11 +261,7 @@ async fn resync(state: &AppState) -> Result<i64, StoreError> {
 
 /// Polls every `interval` until the service is gone. A failed poll keeps its position and is
 /// tried again at the next tick (a warning once per failure streak).
-pub fn spawn(
-    state: Weak<AppState>,
-    mut poller: Poller,
-    interval: Duration,
-) -> tokio::task::JoinHandle<()> {
+pub fn spawn(state: Weak<AppState>, interval: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -274,7 +270,7 @@ pub fn spawn(
         loop {
             ticks.tick().await;
             let Some(state) = state.upgrade() else { return };
-            match poller.poll(&state).await {
+            match state.catch_up().await {
                 Ok(()) => {
                     if failing {
                         tracing::info!("change log readable again; this replica is in step");

@@ -10,7 +10,8 @@ use super::SharedState;
 use crate::error::ApiError;
 use crate::pool::{token_hash, Caller};
 
-/// The admin token; anything else is 401, or 403 for a valid consumer token.
+/// The admin token; anything else is 401, or 403 for a valid consumer token. Admitting it
+/// first applies what other replicas changed (`AppState::catch_up`).
 pub struct Admin;
 
 fn bearer(parts: &Parts) -> Option<&str> {
@@ -31,6 +32,11 @@ impl FromRequestParts<SharedState> for Admin {
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Self, ApiError> {
         let token = bearer(parts).ok_or(ApiError::Unauthorized)?;
         if is_admin(state, token) {
+            // Read-your-writes across replicas; a failed read leaves this replica's view as
+            // it is (the poller retries and warns), so the admin API stays usable.
+            if let Err(e) = state.catch_up().await {
+                tracing::debug!(error = %e, "catching up with the change log failed");
+            }
             Ok(Admin)
         } else if state.pool.consumer_for_token(token).is_some() {
             Err(ApiError::Forbidden(

@@ -66,6 +66,8 @@ pub struct AppState {
     pub regbot: Option<Arc<crate::regbot::Source>>,
     /// Proxy mode's upstream client (SPEC §8.6): one connection pool for every tier.
     pub upstream_client: crate::proxy::Client,
+    /// This replica's place in the change log (SPEC §8.7); `None` until `build` reads it.
+    pub changes: Option<tokio::sync::Mutex<crate::sync::Poller>>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -94,6 +96,17 @@ impl AppState {
             reports: outcomes::InFlight::default(),
             regbot: None,
             upstream_client: crate::proxy::Client::default(),
+            changes: None,
+        }
+    }
+
+    /// Applies what other replicas changed since the last poll (SPEC §8.7). The poller calls
+    /// it every `SYNC_INTERVAL_MS`, and every admin request before it runs, so an operator
+    /// whose calls a load balancer spreads over replicas reads their own writes.
+    pub async fn catch_up(&self) -> Result<(), crate::store::StoreError> {
+        match &self.changes {
+            Some(poller) => poller.lock().await.poll(self).await,
+            None => Ok(()),
         }
     }
 }

@@ -419,3 +419,55 @@ on_both_drivers! {
         assert_eq!(a.draw("f", ADMIN_TOKEN).await.status, StatusCode::OK);
     }
 }
+
+// Issue 14 item 3: an admin request first applies what other replicas changed, so an operator
+// whose calls land on different replicas reads their own writes — even with a poll interval
+// of a minute, nothing waits for the next tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_request_on_one_replica_sees_what_another_just_changed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db_path = dir.path().join("pool.db");
+    let admin = distinctive("adm-");
+    let mut env = quiet_env(&db_path);
+    env.push(("SYNC_INTERVAL_MS", "60000".to_string()));
+    let env = as_refs(&env);
+    let logs = ["a", "b"].map(|name| dir.path().join(format!("{name}.log")));
+    let (a, b) = tokio::join!(
+        start_server(&env, &admin, &logs[0], dir.path()),
+        start_server(&env, &admin, &logs[1], dir.path()),
+    );
+    a.admin(
+        Method::POST,
+        "/admin/tiers",
+        Some(json!({ "name": "t", "features": { "f": { "rate_limit": 100, "window_seconds": 60 } } })),
+        StatusCode::CREATED,
+    )
+    .await;
+    // The tier A just created is there for B's next admin request.
+    let key = b
+        .add_key(json!({ "name": "k", "key": "value-k", "tier": "t" }))
+        .await;
+    let listed = a
+        .admin(Method::GET, "/admin/keys", None, StatusCode::OK)
+        .await;
+    assert!(
+        listed
+            .as_array()
+            .is_some_and(|ks| ks.iter().any(|k| k["id"] == key.as_str())),
+        "A lists the key B just added: {listed}"
+    );
+    b.admin(
+        Method::DELETE,
+        &format!("/admin/keys/{key}"),
+        None,
+        StatusCode::OK,
+    )
+    .await;
+    a.admin(
+        Method::DELETE,
+        &format!("/admin/keys/{key}"),
+        None,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+}
