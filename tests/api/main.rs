@@ -24,4 +24,5 @@ mod process;
 mod proxy;
 mod regbot;
 mod remote;
+mod replicas;
 mod usage_query;
