@@ -220,7 +220,7 @@ impl Cluster {
     }
 
     /// CALLERS_PER_REPLICA callers on each of `replicas`, until `stop`, `within` or a 429 that
-    /// will not free up soon (see [`caller`]).
+    /// will not free up soon (see [`Caller::run`]).
     fn load(&self, replicas: &[usize], within: Duration) -> Load {
         let load = Load {
             stop: Arc::new(AtomicBool::new(false)),
