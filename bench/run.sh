@@ -19,12 +19,14 @@ if [ "${1:-}" = "audit" ]; then
   shift
   exec python3 bench/audit.py "$@"
 fi
-# `bash bench/run.sh regbot|ui|limits`: the RegBot source (bench/regbot.py, issue 12), the admin
+# `bash bench/run.sh regbot|ui|limits|remote`: the RegBot source (bench/regbot.py, issue 12), the admin
 # page's load time (bench/ui.py; needs chromium, chromedriver), plan-shaped limits
-# (bench/limits.py, issue 11).
+# (bench/limits.py, issue 11), a remote database 20 ms away and three replicas on one file
+# (bench/remote.py, issue 14).
 case "${1:-}" in
   regbot) shift; exec python3 bench/regbot.py "$@" ;;
   ui) shift; exec python3 bench/ui.py "$@" ;;
   limits) shift; exec python3 bench/limits.py "$@" ;;
+  remote) shift; cargo build --release --locked --example libsql_server; exec python3 bench/remote.py "$@" ;;
 esac
 exec python3 bench/bench.py "$@"

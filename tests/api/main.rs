@@ -24,5 +24,6 @@ mod process;
 mod proxy;
 mod regbot;
 mod remote;
+mod replicas;
 mod replicas_sync;
 mod usage_query;
