@@ -3,6 +3,8 @@
 //! first argument (0 or none: any free port) and prints `port=N` once listening.
 //!
 //! - `ANY /small`: a small JSON answer.
+//! - `ANY /slow?ms=N`: the same answer after N ms (default 20): an upstream with a realistic
+//!   service time, against which the proxy's own cost shows as added latency.
 //! - `GET /sse?events=N&gap_ms=M`: N server-sent events, M ms apart (first one at once).
 //! - `GET /big?mib=N`: N MiB of bytes in 64 KiB chunks (default 1024: 1 GiB).
 
@@ -21,6 +23,11 @@ struct Sse {
 }
 
 #[derive(serde::Deserialize)]
+struct Slow {
+    ms: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
 struct Big {
     mib: Option<u64>,
 }
@@ -31,6 +38,11 @@ async fn small() -> Response {
         "{\"id\":\"result-1\",\"status\":\"ok\",\"credits\":1}",
     )
         .into_response()
+}
+
+async fn slow(Query(q): Query<Slow>) -> Response {
+    tokio::time::sleep(Duration::from_millis(q.ms.unwrap_or(20))).await;
+    small().await
 }
 
 async fn sse(Query(q): Query<Sse>) -> Response {
@@ -80,6 +92,7 @@ async fn main() -> std::io::Result<()> {
         .unwrap_or(0);
     let app = Router::new()
         .route("/small", any(small))
+        .route("/slow", any(slow))
         .route("/sse", get(sse))
         .route("/big", get(big));
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;

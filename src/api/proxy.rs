@@ -1,7 +1,8 @@
 //! `/proxy/{feature}/{*path}` (SPEC §8.6, issue 13; GET, POST, PUT, PATCH, DELETE): draws a key exactly as `GET /key`
 //! does (`key::serve`: same auth, scopes, gates, audit), forwards the request to the key's
 //! tier upstream with the key injected, and streams the answer back. Each attempt's outcome
-//! goes through `POST /serves/{serve_id}/outcome`'s own path (`outcomes::record`).
+//! goes through `POST /serves/{serve_id}/outcome`'s own path (`outcomes::record`). The
+//! caller's answer waits for an outcome's commit only when the outcome decides a retry.
 //!
 //! Retries (at most `MAX_ATTEMPTS`, each on a key not yet tried, within the deadline): after
 //! `auth_invalid`, `quota_exhausted`, or `rate_limited` while the tier is not throttled, and
@@ -258,16 +259,26 @@ pub async fn forward(
         }
         let status_report = error_report(&answer);
         let class = health::classify(&status_report);
+        let may_retry = matches!(
+            class,
+            OutcomeClass::AuthInvalid | OutcomeClass::QuotaExhausted | OutcomeClass::RateLimited
+        ) && matches!(upload, Upload::Replayable(_))
+            && attempt < MAX_ATTEMPTS
+            && Instant::now() < ends_at;
+        if !may_retry {
+            // Nothing here depends on the outcome: it rides a later group commit while the
+            // answer goes out (as a streamed answer's does when its body ends).
+            spawn_report(&state, &caller, &serve_id, status_report);
+            return Ok(relay(answer, attempt, None, deadline));
+        }
+        // A retry draws again: the key's new health (and the tier's throttling) must be in
+        // place first, so this outcome is waited for.
         record(status_report).await;
-        let retry = match class {
-            OutcomeClass::AuthInvalid | OutcomeClass::QuotaExhausted => true,
-            OutcomeClass::RateLimited => !state
+        let retry = class != OutcomeClass::RateLimited
+            || !state
                 .pool
-                .tier_throttled(&pooled.tier_id, std::time::Instant::now()),
-            _ => false,
-        };
-        let replayable = matches!(upload, Upload::Replayable(_));
-        if retry && replayable && attempt < MAX_ATTEMPTS && Instant::now() < ends_at {
+                .tier_throttled(&pooled.tier_id, std::time::Instant::now());
+        if retry {
             held = Some(answer);
             continue;
         }
@@ -449,6 +460,13 @@ async fn report(state: &SharedState, caller: &Caller, serve_id: &str, report: Ou
     {
         tracing::warn!(serve_id, error = ?e, "proxy: an attempt's outcome could not be recorded");
     }
+}
+
+/// Records an attempt's outcome in a task of its own: the caller's answer does not wait for
+/// its commit.
+fn spawn_report(state: &SharedState, caller: &Caller, serve_id: &str, outcome: OutcomeReport) {
+    let (state, caller, serve_id) = (state.clone(), caller.clone(), serve_id.to_owned());
+    tokio::spawn(async move { report(&state, &caller, &serve_id, outcome).await });
 }
 
 /// Reports a streamed answer's outcome when its body ends: its status if it ended or the

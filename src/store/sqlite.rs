@@ -146,6 +146,23 @@ static COMMIT_WITH_HEALTH: std::sync::LazyLock<String> = std::sync::LazyLock::ne
     )
 });
 
+/// A group commit of outcome reports alone (no serve, no health change, no tier cooldown):
+/// the common batch under report load runs one statement, not the eight of the list above
+/// (each of which opens its table and indexes even when its array is empty).
+static COMMIT_OUTCOMES: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("BEGIN IMMEDIATE; {}; COMMIT", sql::SET_OUTCOMES));
+
+/// A group commit of reports and health changes without serves.
+static COMMIT_REPORTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "BEGIN IMMEDIATE; {}; {}; {}; {}; COMMIT",
+        sql::SET_OUTCOMES,
+        sql::UPSERT_HEALTH,
+        sql::SET_ACTIVE,
+        sql::UPSERT_TIER_HEALTH
+    )
+});
+
 /// A group commit that serves RegBot keys (SPEC §8.5): their counters live in `regbot_keys`.
 static COMMIT_WITH_REGBOT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
@@ -681,7 +698,20 @@ impl SqliteStore {
     pub async fn commit_batch(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
         let (events_json, updates_json) = sql::batch_parameters(batch.events, batch.updates);
         let regbot = super::regbot::counters_parameter(batch.updates);
-        let query = if batch.has_health() {
+        let serves =
+            !batch.events.is_empty() || !batch.updates.is_empty() || !batch.windows.is_empty();
+        let query = if !serves && batch.has_health() {
+            let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
+            if batch.health.is_empty() && batch.tiers.is_empty() {
+                sqlx::query(COMMIT_OUTCOMES.as_str()).bind(outcomes_json)
+            } else {
+                sqlx::query(COMMIT_REPORTS.as_str())
+                    .bind(outcomes_json)
+                    .bind(health_json.clone())
+                    .bind(health_json)
+                    .bind(sql::tier_parameter(batch.tiers))
+            }
+        } else if batch.has_health() {
             let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
             sqlx::query(COMMIT_WITH_HEALTH.as_str())
                 .bind(events_json)

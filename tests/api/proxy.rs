@@ -872,3 +872,105 @@ async fn a_throttled_tier_gets_no_fan_out_across_keys() {
         "no key was tried while the tier cools"
     );
 }
+
+/// The locking stub's connection while it holds the write lock.
+type HeldLock = Arc<tokio::sync::Mutex<Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>>>;
+
+/// A stub whose every answer (`status`, a small JSON body) is sent while it holds the app's
+/// SQLite write lock (`BEGIN IMMEDIATE` on its own connection), taken when the request arrives
+/// — after the serve was committed, before its outcome can be.
+async fn start_locking_stub(db: sqlx::SqlitePool, status: u16) -> (String, HeldLock) {
+    let held: HeldLock = Arc::default();
+    let handler = {
+        let held = held.clone();
+        move || {
+            let (db, held) = (db.clone(), held.clone());
+            async move {
+                let mut conn = db.acquire().await.expect("conn");
+                sqlx::query("BEGIN IMMEDIATE")
+                    .execute(&mut *conn)
+                    .await
+                    .expect("lock");
+                *held.lock().await = Some(conn);
+                (
+                    AxStatus::from_u16(status).unwrap(),
+                    [("content-type", "application/json")],
+                    "{\"answer\":true}",
+                )
+            }
+        }
+    };
+    let router = axum::Router::new().fallback(handler);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    (base, held)
+}
+
+// Issue 13 item 6 (the proxy's added latency): the caller's answer does not wait for its
+// outcome's commit — neither a streamed 2xx nor an error answer that is not retried; the
+// outcome rides a later group commit and is still recorded on the audit row and shown in
+// /admin/usage. The stub holds the database's write lock while it answers, so no commit can
+// land until the test releases it: the answer arriving first proves it did not wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answer_does_not_wait_for_its_outcome_commit_which_still_lands() {
+    let app = spawn_app_with(&[("DB_BUSY_TIMEOUT_MS", "60000")]).await;
+    let db = app.db().await;
+    for (status, class) in [
+        (200u16, "ok"),
+        (400, "client_error"),
+        (503, "upstream_error"),
+    ] {
+        let (base, held) = start_locking_stub(db.clone(), status).await;
+        let tier = format!("t{status}");
+        let feature = format!("f{status}");
+        proxied_tier(&app, &tier, &feature, bearer_upstream(&base)).await;
+        // Two keys: an error answer that may be retried would wait for its outcome (the next
+        // draw must see it); these classes are never retried.
+        for k in ["a", "b"] {
+            app.add_key(json!({ "name": format!("{k}{status}"), "key": format!("key-{k}-{status}"), "tier": tier }))
+                .await;
+        }
+        let answer = tokio::time::timeout(
+            Duration::from_secs(30),
+            app.send(app.proxy(reqwest::Method::GET, &format!("/{feature}/x"), ADMIN_TOKEN)),
+        )
+        .await
+        .expect("the answer arrives while the outcome cannot be committed yet");
+        assert_eq!(answer.status.as_u16(), status, "{}", answer.text);
+        assert_eq!(answer.body, json!({ "answer": true }));
+        assert_eq!(answer.headers["x-keypool-attempts"], "1");
+        let id = serve_id(&answer);
+        let unreported = app
+            .rows_with(
+                "SELECT outcome_class FROM usage_events WHERE id = ?",
+                &[&id],
+            )
+            .await;
+        assert_eq!(unreported, vec![vec![None]], "committed before the answer");
+        // Release the lock: the outcome lands with the next group commit.
+        let mut conn = held.lock().await.take().expect("the stub took the lock");
+        sqlx::query("ROLLBACK")
+            .execute(&mut *conn)
+            .await
+            .expect("unlock");
+        drop(conn);
+        assert_eq!(
+            outcome_of(&app, &id).await,
+            (class.to_string(), Some(status.to_string()))
+        );
+        let usage = app
+            .admin_get(&format!("/admin/usage?feature={feature}"))
+            .await;
+        let rows = usage.body.as_array().expect("rows");
+        assert_eq!(rows.len(), 1, "{}", usage.text);
+        assert_eq!(rows[0]["id"], id.as_str());
+        assert_eq!(rows[0]["outcome"]["class"], class);
+        assert_eq!(rows[0]["outcome"]["status"], status);
+    }
+    db.close().await;
+}
