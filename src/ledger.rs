@@ -23,6 +23,7 @@
 //! never dropped. That backlog is bounded (`BacklogLimits`): while it is at the bound, new
 //! serves are refused definitively — 503, their counts given back — until it drains.
 
+pub mod conflict;
 pub mod lookup;
 pub mod recent;
 
@@ -33,11 +34,10 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::LedgerMeters;
-use crate::model::{
-    HealthWrite, KeyUsageUpdate, OutcomeWrite, RateWindowWrite, TierCooldownWrite, UsageEvent,
-};
-use crate::pool::{PoolKey, Reservation};
-use crate::store::{Batch, Db, StoreError};
+use crate::model::{HealthWrite, OutcomeWrite, TierCooldownWrite, UsageEvent};
+use crate::pool::{Now, PoolKey, Reservation};
+use crate::store::{Batch, Db, StoreError, UsageDelta, WindowDelta};
+use conflict::Claim;
 use recent::{RecentServe, RecentServes};
 
 /// Serves committed together at most.
@@ -62,15 +62,22 @@ impl Default for BacklogLimits {
     }
 }
 
-/// The serve could not be recorded; its count was given back.
+/// Why a serve was not committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("usage could not be recorded")]
-pub struct CommitFailed;
+pub enum NotCommitted {
+    /// It could not be recorded; its count was given back (503).
+    #[error("usage could not be recorded")]
+    Failed,
+    /// The database refused it: another replica took the budget or window first (SPEC §8.7).
+    /// Nothing was counted and the pool now knows it; the caller draws again.
+    #[error("the key's budget or window was taken meanwhile; draw again")]
+    Redraw,
+}
 
 struct Serve {
     reservation: Reservation,
     /// Answered the serve's audit id once committed.
-    ack: oneshot::Sender<Result<String, CommitFailed>>,
+    ack: oneshot::Sender<Result<String, NotCommitted>>,
 }
 
 /// What a report or an operator changed: at most one outcome and the health records.
@@ -108,7 +115,7 @@ enum Message {
 /// A submitted serve awaiting its commit.
 pub struct Pending {
     pub key: Arc<PoolKey>,
-    ack: oneshot::Receiver<Result<String, CommitFailed>>,
+    ack: oneshot::Receiver<Result<String, NotCommitted>>,
 }
 
 /// A serve that is durable.
@@ -119,14 +126,15 @@ pub struct Committed {
 }
 
 impl Pending {
-    /// Resolves once the serve is durable (or failed and was given back).
-    pub async fn committed(self) -> Result<Committed, CommitFailed> {
+    /// Resolves once the serve is durable (or failed and was given back, or must be redrawn).
+    pub async fn committed(self) -> Result<Committed, NotCommitted> {
         match self.ack.await {
             Ok(Ok(serve_id)) => Ok(Committed {
                 key: self.key,
                 serve_id,
             }),
-            _ => Err(CommitFailed),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(NotCommitted::Failed),
         }
     }
 }
@@ -293,7 +301,7 @@ async fn run(
         tracing::debug!("ledger writer stopped with nothing pending");
     } else {
         tracing::error!(
-            serves = carry.events.len(),
+            serves = carry.serves(),
             "stopping with serves whose commit outcome is unknown; none of them was answered 200"
         );
     }
@@ -306,41 +314,73 @@ async fn finished(commit: tokio::task::JoinHandle<Uncertain>) -> Uncertain {
     })
 }
 
-/// Audit rows and counters of commits whose outcome is unknown (a remote COMMIT whose answer
-/// was lost): re-sent with every later commit until one is known to succeed. Re-sending is
-/// idempotent — audit ids are unique and ignored when present, counters are absolute — so the
-/// database ends with them exactly once.
+/// Commits whose outcome is unknown (a remote COMMIT whose answer was lost), each kept as the
+/// audit rows and deltas it sent. Deltas are not idempotent, so before any of them is re-sent
+/// the writer reads back whether its first audit row exists (`resolve_carry`): the transaction
+/// was atomic, so that row tells whether all of it landed. The database so ends with them
+/// exactly once (and a late copy of one fails on its audit ids, see `sql::INSERT_EVENTS`).
 #[derive(Default)]
 struct Uncertain {
+    groups: Vec<Group>,
+}
+
+/// The rows of one commit.
+#[derive(Default)]
+struct Group {
     events: Vec<UsageEvent>,
-    updates: Vec<KeyUsageUpdate>,
-    windows: Vec<RateWindowWrite>,
+    usage: Vec<UsageDelta>,
+    windows: Vec<WindowDelta>,
+}
+
+impl Group {
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.usage.is_empty() && self.windows.is_empty()
+    }
+
+    fn append(&mut self, mut other: Group) {
+        self.events.append(&mut other.events);
+        self.usage.append(&mut other.usage);
+        self.windows.append(&mut other.windows);
+    }
 }
 
 impl Uncertain {
     fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.updates.is_empty() && self.windows.is_empty()
+        self.groups.iter().all(Group::is_empty)
+    }
+
+    /// Serves held.
+    fn serves(&self) -> usize {
+        self.groups.iter().map(|g| g.events.len()).sum()
     }
 
     /// Approximate memory held: each row's inline size plus its strings.
     fn approx_bytes(&self) -> usize {
-        let events: usize = self
-            .events
-            .iter()
-            .map(|e| {
-                std::mem::size_of::<UsageEvent>()
-                    + e.id.len()
-                    + e.key_id.len()
-                    + e.consumer_id.len()
-                    + e.feature.len()
-            })
-            .sum();
-        let updates: usize = self
-            .updates
-            .iter()
-            .map(|u| std::mem::size_of::<KeyUsageUpdate>() + u.key_id.len())
-            .sum();
-        events + updates
+        let group = |g: &Group| -> usize {
+            let events: usize = g
+                .events
+                .iter()
+                .map(|e| {
+                    std::mem::size_of::<UsageEvent>()
+                        + e.id.len()
+                        + e.key_id.len()
+                        + e.consumer_id.len()
+                        + e.feature.len()
+                })
+                .sum();
+            let usage: usize = g
+                .usage
+                .iter()
+                .map(|u| std::mem::size_of::<UsageDelta>() + u.key_id.len())
+                .sum();
+            let windows: usize = g
+                .windows
+                .iter()
+                .map(|w| std::mem::size_of::<WindowDelta>() + w.key_id.len() + w.feature.len())
+                .sum();
+            events + usage + windows
+        };
+        self.groups.iter().map(group).sum()
     }
 }
 
@@ -354,7 +394,7 @@ impl Backlog {
     /// Whether `carry` is at the bound (new serves must be refused); logs once when that
     /// starts and once when it ends.
     fn full(&self, carry: &Uncertain) -> bool {
-        let serves = carry.events.len();
+        let serves = carry.serves();
         let bytes = if carry.is_empty() {
             0
         } else {
@@ -463,8 +503,203 @@ fn give_back(serves: impl IntoIterator<Item = Serve>) {
             reverted.insert(key.id.clone());
         }
         key.give_back_rate(&s.reservation);
-        let _ = s.ack.send(Err(CommitFailed));
+        let _ = s.ack.send(Err(NotCommitted::Failed));
     }
+}
+
+/// Rounds a refused batch is re-decided and re-sent before its serves fail (503). Each round
+/// follows a refusal, which only another replica's commit in between can cause again.
+const CONFLICT_ROUNDS: usize = 3;
+
+/// What a serve claims, as this process decided it.
+fn claim_of(r: &Reservation) -> Claim {
+    Claim {
+        budget_at: r.budget_at(),
+        windows: r.window_claims().collect(),
+    }
+}
+
+/// The batch's deltas after `carry`'s: one row per key and budget window, one per rate window,
+/// each in the order its serves were counted.
+fn deltas(carry: &Group, live: &[Serve], claims: &[Claim]) -> (Vec<UsageDelta>, Vec<WindowDelta>) {
+    let mut usage = carry.usage.clone();
+    let mut windows = carry.windows.clone();
+    let mut usage_at: HashMap<(&str, crate::timestamp::Timestamp), usize> = HashMap::new();
+    let mut window_at: HashMap<(&str, &str, i64, crate::timestamp::Timestamp), usize> =
+        HashMap::new();
+    for (s, claim) in live.iter().zip(claims) {
+        let r = &s.reservation;
+        match usage_at.get(&(&*r.key.id, claim.budget_at)) {
+            Some(&i) => usage[i].units += r.cost,
+            None => {
+                usage_at.insert((&r.key.id, claim.budget_at), usage.len());
+                usage.push(UsageDelta {
+                    key_id: r.key.id.to_string(),
+                    units: r.cost,
+                    at: claim.budget_at,
+                    regbot_limit: r.key.regbot.as_ref().and(r.key.budget.usage_limit),
+                });
+            }
+        }
+        for w in &claim.windows {
+            match window_at.get(&(&*r.key.id, r.feature.as_str(), w.seconds, w.start)) {
+                Some(&i) => windows[i].units += 1,
+                None => {
+                    window_at.insert(
+                        (&r.key.id, r.feature.as_str(), w.seconds, w.start),
+                        windows.len(),
+                    );
+                    windows.push(WindowDelta {
+                        key_id: r.key.id.to_string(),
+                        feature: r.feature.clone(),
+                        window_seconds: w.seconds,
+                        at: w.start,
+                        units: 1,
+                        rate_limit: w.rate_limit,
+                    });
+                }
+            }
+        }
+    }
+    (usage, windows)
+}
+
+/// Item 2 of issue 14: whether each uncertain commit landed, read back (its first audit row)
+/// before anything of it is re-sent — deltas would count twice. Landed: dropped. Not landed:
+/// merged into the one group re-sent with the next commit. Unknown (the read failed): kept
+/// aside and asked again next time. Returns (to re-send, still unknown).
+async fn resolve_carry(db: &Db, carry: Uncertain) -> (Group, Vec<Group>) {
+    let mut resend = Group::default();
+    let mut unknown = Vec::new();
+    for group in carry.groups {
+        let Some(first) = group.events.first() else {
+            continue;
+        };
+        match db.read_serve(&first.id, true).await {
+            Ok(Some(_)) => {
+                tracing::info!(serves = group.events.len(), "a commit of unknown outcome had landed; nothing re-sent");
+            }
+            Ok(None) => resend.append(group),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell yet whether a commit of unknown outcome landed");
+                unknown.push(group);
+            }
+        }
+    }
+    (resend, unknown)
+}
+
+/// After the database refused the batch: reads the batch's keys' counters and windows,
+/// re-decides the serves in order against them, moves the pool's memory to them (see
+/// `PoolKey::follow_database`), answers the serves that no longer fit as redraws and leaves
+/// the kept ones (with claims placed in the database's windows) to be committed again.
+async fn resolve_conflict(
+    db: &Db,
+    live: &mut Vec<Serve>,
+    events: &mut Vec<UsageEvent>,
+    claims: &mut Vec<Claim>,
+) -> Result<(), StoreError> {
+    use conflict::{redecide, Counters, ServeFacts};
+    use crate::pool::gates::{UsageBudget, UsageState};
+    let mut keys: Vec<Arc<PoolKey>> = Vec::new();
+    for s in live.iter() {
+        if !keys.iter().any(|k| k.id == s.reservation.key.id) {
+            keys.push(s.reservation.key.clone());
+        }
+    }
+    let ids: Vec<&str> = keys.iter().map(|k| &*k.id).collect();
+    let (stored, stored_windows) = db.read_counters(&ids).await?;
+    let mut counters = Counters::default();
+    for c in stored {
+        let state = UsageState {
+            count: c.count,
+            window_start: c.window_start,
+        };
+        let budget = c.budget.map(|(limit, window)| UsageBudget {
+            usage_limit: limit,
+            usage_window_seconds: window.filter(|w| *w > 0),
+        });
+        counters.usage.insert(c.key_id, (state, budget));
+    }
+    for w in stored_windows {
+        counters
+            .windows
+            .insert((w.key_id, w.feature, w.window_seconds), (w.start, w.count));
+    }
+    let facts: Vec<ServeFacts> = live
+        .iter()
+        .map(|s| {
+            let r = &s.reservation;
+            ServeFacts {
+                key_id: &r.key.id,
+                feature: &r.feature,
+                cost: r.cost,
+                at: r.at,
+                budget: r.key.budget,
+                regbot: r.key.regbot.is_some(),
+                windows: r
+                    .limits
+                    .iter()
+                    .flatten()
+                    .map(|l| (l.window_seconds, l.rate_limit))
+                    .collect(),
+            }
+        })
+        .collect();
+    let decided = redecide(&facts, &mut counters);
+    drop(facts);
+    let mut refused_units: HashMap<Arc<str>, i64> = HashMap::new();
+    let mut refused_windows: HashMap<(Arc<str>, String, i64), i64> = HashMap::new();
+    let mut kept = Vec::with_capacity(live.len());
+    let mut kept_events = Vec::with_capacity(live.len());
+    let mut kept_claims = Vec::with_capacity(live.len());
+    let mut refused = Vec::new();
+    for ((s, event), claim) in live.drain(..).zip(events.drain(..)).zip(decided) {
+        match claim {
+            Some(claim) => {
+                kept.push(s);
+                kept_events.push(event);
+                kept_claims.push(claim);
+            }
+            None => {
+                let r = &s.reservation;
+                *refused_units.entry(r.key.id.clone()).or_default() += r.cost;
+                for w in r.rates.iter() {
+                    let slot = (r.key.id.clone(), r.feature.clone(), w.seconds);
+                    *refused_windows.entry(slot).or_default() += 1;
+                }
+                refused.push(s);
+            }
+        }
+    }
+    let now = Now::read();
+    for key in &keys {
+        let windows: Vec<(String, i64, crate::timestamp::Timestamp, i64, i64)> = counters
+            .windows
+            .iter()
+            .filter(|((id, _, _), _)| *id == *key.id)
+            .map(|((_, feature, seconds), (start, count))| {
+                let slot = (key.id.clone(), feature.clone(), *seconds);
+                let refused = refused_windows.get(&slot).copied().unwrap_or(0);
+                (feature.clone(), *seconds, *start, *count, refused)
+            })
+            .collect();
+        let usage = counters.usage.get(&*key.id).map(|(state, _)| *state);
+        let units = refused_units.get(&key.id).copied().unwrap_or(0);
+        key.follow_database(usage, units, &windows, now);
+    }
+    tracing::info!(
+        refused = refused.len(),
+        kept = kept.len(),
+        "the database refused a batch (another replica counted first); refused serves are redrawn"
+    );
+    for s in refused {
+        let _ = s.ack.send(Err(NotCommitted::Redraw));
+    }
+    *live = kept;
+    *events = kept_events;
+    *claims = kept_claims;
+    Ok(())
 }
 
 /// Commits `batch` and `jobs` together with `carry`; returns what is still uncertain afterwards.
@@ -482,73 +717,19 @@ async fn commit(
         .partition(|p| p.serve.reservation.key.is_current(&p.serve.reservation));
     for p in stale {
         p.serve.reservation.key.give_back_rate(&p.serve.reservation);
-        let _ = p.serve.ack.send(Err(CommitFailed));
+        let _ = p.serve.ack.send(Err(NotCommitted::Failed));
     }
     if live.is_empty() && carry.is_empty() && jobs.is_empty() {
         return carry;
     }
-    let (live, new_events): (Vec<Serve>, Vec<UsageEvent>) =
+    let (mut resend, unknown) = if carry.is_empty() {
+        (Group::default(), Vec::new())
+    } else {
+        resolve_carry(db, carry).await
+    };
+    let (mut live, mut new_events): (Vec<Serve>, Vec<UsageEvent>) =
         live.into_iter().map(|p| (p.serve, p.event)).unzip();
-    let mut updates: Vec<KeyUsageUpdate> = Vec::new();
-    let mut position: HashMap<&str, usize> = HashMap::new();
-    for s in &live {
-        let r = &s.reservation;
-        let update = KeyUsageUpdate {
-            key_id: r.key.id.to_string(),
-            usage_count: r.usage_after.count,
-            usage_window_start: r.usage_after.window_start,
-        };
-        match position.get(&*r.key.id) {
-            Some(&i) => updates[i] = update,
-            None => {
-                position.insert(&r.key.id, updates.len());
-                updates.push(update);
-            }
-        }
-    }
-    // Rate windows (SPEC §8.4) as of each (key, feature)'s last serve here: its reservation
-    // was taken last under the key's lock, so it holds the newest absolute counts.
-    let mut windows: Vec<RateWindowWrite> = Vec::new();
-    let mut window_position: HashMap<(&str, &str), usize> = HashMap::new();
-    for s in &live {
-        let r = &s.reservation;
-        match window_position.get(&(&*r.key.id, r.feature.as_str())) {
-            Some(&i) => {
-                // Same windows in the same order: overwrite in place.
-                for (at, w) in (i..).zip(r.window_writes()) {
-                    if at < windows.len() && windows[at].window_seconds == w.window_seconds {
-                        windows[at] = w;
-                    } else {
-                        windows.push(w);
-                    }
-                }
-            }
-            None => {
-                window_position.insert((&r.key.id, r.feature.as_str()), windows.len());
-                windows.extend(r.window_writes());
-            }
-        }
-    }
-    // A carried counter stands unless this batch holds a newer one for the same key.
-    let carried_updates: Vec<KeyUsageUpdate> = carry
-        .updates
-        .iter()
-        .filter(|u| !position.contains_key(u.key_id.as_str()))
-        .cloned()
-        .collect();
-    let mut all_windows: Vec<RateWindowWrite> = carry
-        .windows
-        .iter()
-        .filter(|w| !window_position.contains_key(&(w.key_id.as_str(), w.feature.as_str())))
-        .cloned()
-        .collect();
-    all_windows.extend(windows);
-    let carried_events = carry.events.len();
-    let mut events = carry.events;
-    events.extend(new_events);
-    let mut all_updates = carried_updates;
-    all_updates.extend(updates);
-
+    let mut claims: Vec<Claim> = live.iter().map(|s| claim_of(&s.reservation)).collect();
     let outcomes: Vec<OutcomeWrite> = jobs.iter().filter_map(|j| j.job.outcome.clone()).collect();
     let health: Vec<HealthWrite> = jobs
         .iter()
@@ -558,17 +739,111 @@ async fn commit(
         .iter()
         .flat_map(|j| j.job.tiers.iter().cloned())
         .collect();
-    let started = std::time::Instant::now();
-    let outcome = db
-        .commit_batch(&Batch {
-            events: &events,
-            updates: &all_updates,
-            outcomes: &outcomes,
-            health: &health,
-            tiers: &tiers,
-            windows: &all_windows,
-        })
-        .await;
+    let mut round = 0;
+    loop {
+        if live.is_empty() && resend.is_empty() && jobs.is_empty() {
+            return Uncertain { groups: unknown };
+        }
+        let (usage, windows) = deltas(&resend, &live, &claims);
+        let carried_events = resend.events.len();
+        let mut events = std::mem::take(&mut resend.events);
+        events.append(&mut new_events);
+        let started = std::time::Instant::now();
+        let outcome = db
+            .commit_batch(&Batch {
+                events: &events,
+                usage: &usage,
+                outcomes: &outcomes,
+                health: &health,
+                tiers: &tiers,
+                windows: &windows,
+            })
+            .await;
+        let retry = match &outcome {
+            Err(StoreError::Refused(_)) if round < CONFLICT_ROUNDS => round + 1,
+            Err(StoreError::Conflict) if carried_events > 0 && round < CONFLICT_ROUNDS => {
+                round + 1
+            }
+            _ => 0,
+        };
+        if retry == 0 {
+            let sent = Group {
+                events,
+                usage,
+                windows,
+            };
+            let finished = Finished {
+                live,
+                jobs,
+                carried_events,
+                resend,
+                unknown,
+                started,
+            };
+            return finish(outcome, sent, finished, meters, recent);
+        }
+        round = retry;
+        new_events = events.split_off(carried_events);
+        if carried_events > 0 {
+            // A refusal or a duplicate audit id with re-sent rows: they landed after all (a
+            // late copy), or the budget went to others meanwhile. Their callers were answered
+            // 503 long ago; either way nothing of them is sent again.
+            tracing::warn!(serves = carried_events, "re-sent serves of unknown outcome are dropped: the database refused them or already held them");
+            resend = Group::default();
+            continue;
+        }
+        if let Err(StoreError::Refused(detail)) = &outcome {
+            tracing::debug!(error = %detail, round, "batch refused; re-deciding");
+            if let Err(e) = resolve_conflict(db, &mut live, &mut new_events, &mut claims).await {
+                tracing::error!(error = %e, "cannot read the counters after a refused commit; the batch fails");
+                let sent = Group {
+                    events: new_events,
+                    usage,
+                    windows,
+                };
+                let finished = Finished {
+                    live,
+                    jobs,
+                    carried_events: 0,
+                    resend,
+                    unknown,
+                    started,
+                };
+                return finish(Err(e), sent, finished, meters, recent);
+            }
+        }
+    }
+}
+
+/// What `finish` answers besides the commit's outcome and rows.
+struct Finished {
+    live: Vec<Serve>,
+    jobs: Vec<Job>,
+    /// Audit rows at the head of the commit that were re-sent from an uncertain one.
+    carried_events: usize,
+    /// The re-sent (not landed) group, whose rows head the commit.
+    resend: Group,
+    /// Uncertain groups not yet read back.
+    unknown: Vec<Group>,
+    started: std::time::Instant,
+}
+
+/// Answers a commit's serves and jobs by its outcome; returns what stays uncertain.
+fn finish(
+    outcome: Result<(), StoreError>,
+    mut sent: Group,
+    f: Finished,
+    meters: &LedgerMeters,
+    recent: &RecentServes,
+) -> Uncertain {
+    let Finished {
+        live,
+        jobs,
+        carried_events,
+        resend,
+        mut unknown,
+        started,
+    } = f;
     let job_outcome = match &outcome {
         Ok(()) => JobOutcome::Committed,
         Err(StoreError::Uncertain(_)) => JobOutcome::Uncertain,
@@ -578,19 +853,20 @@ async fn commit(
         let _ = job.ack.send(job_outcome);
     }
     let took = started.elapsed();
-    tracing::debug!(target: "keypooler::ledger", serves = events.len(), keys = all_updates.len(), micros = took.as_micros() as u64, "batch committed");
-    meters.batch_size.record(events.len() as f64);
+    tracing::debug!(target: "keypooler::ledger", serves = sent.events.len(), keys = sent.usage.len(), micros = took.as_micros() as u64, "batch committed");
+    meters.batch_size.record(sent.events.len() as f64);
     meters.duration.record(took.as_secs_f64());
     match outcome {
         Ok(()) => {
             meters.committed.increment(1);
+            let events = &sent.events[carried_events.min(sent.events.len())..];
             let mut committed = Vec::with_capacity(live.len());
-            for (s, event) in live.into_iter().zip(&events[carried_events..]) {
+            for (s, event) in live.into_iter().zip(events) {
                 let _ = s.ack.send(Ok(event.id.clone()));
                 committed.push(s.reservation);
             }
             // After the acks (off their path); a report that outruns this reads the database.
-            for (r, event) in committed.into_iter().zip(&events[carried_events..]) {
+            for (r, event) in committed.into_iter().zip(events) {
                 if let Ok(id) = uuid::Uuid::try_parse(&event.id) {
                     recent.insert(
                         id.as_u128(),
@@ -603,33 +879,33 @@ async fn commit(
                     );
                 }
             }
-            Uncertain::default()
         }
         Err(StoreError::Uncertain(detail)) => {
-            // Maybe applied: keep the counts (never over-serve) and re-send the rows later.
+            // Maybe applied: keep the counts (never over-serve) and find out before re-sending.
             meters.uncertain.increment(1);
-            tracing::warn!(error = %detail, serves = live.len(), "usage commit outcome unknown; serves answered 503, counted, and re-sent with the next commit");
+            tracing::warn!(error = %detail, serves = live.len(), "usage commit outcome unknown; serves answered 503, counted, and re-sent later unless they landed");
             for s in live {
-                let _ = s.ack.send(Err(CommitFailed));
+                let _ = s.ack.send(Err(NotCommitted::Failed));
             }
-            Uncertain {
-                events,
-                updates: all_updates,
-                windows: all_windows,
-            }
+            // One transaction: its first audit row tells for all of it.
+            unknown.push(sent);
         }
         Err(e) => {
             meters.failed.increment(1);
             tracing::error!(error = %e, serves = live.len(), "usage commit failed; serves answered 503 and given back");
             give_back(live);
-            events.truncate(carried_events);
-            Uncertain {
-                events,
-                updates: carry.updates,
-                windows: carry.windows,
+            // The re-sent rows did not land this time either: they wait for the next commit.
+            sent.events.truncate(carried_events);
+            if !resend.usage.is_empty() || carried_events > 0 {
+                unknown.push(Group {
+                    events: sent.events,
+                    usage: resend.usage,
+                    windows: resend.windows,
+                });
             }
         }
     }
+    Uncertain { groups: unknown }
 }
 
 #[cfg(test)]
@@ -657,9 +933,10 @@ mod tests {
             cost: 1,
         };
         Uncertain {
-            events: vec![event; serves],
-            updates: Vec::new(),
-            windows: Vec::new(),
+            groups: vec![Group {
+                events: vec![event; serves],
+                ..Group::default()
+            }],
         }
     }
 

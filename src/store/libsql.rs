@@ -90,6 +90,9 @@ impl LibsqlStore {
 
     fn err(&self, e: libsql::Error) -> StoreError {
         let text = redact_all(&e.to_string(), &self.inner.redact);
+        if text.contains(super::REFUSED) {
+            return StoreError::Refused(text);
+        }
         let lower = text.to_ascii_lowercase();
         if lower.contains("unique constraint") || lower.contains("sqlite_constraint") {
             return StoreError::Conflict;
@@ -584,23 +587,25 @@ impl LibsqlStore {
         .await
     }
 
+    /// A group commit: its deltas are not idempotent, so a commit whose answer was lost is
+    /// re-sent only once a read-back (inside `BEGIN IMMEDIATE`, after any transaction still in
+    /// flight has ended) found its first audit row missing — the transaction is atomic, so
+    /// that row tells whether all of it landed.
     pub async fn commit_batch(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
-        let (events_json, updates_json) = sql::batch_parameters(batch.events, batch.updates);
+        let (events_json, usage_json) = sql::batch_parameters(batch.events, batch.usage);
         let mut statements = vec![
             (
                 sql::INSERT_EVENTS.to_string(),
                 vec![Value::Text(events_json)],
             ),
             (
-                sql::UPDATE_COUNTERS.to_string(),
-                vec![Value::Text(updates_json)],
+                sql::INSERT_USAGE_DELTAS.to_string(),
+                vec![Value::Text(usage_json)],
             ),
         ];
-        // One statement more per commit only when there are windows to write: remotely each
-        // statement is a round trip.
         if !batch.windows.is_empty() {
             statements.push((
-                sql::UPSERT_RATE_WINDOWS.to_string(),
+                sql::INSERT_WINDOW_DELTAS.to_string(),
                 vec![Value::Text(sql::window_parameter(batch.windows))],
             ));
         }
@@ -620,13 +625,22 @@ impl LibsqlStore {
                 vec![Value::Text(sql::tier_parameter(batch.tiers))],
             ));
         }
-        if let Some(regbot) = super::regbot::counters_parameter(batch.updates) {
-            statements.push((
-                super::regbot::UPSERT_COUNTERS.to_string(),
-                vec![Value::Text(regbot)],
-            ));
+        let first = batch.events.first().map(|e| e.id.as_str());
+        match self.transaction(&statements, false, |_, _| Ok(())).await {
+            Err(StoreError::Uncertain(detail)) => match first {
+                // Outcomes and health alone are absolute: re-sending them is harmless.
+                None => self.transaction(&statements, true, |_, _| Ok(())).await,
+                Some(id) => match self.read_serve(id, true).await {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => {
+                        tracing::warn!(error = %detail, "a group commit did not land; re-sending it once");
+                        self.transaction(&statements, false, |_, _| Ok(())).await
+                    }
+                    Err(_) => Err(StoreError::Uncertain(detail)),
+                },
+            },
+            other => other,
         }
-        self.transaction(&statements, true, |_, _| Ok(())).await
     }
 
     /// Every row of one read statement, decoded by `decode`.

@@ -109,13 +109,14 @@ async fn settle(conn: &mut SqliteConnection) -> bool {
         && sqlx::query("ROLLBACK").execute(&mut *conn).await.is_ok()
 }
 
-/// A whole group commit in one statement text, prepared once.
+/// A whole group commit in one statement text, prepared once. The delta statements may be
+/// refused by migration 012's triggers (`StoreError::Refused`); `on_writer` then rolls back.
 static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "BEGIN IMMEDIATE; {}; {}; {}; COMMIT",
         sql::INSERT_EVENTS,
-        sql::UPDATE_COUNTERS,
-        sql::UPSERT_RATE_WINDOWS
+        sql::INSERT_USAGE_DELTAS,
+        sql::INSERT_WINDOW_DELTAS
     )
 });
 
@@ -123,26 +124,14 @@ static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// the shorter text above, so the hot path runs no extra statement).
 static COMMIT_WITH_HEALTH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "BEGIN IMMEDIATE; {}; {}; {}; {}; {}; {}; {}; {}; COMMIT",
+        "BEGIN IMMEDIATE; {}; {}; {}; {}; {}; {}; {}; COMMIT",
         sql::INSERT_EVENTS,
-        sql::UPDATE_COUNTERS,
-        sql::UPSERT_RATE_WINDOWS,
+        sql::INSERT_USAGE_DELTAS,
+        sql::INSERT_WINDOW_DELTAS,
         sql::SET_OUTCOMES,
         sql::UPSERT_HEALTH,
         sql::SET_ACTIVE,
-        sql::UPSERT_TIER_HEALTH,
-        super::regbot::UPSERT_COUNTERS
-    )
-});
-
-/// A group commit that serves RegBot keys (SPEC §8.5): their counters live in `regbot_keys`.
-static COMMIT_WITH_REGBOT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "BEGIN IMMEDIATE; {}; {}; {}; {}; COMMIT",
-        sql::INSERT_EVENTS,
-        sql::UPDATE_COUNTERS,
-        sql::UPSERT_RATE_WINDOWS,
-        super::regbot::UPSERT_COUNTERS
+        sql::UPSERT_TIER_HEALTH
     )
 });
 
@@ -200,6 +189,9 @@ fn map_err(e: sqlx::Error) -> StoreError {
             .is_some_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13 | 14))
     };
     match &e {
+        sqlx::Error::Database(db) if db.message().contains(super::REFUSED) => {
+            StoreError::Refused(db.message().to_string())
+        }
         sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict,
         sqlx::Error::Database(db) if transient(db.code().as_deref()) => {
             StoreError::Unavailable(db.message().to_string())
@@ -627,29 +619,21 @@ impl SqliteStore {
     /// statements in order. On any failure the transaction is ended (see `settle`); a writer left
     /// in an unknown state is closed and reopened by the next commit.
     pub async fn commit_batch(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
-        let (events_json, updates_json) = sql::batch_parameters(batch.events, batch.updates);
-        let regbot = super::regbot::counters_parameter(batch.updates);
+        let (events_json, usage_json) = sql::batch_parameters(batch.events, batch.usage);
         let query = if batch.has_health() {
             let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
             sqlx::query(COMMIT_WITH_HEALTH.as_str())
                 .bind(events_json)
-                .bind(updates_json)
+                .bind(usage_json)
                 .bind(sql::window_parameter(batch.windows))
                 .bind(outcomes_json)
                 .bind(health_json.clone())
                 .bind(health_json)
                 .bind(sql::tier_parameter(batch.tiers))
-                .bind(regbot.unwrap_or_else(|| "[]".into()))
-        } else if let Some(regbot) = regbot {
-            sqlx::query(COMMIT_WITH_REGBOT.as_str())
-                .bind(events_json)
-                .bind(updates_json)
-                .bind(sql::window_parameter(batch.windows))
-                .bind(regbot)
         } else {
             sqlx::query(COMMIT_BATCH.as_str())
                 .bind(events_json)
-                .bind(updates_json)
+                .bind(usage_json)
                 .bind(sql::window_parameter(batch.windows))
         };
         self.on_writer(query).await.map(|_| ())
