@@ -11,6 +11,7 @@ mod bad_input;
 mod concurrency;
 mod disk_full;
 mod draw;
+mod exact;
 mod durability;
 mod go_database;
 mod health;
