@@ -694,10 +694,11 @@ async fn probe(State(app): State<App>, headers: HeaderMap) -> Response {
     }
 }
 
-/// Issue 14 fault: while set, a request opening `BEGIN IMMEDIATE` (the service's read-back of
-/// a commit of unknown outcome) is refused, so the outcome stays unknown.
+/// Issue 14 fault: while set, a request opening `BEGIN IMMEDIATE` without committing (the
+/// service's read-back of a commit of unknown outcome) is refused, so the outcome stays unknown.
 fn refuse_settled_read(app: &App, body: &[u8]) -> Result<(), Reject> {
-    let settled = body.windows(15).any(|w| w == b"BEGIN IMMEDIATE");
+    let settled = body.windows(15).any(|w| w == b"BEGIN IMMEDIATE")
+        && !body.windows(7).any(|w| w == b"\"COMMIT");
     if settled && app.cfg.refuse_settled_reads.load(Ordering::SeqCst) {
         return Err(Reject(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -924,7 +925,7 @@ impl HranaServer {
         *lock(&self.cfg.dark_after_lost_answer) = d;
     }
 
-    /// Issue 14: while `on`, every `BEGIN IMMEDIATE` read-back is refused (HTTP 503).
+    /// Issue 14: while `on`, every `BEGIN IMMEDIATE` read-back (no COMMIT) is refused (503).
     pub fn refuse_settled_reads(&self, on: bool) {
         self.cfg.refuse_settled_reads.store(on, Ordering::SeqCst);
     }
