@@ -218,17 +218,25 @@ async fn run(
     recent: Arc<RecentServes>,
 ) {
     let mut stopping = false;
-    let mut in_flight: Option<tokio::task::JoinHandle<Uncertain>> = None;
+    // Commits in flight, oldest first, each with whether it carries health jobs.
+    let mut in_flight: std::collections::VecDeque<(tokio::task::JoinHandle<Uncertain>, bool)> =
+        std::collections::VecDeque::new();
+    let overlap = db.commits_in_flight().max(1);
     let mut carry = Uncertain::default();
+    // Commits of unknown outcome, published by a commit task before it answers their serves
+    // (so the next batch's backlog check sees them, however the tasks overlap).
+    let pending: Arc<parking_lot::Mutex<Uncertain>> = Arc::default();
     while !stopping {
         let mut batch = Gathered::default();
         // With a commit outstanding, wake up after a while even without serves, so rows whose
-        // outcome it left unknown are re-sent.
-        let received = match in_flight {
-            Some(_) => tokio::time::timeout(UNCERTAIN_RETRY, inbox.recv())
+        // outcome it left unknown are resolved.
+        let idle = in_flight.is_empty() && carry.is_empty() && pending.lock().is_empty();
+        let received = if idle {
+            Some(inbox.recv().await)
+        } else {
+            tokio::time::timeout(UNCERTAIN_RETRY, inbox.recv())
                 .await
-                .ok(),
-            None => Some(inbox.recv().await),
+                .ok()
         };
         match received {
             Some(Some(Message::Shutdown)) | Some(None) => stopping = true,
@@ -236,16 +244,27 @@ async fn run(
             None => {}
         }
         drain(&mut inbox, &mut batch, &mut stopping);
-        let writer_idle = in_flight.as_ref().is_none_or(|commit| commit.is_finished());
-        if writer_idle && !stopping && !batch.is_empty() {
+        while let Some(i) = in_flight.iter().position(|(c, _)| c.is_finished()) {
+            if let Some((done, _)) = in_flight.remove(i) {
+                carry.merge(finished(done).await);
+            }
+        }
+        if in_flight.is_empty() && !stopping && !batch.is_empty() {
             // Idle writer: let requests already running on the runtime reach the queue first.
             tokio::task::yield_now().await;
             drain(&mut inbox, &mut batch, &mut stopping);
         }
-        // Commits run one at a time and in order; this batch was gathered and prepared while
-        // the previous one was being written, and takes whatever arrived in the meantime.
-        if let Some(previous) = in_flight.take() {
-            carry = finished(previous).await;
+        // Up to `overlap` commits run at once (deltas commute; SQLite keeps one, in order);
+        // this batch was gathered while they were written and takes whatever arrived
+        // meanwhile. Health jobs stay in order: a batch with jobs waits for every commit
+        // in flight that carries jobs (their records are absolute, the last must win).
+        let has_jobs = !batch.jobs.is_empty();
+        while in_flight.len() >= overlap || (has_jobs && in_flight.iter().any(|(_, jobs)| *jobs))
+        {
+            let Some((oldest, _)) = in_flight.pop_front() else {
+                break;
+            };
+            carry.merge(finished(oldest).await);
             drain(&mut inbox, &mut batch, &mut stopping);
         }
         if stopping {
@@ -254,48 +273,65 @@ async fn run(
                 batch.take(message);
             }
         }
+        carry.merge(std::mem::take(&mut *pending.lock()));
         if batch.is_empty() && carry.is_empty() {
             continue;
         }
+        let has_jobs = !batch.jobs.is_empty();
+        let pending = pending.clone();
         let db = db.clone();
         let backlog = backlog.clone();
         let meters = meters.clone();
         let recent = recent.clone();
         let carried = std::mem::take(&mut carry);
-        in_flight = Some(tokio::spawn(async move {
+        let commit_task = tokio::spawn(async move {
             let mut carry = carried;
             let mut jobs = batch.jobs;
+            let out = Out {
+                meters: &meters,
+                recent: &recent,
+                pending: &pending,
+            };
             for chunk in chunked(batch.serves) {
+                carry.merge(std::mem::take(&mut *pending.lock()));
                 if backlog.full(&carry) {
+                    // Find out first what of the backlog landed meanwhile.
+                    carry = commit(&db, Vec::new(), Vec::new(), carry, &out).await;
+                    carry.merge(std::mem::take(&mut *pending.lock()));
+                }
+                if backlog.full(&carry) {
+                    // Back where the next batch's check sees it, before any answer leaves.
+                    pending.lock().merge(std::mem::take(&mut carry));
                     give_back(chunk.into_iter().map(|p| p.serve));
                 } else {
-                    carry = commit(
-                        &db,
-                        chunk,
-                        std::mem::take(&mut jobs),
-                        carry,
-                        &meters,
-                        &recent,
-                    )
-                    .await;
+                    carry = commit(&db, chunk, std::mem::take(&mut jobs), carry, &out).await;
                 }
             }
             if !carry.is_empty() || !jobs.is_empty() {
-                carry = commit(&db, Vec::new(), jobs, carry, &meters, &recent).await;
+                carry = commit(&db, Vec::new(), jobs, carry, &out).await;
             }
-            backlog.full(&carry);
+            // What stays unknown is in `pending` (the writer picks it up); update the bound.
+            backlog.full(&pending.lock());
             carry
-        }));
+        });
+        in_flight.push_back((commit_task, has_jobs));
     }
-    if let Some(last) = in_flight.take() {
-        carry = finished(last).await;
+    while let Some((last, _)) = in_flight.pop_front() {
+        carry.merge(finished(last).await);
     }
+    carry.merge(std::mem::take(&mut *pending.lock()));
     for _ in 0..3 {
         if carry.is_empty() {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        carry = commit(&db, Vec::new(), Vec::new(), carry, &meters, &recent).await;
+        let out = Out {
+            meters: &meters,
+            recent: &recent,
+            pending: &pending,
+        };
+        carry = commit(&db, Vec::new(), Vec::new(), carry, &out).await;
+        carry.merge(std::mem::take(&mut *pending.lock()));
     }
     if carry.is_empty() {
         tracing::debug!("ledger writer stopped with nothing pending");
@@ -345,6 +381,10 @@ impl Group {
 }
 
 impl Uncertain {
+    fn merge(&mut self, mut other: Uncertain) {
+        self.groups.append(&mut other.groups);
+    }
+
     fn is_empty(&self) -> bool {
         self.groups.iter().all(Group::is_empty)
     }
@@ -509,7 +549,7 @@ fn give_back(serves: impl IntoIterator<Item = Serve>) {
 
 /// Rounds a refused batch is re-decided and re-sent before its serves fail (503). Each round
 /// follows a refusal, which only another replica's commit in between can cause again.
-const CONFLICT_ROUNDS: usize = 3;
+const CONFLICT_ROUNDS: usize = 5;
 
 /// What a serve claims, as this process decided it.
 fn claim_of(r: &Reservation) -> Claim {
@@ -702,14 +742,22 @@ async fn resolve_conflict(
     Ok(())
 }
 
-/// Commits `batch` and `jobs` together with `carry`; returns what is still uncertain afterwards.
+/// Where a commit reports: meters, the recent serves, and the uncertain commits it leaves.
+struct Out<'a> {
+    meters: &'a LedgerMeters,
+    recent: &'a RecentServes,
+    /// A commit of unknown outcome is put here before its serves are answered.
+    pending: &'a parking_lot::Mutex<Uncertain>,
+}
+
+/// Commits `batch` and `jobs` together with `carry`; returns what is still uncertain afterwards
+/// (a commit of unknown outcome made here goes to `out.pending`).
 async fn commit(
     db: &Db,
     batch: Vec<Prepared>,
     jobs: Vec<Job>,
     carry: Uncertain,
-    meters: &LedgerMeters,
-    recent: &RecentServes,
+    out: &Out<'_>,
 ) -> Uncertain {
     // Checked only now, after the previous commit's outcome (and any rollback) is known.
     let (live, stale): (Vec<Prepared>, Vec<Prepared>) = batch
@@ -742,7 +790,8 @@ async fn commit(
     let mut round = 0;
     loop {
         if live.is_empty() && resend.is_empty() && jobs.is_empty() {
-            return Uncertain { groups: unknown };
+            out.pending.lock().merge(Uncertain { groups: unknown });
+            return Uncertain::default();
         }
         let (usage, windows) = deltas(&resend, &live, &claims);
         let carried_events = resend.events.len();
@@ -780,7 +829,7 @@ async fn commit(
                 unknown,
                 started,
             };
-            return finish(outcome, sent, finished, meters, recent);
+            return finish(outcome, sent, finished, out);
         }
         round = retry;
         new_events = events.split_off(carried_events);
@@ -809,7 +858,7 @@ async fn commit(
                     unknown,
                     started,
                 };
-                return finish(Err(e), sent, finished, meters, recent);
+                return finish(Err(e), sent, finished, out);
             }
         }
     }
@@ -829,21 +878,22 @@ struct Finished {
 }
 
 /// Answers a commit's serves and jobs by its outcome; returns what stays uncertain.
-fn finish(
-    outcome: Result<(), StoreError>,
-    mut sent: Group,
-    f: Finished,
-    meters: &LedgerMeters,
-    recent: &RecentServes,
-) -> Uncertain {
+fn finish(outcome: Result<(), StoreError>, mut sent: Group, f: Finished, out: &Out) -> Uncertain {
+    let Out {
+        meters,
+        recent,
+        pending,
+    } = out;
     let Finished {
         live,
         jobs,
         carried_events,
         resend,
-        mut unknown,
+        unknown,
         started,
     } = f;
+    // Still unknown: published before any answer leaves (see `Out::pending`).
+    pending.lock().merge(Uncertain { groups: unknown });
     let job_outcome = match &outcome {
         Ok(()) => JobOutcome::Committed,
         Err(StoreError::Uncertain(_)) => JobOutcome::Uncertain,
@@ -884,28 +934,29 @@ fn finish(
             // Maybe applied: keep the counts (never over-serve) and find out before re-sending.
             meters.uncertain.increment(1);
             tracing::warn!(error = %detail, serves = live.len(), "usage commit outcome unknown; serves answered 503, counted, and re-sent later unless they landed");
+            // One transaction: its first audit row tells for all of it. Published before
+            // the answers, so the next batch's backlog check counts it.
+            pending.lock().groups.push(sent);
             for s in live {
                 let _ = s.ack.send(Err(NotCommitted::Failed));
             }
-            // One transaction: its first audit row tells for all of it.
-            unknown.push(sent);
         }
         Err(e) => {
             meters.failed.increment(1);
             tracing::error!(error = %e, serves = live.len(), "usage commit failed; serves answered 503 and given back");
-            give_back(live);
             // The re-sent rows did not land this time either: they wait for the next commit.
             sent.events.truncate(carried_events);
             if !resend.usage.is_empty() || carried_events > 0 {
-                unknown.push(Group {
+                pending.lock().groups.push(Group {
                     events: sent.events,
                     usage: resend.usage,
                     windows: resend.windows,
                 });
             }
+            give_back(live);
         }
     }
-    Uncertain { groups: unknown }
+    Uncertain::default()
 }
 
 #[cfg(test)]

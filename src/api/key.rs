@@ -21,8 +21,9 @@ struct FeatureQuery {
     cost: Option<String>,
 }
 
-/// Draws after the database refused a serve before the answer is 503 (SPEC §8.7).
-const MAX_REDRAWS: usize = 3;
+/// Draws after the database refused a serve before the answer is 503 (SPEC §8.7). Each
+/// refusal means another replica committed first, so this bounds a race, not a loop.
+const MAX_REDRAWS: usize = 8;
 
 /// The largest `cost` one serve may take (SPEC §8.4).
 pub const MAX_COST: i64 = 10_000;

@@ -619,8 +619,9 @@ impl PoolKey {
     /// batch's kept serves land — `usage` for the budget, `windows` (feature, length, start,
     /// count, serves of this batch refused in it) — yet never lower than what this process
     /// counted less `refused_units`, where both describe the same window: what it reserved
-    /// and has not committed yet (later batches) stays counted. A window newer in memory than
-    /// in the database is kept (its serves are still on their way).
+    /// and has not committed yet (later batches) stays counted. Where memory holds another
+    /// window than the database (its clock or a stale start), the database's wins: the
+    /// refusal proved it still open.
     pub fn follow_database(
         &self,
         usage: Option<UsageState>,
@@ -631,9 +632,9 @@ impl PoolKey {
         let mut counters = self.counters.lock();
         let mem = counters.usage;
         if let Some(usage) = usage {
-            counters.usage = match (self.budget.usage_window_seconds, mem.window_start) {
-                (Some(_), Some(start)) if usage.window_start.is_some_and(|db| db < start) => mem,
-                (Some(_), _) if usage.window_start != mem.window_start => usage,
+            counters.usage = match self.budget.usage_window_seconds {
+                // Another window than the database's: the database's is the one that counts.
+                Some(_) if usage.window_start != mem.window_start => usage,
                 _ => UsageState {
                     count: (mem.count - refused_units).max(usage.count),
                     window_start: mem.window_start.or(usage.window_start),
@@ -651,7 +652,7 @@ impl PoolKey {
                         count: (m.count - refused).max(*count),
                     }
                 }
-                Some(m) if m.start > db_start => m,
+                // Another window than the database's: the database's is the one that counts.
                 _ => RateWindow {
                     start: db_start,
                     count: *count,

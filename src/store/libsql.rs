@@ -47,6 +47,9 @@ struct Inner {
     auth: String,
 }
 
+/// Group commits a replica keeps in flight at most (each one request; see `commits_in_flight`).
+const REMOTE_COMMITS_IN_FLIGHT: usize = 8;
+
 pub(crate) fn host_of(url: &str) -> String {
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
     rest.split(['/', '?'])
@@ -80,7 +83,7 @@ impl LibsqlStore {
                 ))
             })?;
         let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(config.db_max_open_conns as usize)
+            .pool_max_idle_per_host(REMOTE_COMMITS_IN_FLIGHT)
             .build()
             .map_err(|e| {
                 StoreError::Unavailable(format!("cannot build the HTTP client for {host}: {e}"))
@@ -624,6 +627,16 @@ impl LibsqlStore {
             statements.push((sql::SET_ACTIVE, health_json));
             statements.push((sql::UPSERT_TIER_HEALTH, sql::tier_parameter(batch.tiers)));
         }
+        if batch.has_health() {
+            // A report is answered 503 only if it changed nothing; one request may still run
+            // on the server after we gave up on it, an interactive transaction whose COMMIT we
+            // never sent cannot. Reports are rare; serves take the one-request path.
+            let statements: Vec<(String, Vec<Value>)> = statements
+                .into_iter()
+                .map(|(sql, parameter)| (sql.to_string(), vec![Value::Text(parameter)]))
+                .collect();
+            return self.commit_interactively(&statements, batch).await;
+        }
         let body = pipeline_body(&statements);
         let first = batch.events.first().map(|e| e.id.as_str());
         match self.commit_in_one_request(&body).await {
@@ -647,6 +660,35 @@ impl LibsqlStore {
         }
     }
 
+    /// Commits the ledger may keep in flight: their deltas commute, and each is one request
+    /// (a stream of its own on the server). Bounded here, not by `DB_MAX_OPEN_CONNS` (which
+    /// bounds every other remote operation), as locally the group commit has its own
+    /// connection beside the pool.
+    pub fn commits_in_flight(&self) -> usize {
+        REMOTE_COMMITS_IN_FLIGHT
+    }
+
+    /// A group commit carrying reports or health as an interactive transaction; a lost
+    /// answer is read back before the rows are re-sent once (as `commit_batch`).
+    async fn commit_interactively(
+        &self,
+        statements: &[(String, Vec<Value>)],
+        batch: &Batch<'_>,
+    ) -> Result<(), StoreError> {
+        let first = batch.events.first().map(|e| e.id.as_str());
+        match self.transaction(statements, false, |_, _| Ok(())).await {
+            Err(StoreError::Uncertain(detail)) => match first {
+                None => self.transaction(statements, true, |_, _| Ok(())).await,
+                Some(id) => match self.read_serve(id, true).await {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => self.transaction(statements, false, |_, _| Ok(())).await,
+                    Err(_) => Err(StoreError::Uncertain(detail)),
+                },
+            },
+            other => other,
+        }
+    }
+
     /// Issue 14 item 3: one group commit as ONE Hrana pipeline request — `BEGIN IMMEDIATE`,
     /// the statements, `COMMIT`, each step run only if the one before succeeded, and a
     /// `ROLLBACK` run unless `COMMIT` succeeded — so the server holds the write lock only
@@ -660,11 +702,9 @@ impl LibsqlStore {
     async fn commit_in_one_request(&self, body: &str) -> Result<(), StoreError> {
         let inner = &self.inner;
         let work = async {
-            let _permit = inner
-                .permits
-                .acquire()
-                .await
-                .map_err(|_| StoreError::Unavailable("database closed".into()))?;
+            if inner.permits.is_closed() {
+                return Err(StoreError::Unavailable("database closed".into()));
+            }
             let sent = inner
                 .http
                 .post(&inner.pipeline_url)

@@ -769,6 +769,16 @@ impl Db {
         Ok(count)
     }
 
+    /// How many group commits may be in flight at once (SPEC §8.7 remote latency): one on
+    /// SQLite (one writer; commits in order), several remotely, where each is one request and
+    /// their deltas commute.
+    pub fn commits_in_flight(&self) -> usize {
+        match self {
+            Db::Sqlite(_) => 1,
+            Db::Libsql(s) => s.commits_in_flight(),
+        }
+    }
+
     /// Commits a batch in one transaction: serves' audit rows and their keys' counters,
     /// reported outcomes (each only onto a serve without one) and key health changes (with
     /// each key's `is_active`). Safe to retry: audit ids are unique and ignored when already
