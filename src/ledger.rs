@@ -3,25 +3,34 @@
 //! Guarantee: a serve is acknowledged only after its audit row and its key's counters are
 //! committed, so a 200 never leaves for an uncounted or unaudited serve.
 //!
-//! Batching policy, no timer: one commit is written at a time; whatever queues while it is
+//! Batching policy, no timer: on SQLite one commit is written at a time (remotely up to
+//! `Db::commits_in_flight`, 8, overlap: their deltas commute); whatever queues while they are
 //! written (up to `MAX_BATCH`) is gathered, given its audit row, and becomes the next commit
-//! the moment the previous one finishes. An idle writer yields once before committing, so
-//! requests already running join the batch. An idle server thus commits each serve at once
-//! and a busy one amortises one transaction over many serves.
+//! the moment a slot frees. An idle writer yields once before committing, so requests already
+//! running join the batch. An idle server thus commits each serve at once and a busy one
+//! amortises one transaction over many serves.
+//!
+//! The database decides (SPEC §8.7, issue 14): a commit carries per-key budget deltas and
+//! per-window deltas, which migration 012's triggers apply only if they fit. A refused batch is
+//! re-decided against the database's counters (`conflict`): the pool's memory follows them,
+//! the serves that no longer fit are answered `NotCommitted::Redraw` (the caller draws again)
+//! and the rest are committed again, for at most `CONFLICT_ROUNDS` rounds.
 //!
 //! Ordering: the pool hands a key's reservations to `submit` while holding that key's lock, so
-//! they queue in counting order and the last one of a key in a batch carries its newest
-//! absolute counters. When a commit fails, each key is rolled back to before its earliest
-//! failed serve and every later reservation of that key (already queued) is voided.
+//! they queue in counting order and a key's deltas are applied in that order. When a commit
+//! fails, each key is rolled back to before its earliest failed serve and every later
+//! reservation of that key (already queued) is voided.
 //!
 //! Outcome reports and key health changes (SPEC §8.2) ride the same commits: a report's
 //! outcome row and the health records it changed are one job, acknowledged after the batch
-//! holding it commits. A job whose commit outcome is unknown is not re-sent: its caller reads
-//! back what landed before answering.
+//! holding it commits; batches with jobs never overlap each other, so the last record wins. A
+//! job whose commit outcome is unknown is not re-sent: its caller reads back what landed.
 //!
-//! Uncertain commits (remote only): their rows stay counted and are re-sent until confirmed,
-//! never dropped. That backlog is bounded (`BacklogLimits`): while it is at the bound, new
-//! serves are refused definitively — 503, their counts given back — until it drains.
+//! Uncertain commits (remote only): their serves stay counted; before anything of one is
+//! re-sent, its first audit row is read back (deltas are not idempotent), and it is re-sent
+//! only if missing — never dropped while unknown. That backlog is bounded (`BacklogLimits`):
+//! while it is at the bound, new serves are refused definitively — 503, their counts given
+//! back — until the read-backs tell.
 
 pub mod conflict;
 pub mod lookup;

@@ -3,13 +3,15 @@
 //! Remote realities it is shaped by: server streams expire when idle and interactive
 //! transactions time out, so no stream is kept between operations — autocommit statements
 //! travel on one-shot streams and each transaction opens its own short stream. A group commit
-//! is one transaction of four statements whatever its size (seven with outcomes or health) (BEGIN, one INSERT and one UPDATE
-//! each reading the batch from a bound JSON parameter through `json_each`, COMMIT). A transport
-//! failure of a group commit is retried once on a fresh stream; the batch is idempotent (INSERT
-//! OR IGNORE of unique audit ids, absolute counters), so a retry can never double count. An
-//! admin write is retried only if it failed before anything reached the server; after that its
-//! outcome is `Uncertain` and the caller reads the row back (`read_by_id`). Every operation
-//! is bounded by `DB_BUSY_TIMEOUT_MS`. Errors are redacted: the URL and token never leave.
+//! of serves is ONE pipeline request (`commit_in_one_request`: `BEGIN IMMEDIATE`, the batch's
+//! three statements each reading a bound JSON parameter through `json_each`, `COMMIT`, steps
+//! conditioned, `ROLLBACK` unless committed), so no replica can hold the write lock between
+//! requests; one with outcomes or health stays an interactive transaction. Deltas are not
+//! idempotent: a commit whose answer was lost is read back (its first audit row) and re-sent
+//! once only if missing. An admin write is retried only if it failed before anything reached
+//! the server; after that its outcome is `Uncertain` and the caller reads the row back
+//! (`read_by_id`). Every operation is bounded by `DB_BUSY_TIMEOUT_MS`. Errors are redacted: the
+//! URL and token never leave.
 
 use std::sync::Arc;
 use std::time::Duration;
