@@ -268,8 +268,7 @@ async fn run(
         // meanwhile. Health jobs stay in order: a batch with jobs waits for every commit
         // in flight that carries jobs (their records are absolute, the last must win).
         let has_jobs = !batch.jobs.is_empty();
-        while in_flight.len() >= overlap || (has_jobs && in_flight.iter().any(|(_, jobs)| *jobs))
-        {
+        while in_flight.len() >= overlap || (has_jobs && in_flight.iter().any(|(_, jobs)| *jobs)) {
             let Some((oldest, _)) = in_flight.pop_front() else {
                 break;
             };
@@ -626,7 +625,10 @@ async fn resolve_carry(db: &Db, carry: Uncertain) -> (Group, Vec<Group>) {
         };
         match db.read_serve(&first.id, true).await {
             Ok(Some(_)) => {
-                tracing::info!(serves = group.events.len(), "a commit of unknown outcome had landed; nothing re-sent");
+                tracing::info!(
+                    serves = group.events.len(),
+                    "a commit of unknown outcome had landed; nothing re-sent"
+                );
             }
             Ok(None) => resend.append(group),
             Err(e) => {
@@ -648,8 +650,8 @@ async fn resolve_conflict(
     events: &mut Vec<UsageEvent>,
     claims: &mut Vec<Claim>,
 ) -> Result<(), StoreError> {
-    use conflict::{redecide, Counters, ServeFacts};
     use crate::pool::gates::{UsageBudget, UsageState};
+    use conflict::{redecide, Counters, ServeFacts};
     let mut keys: Vec<Arc<PoolKey>> = Vec::new();
     for s in live.iter() {
         if !keys.iter().any(|k| k.id == s.reservation.key.id) {
@@ -819,9 +821,7 @@ async fn commit(
             .await;
         let retry = match &outcome {
             Err(StoreError::Refused(_)) if round < CONFLICT_ROUNDS => round + 1,
-            Err(StoreError::Conflict) if carried_events > 0 && round < CONFLICT_ROUNDS => {
-                round + 1
-            }
+            Err(StoreError::Conflict) if carried_events > 0 && round < CONFLICT_ROUNDS => round + 1,
             _ => 0,
         };
         if retry == 0 {

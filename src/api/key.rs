@@ -149,11 +149,15 @@ pub async fn serve(
         let now = Now::read();
         // Outcomes are recorded on the feature's cached handles (atomic increments, no lock);
         // the pool records its 429s itself.
-        let drawn = state
-            .pool
-            .draw_among(caller, feature, cost, now, &tier_ok, &key_ok, |r, meters| {
-                (ledger.submit(r), meters.clone())
-            });
+        let drawn = state.pool.draw_among(
+            caller,
+            feature,
+            cost,
+            now,
+            &tier_ok,
+            &key_ok,
+            |r, meters| (ledger.submit(r), meters.clone()),
+        );
         return match drawn {
             Draw::Served((pending, meters)) => match pending.committed().await {
                 Ok(committed) => {

@@ -132,10 +132,12 @@ mod tests {
             count: 8,
             window_start: None,
         };
-        counters
-            .usage
-            .insert("a".into(), (state, budget(10, None)));
-        let serves = [serve("a", 1, t0()), serve("a", 2, t0()), serve("a", 1, t0())];
+        counters.usage.insert("a".into(), (state, budget(10, None)));
+        let serves = [
+            serve("a", 1, t0()),
+            serve("a", 2, t0()),
+            serve("a", 1, t0()),
+        ];
         let kept: Vec<bool> = redecide(&serves, &mut counters)
             .iter()
             .map(Option::is_some)
@@ -152,7 +154,10 @@ mod tests {
             .windows
             .insert(("a".into(), "f".into(), 60), (t0(), 3));
         let later = t0() + TimeDelta::seconds(60);
-        let serves = [serve("a", 1, t0() + TimeDelta::seconds(59)), serve("a", 1, later)];
+        let serves = [
+            serve("a", 1, t0() + TimeDelta::seconds(59)),
+            serve("a", 1, later),
+        ];
         let claims = redecide(&serves, &mut counters);
         assert_eq!(claims[0], None);
         let claim = claims[1].clone().expect("kept");

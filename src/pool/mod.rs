@@ -246,7 +246,10 @@ impl Reservation {
     /// The budget window the serve counts in (its start), or the serve's time for a budget
     /// without a window: the `at` of its usage delta.
     pub fn budget_at(&self) -> Timestamp {
-        match (self.key.budget.usage_window_seconds, self.usage_after.window_start) {
+        match (
+            self.key.budget.usage_window_seconds,
+            self.usage_after.window_start,
+        ) {
             (Some(_), Some(start)) => start,
             _ => self.at,
         }

@@ -1029,12 +1029,18 @@ fn batch_outcome(text: &str) -> Result<(), String> {
             .to_string());
     }
     let result = &first["response"]["result"];
-    let results = result["step_results"].as_array().cloned().unwrap_or_default();
+    let results = result["step_results"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     // The COMMIT step is the one before the last (ROLLBACK).
     if results.len() >= 2 && !results[results.len() - 2].is_null() {
         return Ok(());
     }
-    let errors = result["step_errors"].as_array().cloned().unwrap_or_default();
+    let errors = result["step_errors"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     Err(errors
         .iter()
         .find_map(|e| e["message"].as_str().map(str::to_owned))
@@ -1091,18 +1097,36 @@ mod tests {
         let body: serde_json::Value =
             serde_json::from_str(&pipeline_body(&[("INSERT 1", "[1]".into())])).unwrap();
         let steps = body["requests"][0]["batch"]["steps"].as_array().unwrap();
-        let sql: Vec<&str> = steps.iter().map(|s| s["stmt"]["sql"].as_str().unwrap()).collect();
+        let sql: Vec<&str> = steps
+            .iter()
+            .map(|s| s["stmt"]["sql"].as_str().unwrap())
+            .collect();
         assert_eq!(sql, ["BEGIN IMMEDIATE", "INSERT 1", "COMMIT", "ROLLBACK"]);
-        assert_eq!(steps[1]["condition"], serde_json::json!({"type": "ok", "step": 0}));
-        assert_eq!(steps[2]["condition"], serde_json::json!({"type": "ok", "step": 1}));
+        assert_eq!(
+            steps[1]["condition"],
+            serde_json::json!({"type": "ok", "step": 0})
+        );
+        assert_eq!(
+            steps[2]["condition"],
+            serde_json::json!({"type": "ok", "step": 1})
+        );
         assert_eq!(steps[3]["condition"]["cond"]["step"], 2);
         assert_eq!(body["requests"][1]["type"], "close");
         let ok = r#"{"results":[{"type":"ok","response":{"type":"batch","result":{"step_results":[{},{},{},null],"step_errors":[null,null,null,null]}}}]}"#;
         assert_eq!(batch_outcome(ok), Ok(()));
         let refused = r#"{"results":[{"type":"ok","response":{"type":"batch","result":{"step_results":[{},null,null,{}],"step_errors":[null,{"message":"keypooler_refused: budget"},null,null]}}}]}"#;
-        assert_eq!(batch_outcome(refused), Err("keypooler_refused: budget".into()));
-        assert_eq!(pipeline_url("libsql://db.example.io/?x=1"), "https://db.example.io/v3/pipeline?x=1");
-        assert_eq!(pipeline_url("http://127.0.0.1:9"), "http://127.0.0.1:9/v3/pipeline");
+        assert_eq!(
+            batch_outcome(refused),
+            Err("keypooler_refused: budget".into())
+        );
+        assert_eq!(
+            pipeline_url("libsql://db.example.io/?x=1"),
+            "https://db.example.io/v3/pipeline?x=1"
+        );
+        assert_eq!(
+            pipeline_url("http://127.0.0.1:9"),
+            "http://127.0.0.1:9/v3/pipeline"
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@ pub mod sqlite;
 
 use crate::config::{Config, DatabaseConfig};
 use crate::model::{
-    ConsumerRecord, HealthWrite, KeyRecord, OutcomeWrite, RateWindowWrite,
-    Snapshot, StoredOutcome, TierCooldownWrite, TierRecord, UsageEvent,
+    ConsumerRecord, HealthWrite, KeyRecord, OutcomeWrite, RateWindowWrite, Snapshot, StoredOutcome,
+    TierCooldownWrite, TierRecord, UsageEvent,
 };
 use crate::pool::health::{HealthMemory, HealthRecord, Reason, StateKind};
 use crate::timestamp::Timestamp;

@@ -42,12 +42,28 @@ async fn a_budget_spent_on_one_server_is_refused_on_the_other() {
         assert_eq!(r.status, StatusCode::OK, "draw {i}: {}", r.text);
     }
     let refused = b.draw("f", ADMIN_TOKEN).await;
-    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{}", refused.text);
-    assert_eq!(retry_after(&refused), None, "a lifetime budget never frees up");
-    assert_eq!(b.draw("f", ADMIN_TOKEN).await.status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(a.draw("f", ADMIN_TOKEN).await.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(
-        a.count(&format!("SELECT usage_count FROM keys WHERE id = '{key}'")).await,
+        refused.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        refused.text
+    );
+    assert_eq!(
+        retry_after(&refused),
+        None,
+        "a lifetime budget never frees up"
+    );
+    assert_eq!(
+        b.draw("f", ADMIN_TOKEN).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        a.draw("f", ADMIN_TOKEN).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        a.count(&format!("SELECT usage_count FROM keys WHERE id = '{key}'"))
+            .await,
         10
     );
     assert_eq!(a.count("SELECT COUNT(*) FROM usage_events").await, 10);
@@ -59,7 +75,8 @@ async fn a_budget_spent_on_one_server_is_refused_on_the_other() {
 async fn a_rate_window_filled_on_one_server_is_refused_on_the_other() {
     let a = spawn_app().await;
     a.create_tier("t", &[("f", 5, 60)]).await;
-    a.add_key(json!({"name": "k", "key": "v", "tier": "t"})).await;
+    a.add_key(json!({"name": "k", "key": "v", "tier": "t"}))
+        .await;
     let b = second_on(&a).await;
     for _ in 0..3 {
         assert_eq!(a.draw("f", ADMIN_TOKEN).await.status, StatusCode::OK);
@@ -68,12 +85,21 @@ async fn a_rate_window_filled_on_one_server_is_refused_on_the_other() {
         assert_eq!(b.draw("f", ADMIN_TOKEN).await.status, StatusCode::OK);
     }
     let refused = b.draw("f", ADMIN_TOKEN).await;
-    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{}", refused.text);
+    assert_eq!(
+        refused.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        refused.text
+    );
     let wait = retry_after(&refused).expect("Retry-After");
     assert!((1..=60).contains(&wait), "the window's end: {wait}");
-    assert_eq!(a.draw("f", ADMIN_TOKEN).await.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(
-        a.rows("SELECT window_seconds, count FROM rate_windows").await,
+        a.draw("f", ADMIN_TOKEN).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        a.rows("SELECT window_seconds, count FROM rate_windows")
+            .await,
         vec![vec![Some("60".into()), Some("5".into())]]
     );
     assert_eq!(a.count("SELECT COUNT(*) FROM usage_events").await, 5);
@@ -96,7 +122,10 @@ async fn a_refused_serve_is_redrawn_on_the_next_key() {
         assert_eq!(a.draw("f", ADMIN_TOKEN).await.status, StatusCode::OK);
     }
     assert_eq!(
-        a.count(&format!("SELECT usage_count FROM keys WHERE id = '{small}'")).await,
+        a.count(&format!(
+            "SELECT usage_count FROM keys WHERE id = '{small}'"
+        ))
+        .await,
         2
     );
     // B still believes the small key has 2 left: every draw is served, by the big key.
@@ -106,7 +135,10 @@ async fn a_refused_serve_is_redrawn_on_the_next_key() {
         assert_eq!(r.body["key_id"], big.as_str(), "draw {i}");
     }
     assert_eq!(
-        a.count(&format!("SELECT usage_count FROM keys WHERE id = '{small}'")).await,
+        a.count(&format!(
+            "SELECT usage_count FROM keys WHERE id = '{small}'"
+        ))
+        .await,
         2
     );
     assert_eq!(a.count("SELECT COUNT(*) FROM usage_events").await, 8);
@@ -126,11 +158,17 @@ async fn a_windowed_budget_is_shared_across_servers() {
     assert_eq!(b.draw("f", ADMIN_TOKEN).await.status, StatusCode::OK);
     assert_eq!(a.draw("f", ADMIN_TOKEN).await.status, StatusCode::OK);
     let refused = b.draw("f", ADMIN_TOKEN).await;
-    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{}", refused.text);
+    assert_eq!(
+        refused.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        refused.text
+    );
     let wait = retry_after(&refused).expect("a windowed budget frees up");
     assert!((3500..=3600).contains(&wait), "{wait}");
     assert_eq!(
-        a.count(&format!("SELECT usage_count FROM keys WHERE id = '{key}'")).await,
+        a.count(&format!("SELECT usage_count FROM keys WHERE id = '{key}'"))
+            .await,
         3
     );
 }
@@ -146,7 +184,12 @@ async fn drain(server: &Server, feature: &str, callers: usize) -> Vec<String> {
         tasks.push(tokio::spawn(async move {
             let mut served = Vec::new();
             loop {
-                let r = client.get(&url).bearer_auth(&token).send().await.expect("draw");
+                let r = client
+                    .get(&url)
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .expect("draw");
                 match r.status() {
                     StatusCode::OK => {
                         let body: Value = r.json().await.expect("json");
@@ -200,23 +243,43 @@ async fn two_processes_on_one_file_meet_a_budget_and_a_window_exactly() {
     let per = |name: &str| served.iter().filter(|k| ***k == ids[name]).count() as i64;
     assert_eq!(per("budget"), 25, "the budget: {served:?}");
     assert_eq!(per("window"), 40, "the window: {served:?}");
-    assert!(!served_one.is_empty() && !served_two.is_empty(), "both served");
+    assert!(
+        !served_one.is_empty() && !served_two.is_empty(),
+        "both served"
+    );
     let pool = open_db(&db_path).await;
     let scalar = |sql: String| {
         let pool = pool.clone();
-        async move { sqlx::query_scalar::<_, i64>(&sql).fetch_one(&pool).await.expect(&sql) }
+        async move {
+            sqlx::query_scalar::<_, i64>(&sql)
+                .fetch_one(&pool)
+                .await
+                .expect(&sql)
+        }
     };
     assert_eq!(scalar("SELECT COUNT(*) FROM usage_events".into()).await, 65);
     assert_eq!(
-        scalar(format!("SELECT usage_count FROM keys WHERE id = '{}'", ids["budget"])).await,
+        scalar(format!(
+            "SELECT usage_count FROM keys WHERE id = '{}'",
+            ids["budget"]
+        ))
+        .await,
         25
     );
     assert_eq!(
-        scalar(format!("SELECT count FROM rate_windows WHERE key_id = '{}'", ids["window"])).await,
+        scalar(format!(
+            "SELECT count FROM rate_windows WHERE key_id = '{}'",
+            ids["window"]
+        ))
+        .await,
         40
     );
     assert_eq!(
-        scalar(format!("SELECT count FROM rate_windows WHERE key_id = '{}'", ids["budget"])).await,
+        scalar(format!(
+            "SELECT count FROM rate_windows WHERE key_id = '{}'",
+            ids["budget"]
+        ))
+        .await,
         25
     );
 }

@@ -314,7 +314,10 @@ async fn uncertain_rows_are_re_sent_on_their_own_when_no_serve_follows() {
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while counted_and_audited(app).await != (1, 1) {
-        assert!(Instant::now() < deadline, "the unknown commit was never re-sent");
+        assert!(
+            Instant::now() < deadline,
+            "the unknown commit was never re-sent"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
