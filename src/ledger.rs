@@ -563,6 +563,7 @@ const CONFLICT_ROUNDS: usize = 5;
 fn claim_of(r: &Reservation) -> Claim {
     Claim {
         budget_at: r.budget_at(),
+        budget_windowed: r.key.budget.usage_window_seconds.is_some(),
         windows: r.window_claims().collect(),
     }
 }
@@ -572,15 +573,17 @@ fn claim_of(r: &Reservation) -> Claim {
 fn deltas(carry: &Group, live: &[Serve], claims: &[Claim]) -> (Vec<UsageDelta>, Vec<WindowDelta>) {
     let mut usage = carry.usage.clone();
     let mut windows = carry.windows.clone();
-    let mut usage_at: HashMap<(&str, crate::timestamp::Timestamp), usize> = HashMap::new();
-    let mut window_at: HashMap<(&str, &str, i64, crate::timestamp::Timestamp), usize> =
-        HashMap::new();
+    // Each key's and window's last row: a serve joins it while it counts in the same window.
+    let mut last_usage: HashMap<&str, usize> = HashMap::new();
+    let mut last_window: HashMap<(&str, &str, i64), usize> = HashMap::new();
     for (s, claim) in live.iter().zip(claims) {
         let r = &s.reservation;
-        match usage_at.get(&(&*r.key.id, claim.budget_at)) {
-            Some(&i) => usage[i].units += r.cost,
-            None => {
-                usage_at.insert((&r.key.id, claim.budget_at), usage.len());
+        match last_usage.get(&*r.key.id) {
+            Some(&i) if !claim.budget_windowed || usage[i].at == claim.budget_at => {
+                usage[i].units += r.cost
+            }
+            _ => {
+                last_usage.insert(&r.key.id, usage.len());
                 usage.push(UsageDelta {
                     key_id: r.key.id.to_string(),
                     units: r.cost,
@@ -590,13 +593,12 @@ fn deltas(carry: &Group, live: &[Serve], claims: &[Claim]) -> (Vec<UsageDelta>, 
             }
         }
         for w in &claim.windows {
-            match window_at.get(&(&*r.key.id, r.feature.as_str(), w.seconds, w.start)) {
-                Some(&i) => windows[i].units += 1,
-                None => {
-                    window_at.insert(
-                        (&r.key.id, r.feature.as_str(), w.seconds, w.start),
-                        windows.len(),
-                    );
+            let slot = (&*r.key.id, r.feature.as_str(), w.seconds);
+            match last_window.get(&slot) {
+                // Starts placed on wall time per serve differ by microseconds (two clocks).
+                Some(&i) if (windows[i].at - w.start).abs() <= SAME_WINDOW => windows[i].units += 1,
+                _ => {
+                    last_window.insert(slot, windows.len());
                     windows.push(WindowDelta {
                         key_id: r.key.id.to_string(),
                         feature: r.feature.clone(),
@@ -611,6 +613,9 @@ fn deltas(carry: &Group, live: &[Serve], claims: &[Claim]) -> (Vec<UsageDelta>, 
     }
     (usage, windows)
 }
+
+/// Two wall-time starts of one rate window as placed by different serves differ by less.
+const SAME_WINDOW: chrono::TimeDelta = chrono::TimeDelta::milliseconds(5);
 
 /// Item 2 of issue 14: whether each uncertain commit landed, read back (its first audit row)
 /// before anything of it is re-sent — deltas would count twice. Landed: dropped. Not landed:
@@ -998,6 +1003,95 @@ mod tests {
                 ..Group::default()
             }],
         }
+    }
+
+    /// Serves drawn from one key of a tier with a 1 s and a 60 s window, `gaps_ms` apart.
+    fn serves(budget_window: Option<i64>, gaps_ms: &[u64]) -> Vec<Serve> {
+        use crate::model::{FeatureLimit, KeyRecord, Snapshot, TierRecord};
+        use crate::pool::{Caller, Draw, Pool};
+        let limits = vec![
+            FeatureLimit {
+                rate_limit: 100,
+                window_seconds: 1,
+            },
+            FeatureLimit {
+                rate_limit: 100,
+                window_seconds: 60,
+            },
+        ];
+        let snapshot = Snapshot {
+            tiers: vec![TierRecord {
+                id: "t".into(),
+                name: "t".into(),
+                description: String::new(),
+                features: [("f".to_string(), limits)].into(),
+                source: None,
+                upstream: None,
+            }],
+            keys: vec![KeyRecord {
+                id: "k".into(),
+                name: "k".into(),
+                sealed_value: "v".into(),
+                tier_id: "t".into(),
+                is_active: true,
+                expires_at: None,
+                usage_limit: Some(1000),
+                usage_count: 0,
+                usage_window_seconds: budget_window,
+                usage_window_start: None,
+                metadata_json: "{}".into(),
+                created_at: None,
+                secrets: Vec::new(),
+            }],
+            consumers: Vec::new(),
+            health: Default::default(),
+            tier_cooldowns: Default::default(),
+            regbot_keys: Default::default(),
+            rate_windows: Vec::new(),
+        };
+        let pool = Pool::load(snapshot, &crate::crypto::Sealer::new(None));
+        let mut now = Now::read();
+        let mut out = Vec::new();
+        for gap in gaps_ms {
+            let step = std::time::Duration::from_millis(*gap);
+            now = Now {
+                wall: now.wall + chrono::TimeDelta::milliseconds(*gap as i64),
+                // The two clocks drift apart by a few microseconds per serve.
+                mono: now.mono + step + std::time::Duration::from_micros(3),
+            };
+            let Draw::Served(reservation) = pool.draw(&Caller::Admin, "f", now, |r, _| r) else {
+                panic!("the key serves");
+            };
+            out.push(Serve {
+                reservation,
+                ack: oneshot::channel().0,
+            });
+        }
+        out
+    }
+
+    // Issue 14: a batch sends one delta per key and budget window and one per rate window,
+    // however many serves it holds (a row per serve would make the triggers run per serve).
+    #[test]
+    fn a_batch_sends_one_delta_per_key_and_window() {
+        let live = serves(None, &[0, 10, 10, 10]);
+        let claims: Vec<Claim> = live.iter().map(|s| claim_of(&s.reservation)).collect();
+        let (usage, windows) = deltas(&Group::default(), &live, &claims);
+        assert_eq!(usage.len(), 1, "{usage:?}");
+        assert_eq!(usage[0].units, 4);
+        assert_eq!(windows.len(), 2, "{windows:?}");
+        assert!(windows.iter().all(|w| w.units == 4), "{windows:?}");
+        // A 1 s window that ends inside the batch starts a second row for it only.
+        let live = serves(Some(3600), &[0, 600, 600]);
+        let claims: Vec<Claim> = live.iter().map(|s| claim_of(&s.reservation)).collect();
+        let (usage, windows) = deltas(&Group::default(), &live, &claims);
+        assert_eq!(usage.len(), 1, "one budget window: {usage:?}");
+        let short: Vec<i64> = windows
+            .iter()
+            .filter(|w| w.window_seconds == 1)
+            .map(|w| w.units)
+            .collect();
+        assert_eq!(short, [2, 1], "{windows:?}");
     }
 
     #[test]

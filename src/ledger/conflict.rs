@@ -25,7 +25,10 @@ pub struct ServeFacts<'a> {
 /// What a kept serve claims, placed in the database's windows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
+    /// The budget window's start (a windowed budget), else the serve's time.
     pub budget_at: Timestamp,
+    /// Whether the budget has a window (serves of a key without one share one delta).
+    pub budget_windowed: bool,
     pub windows: Vec<WindowClaim>,
 }
 
@@ -66,6 +69,7 @@ pub fn redecide(serves: &[ServeFacts], counters: &mut Counters) -> Vec<Option<Cl
                 windows.push((slot, window, limit));
             }
             let claim = Claim {
+                budget_windowed: budget.usage_window_seconds.is_some(),
                 budget_at: match (budget.usage_window_seconds, usage.window_start) {
                     (Some(_), Some(start)) => start,
                     _ => s.at,
