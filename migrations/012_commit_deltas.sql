@@ -73,3 +73,11 @@ BEGIN
            THEN NEW.at ELSE window_start END
     WHERE key_id = NEW.key_id AND feature = NEW.feature AND window_seconds = NEW.window_seconds;
 END;
+
+-- The fast path of the same rules, set-based, for a batch where each key (window) has one row:
+-- a guard statement inserts a row here when any delta does not fit, which the named CHECK
+-- refuses (`CHECK constraint failed: keypooler_refused`), aborting the commit; otherwise
+-- nothing is written here and one UPDATE (upsert) applies every row. Never holds a row.
+CREATE TABLE IF NOT EXISTS commit_guard (
+    refused TEXT CONSTRAINT keypooler_refused CHECK (refused IS NULL)
+);

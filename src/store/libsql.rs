@@ -611,17 +611,18 @@ impl LibsqlStore {
     /// flight has ended) found its first audit row missing — the transaction is atomic, so
     /// that row tells whether all of it landed. Sent as one request (`commit_in_one_request`).
     pub async fn commit_batch(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
-        let (events_json, usage_json) = sql::batch_parameters(batch.events, batch.usage);
-        let mut statements = vec![
+        let (events_json, _) = sql::batch_parameters(batch.events, &[]);
+        let (fast, slow, fast_w, slow_w) = sql::delta_parameters(batch.usage, batch.windows);
+        let statements = vec![
             (sql::INSERT_EVENTS, events_json),
-            (sql::INSERT_USAGE_DELTAS, usage_json),
+            (sql::GUARD_USAGE, fast.clone()),
+            (sql::UPDATE_USAGE, fast),
+            (sql::INSERT_USAGE_DELTAS, slow),
+            (sql::GUARD_WINDOWS, fast_w.clone()),
+            (sql::UPSERT_WINDOWS, fast_w),
+            (sql::INSERT_WINDOW_DELTAS, slow_w),
         ];
-        if !batch.windows.is_empty() {
-            statements.push((
-                sql::INSERT_WINDOW_DELTAS,
-                sql::window_parameter(batch.windows),
-            ));
-        }
+        let mut statements = statements;
         if batch.has_health() {
             let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
             statements.push((sql::SET_OUTCOMES, outcomes_json));
@@ -630,6 +631,7 @@ impl LibsqlStore {
             statements.push((sql::UPSERT_TIER_HEALTH, sql::tier_parameter(batch.tiers)));
         }
         if batch.has_health() {
+            statements.retain(|(_, parameter)| parameter != "[]");
             // A report is answered 503 only if it changed nothing; one request may still run
             // on the server after we gave up on it, an interactive transaction whose COMMIT we
             // never sent cannot. Reports are rare; serves take the one-request path.
@@ -639,6 +641,9 @@ impl LibsqlStore {
                 .collect();
             return self.commit_interactively(&statements, batch).await;
         }
+        // An empty array changes nothing: remotely each statement is server work (and, in an
+        // interactive transaction, a round trip).
+        statements.retain(|(_, parameter)| parameter != "[]");
         let body = pipeline_body(&statements);
         let first = batch.events.first().map(|e| e.id.as_str());
         match self.commit_in_one_request(&body).await {

@@ -1505,6 +1505,63 @@ pub mod sql {
         "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT), outcome_class, \
         outcome_status, CAST(outcome_reported_at AS TEXT), cost FROM usage_events WHERE id = ?";
 
+    /// Whether a key's budget window (as stored) has ended by the delta's `at` (`b.value ->> 2`).
+    macro_rules! key_window_ended {
+        () => {
+            "keys.usage_window_seconds > 0 AND (julianday(keys.usage_window_start) IS NULL \
+            OR (julianday(b.value ->> 2) - julianday(keys.usage_window_start)) * 86400.0 \
+            >= keys.usage_window_seconds - 0.002)"
+        };
+    }
+    /// The fast path of migration 012's rules for a batch whose keys each have one row
+    /// (`[[key_id, units, at, null], …]`, stored keys only): refuses the commit when a row does
+    /// not fit, then applies them all in one UPDATE (bound to the same array).
+    pub const GUARD_USAGE: &str = concat!(
+        "INSERT INTO commit_guard (refused) SELECT 'budget' FROM json_each(?) AS b \
+        JOIN keys ON keys.id = b.value ->> 0 WHERE keys.usage_limit IS NOT NULL \
+        AND (CASE WHEN ",
+        key_window_ended!(),
+        " THEN 0 ELSE keys.usage_count END) + (b.value ->> 1) > keys.usage_limit LIMIT 1"
+    );
+    pub const UPDATE_USAGE: &str = concat!(
+        "UPDATE keys SET usage_count = (CASE WHEN ",
+        key_window_ended!(),
+        " THEN 0 ELSE keys.usage_count END) + (b.value ->> 1), usage_window_start = CASE WHEN ",
+        key_window_ended!(),
+        " THEN b.value ->> 2 ELSE keys.usage_window_start END \
+        FROM json_each(?) AS b WHERE keys.id = b.value ->> 0"
+    );
+    /// Whether a stored rate window has ended by the delta's start `at`.
+    macro_rules! rate_window_ended {
+        ($at:literal) => {
+            concat!(
+                "(julianday(rate_windows.window_start) IS NULL OR (julianday(",
+                $at,
+                ") - julianday(rate_windows.window_start)) * 86400.0 \
+                >= rate_windows.window_seconds - 0.002)"
+            )
+        };
+    }
+    /// The fast path for windows that each have one row (`INSERT_WINDOW_DELTAS`'s array).
+    pub const GUARD_WINDOWS: &str = concat!(
+        "INSERT INTO commit_guard (refused) SELECT 'rate window' FROM json_each(?) AS b \
+        WHERE (b.value ->> 4) > (b.value ->> 5) OR EXISTS (SELECT 1 FROM rate_windows \
+        WHERE rate_windows.key_id = b.value ->> 0 AND rate_windows.feature = b.value ->> 1 \
+        AND rate_windows.window_seconds = b.value ->> 2 AND NOT ",
+        rate_window_ended!("b.value ->> 3"),
+        " AND rate_windows.count + (b.value ->> 4) > (b.value ->> 5)) LIMIT 1"
+    );
+    pub const UPSERT_WINDOWS: &str = concat!(
+        "INSERT INTO rate_windows (key_id, feature, window_seconds, window_start, count) \
+        SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 FROM json_each(?) \
+        WHERE true ON CONFLICT (key_id, feature, window_seconds) DO UPDATE SET \
+        count = (CASE WHEN ",
+        rate_window_ended!("excluded.window_start"),
+        " THEN 0 ELSE rate_windows.count END) + excluded.count, window_start = CASE WHEN ",
+        rate_window_ended!("excluded.window_start"),
+        " THEN excluded.window_start ELSE rate_windows.window_start END"
+    );
+
     /// A batch's budget deltas from one bound JSON array `[[key_id, units, at,
     /// regbot_limit], …]`, applied in order by migration 012's trigger (which refuses one that
     /// does not fit, aborting the commit).
@@ -1536,6 +1593,43 @@ pub mod sql {
             .collect();
         // Serialising strings, integers and null cannot fail.
         (json(&events), json(&usage))
+    }
+
+    /// The batch's deltas split between the fast path and the triggers (migration 012):
+    /// (fast usage, trigger usage, fast windows, trigger windows), each a JSON array. Rows go
+    /// the fast way when each key (window) has one row and the key is a stored one; otherwise
+    /// through the triggers, which apply rows one by one in order.
+    pub fn delta_parameters(
+        usage: &[super::UsageDelta],
+        windows: &[super::WindowDelta],
+    ) -> (String, String, String, String) {
+        use std::collections::HashSet;
+        let stored = |u: &&super::UsageDelta| !u.key_id.starts_with(super::regbot::KEY_PREFIX);
+        let mut keys = HashSet::with_capacity(usage.len());
+        let fast_usage = usage
+            .iter()
+            .filter(stored)
+            .all(|u| keys.insert(u.key_id.as_str()));
+        let (fast, slow): (Vec<super::UsageDelta>, Vec<super::UsageDelta>) = usage
+            .iter()
+            .cloned()
+            .partition(|u| fast_usage && stored(&u));
+        let mut slots = HashSet::with_capacity(windows.len());
+        let fast_windows = windows
+            .iter()
+            .all(|w| slots.insert((w.key_id.as_str(), w.feature.as_str(), w.window_seconds)));
+        let none: &[super::WindowDelta] = &[];
+        let (fast_w, slow_w) = if fast_windows {
+            (windows, none)
+        } else {
+            (none, windows)
+        };
+        (
+            batch_parameters(&[], &fast).1,
+            batch_parameters(&[], &slow).1,
+            window_parameter(fast_w),
+            window_parameter(slow_w),
+        )
     }
 
     /// The JSON parameter of `INSERT_WINDOW_DELTAS`.

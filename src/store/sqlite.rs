@@ -109,14 +109,27 @@ async fn settle(conn: &mut SqliteConnection) -> bool {
         && sqlx::query("ROLLBACK").execute(&mut *conn).await.is_ok()
 }
 
+/// A batch's deltas (see `sql::delta_parameters`): the fast path's guard and update for budgets,
+/// the triggers' view, then the same for windows — seven parameters.
+static DELTAS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    [
+        sql::GUARD_USAGE,
+        sql::UPDATE_USAGE,
+        sql::INSERT_USAGE_DELTAS,
+        sql::GUARD_WINDOWS,
+        sql::UPSERT_WINDOWS,
+        sql::INSERT_WINDOW_DELTAS,
+    ]
+    .join("; ")
+});
+
 /// A whole group commit in one statement text, prepared once. The delta statements may be
 /// refused by migration 012's triggers (`StoreError::Refused`); `on_writer` then rolls back.
 static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "BEGIN IMMEDIATE; {}; {}; {}; COMMIT",
+        "BEGIN IMMEDIATE; {}; {}; COMMIT",
         sql::INSERT_EVENTS,
-        sql::INSERT_USAGE_DELTAS,
-        sql::INSERT_WINDOW_DELTAS
+        *DELTAS
     )
 });
 
@@ -124,10 +137,9 @@ static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// the shorter text above, so the hot path runs no extra statement).
 static COMMIT_WITH_HEALTH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "BEGIN IMMEDIATE; {}; {}; {}; {}; {}; {}; {}; COMMIT",
+        "BEGIN IMMEDIATE; {}; {}; {}; {}; {}; {}; COMMIT",
         sql::INSERT_EVENTS,
-        sql::INSERT_USAGE_DELTAS,
-        sql::INSERT_WINDOW_DELTAS,
+        *DELTAS,
         sql::SET_OUTCOMES,
         sql::UPSERT_HEALTH,
         sql::SET_ACTIVE,
@@ -619,13 +631,18 @@ impl SqliteStore {
     /// statements in order. On any failure the transaction is ended (see `settle`); a writer left
     /// in an unknown state is closed and reopened by the next commit.
     pub async fn commit_batch(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
-        let (events_json, usage_json) = sql::batch_parameters(batch.events, batch.usage);
+        let (events_json, _) = sql::batch_parameters(batch.events, &[]);
+        let (fast, slow, fast_w, slow_w) = sql::delta_parameters(batch.usage, batch.windows);
         let query = if batch.has_health() {
             let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
             sqlx::query(COMMIT_WITH_HEALTH.as_str())
                 .bind(events_json)
-                .bind(usage_json)
-                .bind(sql::window_parameter(batch.windows))
+                .bind(fast.clone())
+                .bind(fast)
+                .bind(slow)
+                .bind(fast_w.clone())
+                .bind(fast_w)
+                .bind(slow_w)
                 .bind(outcomes_json)
                 .bind(health_json.clone())
                 .bind(health_json)
@@ -633,8 +650,12 @@ impl SqliteStore {
         } else {
             sqlx::query(COMMIT_BATCH.as_str())
                 .bind(events_json)
-                .bind(usage_json)
-                .bind(sql::window_parameter(batch.windows))
+                .bind(fast.clone())
+                .bind(fast)
+                .bind(slow)
+                .bind(fast_w.clone())
+                .bind(fast_w)
+                .bind(slow_w)
         };
         self.on_writer(query).await.map(|_| ())
     }
