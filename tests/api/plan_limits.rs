@@ -269,10 +269,11 @@ async fn concurrent_callers_meet_every_window_and_the_budget_exactly() {
     ]);
     assert_eq!(app.count("SELECT COUNT(*) FROM rate_windows WHERE window_seconds = 1 AND count <= 5").await, 2);
     // Per-second windows were never exceeded: no key served 6 within one second of a window's
-    // first serve (checked on the audit rows' times, which are taken with the serve).
+    // first serve (checked on the audit rows' times, which are taken with the serve; in time
+    // order — remote commits overlap since issue 14, so rowids need not follow the serves).
     for id in [&a, &b] {
         let times: Vec<f64> = app
-            .rows_with("SELECT (julianday(created_at) - 2440587.5) * 86400.0 FROM usage_events WHERE key_id = ? ORDER BY rowid", &[id])
+            .rows_with("SELECT (julianday(created_at) - 2440587.5) * 86400.0 FROM usage_events WHERE key_id = ? ORDER BY julianday(created_at), created_at", &[id])
             .await
             .into_iter()
             .map(|r| r[0].clone().unwrap().parse().unwrap())
