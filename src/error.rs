@@ -92,6 +92,11 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %detail, "database error");
                 ApiError::Internal
             }
+            // Only group commits are refused (SPEC §8.7); the ledger handles it before here.
+            StoreError::Refused(detail) => {
+                tracing::warn!(error = %detail, "database refused a commit");
+                ApiError::Unavailable("nothing was changed; try again".into())
+            }
         }
     }
 }

@@ -3,26 +3,36 @@
 //! Guarantee: a serve is acknowledged only after its audit row and its key's counters are
 //! committed, so a 200 never leaves for an uncounted or unaudited serve.
 //!
-//! Batching policy, no timer: one commit is written at a time; whatever queues while it is
+//! Batching policy, no timer: on SQLite one commit is written at a time (remotely up to
+//! `Db::commits_in_flight`, 8, overlap: their deltas commute); whatever queues while they are
 //! written (up to `MAX_BATCH`) is gathered, given its audit row, and becomes the next commit
-//! the moment the previous one finishes. An idle writer yields once before committing, so
-//! requests already running join the batch. An idle server thus commits each serve at once
-//! and a busy one amortises one transaction over many serves.
+//! the moment a slot frees. An idle writer yields once before committing, so requests already
+//! running join the batch. An idle server thus commits each serve at once and a busy one
+//! amortises one transaction over many serves.
+//!
+//! The database decides (SPEC §8.7, issue 14): a commit carries per-key budget deltas and
+//! per-window deltas, which migration 012's triggers apply only if they fit. A refused batch is
+//! re-decided against the database's counters (`conflict`): the pool's memory follows them,
+//! the serves that no longer fit are answered `NotCommitted::Redraw` (the caller draws again)
+//! and the rest are committed again, for at most `CONFLICT_ROUNDS` rounds.
 //!
 //! Ordering: the pool hands a key's reservations to `submit` while holding that key's lock, so
-//! they queue in counting order and the last one of a key in a batch carries its newest
-//! absolute counters. When a commit fails, each key is rolled back to before its earliest
-//! failed serve and every later reservation of that key (already queued) is voided.
+//! they queue in counting order and a key's deltas are applied in that order. When a commit
+//! fails, each key is rolled back to before its earliest failed serve and every later
+//! reservation of that key (already queued) is voided.
 //!
 //! Outcome reports and key health changes (SPEC §8.2) ride the same commits: a report's
 //! outcome row and the health records it changed are one job, acknowledged after the batch
-//! holding it commits. A job whose commit outcome is unknown is not re-sent: its caller reads
-//! back what landed before answering.
+//! holding it commits; batches with jobs never overlap each other, so the last record wins. A
+//! job whose commit outcome is unknown is not re-sent: its caller reads back what landed.
 //!
-//! Uncertain commits (remote only): their rows stay counted and are re-sent until confirmed,
-//! never dropped. That backlog is bounded (`BacklogLimits`): while it is at the bound, new
-//! serves are refused definitively — 503, their counts given back — until it drains.
+//! Uncertain commits (remote only): their serves stay counted; before anything of one is
+//! re-sent, its first audit row is read back (deltas are not idempotent), and it is re-sent
+//! only if missing — never dropped while unknown. That backlog is bounded (`BacklogLimits`):
+//! while it is at the bound, new serves are refused definitively — 503, their counts given
+//! back — until the read-backs tell.
 
+pub mod conflict;
 pub mod lookup;
 pub mod recent;
 
@@ -33,11 +43,10 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::LedgerMeters;
-use crate::model::{
-    HealthWrite, KeyUsageUpdate, OutcomeWrite, RateWindowWrite, TierCooldownWrite, UsageEvent,
-};
-use crate::pool::{PoolKey, Reservation};
-use crate::store::{Batch, Db, StoreError};
+use crate::model::{HealthWrite, OutcomeWrite, TierCooldownWrite, UsageEvent};
+use crate::pool::{Now, PoolKey, Reservation};
+use crate::store::{Batch, Db, StoreError, UsageDelta, WindowDelta};
+use conflict::Claim;
 use recent::{RecentServe, RecentServes};
 
 /// Serves committed together at most.
@@ -62,15 +71,22 @@ impl Default for BacklogLimits {
     }
 }
 
-/// The serve could not be recorded; its count was given back.
+/// Why a serve was not committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("usage could not be recorded")]
-pub struct CommitFailed;
+pub enum NotCommitted {
+    /// It could not be recorded; its count was given back (503).
+    #[error("usage could not be recorded")]
+    Failed,
+    /// The database refused it: another replica took the budget or window first (SPEC §8.7).
+    /// Nothing was counted and the pool now knows it; the caller draws again.
+    #[error("the key's budget or window was taken meanwhile; draw again")]
+    Redraw,
+}
 
 struct Serve {
     reservation: Reservation,
     /// Answered the serve's audit id once committed.
-    ack: oneshot::Sender<Result<String, CommitFailed>>,
+    ack: oneshot::Sender<Result<String, NotCommitted>>,
 }
 
 /// What a report or an operator changed: at most one outcome and the health records.
@@ -108,7 +124,7 @@ enum Message {
 /// A submitted serve awaiting its commit.
 pub struct Pending {
     pub key: Arc<PoolKey>,
-    ack: oneshot::Receiver<Result<String, CommitFailed>>,
+    ack: oneshot::Receiver<Result<String, NotCommitted>>,
 }
 
 /// A serve that is durable.
@@ -119,14 +135,15 @@ pub struct Committed {
 }
 
 impl Pending {
-    /// Resolves once the serve is durable (or failed and was given back).
-    pub async fn committed(self) -> Result<Committed, CommitFailed> {
+    /// Resolves once the serve is durable (or failed and was given back, or must be redrawn).
+    pub async fn committed(self) -> Result<Committed, NotCommitted> {
         match self.ack.await {
             Ok(Ok(serve_id)) => Ok(Committed {
                 key: self.key,
                 serve_id,
             }),
-            _ => Err(CommitFailed),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(NotCommitted::Failed),
         }
     }
 }
@@ -210,17 +227,25 @@ async fn run(
     recent: Arc<RecentServes>,
 ) {
     let mut stopping = false;
-    let mut in_flight: Option<tokio::task::JoinHandle<Uncertain>> = None;
+    // Commits in flight, oldest first, each with whether it carries health jobs.
+    let mut in_flight: std::collections::VecDeque<(tokio::task::JoinHandle<Uncertain>, bool)> =
+        std::collections::VecDeque::new();
+    let overlap = db.commits_in_flight().max(1);
     let mut carry = Uncertain::default();
+    // Commits of unknown outcome, published by a commit task before it answers their serves
+    // (so the next batch's backlog check sees them, however the tasks overlap).
+    let pending: Arc<parking_lot::Mutex<Uncertain>> = Arc::default();
     while !stopping {
         let mut batch = Gathered::default();
         // With a commit outstanding, wake up after a while even without serves, so rows whose
-        // outcome it left unknown are re-sent.
-        let received = match in_flight {
-            Some(_) => tokio::time::timeout(UNCERTAIN_RETRY, inbox.recv())
+        // outcome it left unknown are resolved.
+        let idle = in_flight.is_empty() && carry.is_empty() && pending.lock().is_empty();
+        let received = if idle {
+            Some(inbox.recv().await)
+        } else {
+            tokio::time::timeout(UNCERTAIN_RETRY, inbox.recv())
                 .await
-                .ok(),
-            None => Some(inbox.recv().await),
+                .ok()
         };
         match received {
             Some(Some(Message::Shutdown)) | Some(None) => stopping = true,
@@ -228,16 +253,26 @@ async fn run(
             None => {}
         }
         drain(&mut inbox, &mut batch, &mut stopping);
-        let writer_idle = in_flight.as_ref().is_none_or(|commit| commit.is_finished());
-        if writer_idle && !stopping && !batch.is_empty() {
+        while let Some(i) = in_flight.iter().position(|(c, _)| c.is_finished()) {
+            if let Some((done, _)) = in_flight.remove(i) {
+                carry.merge(finished(done).await);
+            }
+        }
+        if in_flight.is_empty() && !stopping && !batch.is_empty() {
             // Idle writer: let requests already running on the runtime reach the queue first.
             tokio::task::yield_now().await;
             drain(&mut inbox, &mut batch, &mut stopping);
         }
-        // Commits run one at a time and in order; this batch was gathered and prepared while
-        // the previous one was being written, and takes whatever arrived in the meantime.
-        if let Some(previous) = in_flight.take() {
-            carry = finished(previous).await;
+        // Up to `overlap` commits run at once (deltas commute; SQLite keeps one, in order);
+        // this batch was gathered while they were written and takes whatever arrived
+        // meanwhile. Health jobs stay in order: a batch with jobs waits for every commit
+        // in flight that carries jobs (their records are absolute, the last must win).
+        let has_jobs = !batch.jobs.is_empty();
+        while in_flight.len() >= overlap || (has_jobs && in_flight.iter().any(|(_, jobs)| *jobs)) {
+            let Some((oldest, _)) = in_flight.pop_front() else {
+                break;
+            };
+            carry.merge(finished(oldest).await);
             drain(&mut inbox, &mut batch, &mut stopping);
         }
         if stopping {
@@ -246,54 +281,71 @@ async fn run(
                 batch.take(message);
             }
         }
+        carry.merge(std::mem::take(&mut *pending.lock()));
         if batch.is_empty() && carry.is_empty() {
             continue;
         }
+        let has_jobs = !batch.jobs.is_empty();
+        let pending = pending.clone();
         let db = db.clone();
         let backlog = backlog.clone();
         let meters = meters.clone();
         let recent = recent.clone();
         let carried = std::mem::take(&mut carry);
-        in_flight = Some(tokio::spawn(async move {
+        let commit_task = tokio::spawn(async move {
             let mut carry = carried;
             let mut jobs = batch.jobs;
+            let out = Out {
+                meters: &meters,
+                recent: &recent,
+                pending: &pending,
+            };
             for chunk in chunked(batch.serves) {
+                carry.merge(std::mem::take(&mut *pending.lock()));
                 if backlog.full(&carry) {
+                    // Find out first what of the backlog landed meanwhile.
+                    carry = commit(&db, Vec::new(), Vec::new(), carry, &out).await;
+                    carry.merge(std::mem::take(&mut *pending.lock()));
+                }
+                if backlog.full(&carry) {
+                    // Back where the next batch's check sees it, before any answer leaves.
+                    pending.lock().merge(std::mem::take(&mut carry));
                     give_back(chunk.into_iter().map(|p| p.serve));
                 } else {
-                    carry = commit(
-                        &db,
-                        chunk,
-                        std::mem::take(&mut jobs),
-                        carry,
-                        &meters,
-                        &recent,
-                    )
-                    .await;
+                    carry = commit(&db, chunk, std::mem::take(&mut jobs), carry, &out).await;
                 }
             }
             if !carry.is_empty() || !jobs.is_empty() {
-                carry = commit(&db, Vec::new(), jobs, carry, &meters, &recent).await;
+                carry = commit(&db, Vec::new(), jobs, carry, &out).await;
             }
-            backlog.full(&carry);
+            // What stays unknown is in `pending` (the writer picks it up); update the bound.
+            backlog.full(&pending.lock());
             carry
-        }));
+        });
+        in_flight.push_back((commit_task, has_jobs));
     }
-    if let Some(last) = in_flight.take() {
-        carry = finished(last).await;
+    while let Some((last, _)) = in_flight.pop_front() {
+        carry.merge(finished(last).await);
     }
+    carry.merge(std::mem::take(&mut *pending.lock()));
     for _ in 0..3 {
         if carry.is_empty() {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        carry = commit(&db, Vec::new(), Vec::new(), carry, &meters, &recent).await;
+        let out = Out {
+            meters: &meters,
+            recent: &recent,
+            pending: &pending,
+        };
+        carry = commit(&db, Vec::new(), Vec::new(), carry, &out).await;
+        carry.merge(std::mem::take(&mut *pending.lock()));
     }
     if carry.is_empty() {
         tracing::debug!("ledger writer stopped with nothing pending");
     } else {
         tracing::error!(
-            serves = carry.events.len(),
+            serves = carry.serves(),
             "stopping with serves whose commit outcome is unknown; none of them was answered 200"
         );
     }
@@ -306,41 +358,77 @@ async fn finished(commit: tokio::task::JoinHandle<Uncertain>) -> Uncertain {
     })
 }
 
-/// Audit rows and counters of commits whose outcome is unknown (a remote COMMIT whose answer
-/// was lost): re-sent with every later commit until one is known to succeed. Re-sending is
-/// idempotent — audit ids are unique and ignored when present, counters are absolute — so the
-/// database ends with them exactly once.
+/// Commits whose outcome is unknown (a remote COMMIT whose answer was lost), each kept as the
+/// audit rows and deltas it sent. Deltas are not idempotent, so before any of them is re-sent
+/// the writer reads back whether its first audit row exists (`resolve_carry`): the transaction
+/// was atomic, so that row tells whether all of it landed. The database so ends with them
+/// exactly once (and a late copy of one fails on its audit ids, see `sql::INSERT_EVENTS`).
 #[derive(Default)]
 struct Uncertain {
+    groups: Vec<Group>,
+}
+
+/// The rows of one commit.
+#[derive(Default)]
+struct Group {
     events: Vec<UsageEvent>,
-    updates: Vec<KeyUsageUpdate>,
-    windows: Vec<RateWindowWrite>,
+    usage: Vec<UsageDelta>,
+    windows: Vec<WindowDelta>,
+}
+
+impl Group {
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.usage.is_empty() && self.windows.is_empty()
+    }
+
+    fn append(&mut self, mut other: Group) {
+        self.events.append(&mut other.events);
+        self.usage.append(&mut other.usage);
+        self.windows.append(&mut other.windows);
+    }
 }
 
 impl Uncertain {
+    fn merge(&mut self, mut other: Uncertain) {
+        self.groups.append(&mut other.groups);
+    }
+
     fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.updates.is_empty() && self.windows.is_empty()
+        self.groups.iter().all(Group::is_empty)
+    }
+
+    /// Serves held.
+    fn serves(&self) -> usize {
+        self.groups.iter().map(|g| g.events.len()).sum()
     }
 
     /// Approximate memory held: each row's inline size plus its strings.
     fn approx_bytes(&self) -> usize {
-        let events: usize = self
-            .events
-            .iter()
-            .map(|e| {
-                std::mem::size_of::<UsageEvent>()
-                    + e.id.len()
-                    + e.key_id.len()
-                    + e.consumer_id.len()
-                    + e.feature.len()
-            })
-            .sum();
-        let updates: usize = self
-            .updates
-            .iter()
-            .map(|u| std::mem::size_of::<KeyUsageUpdate>() + u.key_id.len())
-            .sum();
-        events + updates
+        let group = |g: &Group| -> usize {
+            let events: usize = g
+                .events
+                .iter()
+                .map(|e| {
+                    std::mem::size_of::<UsageEvent>()
+                        + e.id.len()
+                        + e.key_id.len()
+                        + e.consumer_id.len()
+                        + e.feature.len()
+                })
+                .sum();
+            let usage: usize = g
+                .usage
+                .iter()
+                .map(|u| std::mem::size_of::<UsageDelta>() + u.key_id.len())
+                .sum();
+            let windows: usize = g
+                .windows
+                .iter()
+                .map(|w| std::mem::size_of::<WindowDelta>() + w.key_id.len() + w.feature.len())
+                .sum();
+            events + usage + windows
+        };
+        self.groups.iter().map(group).sum()
     }
 }
 
@@ -354,7 +442,7 @@ impl Backlog {
     /// Whether `carry` is at the bound (new serves must be refused); logs once when that
     /// starts and once when it ends.
     fn full(&self, carry: &Uncertain) -> bool {
-        let serves = carry.events.len();
+        let serves = carry.serves();
         let bytes = if carry.is_empty() {
             0
         } else {
@@ -463,18 +551,229 @@ fn give_back(serves: impl IntoIterator<Item = Serve>) {
             reverted.insert(key.id.clone());
         }
         key.give_back_rate(&s.reservation);
-        let _ = s.ack.send(Err(CommitFailed));
+        let _ = s.ack.send(Err(NotCommitted::Failed));
     }
 }
 
-/// Commits `batch` and `jobs` together with `carry`; returns what is still uncertain afterwards.
+/// Rounds a refused batch is re-decided and re-sent before its serves fail (503). Each round
+/// follows a refusal, which only another replica's commit in between can cause again.
+const CONFLICT_ROUNDS: usize = 5;
+
+/// What a serve claims, as this process decided it.
+fn claim_of(r: &Reservation) -> Claim {
+    Claim {
+        budget_at: r.budget_at(),
+        budget_windowed: r.key.budget.usage_window_seconds.is_some(),
+        windows: r.window_claims().collect(),
+    }
+}
+
+/// The batch's deltas after `carry`'s: one row per key and budget window, one per rate window,
+/// each in the order its serves were counted.
+fn deltas(carry: &Group, live: &[Serve], claims: &[Claim]) -> (Vec<UsageDelta>, Vec<WindowDelta>) {
+    let mut usage = carry.usage.clone();
+    let mut windows = carry.windows.clone();
+    // Each key's and window's last row: a serve joins it while it counts in the same window.
+    let mut last_usage: HashMap<&str, usize> = HashMap::new();
+    let mut last_window: HashMap<(&str, &str, i64), usize> = HashMap::new();
+    for (s, claim) in live.iter().zip(claims) {
+        let r = &s.reservation;
+        match last_usage.get(&*r.key.id) {
+            Some(&i) if !claim.budget_windowed || usage[i].at == claim.budget_at => {
+                usage[i].units += r.cost
+            }
+            _ => {
+                last_usage.insert(&r.key.id, usage.len());
+                usage.push(UsageDelta {
+                    key_id: r.key.id.to_string(),
+                    units: r.cost,
+                    at: claim.budget_at,
+                    regbot_limit: r.key.regbot.as_ref().and(r.key.budget.usage_limit),
+                });
+            }
+        }
+        for w in &claim.windows {
+            let slot = (&*r.key.id, r.feature.as_str(), w.seconds);
+            match last_window.get(&slot) {
+                // Starts placed on wall time per serve differ by microseconds (two clocks).
+                Some(&i) if (windows[i].at - w.start).abs() <= SAME_WINDOW => windows[i].units += 1,
+                _ => {
+                    last_window.insert(slot, windows.len());
+                    windows.push(WindowDelta {
+                        key_id: r.key.id.to_string(),
+                        feature: r.feature.clone(),
+                        window_seconds: w.seconds,
+                        at: w.start,
+                        units: 1,
+                        rate_limit: w.rate_limit,
+                    });
+                }
+            }
+        }
+    }
+    (usage, windows)
+}
+
+/// Two wall-time starts of one rate window as placed by different serves differ by less.
+const SAME_WINDOW: chrono::TimeDelta = chrono::TimeDelta::milliseconds(5);
+
+/// Item 2 of issue 14: whether each uncertain commit landed, read back (its first audit row)
+/// before anything of it is re-sent — deltas would count twice. Landed: dropped. Not landed:
+/// merged into the one group re-sent with the next commit. Unknown (the read failed): kept
+/// aside and asked again next time. Returns (to re-send, still unknown).
+async fn resolve_carry(db: &Db, carry: Uncertain) -> (Group, Vec<Group>) {
+    let mut resend = Group::default();
+    let mut unknown = Vec::new();
+    for group in carry.groups {
+        let Some(first) = group.events.first() else {
+            continue;
+        };
+        match db.read_serve(&first.id, true).await {
+            Ok(Some(_)) => {
+                tracing::info!(
+                    serves = group.events.len(),
+                    "a commit of unknown outcome had landed; nothing re-sent"
+                );
+            }
+            Ok(None) => resend.append(group),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell yet whether a commit of unknown outcome landed");
+                unknown.push(group);
+            }
+        }
+    }
+    (resend, unknown)
+}
+
+/// After the database refused the batch: reads the batch's keys' counters and windows,
+/// re-decides the serves in order against them, moves the pool's memory to them (see
+/// `PoolKey::follow_database`), answers the serves that no longer fit as redraws and leaves
+/// the kept ones (with claims placed in the database's windows) to be committed again.
+async fn resolve_conflict(
+    db: &Db,
+    live: &mut Vec<Serve>,
+    events: &mut Vec<UsageEvent>,
+    claims: &mut Vec<Claim>,
+) -> Result<(), StoreError> {
+    use crate::pool::gates::{UsageBudget, UsageState};
+    use conflict::{redecide, Counters, ServeFacts};
+    let mut keys: Vec<Arc<PoolKey>> = Vec::new();
+    for s in live.iter() {
+        if !keys.iter().any(|k| k.id == s.reservation.key.id) {
+            keys.push(s.reservation.key.clone());
+        }
+    }
+    let ids: Vec<&str> = keys.iter().map(|k| &*k.id).collect();
+    let (stored, stored_windows) = db.read_counters(&ids).await?;
+    let mut counters = Counters::default();
+    for c in stored {
+        let state = UsageState {
+            count: c.count,
+            window_start: c.window_start,
+        };
+        let budget = c.budget.map(|(limit, window)| UsageBudget {
+            usage_limit: limit,
+            usage_window_seconds: window.filter(|w| *w > 0),
+        });
+        counters.usage.insert(c.key_id, (state, budget));
+    }
+    for w in stored_windows {
+        counters
+            .windows
+            .insert((w.key_id, w.feature, w.window_seconds), (w.start, w.count));
+    }
+    let facts: Vec<ServeFacts> = live
+        .iter()
+        .map(|s| {
+            let r = &s.reservation;
+            ServeFacts {
+                key_id: &r.key.id,
+                feature: &r.feature,
+                cost: r.cost,
+                at: r.at,
+                budget: r.key.budget,
+                regbot: r.key.regbot.is_some(),
+                windows: r
+                    .limits
+                    .iter()
+                    .flatten()
+                    .map(|l| (l.window_seconds, l.rate_limit))
+                    .collect(),
+            }
+        })
+        .collect();
+    let decided = redecide(&facts, &mut counters);
+    drop(facts);
+    let mut refused_units: HashMap<Arc<str>, i64> = HashMap::new();
+    let mut refused_windows: HashMap<(Arc<str>, String, i64), i64> = HashMap::new();
+    let mut kept = Vec::with_capacity(live.len());
+    let mut kept_events = Vec::with_capacity(live.len());
+    let mut kept_claims = Vec::with_capacity(live.len());
+    let mut refused = Vec::new();
+    for ((s, event), claim) in live.drain(..).zip(events.drain(..)).zip(decided) {
+        match claim {
+            Some(claim) => {
+                kept.push(s);
+                kept_events.push(event);
+                kept_claims.push(claim);
+            }
+            None => {
+                let r = &s.reservation;
+                *refused_units.entry(r.key.id.clone()).or_default() += r.cost;
+                for w in r.rates.iter() {
+                    let slot = (r.key.id.clone(), r.feature.clone(), w.seconds);
+                    *refused_windows.entry(slot).or_default() += 1;
+                }
+                refused.push(s);
+            }
+        }
+    }
+    let now = Now::read();
+    for key in &keys {
+        let windows: Vec<(String, i64, crate::timestamp::Timestamp, i64, i64)> = counters
+            .windows
+            .iter()
+            .filter(|((id, _, _), _)| *id == *key.id)
+            .map(|((_, feature, seconds), (start, count))| {
+                let slot = (key.id.clone(), feature.clone(), *seconds);
+                let refused = refused_windows.get(&slot).copied().unwrap_or(0);
+                (feature.clone(), *seconds, *start, *count, refused)
+            })
+            .collect();
+        let usage = counters.usage.get(&*key.id).map(|(state, _)| *state);
+        let units = refused_units.get(&key.id).copied().unwrap_or(0);
+        key.follow_database(usage, units, &windows, now);
+    }
+    tracing::info!(
+        refused = refused.len(),
+        kept = kept.len(),
+        "the database refused a batch (another replica counted first); refused serves are redrawn"
+    );
+    for s in refused {
+        let _ = s.ack.send(Err(NotCommitted::Redraw));
+    }
+    *live = kept;
+    *events = kept_events;
+    *claims = kept_claims;
+    Ok(())
+}
+
+/// Where a commit reports: meters, the recent serves, and the uncertain commits it leaves.
+struct Out<'a> {
+    meters: &'a LedgerMeters,
+    recent: &'a RecentServes,
+    /// A commit of unknown outcome is put here before its serves are answered.
+    pending: &'a parking_lot::Mutex<Uncertain>,
+}
+
+/// Commits `batch` and `jobs` together with `carry`; returns what is still uncertain afterwards
+/// (a commit of unknown outcome made here goes to `out.pending`).
 async fn commit(
     db: &Db,
     batch: Vec<Prepared>,
     jobs: Vec<Job>,
     carry: Uncertain,
-    meters: &LedgerMeters,
-    recent: &RecentServes,
+    out: &Out<'_>,
 ) -> Uncertain {
     // Checked only now, after the previous commit's outcome (and any rollback) is known.
     let (live, stale): (Vec<Prepared>, Vec<Prepared>) = batch
@@ -482,73 +781,19 @@ async fn commit(
         .partition(|p| p.serve.reservation.key.is_current(&p.serve.reservation));
     for p in stale {
         p.serve.reservation.key.give_back_rate(&p.serve.reservation);
-        let _ = p.serve.ack.send(Err(CommitFailed));
+        let _ = p.serve.ack.send(Err(NotCommitted::Failed));
     }
     if live.is_empty() && carry.is_empty() && jobs.is_empty() {
         return carry;
     }
-    let (live, new_events): (Vec<Serve>, Vec<UsageEvent>) =
+    let (mut resend, unknown) = if carry.is_empty() {
+        (Group::default(), Vec::new())
+    } else {
+        resolve_carry(db, carry).await
+    };
+    let (mut live, mut new_events): (Vec<Serve>, Vec<UsageEvent>) =
         live.into_iter().map(|p| (p.serve, p.event)).unzip();
-    let mut updates: Vec<KeyUsageUpdate> = Vec::new();
-    let mut position: HashMap<&str, usize> = HashMap::new();
-    for s in &live {
-        let r = &s.reservation;
-        let update = KeyUsageUpdate {
-            key_id: r.key.id.to_string(),
-            usage_count: r.usage_after.count,
-            usage_window_start: r.usage_after.window_start,
-        };
-        match position.get(&*r.key.id) {
-            Some(&i) => updates[i] = update,
-            None => {
-                position.insert(&r.key.id, updates.len());
-                updates.push(update);
-            }
-        }
-    }
-    // Rate windows (SPEC §8.4) as of each (key, feature)'s last serve here: its reservation
-    // was taken last under the key's lock, so it holds the newest absolute counts.
-    let mut windows: Vec<RateWindowWrite> = Vec::new();
-    let mut window_position: HashMap<(&str, &str), usize> = HashMap::new();
-    for s in &live {
-        let r = &s.reservation;
-        match window_position.get(&(&*r.key.id, r.feature.as_str())) {
-            Some(&i) => {
-                // Same windows in the same order: overwrite in place.
-                for (at, w) in (i..).zip(r.window_writes()) {
-                    if at < windows.len() && windows[at].window_seconds == w.window_seconds {
-                        windows[at] = w;
-                    } else {
-                        windows.push(w);
-                    }
-                }
-            }
-            None => {
-                window_position.insert((&r.key.id, r.feature.as_str()), windows.len());
-                windows.extend(r.window_writes());
-            }
-        }
-    }
-    // A carried counter stands unless this batch holds a newer one for the same key.
-    let carried_updates: Vec<KeyUsageUpdate> = carry
-        .updates
-        .iter()
-        .filter(|u| !position.contains_key(u.key_id.as_str()))
-        .cloned()
-        .collect();
-    let mut all_windows: Vec<RateWindowWrite> = carry
-        .windows
-        .iter()
-        .filter(|w| !window_position.contains_key(&(w.key_id.as_str(), w.feature.as_str())))
-        .cloned()
-        .collect();
-    all_windows.extend(windows);
-    let carried_events = carry.events.len();
-    let mut events = carry.events;
-    events.extend(new_events);
-    let mut all_updates = carried_updates;
-    all_updates.extend(updates);
-
+    let mut claims: Vec<Claim> = live.iter().map(|s| claim_of(&s.reservation)).collect();
     let outcomes: Vec<OutcomeWrite> = jobs.iter().filter_map(|j| j.job.outcome.clone()).collect();
     let health: Vec<HealthWrite> = jobs
         .iter()
@@ -558,17 +803,111 @@ async fn commit(
         .iter()
         .flat_map(|j| j.job.tiers.iter().cloned())
         .collect();
-    let started = std::time::Instant::now();
-    let outcome = db
-        .commit_batch(&Batch {
-            events: &events,
-            updates: &all_updates,
-            outcomes: &outcomes,
-            health: &health,
-            tiers: &tiers,
-            windows: &all_windows,
-        })
-        .await;
+    let mut round = 0;
+    loop {
+        if live.is_empty() && resend.is_empty() && jobs.is_empty() {
+            out.pending.lock().merge(Uncertain { groups: unknown });
+            return Uncertain::default();
+        }
+        let (usage, windows) = deltas(&resend, &live, &claims);
+        let carried_events = resend.events.len();
+        let mut events = std::mem::take(&mut resend.events);
+        events.append(&mut new_events);
+        let started = std::time::Instant::now();
+        let outcome = db
+            .commit_batch(&Batch {
+                events: &events,
+                usage: &usage,
+                outcomes: &outcomes,
+                health: &health,
+                tiers: &tiers,
+                windows: &windows,
+            })
+            .await;
+        let retry = match &outcome {
+            Err(StoreError::Refused(_)) if round < CONFLICT_ROUNDS => round + 1,
+            Err(StoreError::Conflict) if carried_events > 0 && round < CONFLICT_ROUNDS => round + 1,
+            _ => 0,
+        };
+        if retry == 0 {
+            let sent = Group {
+                events,
+                usage,
+                windows,
+            };
+            let finished = Finished {
+                live,
+                jobs,
+                carried_events,
+                resend,
+                unknown,
+                started,
+            };
+            return finish(outcome, sent, finished, out);
+        }
+        round = retry;
+        new_events = events.split_off(carried_events);
+        if carried_events > 0 {
+            // A refusal or a duplicate audit id with re-sent rows: they landed after all (a
+            // late copy), or the budget went to others meanwhile. Their callers were answered
+            // 503 long ago; either way nothing of them is sent again.
+            tracing::warn!(serves = carried_events, "re-sent serves of unknown outcome are dropped: the database refused them or already held them");
+            resend = Group::default();
+            continue;
+        }
+        if let Err(StoreError::Refused(detail)) = &outcome {
+            tracing::debug!(error = %detail, round, "batch refused; re-deciding");
+            if let Err(e) = resolve_conflict(db, &mut live, &mut new_events, &mut claims).await {
+                tracing::error!(error = %e, "cannot read the counters after a refused commit; the batch fails");
+                let sent = Group {
+                    events: new_events,
+                    usage,
+                    windows,
+                };
+                let finished = Finished {
+                    live,
+                    jobs,
+                    carried_events: 0,
+                    resend,
+                    unknown,
+                    started,
+                };
+                return finish(Err(e), sent, finished, out);
+            }
+        }
+    }
+}
+
+/// What `finish` answers besides the commit's outcome and rows.
+struct Finished {
+    live: Vec<Serve>,
+    jobs: Vec<Job>,
+    /// Audit rows at the head of the commit that were re-sent from an uncertain one.
+    carried_events: usize,
+    /// The re-sent (not landed) group, whose rows head the commit.
+    resend: Group,
+    /// Uncertain groups not yet read back.
+    unknown: Vec<Group>,
+    started: std::time::Instant,
+}
+
+/// Answers a commit's serves and jobs by its outcome; returns what stays uncertain.
+fn finish(outcome: Result<(), StoreError>, mut sent: Group, f: Finished, out: &Out) -> Uncertain {
+    let Out {
+        meters,
+        recent,
+        pending,
+    } = out;
+    let Finished {
+        live,
+        jobs,
+        carried_events,
+        resend,
+        unknown,
+        started,
+    } = f;
+    // Still unknown: published before any answer leaves (see `Out::pending`).
+    pending.lock().merge(Uncertain { groups: unknown });
     let job_outcome = match &outcome {
         Ok(()) => JobOutcome::Committed,
         Err(StoreError::Uncertain(_)) => JobOutcome::Uncertain,
@@ -578,19 +917,20 @@ async fn commit(
         let _ = job.ack.send(job_outcome);
     }
     let took = started.elapsed();
-    tracing::debug!(target: "keypooler::ledger", serves = events.len(), keys = all_updates.len(), micros = took.as_micros() as u64, "batch committed");
-    meters.batch_size.record(events.len() as f64);
+    tracing::debug!(target: "keypooler::ledger", serves = sent.events.len(), keys = sent.usage.len(), micros = took.as_micros() as u64, "batch committed");
+    meters.batch_size.record(sent.events.len() as f64);
     meters.duration.record(took.as_secs_f64());
     match outcome {
         Ok(()) => {
             meters.committed.increment(1);
+            let events = &sent.events[carried_events.min(sent.events.len())..];
             let mut committed = Vec::with_capacity(live.len());
-            for (s, event) in live.into_iter().zip(&events[carried_events..]) {
+            for (s, event) in live.into_iter().zip(events) {
                 let _ = s.ack.send(Ok(event.id.clone()));
                 committed.push(s.reservation);
             }
             // After the acks (off their path); a report that outruns this reads the database.
-            for (r, event) in committed.into_iter().zip(&events[carried_events..]) {
+            for (r, event) in committed.into_iter().zip(events) {
                 if let Ok(id) = uuid::Uuid::try_parse(&event.id) {
                     recent.insert(
                         id.as_u128(),
@@ -603,33 +943,34 @@ async fn commit(
                     );
                 }
             }
-            Uncertain::default()
         }
         Err(StoreError::Uncertain(detail)) => {
-            // Maybe applied: keep the counts (never over-serve) and re-send the rows later.
+            // Maybe applied: keep the counts (never over-serve) and find out before re-sending.
             meters.uncertain.increment(1);
-            tracing::warn!(error = %detail, serves = live.len(), "usage commit outcome unknown; serves answered 503, counted, and re-sent with the next commit");
+            tracing::warn!(error = %detail, serves = live.len(), "usage commit outcome unknown; serves answered 503, counted, and re-sent later unless they landed");
+            // One transaction: its first audit row tells for all of it. Published before
+            // the answers, so the next batch's backlog check counts it.
+            pending.lock().groups.push(sent);
             for s in live {
-                let _ = s.ack.send(Err(CommitFailed));
-            }
-            Uncertain {
-                events,
-                updates: all_updates,
-                windows: all_windows,
+                let _ = s.ack.send(Err(NotCommitted::Failed));
             }
         }
         Err(e) => {
             meters.failed.increment(1);
             tracing::error!(error = %e, serves = live.len(), "usage commit failed; serves answered 503 and given back");
-            give_back(live);
-            events.truncate(carried_events);
-            Uncertain {
-                events,
-                updates: carry.updates,
-                windows: carry.windows,
+            // The re-sent rows did not land this time either: they wait for the next commit.
+            sent.events.truncate(carried_events);
+            if !resend.usage.is_empty() || carried_events > 0 {
+                pending.lock().groups.push(Group {
+                    events: sent.events,
+                    usage: resend.usage,
+                    windows: resend.windows,
+                });
             }
+            give_back(live);
         }
     }
+    Uncertain::default()
 }
 
 #[cfg(test)]
@@ -657,10 +998,100 @@ mod tests {
             cost: 1,
         };
         Uncertain {
-            events: vec![event; serves],
-            updates: Vec::new(),
-            windows: Vec::new(),
+            groups: vec![Group {
+                events: vec![event; serves],
+                ..Group::default()
+            }],
         }
+    }
+
+    /// Serves drawn from one key of a tier with a 1 s and a 60 s window, `gaps_ms` apart.
+    fn serves(budget_window: Option<i64>, gaps_ms: &[u64]) -> Vec<Serve> {
+        use crate::model::{FeatureLimit, KeyRecord, Snapshot, TierRecord};
+        use crate::pool::{Caller, Draw, Pool};
+        let limits = vec![
+            FeatureLimit {
+                rate_limit: 100,
+                window_seconds: 1,
+            },
+            FeatureLimit {
+                rate_limit: 100,
+                window_seconds: 60,
+            },
+        ];
+        let snapshot = Snapshot {
+            tiers: vec![TierRecord {
+                id: "t".into(),
+                name: "t".into(),
+                description: String::new(),
+                features: [("f".to_string(), limits)].into(),
+                source: None,
+                upstream: None,
+            }],
+            keys: vec![KeyRecord {
+                id: "k".into(),
+                name: "k".into(),
+                sealed_value: "v".into(),
+                tier_id: "t".into(),
+                is_active: true,
+                expires_at: None,
+                usage_limit: Some(1000),
+                usage_count: 0,
+                usage_window_seconds: budget_window,
+                usage_window_start: None,
+                metadata_json: "{}".into(),
+                created_at: None,
+                secrets: Vec::new(),
+            }],
+            consumers: Vec::new(),
+            health: Default::default(),
+            tier_cooldowns: Default::default(),
+            regbot_keys: Default::default(),
+            rate_windows: Vec::new(),
+        };
+        let pool = Pool::load(snapshot, &crate::crypto::Sealer::new(None));
+        let mut now = Now::read();
+        let mut out = Vec::new();
+        for gap in gaps_ms {
+            let step = std::time::Duration::from_millis(*gap);
+            now = Now {
+                wall: now.wall + chrono::TimeDelta::milliseconds(*gap as i64),
+                // The two clocks drift apart by a few microseconds per serve.
+                mono: now.mono + step + std::time::Duration::from_micros(3),
+            };
+            let Draw::Served(reservation) = pool.draw(&Caller::Admin, "f", now, |r, _| r) else {
+                panic!("the key serves");
+            };
+            out.push(Serve {
+                reservation,
+                ack: oneshot::channel().0,
+            });
+        }
+        out
+    }
+
+    // Issue 14: a batch sends one delta per key and budget window and one per rate window,
+    // however many serves it holds (a row per serve would make the triggers run per serve).
+    #[test]
+    fn a_batch_sends_one_delta_per_key_and_window() {
+        let live = serves(None, &[0, 10, 10, 10]);
+        let claims: Vec<Claim> = live.iter().map(|s| claim_of(&s.reservation)).collect();
+        let (usage, windows) = deltas(&Group::default(), &live, &claims);
+        assert_eq!(usage.len(), 1, "{usage:?}");
+        assert_eq!(usage[0].units, 4);
+        assert_eq!(windows.len(), 2, "{windows:?}");
+        assert!(windows.iter().all(|w| w.units == 4), "{windows:?}");
+        // A 1 s window that ends inside the batch starts a second row for it only.
+        let live = serves(Some(3600), &[0, 600, 600]);
+        let claims: Vec<Claim> = live.iter().map(|s| claim_of(&s.reservation)).collect();
+        let (usage, windows) = deltas(&Group::default(), &live, &claims);
+        assert_eq!(usage.len(), 1, "one budget window: {usage:?}");
+        let short: Vec<i64> = windows
+            .iter()
+            .filter(|w| w.window_seconds == 1)
+            .map(|w| w.units)
+            .collect();
+        assert_eq!(short, [2, 1], "{windows:?}");
     }
 
     #[test]

@@ -21,6 +21,10 @@ struct FeatureQuery {
     cost: Option<String>,
 }
 
+/// Draws after the database refused a serve before the answer is 503 (SPEC §8.7). Each
+/// refusal means another replica committed first, so this bounds a race, not a loop.
+const MAX_REDRAWS: usize = 8;
+
 /// The largest `cost` one serve may take (SPEC §8.4).
 pub const MAX_COST: i64 = 10_000;
 
@@ -136,43 +140,61 @@ pub async fn serve(
     key_ok: impl Fn(&crate::pool::PoolKey) -> bool,
 ) -> Result<crate::ledger::Committed, ApiError> {
     let ledger = &state.ledger;
-    let now = Now::read();
-    // Outcomes are recorded on the feature's cached handles (atomic increments, no lock); the
-    // pool records its 429s itself.
-    match state
-        .pool
-        .draw_among(caller, feature, cost, now, tier_ok, key_ok, |r, meters| {
-            (ledger.submit(r), meters.clone())
-        }) {
-        Draw::Served((pending, meters)) => {
-            let committed = pending.committed().await.map_err(|_| {
-                meters.unavailable.increment(1);
-                ApiError::Unavailable(
-                    "usage could not be recorded, so no key was served; try again".into(),
-                )
-            })?;
-            meters.served.increment(1);
-            Ok(committed)
-        }
-        Draw::UnknownFeature => Err(ApiError::NotFound(format!(
-            "no tier lists feature '{feature}'"
-        ))),
-        Draw::OutOfScope => Err(ApiError::Forbidden(format!(
-            "feature '{feature}' is not in the tiers this consumer may use"
-        ))),
-        Draw::Exhausted { retry_after } => Err(ApiError::TooManyRequests {
-            message: match retry_after {
-                Some(_) => {
-                    format!("every key for feature '{feature}' is at its limit; retry later")
+    // Issue 14: a serve the database refused (another replica took the budget or window
+    // first) is drawn again against the counters the pool now holds, so it goes on to the
+    // next key or answers 429 exactly as if the pool had known. Bounded: each refusal means
+    // another replica committed in between.
+    let mut redraws = 0;
+    loop {
+        let now = Now::read();
+        // Outcomes are recorded on the feature's cached handles (atomic increments, no lock);
+        // the pool records its 429s itself.
+        let drawn = state.pool.draw_among(
+            caller,
+            feature,
+            cost,
+            now,
+            &tier_ok,
+            &key_ok,
+            |r, meters| (ledger.submit(r), meters.clone()),
+        );
+        return match drawn {
+            Draw::Served((pending, meters)) => match pending.committed().await {
+                Ok(committed) => {
+                    meters.served.increment(1);
+                    Ok(committed)
                 }
-                None => format!(
-                    "no key for feature '{feature}' can serve: budgets spent, expired or inactive"
-                ),
+                Err(crate::ledger::NotCommitted::Redraw) if redraws < MAX_REDRAWS => {
+                    redraws += 1;
+                    continue;
+                }
+                Err(_) => {
+                    meters.unavailable.increment(1);
+                    Err(ApiError::Unavailable(
+                        "usage could not be recorded, so no key was served; try again".into(),
+                    ))
+                }
             },
-            // Whole seconds, rounded up, never 0.
-            retry_after_seconds: retry_after
-                .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
-                .map(|s| s.max(1)),
-        }),
+            Draw::UnknownFeature => Err(ApiError::NotFound(format!(
+                "no tier lists feature '{feature}'"
+            ))),
+            Draw::OutOfScope => Err(ApiError::Forbidden(format!(
+                "feature '{feature}' is not in the tiers this consumer may use"
+            ))),
+            Draw::Exhausted { retry_after } => Err(ApiError::TooManyRequests {
+                message: match retry_after {
+                    Some(_) => {
+                        format!("every key for feature '{feature}' is at its limit; retry later")
+                    }
+                    None => format!(
+                        "no key for feature '{feature}' can serve: budgets spent, expired or inactive"
+                    ),
+                },
+                // Whole seconds, rounded up, never 0.
+                retry_after_seconds: retry_after
+                    .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+                    .map(|s| s.max(1)),
+            }),
+        };
     }
 }

@@ -35,6 +35,22 @@ pub struct UsageState {
     pub window_start: Option<Timestamp>,
 }
 
+impl UsageBudget {
+    /// No budget at all.
+    pub const UNLIMITED: UsageBudget = UsageBudget {
+        usage_limit: None,
+        usage_window_seconds: None,
+    };
+}
+
+impl UsageState {
+    /// Nothing counted, no window open.
+    pub const ZERO: UsageState = UsageState {
+        count: 0,
+        window_start: None,
+    };
+}
+
 /// When a refused key can serve again; `None` means never (a lifetime cap is spent).
 pub type Wait = Option<Duration>;
 

@@ -205,34 +205,54 @@ pub struct Reservation {
     pub usage_after: UsageState,
     /// The feature's rate windows after this serve.
     pub rates: RateWindows,
+    /// The feature's limits the serve was decided against (slot by slot with `rates`).
+    pub limits: [Option<FeatureLimit>; crate::model::MAX_WINDOWS],
     pub generation: u64,
 }
 
-/// Windows this short are not persisted: SPEC §8.4 keeps windows of a minute or longer across
-/// restarts, and a shorter one has elapsed by the time a restarted process serves again.
-pub const PERSISTED_WINDOW_SECONDS: i64 = 60;
+/// A rate window a serve counts in, as the database should count it (SPEC §8.7): every
+/// length is persisted, so replicas agree on each window's start and count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowClaim {
+    pub seconds: i64,
+    pub rate_limit: i64,
+    /// The window's start on wall time.
+    pub start: Timestamp,
+}
 
 impl Reservation {
-    /// The rate windows to persist with this serve, each start placed on wall time as of this
-    /// serve: `at` minus the monotonic time since the window opened. So a wall-clock step while
-    /// the process runs moves the stored start with it; only a step while it is down is unseen.
-    pub fn window_writes(&self) -> impl Iterator<Item = RateWindowWrite> + '_ {
-        self.rates
-            .iter()
-            .filter(|w| w.seconds >= PERSISTED_WINDOW_SECONDS)
-            .map(|w| {
-                let open_for = self.at_mono.saturating_duration_since(w.window.start);
-                RateWindowWrite {
-                    key_id: self.key.id.to_string(),
-                    feature: self.feature.clone(),
-                    window_seconds: w.seconds,
-                    start: chrono::TimeDelta::from_std(open_for)
-                        .ok()
-                        .and_then(|d| self.at.checked_sub_signed(d))
-                        .unwrap_or(self.at),
-                    count: w.window.count,
-                }
-            })
+    /// The serve's rate windows, each start placed on wall time as of this serve: `at` minus
+    /// the monotonic time since the window opened. So a wall-clock step while the process runs
+    /// moves the stored start with it; only a step while it is down is unseen.
+    pub fn window_claims(&self) -> impl Iterator<Item = WindowClaim> + '_ {
+        self.rates.iter().map(|w| {
+            let open_for = self.at_mono.saturating_duration_since(w.window.start);
+            WindowClaim {
+                seconds: w.seconds,
+                rate_limit: self
+                    .limits
+                    .iter()
+                    .flatten()
+                    .find(|l| l.window_seconds == w.seconds)
+                    .map_or(i64::MAX, |l| l.rate_limit),
+                start: chrono::TimeDelta::from_std(open_for)
+                    .ok()
+                    .and_then(|d| self.at.checked_sub_signed(d))
+                    .unwrap_or(self.at),
+            }
+        })
+    }
+
+    /// The budget window the serve counts in (its start), or the serve's time for a budget
+    /// without a window: the `at` of its usage delta.
+    pub fn budget_at(&self) -> Timestamp {
+        match (
+            self.key.budget.usage_window_seconds,
+            self.usage_after.window_start,
+        ) {
+            (Some(_), Some(start)) => start,
+            _ => self.at,
+        }
     }
 }
 
@@ -307,6 +327,10 @@ pub struct Reported<R> {
     /// What the caller's `on_change` returned.
     pub out: R,
 }
+
+/// A rate window's start in memory and in the database further apart than this are two
+/// windows (the wall and monotonic clocks are read a few microseconds apart per serve).
+const SAME_WINDOW: Duration = Duration::from_millis(5);
 
 /// A served key is counted towards its tier's throttling window this long.
 const SERVED_WINDOW: Duration = Duration::from_secs(60);
@@ -517,6 +541,13 @@ impl PoolKey {
                     usage_before: before,
                     usage_after: usage,
                     rates: rate,
+                    limits: {
+                        let mut copy = [None; crate::model::MAX_WINDOWS];
+                        for (slot, limit) in copy.iter_mut().zip(limits) {
+                            *slot = Some(*limit);
+                        }
+                        copy
+                    },
                     generation: counters.generation,
                 };
                 Ok((reservation, counters))
@@ -585,6 +616,57 @@ impl PoolKey {
                 windows.give_back(mark);
             }
         }
+    }
+
+    /// After the database refused a commit (SPEC §8.7): takes its counters as they are once the
+    /// batch's kept serves land — `usage` for the budget, `windows` (feature, length, start,
+    /// count, serves of this batch refused in it) — yet never lower than what this process
+    /// counted less `refused_units`, where both describe the same window: what it reserved
+    /// and has not committed yet (later batches) stays counted. Where memory holds another
+    /// window than the database (its clock or a stale start), the database's wins: the
+    /// refusal proved it still open.
+    pub fn follow_database(
+        &self,
+        usage: Option<UsageState>,
+        refused_units: i64,
+        windows: &[(String, i64, Timestamp, i64, i64)],
+        now: Now,
+    ) {
+        let mut counters = self.counters.lock();
+        let mem = counters.usage;
+        if let Some(usage) = usage {
+            counters.usage = match self.budget.usage_window_seconds {
+                // Another window than the database's: the database's is the one that counts.
+                Some(_) if usage.window_start != mem.window_start => usage,
+                _ => UsageState {
+                    count: (mem.count - refused_units).max(usage.count),
+                    window_start: mem.window_start.or(usage.window_start),
+                },
+            };
+        }
+        for (feature, seconds, start, count, refused) in windows {
+            let ago = (now.wall - *start).to_std().unwrap_or(Duration::ZERO);
+            let db_start = now.mono.checked_sub(ago).unwrap_or(now.mono);
+            let rates = counters.rates.entry(feature.clone()).or_default();
+            let window = match rates.get(*seconds) {
+                Some(m) if m.start.max(db_start) - m.start.min(db_start) <= SAME_WINDOW => {
+                    RateWindow {
+                        start: m.start,
+                        count: (m.count - refused).max(*count),
+                    }
+                }
+                // Another window than the database's: the database's is the one that counts.
+                _ => RateWindow {
+                    start: db_start,
+                    count: *count,
+                },
+            };
+            rates.put(WindowState {
+                seconds: *seconds,
+                window,
+            });
+        }
+        self.budget_free_at.store(0, Ordering::Relaxed);
     }
 
     /// Puts back a rate window stored before a restart (SPEC §8.4). Its wall-clock start is

@@ -929,10 +929,10 @@ fn restored_rate_windows_follow_elapsed_wall_time_and_a_backward_step_holds_them
     ));
 }
 
-// Issue 11 item 2: the reservation carries the cost and the windows to persist, each start
-// placed on wall time as of the serve.
+// Issue 11 item 2, issue 14 item 2: the reservation carries the cost and every window to
+// persist (any length, so replicas agree), each start placed on wall time as of the serve.
 #[test]
-fn a_reservation_carries_its_cost_and_the_windows_of_a_minute_or_longer() {
+fn a_reservation_carries_its_cost_and_every_window_with_its_limit() {
     let mut t = tier("t", &[("scrape", 5, 1)]);
     t.features.get_mut("scrape").unwrap().push(FeatureLimit {
         rate_limit: 10,
@@ -942,22 +942,27 @@ fn a_reservation_carries_its_cost_and_the_windows_of_a_minute_or_longer() {
     let first = p.draw_cost(&Caller::Admin, "scrape", 4, at(t0()), |r, _| r.cost);
     assert_eq!(first, Draw::Served(4));
     let later = t0() + TimeDelta::seconds(30);
-    let writes = p.draw_cost(&Caller::Admin, "scrape", 1, at(later), |r, _| {
-        r.window_writes().collect::<Vec<_>>()
+    let claims = p.draw_cost(&Caller::Admin, "scrape", 1, at(later), |r, _| {
+        r.window_claims().collect::<Vec<_>>()
     });
-    let Draw::Served(writes) = writes else {
-        panic!("{writes:?}")
+    let Draw::Served(claims) = claims else {
+        panic!("{claims:?}")
     };
     assert_eq!(
-        writes,
-        vec![RateWindowWrite {
-            key_id: "a".into(),
-            feature: "scrape".into(),
-            window_seconds: 3600,
-            start: t0(),
-            count: 2,
-        }],
-        "the hour window opened at the first serve; the per-second one is not persisted"
+        claims,
+        vec![
+            crate::pool::WindowClaim {
+                seconds: 1,
+                rate_limit: 5,
+                start: later,
+            },
+            crate::pool::WindowClaim {
+                seconds: 3600,
+                rate_limit: 10,
+                start: t0(),
+            }
+        ],
+        "the second window reopened at this serve; the hour window opened at the first"
     );
     assert_eq!(p.key("a").unwrap().stored_usage().count, 5);
 }

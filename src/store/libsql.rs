@@ -3,13 +3,15 @@
 //! Remote realities it is shaped by: server streams expire when idle and interactive
 //! transactions time out, so no stream is kept between operations — autocommit statements
 //! travel on one-shot streams and each transaction opens its own short stream. A group commit
-//! is one transaction of four statements whatever its size (seven with outcomes or health) (BEGIN, one INSERT and one UPDATE
-//! each reading the batch from a bound JSON parameter through `json_each`, COMMIT). A transport
-//! failure of a group commit is retried once on a fresh stream; the batch is idempotent (INSERT
-//! OR IGNORE of unique audit ids, absolute counters), so a retry can never double count. An
-//! admin write is retried only if it failed before anything reached the server; after that its
-//! outcome is `Uncertain` and the caller reads the row back (`read_by_id`). Every operation
-//! is bounded by `DB_BUSY_TIMEOUT_MS`. Errors are redacted: the URL and token never leave.
+//! of serves is ONE pipeline request (`commit_in_one_request`: `BEGIN IMMEDIATE`, the batch's
+//! three statements each reading a bound JSON parameter through `json_each`, `COMMIT`, steps
+//! conditioned, `ROLLBACK` unless committed), so no replica can hold the write lock between
+//! requests; one with outcomes or health stays an interactive transaction. Deltas are not
+//! idempotent: a commit whose answer was lost is read back (its first audit row) and re-sent
+//! once only if missing. An admin write is retried only if it failed before anything reached
+//! the server; after that its outcome is `Uncertain` and the caller reads the row back
+//! (`read_by_id`). Every operation is bounded by `DB_BUSY_TIMEOUT_MS`. Errors are redacted: the
+//! URL and token never leave.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +42,15 @@ struct Inner {
     /// Strings that must never appear in an error we log or return.
     redact: Vec<String>,
     host: String,
+    /// Group commits go straight to the Hrana pipeline endpoint, one request each (see
+    /// `commit_in_one_request`).
+    http: reqwest::Client,
+    pipeline_url: String,
+    auth: String,
 }
+
+/// Group commits a replica keeps in flight at most (each one request; see `commits_in_flight`).
+const REMOTE_COMMITS_IN_FLIGHT: usize = 8;
 
 pub(crate) fn host_of(url: &str) -> String {
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
@@ -65,7 +75,7 @@ impl LibsqlStore {
             redact.push(token.clone());
         }
         let host = host_of(url.expose());
-        let db = libsql::Builder::new_remote(url.expose().to_string(), token)
+        let db = libsql::Builder::new_remote(url.expose().to_string(), token.clone())
             .build()
             .await
             .map_err(|e| {
@@ -74,12 +84,21 @@ impl LibsqlStore {
                     redact_all(&e.to_string(), &redact)
                 ))
             })?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(REMOTE_COMMITS_IN_FLIGHT)
+            .build()
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot build the HTTP client for {host}: {e}"))
+            })?;
         let store = LibsqlStore {
             inner: Arc::new(Inner {
                 db,
                 permits: Semaphore::new(config.db_max_open_conns as usize),
                 timeout: config.db_busy_timeout,
                 redact,
+                http,
+                pipeline_url: pipeline_url(url.expose()),
+                auth: format!("Bearer {token}"),
                 host,
             }),
         };
@@ -90,6 +109,9 @@ impl LibsqlStore {
 
     fn err(&self, e: libsql::Error) -> StoreError {
         let text = redact_all(&e.to_string(), &self.inner.redact);
+        if text.contains(super::REFUSED) {
+            return StoreError::Refused(text);
+        }
         let lower = text.to_ascii_lowercase();
         if lower.contains("unique constraint") || lower.contains("sqlite_constraint") {
             return StoreError::Conflict;
@@ -599,49 +621,174 @@ impl LibsqlStore {
         .await
     }
 
+    /// A group commit: its deltas are not idempotent, so a commit whose answer was lost is
+    /// re-sent only once a read-back (inside `BEGIN IMMEDIATE`, after any transaction still in
+    /// flight has ended) found its first audit row missing — the transaction is atomic, so
+    /// that row tells whether all of it landed. Sent as one request (`commit_in_one_request`).
     pub async fn commit_batch(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
-        let (events_json, updates_json) = sql::batch_parameters(batch.events, batch.updates);
-        let mut statements = vec![
-            (
-                sql::INSERT_EVENTS.to_string(),
-                vec![Value::Text(events_json)],
-            ),
-            (
-                sql::UPDATE_COUNTERS.to_string(),
-                vec![Value::Text(updates_json)],
-            ),
+        let (events_json, _) = sql::batch_parameters(batch.events, &[]);
+        let (fast, slow, fast_w, slow_w) = sql::delta_parameters(batch.usage, batch.windows);
+        let statements = vec![
+            (sql::INSERT_EVENTS, events_json),
+            (sql::GUARD_USAGE, fast.clone()),
+            (sql::UPDATE_USAGE, fast),
+            (sql::INSERT_USAGE_DELTAS, slow),
+            (sql::GUARD_WINDOWS, fast_w.clone()),
+            (sql::UPSERT_WINDOWS, fast_w),
+            (sql::INSERT_WINDOW_DELTAS, slow_w),
         ];
-        // One statement more per commit only when there are windows to write: remotely each
-        // statement is a round trip.
-        if !batch.windows.is_empty() {
-            statements.push((
-                sql::UPSERT_RATE_WINDOWS.to_string(),
-                vec![Value::Text(sql::window_parameter(batch.windows))],
-            ));
-        }
+        let mut statements = statements;
         if batch.has_health() {
             let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
-            statements.push((
-                sql::SET_OUTCOMES.to_string(),
-                vec![Value::Text(outcomes_json)],
-            ));
-            statements.push((
-                sql::UPSERT_HEALTH.to_string(),
-                vec![Value::Text(health_json.clone())],
-            ));
-            statements.push((sql::SET_ACTIVE.to_string(), vec![Value::Text(health_json)]));
-            statements.push((
-                sql::UPSERT_TIER_HEALTH.to_string(),
-                vec![Value::Text(sql::tier_parameter(batch.tiers))],
-            ));
+            statements.push((sql::SET_OUTCOMES, outcomes_json));
+            statements.push((sql::UPSERT_HEALTH, health_json.clone()));
+            statements.push((sql::SET_ACTIVE, health_json));
+            statements.push((sql::UPSERT_TIER_HEALTH, sql::tier_parameter(batch.tiers)));
         }
-        if let Some(regbot) = super::regbot::counters_parameter(batch.updates) {
-            statements.push((
-                super::regbot::UPSERT_COUNTERS.to_string(),
-                vec![Value::Text(regbot)],
-            ));
+        if batch.has_health() {
+            statements.retain(|(_, parameter)| parameter != "[]");
+            // A report is answered 503 only if it changed nothing; one request may still run
+            // on the server after we gave up on it, an interactive transaction whose COMMIT we
+            // never sent cannot. Reports are rare; serves take the one-request path.
+            let statements: Vec<(String, Vec<Value>)> = statements
+                .into_iter()
+                .map(|(sql, parameter)| (sql.to_string(), vec![Value::Text(parameter)]))
+                .collect();
+            return self.commit_interactively(&statements, batch).await;
         }
-        self.transaction(&statements, true, |_, _| Ok(())).await
+        // An empty array changes nothing: remotely each statement is server work (and, in an
+        // interactive transaction, a round trip).
+        statements.retain(|(_, parameter)| parameter != "[]");
+        let body = pipeline_body(&statements);
+        let first = batch.events.first().map(|e| e.id.as_str());
+        match self.commit_in_one_request(&body).await {
+            Err(StoreError::Uncertain(detail)) => match first {
+                // Outcomes and health alone are absolute: re-sending them is harmless.
+                None => self.commit_in_one_request(&body).await,
+                Some(id) => match self.read_serve(id, true).await {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => {
+                        tracing::warn!(error = %detail, "a group commit did not land; re-sending it once");
+                        match self.commit_in_one_request(&body).await {
+                            // A late copy of the first landed meanwhile: it counted once.
+                            Err(StoreError::Conflict) => Ok(()),
+                            other => other,
+                        }
+                    }
+                    Err(_) => Err(StoreError::Uncertain(detail)),
+                },
+            },
+            other => other,
+        }
+    }
+
+    /// Commits the ledger may keep in flight: their deltas commute, and each is one request
+    /// (a stream of its own on the server). Bounded here, not by `DB_MAX_OPEN_CONNS` (which
+    /// bounds every other remote operation), as locally the group commit has its own
+    /// connection beside the pool.
+    pub fn commits_in_flight(&self) -> usize {
+        REMOTE_COMMITS_IN_FLIGHT
+    }
+
+    /// A group commit carrying reports or health as an interactive transaction; a lost
+    /// answer is read back before the rows are re-sent once (as `commit_batch`).
+    async fn commit_interactively(
+        &self,
+        statements: &[(String, Vec<Value>)],
+        batch: &Batch<'_>,
+    ) -> Result<(), StoreError> {
+        let first = batch.events.first().map(|e| e.id.as_str());
+        match self.transaction(statements, false, |_, _| Ok(())).await {
+            Err(StoreError::Uncertain(detail)) => match first {
+                None => self.transaction(statements, true, |_, _| Ok(())).await,
+                Some(id) => match self.read_serve(id, true).await {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => self.transaction(statements, false, |_, _| Ok(())).await,
+                    Err(_) => Err(StoreError::Uncertain(detail)),
+                },
+            },
+            other => other,
+        }
+    }
+
+    /// Issue 14 item 3: one group commit as ONE Hrana pipeline request — `BEGIN IMMEDIATE`,
+    /// the statements, `COMMIT`, each step run only if the one before succeeded, and a
+    /// `ROLLBACK` run unless `COMMIT` succeeded — so the server holds the write lock only
+    /// while it runs that request: a replica that dies can never leave it locked, and a
+    /// commit costs one round trip. Sent with our own HTTP client because the `libsql`
+    /// crate's batches take SQL text only (`execute_transactional_batch(&str)`), no bound
+    /// parameters, and a batch's JSON parameters would otherwise have to be spliced into SQL.
+    /// Outcomes: `Ok` when the COMMIT step succeeded; `Refused`/`Conflict`/`Other` from the
+    /// failed step (nothing written); `Unavailable` when the request never left (no
+    /// connection); `Uncertain` when it may have run (lost answer, timeout, a 5xx).
+    async fn commit_in_one_request(&self, body: &str) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let work = async {
+            if inner.permits.is_closed() {
+                return Err(StoreError::Unavailable("database closed".into()));
+            }
+            let sent = inner
+                .http
+                .post(&inner.pipeline_url)
+                .header(reqwest::header::AUTHORIZATION, &inner.auth)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string())
+                .send()
+                .await;
+            let response = match sent {
+                Ok(r) => r,
+                Err(e) if e.is_connect() => {
+                    return Err(StoreError::Unavailable(format!(
+                        "libSQL at {}: {}",
+                        inner.host,
+                        redact_all(&e.to_string(), &inner.redact)
+                    )))
+                }
+                Err(e) => {
+                    return Err(StoreError::Uncertain(format!(
+                        "libSQL at {}: {}",
+                        inner.host,
+                        redact_all(&e.to_string(), &inner.redact)
+                    )))
+                }
+            };
+            let status = response.status();
+            let text = response.text().await.map_err(|e| {
+                StoreError::Uncertain(format!("libSQL at {}: answer lost: {e}", inner.host))
+            })?;
+            let text = redact_all(&text, &inner.redact);
+            if status.is_client_error() {
+                // Refused before running (auth, malformed): nothing happened.
+                return Err(StoreError::Unavailable(format!(
+                    "libSQL at {} answered {status}: {text}",
+                    inner.host
+                )));
+            }
+            if !status.is_success() {
+                return Err(StoreError::Uncertain(format!(
+                    "libSQL at {} answered {status}: {text}",
+                    inner.host
+                )));
+            }
+            batch_outcome(&text).map_err(|message| {
+                if message.contains(super::REFUSED) {
+                    StoreError::Refused(message)
+                } else if message.to_ascii_lowercase().contains("unique constraint") {
+                    StoreError::Conflict
+                } else {
+                    StoreError::Other(format!("libSQL at {}: {message}", inner.host))
+                }
+            })
+        };
+        tokio::time::timeout(inner.timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Uncertain(format!(
+                    "libSQL at {} did not answer within DB_BUSY_TIMEOUT_MS ({} ms)",
+                    inner.host,
+                    inner.timeout.as_millis()
+                )))
+            })
     }
 
     /// Every row of one read statement, decoded by `decode`.
@@ -845,6 +992,81 @@ fn feature_rows(tier: &TierRecord) -> Vec<(String, Vec<Value>)> {
         .collect()
 }
 
+/// `{base}/v3/pipeline`, `libsql://` read as `https://` and any query kept (as the `libsql`
+/// crate builds it).
+fn pipeline_url(url: &str) -> String {
+    let url = url.replacen("libsql://", "https://", 1);
+    let url = if url.contains("://") {
+        url
+    } else {
+        format!("https://{url}")
+    };
+    let (base, query) = url.split_at(url.find('?').unwrap_or(url.len()));
+    format!("{}/v3/pipeline{query}", base.trim_end_matches('/'))
+}
+
+/// The pipeline request of a group commit: one batch `BEGIN IMMEDIATE; statements…; COMMIT`
+/// where each step runs only if the step before it succeeded, then `ROLLBACK` unless the
+/// COMMIT step succeeded; the stream is closed in the same request.
+fn pipeline_body(statements: &[(&str, String)]) -> String {
+    use serde_json::json;
+    let mut steps = vec![json!({ "stmt": { "sql": "BEGIN IMMEDIATE" } })];
+    for (sql, parameter) in statements {
+        steps.push(json!({
+            "stmt": { "sql": sql, "args": [{ "type": "text", "value": parameter }] },
+            "condition": { "type": "ok", "step": steps.len() - 1 },
+        }));
+    }
+    let commit = steps.len();
+    steps.push(json!({
+        "stmt": { "sql": "COMMIT" },
+        "condition": { "type": "ok", "step": commit - 1 },
+    }));
+    steps.push(json!({
+        "stmt": { "sql": "ROLLBACK" },
+        "condition": { "type": "not", "cond": { "type": "ok", "step": commit } },
+    }));
+    json!({
+        "baton": null,
+        "requests": [
+            { "type": "batch", "batch": { "steps": steps } },
+            { "type": "close" },
+        ],
+    })
+    .to_string()
+}
+
+/// Whether a group commit's pipeline answer says its COMMIT step succeeded; else the message
+/// of the first failed step (or of the request).
+fn batch_outcome(text: &str) -> Result<(), String> {
+    let answer: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("unreadable pipeline answer: {e}"))?;
+    let first = &answer["results"][0];
+    if first["type"] != "ok" {
+        return Err(first["error"]["message"]
+            .as_str()
+            .unwrap_or("the batch request failed")
+            .to_string());
+    }
+    let result = &first["response"]["result"];
+    let results = result["step_results"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    // The COMMIT step is the one before the last (ROLLBACK).
+    if results.len() >= 2 && !results[results.len() - 2].is_null() {
+        return Ok(());
+    }
+    let errors = result["step_errors"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    Err(errors
+        .iter()
+        .find_map(|e| e["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "the batch did not commit".into()))
+}
+
 fn values(params: &[Param]) -> Vec<Value> {
     params
         .iter()
@@ -888,6 +1110,44 @@ impl Cells for libsql::Row {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Issue 14 item 3: the one-request commit's steps and how its answer is read.
+    #[test]
+    fn a_group_commit_is_one_conditional_batch() {
+        let body: serde_json::Value =
+            serde_json::from_str(&pipeline_body(&[("INSERT 1", "[1]".into())])).unwrap();
+        let steps = body["requests"][0]["batch"]["steps"].as_array().unwrap();
+        let sql: Vec<&str> = steps
+            .iter()
+            .map(|s| s["stmt"]["sql"].as_str().unwrap())
+            .collect();
+        assert_eq!(sql, ["BEGIN IMMEDIATE", "INSERT 1", "COMMIT", "ROLLBACK"]);
+        assert_eq!(
+            steps[1]["condition"],
+            serde_json::json!({"type": "ok", "step": 0})
+        );
+        assert_eq!(
+            steps[2]["condition"],
+            serde_json::json!({"type": "ok", "step": 1})
+        );
+        assert_eq!(steps[3]["condition"]["cond"]["step"], 2);
+        assert_eq!(body["requests"][1]["type"], "close");
+        let ok = r#"{"results":[{"type":"ok","response":{"type":"batch","result":{"step_results":[{},{},{},null],"step_errors":[null,null,null,null]}}}]}"#;
+        assert_eq!(batch_outcome(ok), Ok(()));
+        let refused = r#"{"results":[{"type":"ok","response":{"type":"batch","result":{"step_results":[{},null,null,{}],"step_errors":[null,{"message":"keypooler_refused: budget"},null,null]}}}]}"#;
+        assert_eq!(
+            batch_outcome(refused),
+            Err("keypooler_refused: budget".into())
+        );
+        assert_eq!(
+            pipeline_url("libsql://db.example.io/?x=1"),
+            "https://db.example.io/v3/pipeline?x=1"
+        );
+        assert_eq!(
+            pipeline_url("http://127.0.0.1:9"),
+            "http://127.0.0.1:9/v3/pipeline"
+        );
+    }
 
     #[test]
     fn redaction_hides_the_url_and_token() {

@@ -10,8 +10,8 @@ pub mod sync;
 
 use crate::config::{Config, DatabaseConfig};
 use crate::model::{
-    ConsumerRecord, HealthWrite, KeyRecord, KeyUsageUpdate, OutcomeWrite, RateWindowWrite,
-    Snapshot, StoredOutcome, TierCooldownWrite, TierRecord, UsageEvent,
+    ConsumerRecord, HealthWrite, KeyRecord, OutcomeWrite, RateWindowWrite, Snapshot, StoredOutcome,
+    TierCooldownWrite, TierRecord, UsageEvent,
 };
 use crate::pool::health::{HealthMemory, HealthRecord, Reason, StateKind};
 use crate::timestamp::Timestamp;
@@ -28,6 +28,10 @@ pub enum StoreError {
     /// A commit was sent but its answer was lost: it may or may not have been applied.
     #[error("commit outcome unknown: {0}")]
     Uncertain(String),
+    /// A group commit the database refused whole: a delta would take a key past its budget or
+    /// a rate window past its limit (SPEC §8.7; migration 012). Nothing was written.
+    #[error("refused by the database: {0}")]
+    Refused(String),
     #[error("database error: {0}")]
     Other(String),
 }
@@ -40,6 +44,7 @@ impl StoreError {
             StoreError::Conflict => StoreError::Conflict,
             StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
             StoreError::Uncertain(m) => StoreError::Uncertain(m.clone()),
+            StoreError::Refused(m) => StoreError::Refused(m.clone()),
             StoreError::Other(m) => StoreError::Other(m.clone()),
         }
     }
@@ -93,6 +98,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         11,
         "side_index_buckets",
         include_str!("../../migrations/011_side_index_buckets.sql"),
+    ),
+    (
+        12,
+        "commit_deltas",
+        include_str!("../../migrations/012_commit_deltas.sql"),
     ),
     (
         13,
@@ -765,6 +775,16 @@ impl Db {
         Ok(count)
     }
 
+    /// How many group commits may be in flight at once (SPEC §8.7 remote latency): one on
+    /// SQLite (one writer; commits in order), several remotely, where each is one request and
+    /// their deltas commute.
+    pub fn commits_in_flight(&self) -> usize {
+        match self {
+            Db::Sqlite(_) => 1,
+            Db::Libsql(s) => s.commits_in_flight(),
+        }
+    }
+
     /// Commits a batch in one transaction: serves' audit rows and their keys' counters,
     /// reported outcomes (each only onto a serve without one) and key health changes (with
     /// each key's `is_active`). Safe to retry: audit ids are unique and ignored when already
@@ -777,14 +797,56 @@ impl Db {
     pub async fn commit_serves(
         &self,
         events: &[UsageEvent],
-        updates: &[KeyUsageUpdate],
+        usage: &[UsageDelta],
     ) -> Result<(), StoreError> {
         self.commit_batch(&Batch {
             events,
-            updates,
+            usage,
             ..Batch::default()
         })
         .await
+    }
+
+    /// The budget counters of `key_ids` (stored and RegBot keys) and every rate window of
+    /// those keys, as the database holds them now: what a refused commit re-decides against.
+    pub async fn read_counters(
+        &self,
+        key_ids: &[&str],
+    ) -> Result<(Vec<StoredCounter>, Vec<RateWindowWrite>), StoreError> {
+        let ids = Param::Text(json(key_ids));
+        let rows = self
+            .select(sql::SELECT_COUNTERS, &[ids.clone(), ids.clone()])
+            .await?;
+        let cell = |r: &[Option<String>], i: usize| r.get(i).cloned().flatten();
+        let int = |r: &[Option<String>], i: usize| cell(r, i).and_then(|v| v.parse::<i64>().ok());
+        let counters = rows
+            .iter()
+            .map(|r| {
+                let key_id = cell(r, 0).unwrap_or_default();
+                StoredCounter {
+                    count: int(r, 1).unwrap_or(0),
+                    window_start: parse_stored_time(cell(r, 2), "usage_window_start", &key_id),
+                    budget: (int(r, 5) == Some(0)).then(|| (int(r, 3), int(r, 4))),
+                    key_id,
+                }
+            })
+            .collect();
+        let rows = self.select(sql::SELECT_WINDOWS_OF, &[ids]).await?;
+        let windows = rows
+            .iter()
+            .filter_map(|r| {
+                let key_id = cell(r, 0).unwrap_or_default();
+                let start = parse_stored_time(cell(r, 3), "rate_windows.window_start", &key_id)?;
+                Some(RateWindowWrite {
+                    feature: cell(r, 1).unwrap_or_default(),
+                    window_seconds: int(r, 2).unwrap_or(0),
+                    start,
+                    count: int(r, 4).unwrap_or(0),
+                    key_id,
+                })
+            })
+            .collect();
+        Ok((counters, windows))
     }
 
     /// One serve's audit row with its outcome, as the database holds it now. `settled`: after
@@ -828,6 +890,9 @@ impl Db {
         dispatch!(self, s => s.close().await)
     }
 }
+
+/// The message migration 012's triggers raise when a delta does not fit (SPEC §8.7).
+pub const REFUSED: &str = "keypooler_refused";
 
 /// Rows a remote bulk write (import) may take per `DB_BUSY_TIMEOUT_MS` of its time bound.
 pub const BULK_ROWS_PER_BOUND: usize = 1000;
@@ -921,12 +986,14 @@ pub fn prune_candidate(r: &dyn Cells) -> serde_json::Value {
 #[derive(Default)]
 pub struct Batch<'a> {
     pub events: &'a [UsageEvent],
-    pub updates: &'a [KeyUsageUpdate],
+    /// Budget units per key and budget window, applied by the database only if they fit
+    /// (SPEC §8.7).
+    pub usage: &'a [UsageDelta],
     pub outcomes: &'a [OutcomeWrite],
     pub health: &'a [HealthWrite],
     pub tiers: &'a [TierCooldownWrite],
-    /// Rate windows of a minute or longer after the batch's serves (SPEC §8.4).
-    pub windows: &'a [RateWindowWrite],
+    /// Serves per rate window, applied by the database only if they fit (SPEC §8.4, §8.7).
+    pub windows: &'a [WindowDelta],
 }
 
 impl Batch<'_> {
@@ -934,6 +1001,41 @@ impl Batch<'_> {
     pub fn has_health(&self) -> bool {
         !self.outcomes.is_empty() || !self.health.is_empty() || !self.tiers.is_empty()
     }
+}
+
+/// `units` budget units served on `key_id` in the budget window the database should count
+/// them in: the one open at `at` (for a windowed budget, the window's start as the process
+/// saw it). Applied by migration 012's `usage_deltas` trigger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageDelta {
+    pub key_id: String,
+    pub units: i64,
+    pub at: crate::timestamp::Timestamp,
+    /// A RegBot key's limit as this process computes it (SPEC §8.5); `None` for stored keys,
+    /// which the database checks against its own `usage_limit`.
+    pub regbot_limit: Option<i64>,
+}
+
+/// `units` serves in the `window_seconds` rate window of (`key_id`, `feature`) open at `at`
+/// (the window's start as the process saw it), against `rate_limit`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowDelta {
+    pub key_id: String,
+    pub feature: String,
+    pub window_seconds: i64,
+    pub at: crate::timestamp::Timestamp,
+    pub units: i64,
+    pub rate_limit: i64,
+}
+
+/// A key's budget counter as the database holds it (after a refused commit).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredCounter {
+    pub key_id: String,
+    pub count: i64,
+    pub window_start: Option<crate::timestamp::Timestamp>,
+    /// The stored key's budget; `None` for a RegBot key (its limit is the process's).
+    pub budget: Option<(Option<i64>, Option<i64>)>,
 }
 
 /// SQL shared by both drivers. Placeholders are `?`; values are always bound, never spliced.
@@ -997,13 +1099,23 @@ pub mod sql {
         (tier_id, feature, rate_limit, window_seconds, position) VALUES (?, ?, ?, ?, ?)";
     pub const DELETE_RATE_WINDOWS_OF_TIER: &str =
         "DELETE FROM rate_windows WHERE key_id IN (SELECT id FROM keys WHERE tier_id = ?)";
-    /// Rate windows from one bound JSON array `[[key_id, feature, window_seconds, start,
-    /// count], …]`; absolute values, so a re-send is harmless.
-    pub const UPSERT_RATE_WINDOWS: &str = "INSERT INTO rate_windows (key_id, feature, \
-        window_seconds, window_start, count) SELECT value ->> 0, value ->> 1, value ->> 2, \
-        value ->> 3, value ->> 4 FROM json_each(?) WHERE true \
-        ON CONFLICT (key_id, feature, window_seconds) DO UPDATE SET \
-        window_start = excluded.window_start, count = excluded.count";
+    /// Rate-window deltas from one bound JSON array `[[key_id, feature, window_seconds, at,
+    /// units, rate_limit], …]`, applied in order by migration 012's trigger (which refuses
+    /// one that does not fit, aborting the commit).
+    pub const INSERT_WINDOW_DELTAS: &str = "INSERT INTO window_deltas (key_id, feature, \
+        window_seconds, at, units, rate_limit) SELECT value ->> 0, value ->> 1, value ->> 2, \
+        value ->> 3, value ->> 4, value ->> 5 FROM json_each(?)";
+    /// Every rate window of the keys in one JSON array.
+    pub const SELECT_WINDOWS_OF: &str = "SELECT key_id, feature, window_seconds, \
+        CAST(window_start AS TEXT), count FROM rate_windows \
+        WHERE key_id IN (SELECT value FROM json_each(?))";
+    /// Budget counters of the keys in one JSON array (bound twice): stored keys with their
+    /// budget (last column 0), then RegBot keys (1).
+    pub const SELECT_COUNTERS: &str = "SELECT id, usage_count, \
+        CAST(usage_window_start AS TEXT), usage_limit, usage_window_seconds, 0 FROM keys \
+        WHERE id IN (SELECT value FROM json_each(?)) UNION ALL \
+        SELECT key_id, usage_count, NULL, NULL, NULL, 1 FROM regbot_keys \
+        WHERE key_id IN (SELECT value FROM json_each(?))";
     pub const SELECT_RATE_WINDOWS: &str = "SELECT key_id, feature, window_seconds, \
         CAST(window_start AS TEXT), count FROM rate_windows";
 
@@ -1343,10 +1455,12 @@ pub mod sql {
         "DELETE FROM usage_events WHERE rowid IN (SELECT value FROM json_each(?))";
 
     /// A batch's audit rows from one bound JSON array `[[id, key_id, consumer_id, feature,
-    /// created_at], …]`: constant SQL (prepared once), one parameter whatever the batch size,
-    /// rows inserted in array order.
+    /// created_at, cost], …]`: constant SQL (prepared once), one parameter whatever the batch
+    /// size, rows inserted in array order. A plain INSERT: a batch sent twice (a late copy of
+    /// one whose answer was lost) fails on its first audit id and rolls back whole, so its
+    /// deltas can never count twice.
     pub const INSERT_EVENTS: &str =
-        "INSERT OR IGNORE INTO usage_events (id, key_id, consumer_id, feature, created_at, cost) \
+        "INSERT INTO usage_events (id, key_id, consumer_id, feature, created_at, cost) \
         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 \
         FROM json_each(?)";
     /// Reported outcomes from one bound JSON array `[[serve_id, class, status, reported_at], …]`;
@@ -1399,15 +1513,73 @@ pub mod sql {
         "SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT), outcome_class, \
         outcome_status, CAST(outcome_reported_at AS TEXT), cost FROM usage_events WHERE id = ?";
 
-    /// A batch's absolute counters from one bound JSON array `[[key_id, usage_count,
-    /// usage_window_start], …]`.
-    pub const UPDATE_COUNTERS: &str = "UPDATE keys SET usage_count = batch.value ->> 1, \
-        usage_window_start = batch.value ->> 2 FROM json_each(?) AS batch WHERE keys.id = batch.value ->> 0";
+    /// Whether a key's budget window (as stored) has ended by the delta's `at` (`b.value ->> 2`).
+    macro_rules! key_window_ended {
+        () => {
+            "keys.usage_window_seconds > 0 AND (julianday(keys.usage_window_start) IS NULL \
+            OR (julianday(b.value ->> 2) - julianday(keys.usage_window_start)) * 86400.0 \
+            >= keys.usage_window_seconds - 0.002)"
+        };
+    }
+    /// The fast path of migration 012's rules for a batch whose keys each have one row
+    /// (`[[key_id, units, at, null], …]`, stored keys only): refuses the commit when a row does
+    /// not fit, then applies them all in one UPDATE (bound to the same array).
+    pub const GUARD_USAGE: &str = concat!(
+        "INSERT INTO commit_guard (refused) SELECT 'budget' FROM json_each(?) AS b \
+        JOIN keys ON keys.id = b.value ->> 0 WHERE keys.usage_limit IS NOT NULL \
+        AND (CASE WHEN ",
+        key_window_ended!(),
+        " THEN 0 ELSE keys.usage_count END) + (b.value ->> 1) > keys.usage_limit LIMIT 1"
+    );
+    pub const UPDATE_USAGE: &str = concat!(
+        "UPDATE keys SET usage_count = (CASE WHEN ",
+        key_window_ended!(),
+        " THEN 0 ELSE keys.usage_count END) + (b.value ->> 1), usage_window_start = CASE WHEN ",
+        key_window_ended!(),
+        " THEN b.value ->> 2 ELSE keys.usage_window_start END \
+        FROM json_each(?) AS b WHERE keys.id = b.value ->> 0"
+    );
+    /// Whether a stored rate window has ended by the delta's start `at`.
+    macro_rules! rate_window_ended {
+        ($at:literal) => {
+            concat!(
+                "(julianday(rate_windows.window_start) IS NULL OR (julianday(",
+                $at,
+                ") - julianday(rate_windows.window_start)) * 86400.0 \
+                >= rate_windows.window_seconds - 0.002)"
+            )
+        };
+    }
+    /// The fast path for windows that each have one row (`INSERT_WINDOW_DELTAS`'s array).
+    pub const GUARD_WINDOWS: &str = concat!(
+        "INSERT INTO commit_guard (refused) SELECT 'rate window' FROM json_each(?) AS b \
+        WHERE (b.value ->> 4) > (b.value ->> 5) OR EXISTS (SELECT 1 FROM rate_windows \
+        WHERE rate_windows.key_id = b.value ->> 0 AND rate_windows.feature = b.value ->> 1 \
+        AND rate_windows.window_seconds = b.value ->> 2 AND NOT ",
+        rate_window_ended!("b.value ->> 3"),
+        " AND rate_windows.count + (b.value ->> 4) > (b.value ->> 5)) LIMIT 1"
+    );
+    pub const UPSERT_WINDOWS: &str = concat!(
+        "INSERT INTO rate_windows (key_id, feature, window_seconds, window_start, count) \
+        SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 FROM json_each(?) \
+        WHERE true ON CONFLICT (key_id, feature, window_seconds) DO UPDATE SET \
+        count = (CASE WHEN ",
+        rate_window_ended!("excluded.window_start"),
+        " THEN 0 ELSE rate_windows.count END) + excluded.count, window_start = CASE WHEN ",
+        rate_window_ended!("excluded.window_start"),
+        " THEN excluded.window_start ELSE rate_windows.window_start END"
+    );
 
-    /// The JSON parameters of `INSERT_EVENTS` and `UPDATE_COUNTERS` for a batch.
+    /// A batch's budget deltas from one bound JSON array `[[key_id, units, at,
+    /// regbot_limit], …]`, applied in order by migration 012's trigger (which refuses one that
+    /// does not fit, aborting the commit).
+    pub const INSERT_USAGE_DELTAS: &str = "INSERT INTO usage_deltas (key_id, units, at, \
+        usage_limit) SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?)";
+
+    /// The JSON parameters of `INSERT_EVENTS` and `INSERT_USAGE_DELTAS` for a batch.
     pub fn batch_parameters(
         events: &[crate::model::UsageEvent],
-        updates: &[crate::model::KeyUsageUpdate],
+        usage: &[super::UsageDelta],
     ) -> (String, String) {
         use crate::timestamp::to_db;
         let events: Vec<(&str, &str, &str, &str, String, i64)> = events
@@ -1423,31 +1595,63 @@ pub mod sql {
                 )
             })
             .collect();
-        let updates: Vec<(&str, i64, Option<String>)> = updates
+        let usage: Vec<(&str, i64, String, Option<i64>)> = usage
             .iter()
-            .map(|u| {
-                (
-                    u.key_id.as_str(),
-                    u.usage_count,
-                    u.usage_window_start.map(to_db),
-                )
-            })
+            .map(|u| (u.key_id.as_str(), u.units, to_db(u.at), u.regbot_limit))
             .collect();
         // Serialising strings, integers and null cannot fail.
-        (json(&events), json(&updates))
+        (json(&events), json(&usage))
     }
 
-    /// The JSON parameter of `UPSERT_RATE_WINDOWS`.
-    pub fn window_parameter(windows: &[crate::model::RateWindowWrite]) -> String {
-        let rows: Vec<(&str, &str, i64, String, i64)> = windows
+    /// The batch's deltas split between the fast path and the triggers (migration 012):
+    /// (fast usage, trigger usage, fast windows, trigger windows), each a JSON array. Rows go
+    /// the fast way when each key (window) has one row and the key is a stored one; otherwise
+    /// through the triggers, which apply rows one by one in order.
+    pub fn delta_parameters(
+        usage: &[super::UsageDelta],
+        windows: &[super::WindowDelta],
+    ) -> (String, String, String, String) {
+        use std::collections::HashSet;
+        let stored = |u: &&super::UsageDelta| !u.key_id.starts_with(super::regbot::KEY_PREFIX);
+        let mut keys = HashSet::with_capacity(usage.len());
+        let fast_usage = usage
+            .iter()
+            .filter(stored)
+            .all(|u| keys.insert(u.key_id.as_str()));
+        let (fast, slow): (Vec<super::UsageDelta>, Vec<super::UsageDelta>) = usage
+            .iter()
+            .cloned()
+            .partition(|u| fast_usage && stored(&u));
+        let mut slots = HashSet::with_capacity(windows.len());
+        let fast_windows = windows
+            .iter()
+            .all(|w| slots.insert((w.key_id.as_str(), w.feature.as_str(), w.window_seconds)));
+        let none: &[super::WindowDelta] = &[];
+        let (fast_w, slow_w) = if fast_windows {
+            (windows, none)
+        } else {
+            (none, windows)
+        };
+        (
+            batch_parameters(&[], &fast).1,
+            batch_parameters(&[], &slow).1,
+            window_parameter(fast_w),
+            window_parameter(slow_w),
+        )
+    }
+
+    /// The JSON parameter of `INSERT_WINDOW_DELTAS`.
+    pub fn window_parameter(windows: &[super::WindowDelta]) -> String {
+        let rows: Vec<(&str, &str, i64, String, i64, i64)> = windows
             .iter()
             .map(|w| {
                 (
                     w.key_id.as_str(),
                     w.feature.as_str(),
                     w.window_seconds,
-                    crate::timestamp::to_db(w.start),
-                    w.count,
+                    crate::timestamp::to_db(w.at),
+                    w.units,
+                    w.rate_limit,
                 )
             })
             .collect();
@@ -1540,17 +1744,18 @@ pub mod sql {
                 outcome: None,
                 cost: 5,
             }];
-            let updates = [crate::model::KeyUsageUpdate {
+            let usage = [super::super::UsageDelta {
                 key_id: "k".into(),
-                usage_count: 7,
-                usage_window_start: None,
+                units: 7,
+                at: t,
+                regbot_limit: None,
             }];
-            let (e, u) = super::batch_parameters(&events, &updates);
+            let (e, u) = super::batch_parameters(&events, &usage);
             assert_eq!(
                 e,
                 r#"[["e\"1","k","admin","f","2023-11-14 22:13:20.000000",5]]"#
             );
-            assert_eq!(u, r#"[["k",7,null]]"#);
+            assert_eq!(u, r#"[["k",7,"2023-11-14 22:13:20.000000",null]]"#);
         }
     }
 }

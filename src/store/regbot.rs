@@ -2,7 +2,7 @@
 //! keep per RegBot credential (`regbot_keys`). RegBot's own database is read in `crate::regbot`.
 
 use super::{json, Cells, Param, SnapshotRows, Statement};
-use crate::model::{KeyUsageUpdate, RegbotKeyRow, TierRecord};
+use crate::model::{RegbotKeyRow, TierRecord};
 
 /// Key ids of RegBot credentials start with this; the rest is RegBot's `credentials.id`.
 pub const KEY_PREFIX: &str = "regbot:";
@@ -15,11 +15,6 @@ pub const INSERT_TIER_SOURCE: &str =
     "INSERT INTO tier_sources (tier_id, regbot_service) VALUES (?, ?)";
 pub const SELECT_REGBOT_KEYS: &str =
     "SELECT key_id, usage_count, quota_used_seen, usage_at_seen, fingerprint FROM regbot_keys";
-/// A group commit's counters of RegBot keys, from the same JSON array as `UPDATE_COUNTERS`
-/// (`[[key_id, usage_count, window_start], …]`); rows of stored keys are skipped.
-pub const UPSERT_COUNTERS: &str = "INSERT INTO regbot_keys (key_id, usage_count) \
-    SELECT value ->> 0, value ->> 1 FROM json_each(?) WHERE value ->> 0 LIKE 'regbot:%' \
-    ON CONFLICT (key_id) DO UPDATE SET usage_count = excluded.usage_count";
 /// A refresh's quota baselines and fingerprints from one JSON array `[[key_id,
 /// quota_used_seen, usage_at_seen, fingerprint], …]` (the counter is the group commit's).
 pub const UPSERT_SEEN: &str = "INSERT INTO regbot_keys (key_id, quota_used_seen, usage_at_seen, \
@@ -38,15 +33,6 @@ pub fn tier_source_statements(tier: &TierRecord) -> Vec<Statement> {
         ));
     }
     out
-}
-
-/// The JSON parameter of `UPSERT_COUNTERS` when the batch serves a RegBot key, else `None`
-/// (a batch of stored keys keeps its statement list).
-pub fn counters_parameter(updates: &[KeyUsageUpdate]) -> Option<String> {
-    updates
-        .iter()
-        .any(|u| u.key_id.starts_with(KEY_PREFIX))
-        .then(|| super::sql::batch_parameters(&[], updates).1)
 }
 
 /// One row of `UPSERT_SEEN`.

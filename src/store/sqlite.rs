@@ -120,13 +120,27 @@ async fn settle(conn: &mut SqliteConnection) -> bool {
         && sqlx::query("ROLLBACK").execute(&mut *conn).await.is_ok()
 }
 
-/// A whole group commit in one statement text, prepared once.
+/// A batch's deltas (see `sql::delta_parameters`): the fast path's guard and update for budgets,
+/// the triggers' view, then the same for windows — seven parameters.
+static DELTAS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    [
+        sql::GUARD_USAGE,
+        sql::UPDATE_USAGE,
+        sql::INSERT_USAGE_DELTAS,
+        sql::GUARD_WINDOWS,
+        sql::UPSERT_WINDOWS,
+        sql::INSERT_WINDOW_DELTAS,
+    ]
+    .join("; ")
+});
+
+/// A whole group commit in one statement text, prepared once. The delta statements may be
+/// refused by migration 012's triggers (`StoreError::Refused`); `on_writer` then rolls back.
 static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "BEGIN IMMEDIATE; {}; {}; {}; COMMIT",
+        "BEGIN IMMEDIATE; {}; {}; COMMIT",
         sql::INSERT_EVENTS,
-        sql::UPDATE_COUNTERS,
-        sql::UPSERT_RATE_WINDOWS
+        *DELTAS
     )
 });
 
@@ -134,20 +148,18 @@ static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// the shorter text above, so the hot path runs no extra statement).
 static COMMIT_WITH_HEALTH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "BEGIN IMMEDIATE; {}; {}; {}; {}; {}; {}; {}; {}; COMMIT",
+        "BEGIN IMMEDIATE; {}; {}; {}; {}; {}; {}; COMMIT",
         sql::INSERT_EVENTS,
-        sql::UPDATE_COUNTERS,
-        sql::UPSERT_RATE_WINDOWS,
+        *DELTAS,
         sql::SET_OUTCOMES,
         sql::UPSERT_HEALTH,
         sql::SET_ACTIVE,
-        sql::UPSERT_TIER_HEALTH,
-        super::regbot::UPSERT_COUNTERS
+        sql::UPSERT_TIER_HEALTH
     )
 });
 
 /// A group commit of outcome reports alone (no serve, no health change, no tier cooldown):
-/// the common batch under report load runs one statement, not the eight of the list above
+/// the common batch under report load runs one statement, not the whole list above
 /// (each of which opens its table and indexes even when its array is empty).
 static COMMIT_OUTCOMES: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| format!("BEGIN IMMEDIATE; {}; COMMIT", sql::SET_OUTCOMES));
@@ -160,17 +172,6 @@ static COMMIT_REPORTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
         sql::UPSERT_HEALTH,
         sql::SET_ACTIVE,
         sql::UPSERT_TIER_HEALTH
-    )
-});
-
-/// A group commit that serves RegBot keys (SPEC §8.5): their counters live in `regbot_keys`.
-static COMMIT_WITH_REGBOT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "BEGIN IMMEDIATE; {}; {}; {}; {}; COMMIT",
-        sql::INSERT_EVENTS,
-        sql::UPDATE_COUNTERS,
-        sql::UPSERT_RATE_WINDOWS,
-        super::regbot::UPSERT_COUNTERS
     )
 });
 
@@ -228,6 +229,9 @@ fn map_err(e: sqlx::Error) -> StoreError {
             .is_some_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13 | 14))
     };
     match &e {
+        sqlx::Error::Database(db) if db.message().contains(super::REFUSED) => {
+            StoreError::Refused(db.message().to_string())
+        }
         sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict,
         sqlx::Error::Database(db) if transient(db.code().as_deref()) => {
             StoreError::Unavailable(db.message().to_string())
@@ -696,10 +700,10 @@ impl SqliteStore {
     /// statements in order. On any failure the transaction is ended (see `settle`); a writer left
     /// in an unknown state is closed and reopened by the next commit.
     pub async fn commit_batch(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
-        let (events_json, updates_json) = sql::batch_parameters(batch.events, batch.updates);
-        let regbot = super::regbot::counters_parameter(batch.updates);
+        let (events_json, _) = sql::batch_parameters(batch.events, &[]);
+        let (fast, slow, fast_w, slow_w) = sql::delta_parameters(batch.usage, batch.windows);
         let serves =
-            !batch.events.is_empty() || !batch.updates.is_empty() || !batch.windows.is_empty();
+            !batch.events.is_empty() || !batch.usage.is_empty() || !batch.windows.is_empty();
         let query = if !serves && batch.has_health() {
             let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
             if batch.health.is_empty() && batch.tiers.is_empty() {
@@ -715,24 +719,25 @@ impl SqliteStore {
             let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
             sqlx::query(COMMIT_WITH_HEALTH.as_str())
                 .bind(events_json)
-                .bind(updates_json)
-                .bind(sql::window_parameter(batch.windows))
+                .bind(fast.clone())
+                .bind(fast)
+                .bind(slow)
+                .bind(fast_w.clone())
+                .bind(fast_w)
+                .bind(slow_w)
                 .bind(outcomes_json)
                 .bind(health_json.clone())
                 .bind(health_json)
                 .bind(sql::tier_parameter(batch.tiers))
-                .bind(regbot.unwrap_or_else(|| "[]".into()))
-        } else if let Some(regbot) = regbot {
-            sqlx::query(COMMIT_WITH_REGBOT.as_str())
-                .bind(events_json)
-                .bind(updates_json)
-                .bind(sql::window_parameter(batch.windows))
-                .bind(regbot)
         } else {
             sqlx::query(COMMIT_BATCH.as_str())
                 .bind(events_json)
-                .bind(updates_json)
-                .bind(sql::window_parameter(batch.windows))
+                .bind(fast.clone())
+                .bind(fast)
+                .bind(slow)
+                .bind(fast_w.clone())
+                .bind(fast_w)
+                .bind(slow_w)
         };
         self.on_writer(query).await.map(|_| ())
     }

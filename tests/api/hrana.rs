@@ -509,6 +509,8 @@ struct Config {
     /// Fault injection: after a lost COMMIT answer, refuse every request (HTTP 503) this long.
     dark_after_lost_answer: Mutex<Duration>,
     dark_until: Mutex<Option<Instant>>,
+    /// Fault injection: refuse (HTTP 503) every request that opens a `BEGIN IMMEDIATE`.
+    refuse_settled_reads: std::sync::atomic::AtomicBool,
     baton_counter: AtomicU64,
 }
 
@@ -692,9 +694,24 @@ async fn probe(State(app): State<App>, headers: HeaderMap) -> Response {
     }
 }
 
+/// Issue 14 fault: while set, a request opening `BEGIN IMMEDIATE` without committing (the
+/// service's read-back of a commit of unknown outcome) is refused, so the outcome stays unknown.
+fn refuse_settled_read(app: &App, body: &[u8]) -> Result<(), Reject> {
+    let settled = body.windows(15).any(|w| w == b"BEGIN IMMEDIATE")
+        && !body.windows(7).any(|w| w == b"\"COMMIT");
+    if settled && app.cfg.refuse_settled_reads.load(Ordering::SeqCst) {
+        return Err(Reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            HranaError::new("INTERNAL", "read-back refused (fault injected by the test)"),
+        ));
+    }
+    Ok(())
+}
+
 async fn pipeline(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
     let run = async {
         app.admit(&headers).await?;
+        refuse_settled_read(&app, &body)?;
         let req: PipelineBody = parse_body(&body)?;
         // A statement text starting with COMMIT (not the `get_autocommit` request type).
         let commits = body.windows(7).any(|w| w == b"\"COMMIT");
@@ -742,6 +759,7 @@ fn take_one(counter: &AtomicU64) -> bool {
 async fn cursor(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
     let run = async {
         app.admit(&headers).await?;
+        refuse_settled_read(&app, &body)?;
         let req: CursorBody = parse_body(&body)?;
         let batch = req.batch;
         let (entries, baton) = app
@@ -826,6 +844,7 @@ impl HranaServer {
             dropped_commits: AtomicU64::new(0),
             dark_after_lost_answer: Mutex::new(Duration::ZERO),
             dark_until: Mutex::new(None),
+            refuse_settled_reads: std::sync::atomic::AtomicBool::new(false),
             baton_counter: AtomicU64::new(1),
         });
         let mut server = HranaServer {
@@ -904,6 +923,11 @@ impl HranaServer {
     /// After each lost COMMIT answer, every request is refused (HTTP 503) for `d`.
     pub fn go_dark_after_lost_answers(&self, d: Duration) {
         *lock(&self.cfg.dark_after_lost_answer) = d;
+    }
+
+    /// Issue 14: while `on`, every `BEGIN IMMEDIATE` read-back (no COMMIT) is refused (503).
+    pub fn refuse_settled_reads(&self, on: bool) {
+        self.cfg.refuse_settled_reads.store(on, Ordering::SeqCst);
     }
 
     /// Make every request sleep this long before answering (fault injection for "slow database"); zero by default.

@@ -12,6 +12,7 @@ mod concurrency;
 mod disk_full;
 mod draw;
 mod durability;
+mod exact;
 mod go_database;
 mod health;
 mod health_states;

@@ -111,7 +111,13 @@ async fn slow_database_answers_503_in_bounded_time_and_never_over_counts() {
         started.elapsed()
     );
     remote(&app).await.set_delay(Duration::ZERO);
-    serves_then_refuses(&app, 3).await;
+    // Issue 14: the timed-out commit is one request, which the server may still run later.
+    // The next commit reads back that it has not landed and re-sends its rows, so the 503'd
+    // serve stays counted and two more are served; when the late original then runs, its
+    // audit ids already exist and it rolls back whole — nothing counts twice.
+    serves_then_refuses(&app, 2).await;
+    let late = started + Duration::from_millis(2500);
+    tokio::time::sleep_until(late.into()).await;
     assert_exact(&app, 3).await;
 }
 
@@ -252,25 +258,47 @@ async fn a_lost_commit_answer_is_retried_once_without_double_counting() {
     assert_exact(&app, 3).await;
 }
 
+// Issue 14 item 2: a commit's deltas are not idempotent, so a lost answer is resolved by
+// reading back its first audit row before anything is re-sent. While that read-back fails
+// too, the outcome stays unknown: 503, the serve stays counted in memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_of_unknown_outcome_is_kept_counted_and_recorded_exactly_once() {
     let app = remote_app(&[]).await;
     app.create_tier("t", &[("scrape", 100, 3600)]).await;
     app.add_key(json!({ "name": "k", "key": "v", "tier": "t", "usage_limit": 3 }))
         .await;
-    // Both the commit and its retry land, and both answers are lost: the outcome is unknown
-    // to the service, so the caller gets 503 but the serve stays counted (never over-serve).
-    remote(&app).await.lose_commit_answers(2);
+    remote(&app).await.lose_commit_answers(1);
+    remote(&app).await.refuse_settled_reads(true);
     let r = app.draw("scrape", ADMIN_TOKEN).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
     assert_exact(&app, 1).await;
-    // The next commit re-sends the uncertain rows with its own: still exactly once.
+    // The next commit first reads back that the unknown one landed: nothing is re-sent.
+    remote(&app).await.refuse_settled_reads(false);
     assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
     assert_exact(&app, 2).await;
     serves_then_refuses(&app, 1).await;
     assert_exact(&app, 3).await;
 }
 
+// Issue 14 item 2: a lost answer whose commit landed is read back and answered 200 (twice in
+// a row here), never re-sent: the deltas count once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_of_a_commit_that_landed_is_read_back_and_answered_200() {
+    let app = remote_app(&[]).await;
+    app.create_tier("t", &[("scrape", 100, 3600)]).await;
+    app.add_key(json!({ "name": "k", "key": "v", "tier": "t", "usage_limit": 3 }))
+        .await;
+    remote(&app).await.lose_commit_answers(2);
+    assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
+    assert_exact(&app, 1).await;
+    assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
+    assert_exact(&app, 2).await;
+    serves_then_refuses(&app, 1).await;
+    assert_exact(&app, 3).await;
+}
+
+// Issue 14 item 2: a commit lost on the way (it never landed) is read back as missing and
+// re-sent — by the writer on its own when no serve follows — and counts exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncertain_rows_are_re_sent_on_their_own_when_no_serve_follows() {
     let dir_app = remote_app(&[]).await;
@@ -278,15 +306,20 @@ async fn uncertain_rows_are_re_sent_on_their_own_when_no_serve_follows() {
     app.create_tier("t", &[("scrape", 100, 3600)]).await;
     app.add_key(json!({ "name": "k", "key": "v", "tier": "t" }))
         .await;
-    // Three lost answers: the commit, its retry, and the re-send after a second — the rows
-    // stay uncertain until a re-send is answered.
-    remote(app).await.lose_commit_answers(3);
+    // Two lost requests: the commit and its one re-send after the read-back found nothing.
+    remote(app).await.drop_commits(2);
     assert_eq!(
         app.draw("scrape", ADMIN_TOKEN).await.status,
         StatusCode::SERVICE_UNAVAILABLE
     );
-    tokio::time::sleep(Duration::from_millis(3500)).await;
-    assert_exact(app, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counted_and_audited(app).await != (1, 1) {
+        assert!(
+            Instant::now() < deadline,
+            "the unknown commit was never re-sent"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(app.draw("scrape", ADMIN_TOKEN).await.status, StatusCode::OK);
     assert_exact(app, 2).await;
 }
@@ -606,8 +639,10 @@ async fn at_the_uncertain_backlog_bound_new_serves_are_refused_and_not_counted()
     };
     let counted = || pool.key("key-1").expect("key").stored_usage().count;
 
-    // Every COMMIT lands but its answer is lost: each serve is uncertain and stays counted.
+    // Every COMMIT lands but its answer is lost, and no read-back can tell: each serve is
+    // uncertain and stays counted.
     server.lose_commit_answers(u64::MAX);
+    server.refuse_settled_reads(true);
     assert!(!serve().await);
     assert!(!serve().await);
     assert_eq!(counted(), 2);
@@ -618,6 +653,7 @@ async fn at_the_uncertain_backlog_bound_new_serves_are_refused_and_not_counted()
     }
     // The database answers again: the backlog is confirmed by its next re-send, then serves flow.
     server.lose_commit_answers(0);
+    server.refuse_settled_reads(false);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !serve().await {
         assert!(Instant::now() < deadline, "the backlog never drained");
