@@ -50,7 +50,11 @@ struct Inner {
 }
 
 /// Group commits a replica keeps in flight at most (each one request; see `commits_in_flight`).
-const REMOTE_COMMITS_IN_FLIGHT: usize = 8;
+/// One: with 8 overlapping, the three-replica test (tests/api/replicas.rs) saw a 1 s window
+/// hold one serve more than its limit, in commit-time order, and the cause is not found yet;
+/// exactness comes first. One request per commit still gathers every caller waiting during a
+/// round trip into the next batch (README, Running several replicas).
+const REMOTE_COMMITS_IN_FLIGHT: usize = 1;
 
 pub(crate) fn host_of(url: &str) -> String {
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);

@@ -36,9 +36,12 @@ const CALLS: [(&str, i64); CALLERS_PER_REPLICA] = [
 /// The longest one request on a live replica may take (issue 14: "a second or two"); a dead
 /// replica's transaction left holding the database's write lock shows as a longer one.
 const STALL_BOUND: Duration = Duration::from_secs(2);
-/// A serve this close to the end of a reconstructed 1 s window may belong to the next one (the
-/// audit row's time is its replica's reservation; the database orders commits): not counted.
-const WINDOW_EDGE_US: i64 = 50_000;
+/// A serve this close to the end of a reconstructed 1 s window may belong to the next one: not
+/// counted. The audit row's time is its replica's reservation, but the database counts a serve
+/// in the window current when its commit lands (README, What is exact), and with three
+/// replicas and the whole suite on 2 loaded cores a commit can land a few hundred ms later. An over-serving pool still fails by far: each
+/// replica fills the window in its first milliseconds.
+const WINDOW_EDGE_US: i64 = 300_000;
 const REGBOT_KEY: &str = "regbot:1";
 /// RegBot's `quota_used` at the start; `quota_total` is this plus the plan's RegBot budget.
 const REGBOT_USED: i64 = 10;
