@@ -175,6 +175,34 @@ static COMMIT_REPORTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
     )
 });
 
+type Query<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// Binds a batch's serves — audit rows, then budget and window deltas, each fast-path array
+/// twice (guard, then apply) — in the order `COMMIT_BATCH` and `COMMIT_WITH_HEALTH` start with.
+fn bind_serves<'q>(query: Query<'q>, batch: &Batch<'_>) -> Query<'q> {
+    let (events_json, _) = sql::batch_parameters(batch.events, &[]);
+    let (fast, slow, fast_w, slow_w) = sql::delta_parameters(batch.usage, batch.windows);
+    query
+        .bind(events_json)
+        .bind(fast.clone())
+        .bind(fast)
+        .bind(slow)
+        .bind(fast_w.clone())
+        .bind(fast_w)
+        .bind(slow_w)
+}
+
+/// Binds a batch's outcomes, health records (twice: `UPSERT_HEALTH`, `SET_ACTIVE`) and tier
+/// cooldowns, in the order `COMMIT_REPORTS` and `COMMIT_WITH_HEALTH` end with.
+fn bind_health<'q>(query: Query<'q>, batch: &Batch<'_>) -> Query<'q> {
+    let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
+    query
+        .bind(outcomes_json)
+        .bind(health_json.clone())
+        .bind(health_json)
+        .bind(sql::tier_parameter(batch.tiers))
+}
+
 /// A day's rollup in one transaction (see `sql::DELETE_ROLLUP_DAY`).
 static WRITE_ROLLUP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
@@ -700,44 +728,19 @@ impl SqliteStore {
     /// statements in order. On any failure the transaction is ended (see `settle`); a writer left
     /// in an unknown state is closed and reopened by the next commit.
     pub async fn commit_batch(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
-        let (events_json, _) = sql::batch_parameters(batch.events, &[]);
-        let (fast, slow, fast_w, slow_w) = sql::delta_parameters(batch.usage, batch.windows);
         let serves =
             !batch.events.is_empty() || !batch.usage.is_empty() || !batch.windows.is_empty();
-        let query = if !serves && batch.has_health() {
-            let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
-            if batch.health.is_empty() && batch.tiers.is_empty() {
+        let query = match (serves, batch.has_health()) {
+            (false, true) if batch.health.is_empty() && batch.tiers.is_empty() => {
+                let (outcomes_json, _) = sql::health_parameters(batch.outcomes, &[]);
                 sqlx::query(COMMIT_OUTCOMES.as_str()).bind(outcomes_json)
-            } else {
-                sqlx::query(COMMIT_REPORTS.as_str())
-                    .bind(outcomes_json)
-                    .bind(health_json.clone())
-                    .bind(health_json)
-                    .bind(sql::tier_parameter(batch.tiers))
             }
-        } else if batch.has_health() {
-            let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
-            sqlx::query(COMMIT_WITH_HEALTH.as_str())
-                .bind(events_json)
-                .bind(fast.clone())
-                .bind(fast)
-                .bind(slow)
-                .bind(fast_w.clone())
-                .bind(fast_w)
-                .bind(slow_w)
-                .bind(outcomes_json)
-                .bind(health_json.clone())
-                .bind(health_json)
-                .bind(sql::tier_parameter(batch.tiers))
-        } else {
-            sqlx::query(COMMIT_BATCH.as_str())
-                .bind(events_json)
-                .bind(fast.clone())
-                .bind(fast)
-                .bind(slow)
-                .bind(fast_w.clone())
-                .bind(fast_w)
-                .bind(slow_w)
+            (false, true) => bind_health(sqlx::query(COMMIT_REPORTS.as_str()), batch),
+            (true, true) => bind_health(
+                bind_serves(sqlx::query(COMMIT_WITH_HEALTH.as_str()), batch),
+                batch,
+            ),
+            (_, false) => bind_serves(sqlx::query(COMMIT_BATCH.as_str()), batch),
         };
         self.on_writer(query).await.map(|_| ())
     }
