@@ -632,7 +632,7 @@ impl LibsqlStore {
     pub async fn commit_batch(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
         let (events_json, _) = sql::batch_parameters(batch.events, &[]);
         let (fast, slow, fast_w, slow_w) = sql::delta_parameters(batch.usage, batch.windows);
-        let statements = vec![
+        let mut statements = vec![
             (sql::INSERT_EVENTS, events_json),
             (sql::GUARD_USAGE, fast.clone()),
             (sql::UPDATE_USAGE, fast),
@@ -641,7 +641,6 @@ impl LibsqlStore {
             (sql::UPSERT_WINDOWS, fast_w),
             (sql::INSERT_WINDOW_DELTAS, slow_w),
         ];
-        let mut statements = statements;
         if batch.has_health() {
             let (outcomes_json, health_json) = sql::health_parameters(batch.outcomes, batch.health);
             statements.push((sql::SET_OUTCOMES, outcomes_json));
@@ -649,8 +648,10 @@ impl LibsqlStore {
             statements.push((sql::SET_ACTIVE, health_json));
             statements.push((sql::UPSERT_TIER_HEALTH, sql::tier_parameter(batch.tiers)));
         }
+        // An empty array changes nothing: remotely each statement is server work (and, in an
+        // interactive transaction, a round trip).
+        statements.retain(|(_, parameter)| parameter != "[]");
         if batch.has_health() {
-            statements.retain(|(_, parameter)| parameter != "[]");
             // A report is answered 503 only if it changed nothing; one request may still run
             // on the server after we gave up on it, an interactive transaction whose COMMIT we
             // never sent cannot. Reports are rare; serves take the one-request path.
@@ -660,9 +661,6 @@ impl LibsqlStore {
                 .collect();
             return self.commit_interactively(&statements, batch).await;
         }
-        // An empty array changes nothing: remotely each statement is server work (and, in an
-        // interactive transaction, a round trip).
-        statements.retain(|(_, parameter)| parameter != "[]");
         let body = pipeline_body(&statements);
         let first = batch.events.first().map(|e| e.id.as_str());
         match self.commit_in_one_request(&body).await {
