@@ -209,6 +209,17 @@ fn bearer_upstream(base: &str) -> Value {
     json!({ "base_url": format!("{base}/v1"), "auth": { "header": "Authorization", "prefix": "Bearer " } })
 }
 
+/// Four keys of tier "t", named and valued `{prefix}-{i}`, each answered `status` and `body` by
+/// the stub.
+async fn keys_answering(app: &TestApp, stub: &Stub, prefix: &str, status: u16, body: &str) {
+    for i in 0..4 {
+        let key = format!("{prefix}-{i}");
+        app.add_key(json!({ "name": key, "key": key, "tier": "t" }))
+            .await;
+        stub.answer_for(&key, status, body);
+    }
+}
+
 impl TestApp {
     fn proxy(&self, method: reqwest::Method, path: &str, token: &str) -> reqwest::RequestBuilder {
         self.client
@@ -444,12 +455,7 @@ async fn when_every_key_fails_the_last_upstream_answer_is_passed_on_after_at_mos
     let app = spawn_app().await;
     let stub = start_stub().await;
     proxied_tier(&app, "t", "f", bearer_upstream(&stub.base)).await;
-    for i in 0..4 {
-        let key = format!("dead-key-{i}");
-        app.add_key(json!({ "name": key, "key": key, "tier": "t" }))
-            .await;
-        stub.answer_for(&key, 401, "{\"error\":\"unauthorized\"}");
-    }
+    keys_answering(&app, &stub, "dead-key", 401, "{\"error\":\"unauthorized\"}").await;
     let r = app
         .send(app.proxy(reqwest::Method::GET, "/f/by-key", ADMIN_TOKEN))
         .await;
@@ -844,12 +850,14 @@ async fn a_throttled_tier_gets_no_fan_out_across_keys() {
     let app = spawn_app().await;
     let stub = start_stub().await;
     proxied_tier(&app, "t", "f", bearer_upstream(&stub.base)).await;
-    for i in 0..4 {
-        let key = format!("limited-key-{i}");
-        app.add_key(json!({ "name": key, "key": key, "tier": "t" }))
-            .await;
-        stub.answer_for(&key, 429, "{\"error\":\"rate limited\"}");
-    }
+    keys_answering(
+        &app,
+        &stub,
+        "limited-key",
+        429,
+        "{\"error\":\"rate limited\"}",
+    )
+    .await;
     let r = app
         .send(app.proxy(reqwest::Method::GET, "/f/by-key", ADMIN_TOKEN))
         .await;
