@@ -142,6 +142,17 @@ class FileSizes:
         self.thread.join()
 
 
+def wait_port(port):
+    """Returns once something listens on 127.0.0.1:`port`; exits after about 10 s."""
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"nothing listens on {port}")
+
+
 def main():
     if not shutil.which("wrk"):
         sys.exit("wrk is required (bench/run.sh installs it)")
@@ -152,12 +163,7 @@ def main():
     base = f"http://127.0.0.1:{port}"
     started = time.time()
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_port(port)
         admin = Admin(port)
         admin.ok("POST", "/admin/tiers", {"name": "small", "features": {"scrape": {"rate_limit": 1_000_000_000, "window_seconds": 1}}})
         admin.ok("POST", "/admin/tiers", {"name": "big", "features": {"big_scrape": {"rate_limit": 1_000_000_000, "window_seconds": 1}}})

@@ -27,24 +27,12 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import ADMIN, BINARY, ROOT, Admin, free_port, rss_kib, server_env, wrk  # noqa: E402
+from bench import ADMIN, BINARY, ROOT, Admin, free_port, rss_kib, server_env, wait_port, wrk  # noqa: E402
 
 STUB = os.environ.get("BENCH_STUB") or os.path.join(ROOT, "target", "release", "examples", "upstream_stub")
 SSE_SAMPLES = int(os.environ.get("BENCH_SSE_SAMPLES", "200"))
 BIG_MIB = int(os.environ.get("BENCH_BIG_MIB", "1024"))
 DELAY_MS = int(os.environ.get("BENCH_STUB_DELAY_MS", "20"))
-
-
-def wait_port(port):
-    import socket
-
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"nothing listens on {port}")
 
 
 def first_event_ms(port, path, headers):
