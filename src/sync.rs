@@ -374,55 +374,15 @@ mod tests {
 
     // Issue 14 item 3: applying what the database holds never undoes a newer state here.
     mod applying {
-        use crate::crypto::Sealer;
-        use crate::model::{FeatureLimit, KeyRecord, Snapshot, TierRecord};
         use crate::pool::health::{HealthRecord, Reason, StateKind};
-        use crate::pool::{stored_health_is_newer, Caller, Draw, Now, Pool};
+        use crate::pool::{stored_health_is_newer, tests, Caller, Draw, Now, Pool};
         use chrono::TimeDelta;
 
         fn pool() -> Pool {
-            let tier = TierRecord {
-                id: "t".into(),
-                name: "t".into(),
-                description: String::new(),
-                features: [(
-                    "f".to_string(),
-                    vec![FeatureLimit {
-                        rate_limit: 100,
-                        window_seconds: 60,
-                    }],
-                )]
-                .into_iter()
-                .collect(),
-                source: None,
-                upstream: None,
-            };
-            let key = KeyRecord {
-                id: "k".into(),
-                name: "k".into(),
-                sealed_value: "v".into(),
-                tier_id: "t".into(),
-                is_active: true,
-                expires_at: None,
-                usage_limit: None,
-                usage_count: 0,
-                usage_window_seconds: None,
-                usage_window_start: None,
-                metadata_json: "{}".into(),
-                created_at: None,
-                secrets: vec![],
-            };
-            Pool::load(
-                Snapshot {
-                    tiers: vec![tier],
-                    keys: vec![key],
-                    consumers: vec![],
-                    health: Default::default(),
-                    tier_cooldowns: Default::default(),
-                    regbot_keys: Default::default(),
-                    rate_windows: Default::default(),
-                },
-                &Sealer::new(None),
+            tests::pool(
+                vec![tests::tier("t", &[("f", 100, 60)])],
+                vec![tests::key("k", "t")],
+                vec![],
             )
         }
 

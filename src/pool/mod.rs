@@ -1512,5 +1512,6 @@ impl Index {
     }
 }
 
+/// Draw-logic tests, and the fixtures (`tier`, `key`, `pool`) other modules' tests build on.
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -7,7 +7,7 @@ fn t0() -> Timestamp {
     Utc.with_ymd_and_hms(2026, 11, 1, 12, 0, 0).unwrap()
 }
 
-fn tier(id: &str, features: &[(&str, i64, i64)]) -> TierRecord {
+pub(crate) fn tier(id: &str, features: &[(&str, i64, i64)]) -> TierRecord {
     TierRecord {
         id: id.into(),
         name: format!("{id}-name"),
@@ -29,7 +29,7 @@ fn tier(id: &str, features: &[(&str, i64, i64)]) -> TierRecord {
     }
 }
 
-fn key(id: &str, tier_id: &str) -> KeyRecord {
+pub(crate) fn key(id: &str, tier_id: &str) -> KeyRecord {
     KeyRecord {
         id: id.into(),
         name: id.into(),
@@ -59,7 +59,11 @@ fn consumer(id: &str, scopes: &[&str]) -> ConsumerRecord {
     }
 }
 
-fn pool(tiers: Vec<TierRecord>, keys: Vec<KeyRecord>, consumers: Vec<ConsumerRecord>) -> Pool {
+pub(crate) fn pool(
+    tiers: Vec<TierRecord>,
+    keys: Vec<KeyRecord>,
+    consumers: Vec<ConsumerRecord>,
+) -> Pool {
     Pool::load(
         Snapshot {
             tiers,
