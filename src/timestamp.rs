@@ -7,9 +7,42 @@ use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
 
 pub type Timestamp = DateTime<Utc>;
 
-/// The canonical stored form.
+/// The canonical stored form. Written digit by digit: every serve formats several of these on
+/// the /key path, where chrono's runtime format string (parse + `DelayedFormat`) showed in the
+/// profile. Same text as `format("%Y-%m-%d %H:%M:%S%.6f")`, which years outside 0–9999 still use.
 pub fn to_db(t: Timestamp) -> String {
-    t.format("%Y-%m-%d %H:%M:%S%.6f").to_string()
+    use chrono::{Datelike, Timelike};
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        return t.format("%Y-%m-%d %H:%M:%S%.6f").to_string();
+    }
+    let nanos = t.nanosecond();
+    // A leap second carries nanoseconds past 1e9 and prints as second 60, as chrono does.
+    let fields = [
+        (year as u32, 4),
+        (t.month(), 2),
+        (t.day(), 2),
+        (t.hour(), 2),
+        (t.minute(), 2),
+        (t.second() + nanos / 1_000_000_000, 2),
+        (nanos / 1_000 % 1_000_000, 6),
+    ];
+    let mut out = [0u8; 26];
+    let mut at = 0;
+    for (i, (value, width)) in fields.into_iter().enumerate() {
+        if i > 0 {
+            out[at] = b" -- ::."[i];
+            at += 1;
+        }
+        let mut v = value;
+        for slot in out[at..at + width].iter_mut().rev() {
+            *slot = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        at += width;
+    }
+    // Only ASCII digits and separators were written.
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The API form: RFC 3339 in UTC.
@@ -120,6 +153,22 @@ mod tests {
         assert_eq!(parse_db(&s), Some(t));
         assert!("2026-01-02 03:04:05" < s.as_str());
         assert!(s.as_str() < "2026-01-02 03:04:06");
+    }
+
+    #[test]
+    fn canonical_form_matches_chronos_format_string() {
+        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .and_then(|d| d.and_hms_micro_opt(23, 59, 59, 1_999_999))
+            .unwrap()
+            .and_utc();
+        for t in [
+            at(2026, 1, 2, 3, 4, 5) + chrono::Duration::nanoseconds(123_456_789),
+            at(999, 12, 31, 23, 59, 59),
+            at(10_000, 1, 1, 0, 0, 0),
+            leap,
+        ] {
+            assert_eq!(to_db(t), t.format("%Y-%m-%d %H:%M:%S%.6f").to_string());
+        }
     }
 
     #[test]

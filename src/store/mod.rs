@@ -109,6 +109,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "change_log",
         include_str!("../../migrations/013_change_log.sql"),
     ),
+    (
+        14,
+        "window_counts",
+        include_str!("../../migrations/014_window_counts.sql"),
+    ),
 ];
 
 /// A value bound to a statement of an admin write.
@@ -836,7 +841,7 @@ impl Db {
             .iter()
             .filter_map(|r| {
                 let key_id = cell(r, 0).unwrap_or_default();
-                let start = parse_stored_time(cell(r, 3), "rate_windows.window_start", &key_id)?;
+                let start = parse_stored_time(cell(r, 3), "window_counts.window_start", &key_id)?;
                 Some(RateWindowWrite {
                     feature: cell(r, 1).unwrap_or_default(),
                     window_seconds: int(r, 2).unwrap_or(0),
@@ -1098,7 +1103,7 @@ pub mod sql {
     pub const INSERT_FEATURE_WINDOW: &str = "INSERT INTO feature_windows \
         (tier_id, feature, rate_limit, window_seconds, position) VALUES (?, ?, ?, ?, ?)";
     pub const DELETE_RATE_WINDOWS_OF_TIER: &str =
-        "DELETE FROM rate_windows WHERE key_id IN (SELECT id FROM keys WHERE tier_id = ?)";
+        "DELETE FROM window_counts WHERE key_id IN (SELECT id FROM keys WHERE tier_id = ?)";
     /// Rate-window deltas from one bound JSON array `[[key_id, feature, window_seconds, at,
     /// units, rate_limit], …]`, applied in order by migration 012's trigger (which refuses
     /// one that does not fit, aborting the commit).
@@ -1107,7 +1112,7 @@ pub mod sql {
         value ->> 3, value ->> 4, value ->> 5 FROM json_each(?)";
     /// Every rate window of the keys in one JSON array.
     pub const SELECT_WINDOWS_OF: &str = "SELECT key_id, feature, window_seconds, \
-        CAST(window_start AS TEXT), count FROM rate_windows \
+        CAST(window_start AS TEXT), count FROM window_counts \
         WHERE key_id IN (SELECT value FROM json_each(?))";
     /// Budget counters of the keys in one JSON array (bound twice): stored keys with their
     /// budget (last column 0), then RegBot keys (1).
@@ -1117,7 +1122,7 @@ pub mod sql {
         SELECT key_id, usage_count, NULL, NULL, NULL, 1 FROM regbot_keys \
         WHERE key_id IN (SELECT value FROM json_each(?))";
     pub const SELECT_RATE_WINDOWS: &str = "SELECT key_id, feature, window_seconds, \
-        CAST(window_start AS TEXT), count FROM rate_windows";
+        CAST(window_start AS TEXT), count FROM window_counts";
 
     pub const INSERT_KEY: &str = "INSERT INTO keys (id, name, key_value, tier_id, is_active, expires_at, \
         usage_limit, usage_count, usage_window_seconds, usage_window_start, metadata_json, created_at) \
@@ -1543,31 +1548,31 @@ pub mod sql {
     macro_rules! rate_window_ended {
         ($at:literal) => {
             concat!(
-                "(julianday(rate_windows.window_start) IS NULL OR (julianday(",
+                "(julianday(window_counts.window_start) IS NULL OR (julianday(",
                 $at,
-                ") - julianday(rate_windows.window_start)) * 86400.0 \
-                >= rate_windows.window_seconds - 0.002)"
+                ") - julianday(window_counts.window_start)) * 86400.0 \
+                >= window_counts.window_seconds - 0.002)"
             )
         };
     }
     /// The fast path for windows that each have one row (`INSERT_WINDOW_DELTAS`'s array).
     pub const GUARD_WINDOWS: &str = concat!(
         "INSERT INTO commit_guard (refused) SELECT 'rate window' FROM json_each(?) AS b \
-        WHERE (b.value ->> 4) > (b.value ->> 5) OR EXISTS (SELECT 1 FROM rate_windows \
-        WHERE rate_windows.key_id = b.value ->> 0 AND rate_windows.feature = b.value ->> 1 \
-        AND rate_windows.window_seconds = b.value ->> 2 AND NOT ",
+        WHERE (b.value ->> 4) > (b.value ->> 5) OR EXISTS (SELECT 1 FROM window_counts \
+        WHERE window_counts.key_id = b.value ->> 0 AND window_counts.feature = b.value ->> 1 \
+        AND window_counts.window_seconds = b.value ->> 2 AND NOT ",
         rate_window_ended!("b.value ->> 3"),
-        " AND rate_windows.count + (b.value ->> 4) > (b.value ->> 5)) LIMIT 1"
+        " AND window_counts.count + (b.value ->> 4) > (b.value ->> 5)) LIMIT 1"
     );
     pub const UPSERT_WINDOWS: &str = concat!(
-        "INSERT INTO rate_windows (key_id, feature, window_seconds, window_start, count) \
+        "INSERT INTO window_counts (key_id, feature, window_seconds, window_start, count) \
         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 FROM json_each(?) \
         WHERE true ON CONFLICT (key_id, feature, window_seconds) DO UPDATE SET \
         count = (CASE WHEN ",
         rate_window_ended!("excluded.window_start"),
-        " THEN 0 ELSE rate_windows.count END) + excluded.count, window_start = CASE WHEN ",
+        " THEN 0 ELSE window_counts.count END) + excluded.count, window_start = CASE WHEN ",
         rate_window_ended!("excluded.window_start"),
-        " THEN excluded.window_start ELSE rate_windows.window_start END"
+        " THEN excluded.window_start ELSE window_counts.window_start END"
     );
 
     /// A batch's budget deltas from one bound JSON array `[[key_id, units, at,
@@ -1951,7 +1956,7 @@ fn keep_feature(rows: &mut SnapshotRows, r: &dyn Cells) {
 /// A stored rate window; one whose start is unreadable is dropped (it cannot be placed).
 fn keep_rate_window(rows: &mut SnapshotRows, r: &dyn Cells) {
     let key_id = r.text(0).unwrap_or_default();
-    let Some(start) = parse_stored_time(r.text(3), "rate_windows.window_start", &key_id) else {
+    let Some(start) = parse_stored_time(r.text(3), "window_counts.window_start", &key_id) else {
         return;
     };
     rows.rate_windows.push(RateWindowWrite {

@@ -144,6 +144,22 @@ static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
+/// The common group commit (issue 14 item 5): serves only, each key and each window once, all
+/// stored keys — every delta takes the fast path, so the two trigger statements (whose arrays
+/// would be empty, yet each still opens its view) are left out. The same guards refuse it.
+static COMMIT_FAST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    [
+        "BEGIN IMMEDIATE",
+        sql::INSERT_EVENTS,
+        sql::GUARD_USAGE,
+        sql::UPDATE_USAGE,
+        sql::GUARD_WINDOWS,
+        sql::UPSERT_WINDOWS,
+        "COMMIT",
+    ]
+    .join("; ")
+});
+
 /// A group commit that also records outcomes and health changes (serves-only batches keep
 /// the shorter text above, so the hot path runs no extra statement).
 static COMMIT_WITH_HEALTH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -177,19 +193,56 @@ static COMMIT_REPORTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
 
 type Query<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
 
-/// Binds a batch's serves — audit rows, then budget and window deltas, each fast-path array
-/// twice (guard, then apply) — in the order `COMMIT_BATCH` and `COMMIT_WITH_HEALTH` start with.
-fn bind_serves<'q>(query: Query<'q>, batch: &Batch<'_>) -> Query<'q> {
-    let (events_json, _) = sql::batch_parameters(batch.events, &[]);
-    let (fast, slow, fast_w, slow_w) = sql::delta_parameters(batch.usage, batch.windows);
-    query
-        .bind(events_json)
-        .bind(fast.clone())
-        .bind(fast)
-        .bind(slow)
-        .bind(fast_w.clone())
-        .bind(fast_w)
-        .bind(slow_w)
+/// A batch's serves as bound parameters: audit rows, then (see `sql::delta_parameters`) fast
+/// and trigger budget deltas, fast and trigger window deltas.
+struct Serves {
+    events: String,
+    fast: String,
+    slow: String,
+    fast_w: String,
+    slow_w: String,
+}
+
+impl Serves {
+    fn of(batch: &Batch<'_>) -> Serves {
+        let (events, _) = sql::batch_parameters(batch.events, &[]);
+        let (fast, slow, fast_w, slow_w) = sql::delta_parameters(batch.usage, batch.windows);
+        Serves {
+            events,
+            fast,
+            slow,
+            fast_w,
+            slow_w,
+        }
+    }
+
+    /// Whether every delta takes the fast path (`COMMIT_FAST` fits).
+    fn all_fast(&self) -> bool {
+        self.slow == "[]" && self.slow_w == "[]"
+    }
+
+    /// Binds `COMMIT_FAST`'s parameters, each fast-path array twice (guard, then apply).
+    fn bind_fast<'q>(self, query: Query<'q>) -> Query<'q> {
+        query
+            .bind(self.events)
+            .bind(self.fast.clone())
+            .bind(self.fast)
+            .bind(self.fast_w.clone())
+            .bind(self.fast_w)
+    }
+
+    /// Binds every parameter — fast arrays twice (guard, then apply), trigger arrays once — in
+    /// the order `COMMIT_BATCH` and `COMMIT_WITH_HEALTH` start with.
+    fn bind<'q>(self, query: Query<'q>) -> Query<'q> {
+        query
+            .bind(self.events)
+            .bind(self.fast.clone())
+            .bind(self.fast)
+            .bind(self.slow)
+            .bind(self.fast_w.clone())
+            .bind(self.fast_w)
+            .bind(self.slow_w)
+    }
 }
 
 /// Binds a batch's outcomes, health records (twice: `UPSERT_HEALTH`, `SET_ACTIVE`) and tier
@@ -737,10 +790,17 @@ impl SqliteStore {
             }
             (false, true) => bind_health(sqlx::query(COMMIT_REPORTS.as_str()), batch),
             (true, true) => bind_health(
-                bind_serves(sqlx::query(COMMIT_WITH_HEALTH.as_str()), batch),
+                Serves::of(batch).bind(sqlx::query(COMMIT_WITH_HEALTH.as_str())),
                 batch,
             ),
-            (_, false) => bind_serves(sqlx::query(COMMIT_BATCH.as_str()), batch),
+            (_, false) => {
+                let serves = Serves::of(batch);
+                if serves.all_fast() {
+                    serves.bind_fast(sqlx::query(COMMIT_FAST.as_str()))
+                } else {
+                    serves.bind(sqlx::query(COMMIT_BATCH.as_str()))
+                }
+            }
         };
         self.on_writer(query).await.map(|_| ())
     }

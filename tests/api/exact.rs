@@ -98,7 +98,7 @@ async fn a_rate_window_filled_on_one_server_is_refused_on_the_other() {
         StatusCode::TOO_MANY_REQUESTS
     );
     assert_eq!(
-        a.rows("SELECT window_seconds, count FROM rate_windows")
+        a.rows("SELECT window_seconds, count FROM window_counts")
             .await,
         vec![vec![Some("60".into()), Some("5".into())]]
     );
@@ -268,7 +268,7 @@ async fn two_processes_on_one_file_meet_a_budget_and_a_window_exactly() {
     );
     assert_eq!(
         scalar(format!(
-            "SELECT count FROM rate_windows WHERE key_id = '{}'",
+            "SELECT count FROM window_counts WHERE key_id = '{}'",
             ids["window"]
         ))
         .await,
@@ -276,7 +276,7 @@ async fn two_processes_on_one_file_meet_a_budget_and_a_window_exactly() {
     );
     assert_eq!(
         scalar(format!(
-            "SELECT count FROM rate_windows WHERE key_id = '{}'",
+            "SELECT count FROM window_counts WHERE key_id = '{}'",
             ids["budget"]
         ))
         .await,

@@ -61,7 +61,7 @@ macro_rules! on_both_drivers {
 }
 
 /// Every table the service keeps (the Go schema's seven, `schema_migrations`, then ours).
-pub const TABLES: [&str; 22] = [
+pub const TABLES: [&str; 23] = [
     "tiers",
     "tier_features",
     "keys",
@@ -84,6 +84,7 @@ pub const TABLES: [&str; 22] = [
     "tier_upstreams",
     "change_log",
     "change_log_state",
+    "window_counts",
 ];
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";

@@ -149,7 +149,7 @@ async fn several_windows_are_stored_additively_and_shown_as_given() {
     let d = app.admin_send(reqwest::Method::DELETE, "/admin/tiers/groq?force=true", None).await;
     assert_eq!(d.status, StatusCode::OK, "{}", d.text);
     assert_eq!(app.count("SELECT COUNT(*) FROM feature_windows").await, 0);
-    assert_eq!(app.count("SELECT COUNT(*) FROM rate_windows").await, 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM window_counts").await, 0);
 }
 
 // Issue 11 tests: bad input → 400 naming the field, nothing changed.
@@ -262,12 +262,12 @@ async fn concurrent_callers_meet_every_window_and_the_budget_exactly() {
     assert_eq!(app.count("SELECT COUNT(*) FROM usage_events").await, 14);
     assert_eq!(app.count("SELECT SUM(cost) FROM usage_events").await, 42);
     // The per-minute window as committed; the per-second ones too (issue 14: every window).
-    let stored = app.rows("SELECT key_id, count FROM rate_windows WHERE window_seconds = 60 ORDER BY count").await;
+    let stored = app.rows("SELECT key_id, count FROM window_counts WHERE window_seconds = 60 ORDER BY count").await;
     assert_eq!(stored, vec![
         vec![Some(b.clone()), Some("6".into())],
         vec![Some(a.clone()), Some("8".into())],
     ]);
-    assert_eq!(app.count("SELECT COUNT(*) FROM rate_windows WHERE window_seconds = 1 AND count <= 5").await, 2);
+    assert_eq!(app.count("SELECT COUNT(*) FROM window_counts WHERE window_seconds = 1 AND count <= 5").await, 2);
     // Per-second windows were never exceeded: no key served 6 within one second of a window's
     // first serve (checked on the audit rows' times, which are taken with the serve; in time
     // order — remote commits overlap since issue 14, so rowids need not follow the serves).
@@ -315,10 +315,46 @@ async fn a_restart_mid_window_keeps_the_window() {
     app.restart().await;
     assert_eq!(app.draw("f", ADMIN_TOKEN).await.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(
-        app.rows("SELECT window_seconds, count FROM rate_windows WHERE window_seconds >= 60 ORDER BY window_seconds").await,
+        app.rows("SELECT window_seconds, count FROM window_counts WHERE window_seconds >= 60 ORDER BY window_seconds").await,
         vec![vec![Some("60".into()), Some("5".into())], vec![Some("86400".into()), Some("5".into())]]
     );
     let keys = app.admin_get("/admin/keys").await;
     assert_eq!(keys.body[0]["usage"]["f"][2]["used"], 5, "{}", keys.text);
 }
+}
+
+// Issue 14 item 5: migration 014 carries every window `rate_windows` held into `window_counts`
+// (the table the group commit now counts in), so upgrading mid-window reopens none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_014_carries_stored_windows_over() {
+    let mut app = spawn_app().await;
+    let r = app.admin_post("/admin/tiers", json!({"name": "t", "features": {
+        "f": [{"rate_limit": 100, "window_seconds": 1}, {"rate_limit": 5, "window_seconds": 60}]
+    }})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    app.add_key(json!({"name": "k", "key": "v", "tier": "t"})).await;
+    for _ in 0..3 {
+        assert_eq!(app.draw("f", ADMIN_TOKEN).await.status, StatusCode::OK);
+    }
+    // The file as a build before migration 014 left it: the windows in `rate_windows` only.
+    app.stop().await;
+    let db = open_db(&app.db_path).await;
+    sqlx::raw_sql(
+        "INSERT INTO rate_windows SELECT key_id, feature, window_seconds, window_start, count \
+        FROM window_counts; DROP TABLE window_counts; DELETE FROM schema_migrations WHERE version = 14",
+    )
+    .execute(&db)
+    .await
+    .expect("roll the file back to before migration 014");
+    db.close().await;
+    app.restart().await;
+    for _ in 0..2 {
+        assert_eq!(app.draw("f", ADMIN_TOKEN).await.status, StatusCode::OK);
+    }
+    let refused = app.draw("f", ADMIN_TOKEN).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "5 per minute across the upgrade: {}", refused.text);
+    assert_eq!(
+        app.rows("SELECT count FROM window_counts WHERE window_seconds = 60").await,
+        vec![vec![Some("5".into())]]
+    );
 }

@@ -794,7 +794,7 @@ async fn kill_9_mid_load_never_lets_a_window_be_exceeded() {
     let mut stored = HashMap::new();
     for id in &key_ids {
         let count: Option<i64> = sqlx::query_scalar(
-            "SELECT count FROM rate_windows WHERE key_id = ? AND feature = 'scrape' AND window_seconds = 3600",
+            "SELECT count FROM window_counts WHERE key_id = ? AND feature = 'scrape' AND window_seconds = 3600",
         )
         .bind(id)
         .fetch_optional(&db)
@@ -821,7 +821,7 @@ async fn kill_9_mid_load_never_lets_a_window_be_exceeded() {
     // too; it has ended long before a restart serves again.
     assert_eq!(
         sqlx::query_scalar::<_, i64>(
-            "SELECT COUNT(*) FROM rate_windows WHERE window_seconds = 1 AND count > 1000000"
+            "SELECT COUNT(*) FROM window_counts WHERE window_seconds = 1 AND count > 1000000"
         )
         .fetch_one(&db)
         .await
