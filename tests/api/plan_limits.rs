@@ -332,7 +332,8 @@ async fn migration_014_carries_stored_windows_over() {
         "f": [{"rate_limit": 100, "window_seconds": 1}, {"rate_limit": 5, "window_seconds": 60}]
     }})).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
-    app.add_key(json!({"name": "k", "key": "v", "tier": "t"})).await;
+    app.add_key(json!({"name": "k", "key": "v", "tier": "t"}))
+        .await;
     for _ in 0..3 {
         assert_eq!(app.draw("f", ADMIN_TOKEN).await.status, StatusCode::OK);
     }
@@ -352,9 +353,15 @@ async fn migration_014_carries_stored_windows_over() {
         assert_eq!(app.draw("f", ADMIN_TOKEN).await.status, StatusCode::OK);
     }
     let refused = app.draw("f", ADMIN_TOKEN).await;
-    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "5 per minute across the upgrade: {}", refused.text);
     assert_eq!(
-        app.rows("SELECT count FROM window_counts WHERE window_seconds = 60").await,
+        refused.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "5 per minute across the upgrade: {}",
+        refused.text
+    );
+    assert_eq!(
+        app.rows("SELECT count FROM window_counts WHERE window_seconds = 60")
+            .await,
         vec![vec![Some("5".into())]]
     );
 }
