@@ -22,6 +22,7 @@ pub const COMMITS: &str = "keypooler_commits_total";
 pub const POOL_LOAD: &str = "keypooler_pool_load_seconds";
 pub const OUTCOME_REPORTS: &str = "keypooler_outcome_reports_total";
 pub const PROXY_UPSTREAM_DURATION: &str = "keypooler_proxy_upstream_duration_seconds";
+pub const PROXY_DRAW_DURATION: &str = "keypooler_proxy_draw_duration_seconds";
 
 /// Latency buckets (seconds): sub-millisecond serves up to the 30 s default write timeout.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -134,6 +135,12 @@ impl Metrics {
              by tier and upstream status (timeout, connect or error when none came)",
         );
         describe(
+            PROXY_DRAW_DURATION,
+            Some(Unit::Seconds),
+            "Proxy mode: time one attempt waited for its key — the draw and its serve's group \
+             commit, as GET /key — by tier",
+        );
+        describe(
             POOL_LOAD,
             Some(Unit::Seconds),
             "How long loading the pool from the database took at startup",
@@ -232,6 +239,16 @@ impl Metrics {
                 Label::new("tier", tier.to_string()),
                 Label::new("status", status.to_string()),
             ],
+        )
+        .record(took.as_secs_f64());
+    }
+
+    /// Records how long one proxied attempt waited for its durable serve (issue 13 item 6:
+    /// with `proxy_upstream`, it splits what the proxy adds to an upstream's latency).
+    pub fn proxy_draw(&self, tier: &str, took: Duration) {
+        self.histogram(
+            PROXY_DRAW_DURATION,
+            vec![Label::new("tier", tier.to_string())],
         )
         .record(took.as_secs_f64());
     }

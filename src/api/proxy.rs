@@ -153,6 +153,7 @@ pub async fn forward(
     let mut held: Option<Answer> = None;
     let mut deadline: Option<(Instant, Duration)> = None;
     for attempt in 1..=MAX_ATTEMPTS {
+        let drawing = std::time::Instant::now();
         let committed = match key::serve(
             &state,
             &caller,
@@ -181,6 +182,7 @@ pub async fn forward(
                 "the tier of feature '{feature}' no longer has an upstream"
             )));
         };
+        state.metrics.proxy_draw(&tier, drawing.elapsed());
         let (ends_at, timeout) = *deadline
             .get_or_insert_with(|| (Instant::now() + upstream.timeout(), upstream.timeout()));
         let material = pooled.material.as_ref().map_err(|_| ApiError::Internal)?;

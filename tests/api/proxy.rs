@@ -742,7 +742,8 @@ async fn proxy_answers_401_403_404_409_like_key_and_draws_nothing() {
 
 // Issue 13 items 3 and 5: bodies past the 1 MiB JSON limit pass: up to 10 MiB buffered, a larger
 // one streamed through in one attempt; a 4 MiB answer streams back intact. The proxy's
-// upstream latency is in /metrics by tier and status.
+// upstream latency is in /metrics by tier and status, and (issue 13 item 6) its wait for each
+// attempt's durable serve by tier.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_pass_both_ways_and_latency_is_measured() {
     let app = spawn_app().await;
@@ -771,6 +772,10 @@ async fn large_bodies_pass_both_ways_and_latency_is_measured() {
         metrics.contains(
             "keypooler_proxy_upstream_duration_seconds_count{tier=\"big-tier\",status=\"200\"} 3"
         ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("keypooler_proxy_draw_duration_seconds_count{tier=\"big-tier\"} 3"),
         "{metrics}"
     );
 }
