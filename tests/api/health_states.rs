@@ -645,28 +645,69 @@ async fn a_report_whose_caller_disconnects_still_lands_or_is_undone() {
     // Lands: the write lock is released while the commit still waits for it.
     let serve = serve_of(&app, &token, &ids[0]).await;
     let mut conn = blocker.acquire().await.expect("connection");
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await.expect("write lock");
-    assert!(gone(&serve).await.is_err(), "the caller gave up while the commit waited");
-    sqlx::query("ROLLBACK").execute(&mut *conn).await.expect("release");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .expect("write lock");
+    assert!(
+        gone(&serve).await.is_err(),
+        "the caller gave up while the commit waited"
+    );
+    sqlx::query("ROLLBACK")
+        .execute(&mut *conn)
+        .await
+        .expect("release");
     drop(conn);
     let recorded = "SELECT COUNT(*) FROM usage_events WHERE outcome_class = 'rate_limited'";
-    assert!(eventually(Duration::from_secs(10), async || app.count(recorded).await == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || app.count(recorded).await
+            == 1)
+        .await
+    );
     assert_eq!(app.health_of(&ids[0]).await["state"], "cooling");
-    let stored = app.rows(&format!("SELECT state FROM key_health WHERE key_id = '{}'", ids[0])).await;
+    let stored = app
+        .rows(&format!(
+            "SELECT state FROM key_health WHERE key_id = '{}'",
+            ids[0]
+        ))
+        .await;
     assert_eq!(stored, vec![vec![Some("cooling".into())]]);
     let again = app.report(&serve, &token, body.clone()).await;
-    assert_eq!((again.status, again.body["key_state"].clone()), (StatusCode::OK, json!("cooling")), "{}", again.text);
+    assert_eq!(
+        (again.status, again.body["key_state"].clone()),
+        (StatusCode::OK, json!("cooling")),
+        "{}",
+        again.text
+    );
 
     // Undone: the lock is held past the busy timeout, so the commit fails after the caller left.
     let serve = serve_of(&app, &token, &ids[1]).await;
     let mut conn = blocker.acquire().await.expect("connection");
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await.expect("write lock");
-    assert!(gone(&serve).await.is_err(), "the caller gave up while the commit waited");
-    let undone = eventually(Duration::from_secs(15), async || app.health_of(&ids[1]).await["state"] == "active").await;
-    sqlx::query("ROLLBACK").execute(&mut *conn).await.expect("release");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .expect("write lock");
+    assert!(
+        gone(&serve).await.is_err(),
+        "the caller gave up while the commit waited"
+    );
+    let undone = eventually(Duration::from_secs(15), async || {
+        app.health_of(&ids[1]).await["state"] == "active"
+    })
+    .await;
+    sqlx::query("ROLLBACK")
+        .execute(&mut *conn)
+        .await
+        .expect("release");
     drop(conn);
     blocker.close().await;
-    assert!(undone, "the cooldown of a report whose commit failed is undone in memory");
-    assert_eq!(app.count(recorded).await, 1, "only the first report is recorded");
+    assert!(
+        undone,
+        "the cooldown of a report whose commit failed is undone in memory"
+    );
+    assert_eq!(
+        app.count(recorded).await,
+        1,
+        "only the first report is recorded"
+    );
 }
-
