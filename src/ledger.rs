@@ -285,6 +285,19 @@ async fn run(
         if batch.is_empty() && carry.is_empty() {
             continue;
         }
+        if overlap == 1 && batch.serves.is_empty() && carry.is_empty() && in_flight.is_empty() {
+            // Outcome reports alone, one commit at a time (SQLite): the next batch could not
+            // start before this one ends anyway, so it is committed here, sparing a task and a
+            // wake-up per commit on the reports' path (issue 9 item 9).
+            let out = Out {
+                meters: &meters,
+                recent: &recent,
+                pending: &pending,
+            };
+            carry = commit(&db, Vec::new(), batch.jobs, Uncertain::default(), &out).await;
+            backlog.full(&pending.lock());
+            continue;
+        }
         let has_jobs = !batch.jobs.is_empty();
         let pending = pending.clone();
         let db = db.clone();

@@ -6,10 +6,15 @@
 //! recent serves, else the database, which sets an outcome only on a row without one). A 200 leaves only after the
 //! outcome and the health changes it made are committed (the group commit); if the commit
 //! fails, the changes are undone in memory and the answer is 503; if its outcome is unknown,
-//! the row is read back first. Once applied, the work runs in a task of its own, so neither
-//! the write timeout nor a client that disconnects can cut it between memory and database.
+//! the row is read back first. Once applied, the work runs to its end: the write timeout
+//! waits for it, and a client that disconnects hands it to a task of its own (`RunToEnd`),
+//! so nothing cuts it between memory and database.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -28,12 +33,12 @@ use super::write::{read_back, WriteMarker};
 use super::SharedState;
 use crate::error::{ApiError, ErrorBody};
 use crate::ledger::{HealthJob, JobOutcome};
-use crate::model::{HealthWrite, OutcomeWrite, StoredOutcome, TierCooldownWrite, UsageEvent};
+use crate::model::{HealthWrite, OutcomeWrite, StoredOutcome, TierCooldownWrite};
 use crate::pool::health::{
     HealthRecord, Jitter, Outcome, OutcomeClass, OutcomeReport, ServeRef, TransportError,
 };
 use crate::pool::{log_transition, Caller, HealthChange, Now};
-use crate::timestamp;
+use crate::timestamp::{self, Timestamp};
 
 /// Serves with a report being applied (by the serve id's bits). A report that finds its serve
 /// taken makes the channel it waits on; the holder's slot dropping the sender wakes it.
@@ -178,7 +183,7 @@ pub async fn record(
             Claim::Mine(slot) => {
                 // Read while holding the slot, so no report of this serve can land unseen.
                 let serve = find_serve(state, caller, serve_id, uuid).await?;
-                if let Some(answer) = already_reported(state, &serve, &outcome)? {
+                if let Some(answer) = already_reported(state, serve_id, &serve, &outcome)? {
                     return Ok(answer);
                 }
                 if !begin_write() {
@@ -186,47 +191,74 @@ pub async fn record(
                         "request timed out; nothing was changed".into(),
                     ));
                 }
-                let task = tokio::spawn(apply(state.clone(), slot, serve, outcome));
-                return task.await.unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "an outcome report task ended abnormally");
-                    Err(ApiError::Internal)
-                });
+                return apply(state, slot, serve_id, serve, outcome).await;
             }
         }
     }
 }
 
+/// A serve as a report needs it: the key, when, and its outcome if one is recorded.
+struct FoundServe {
+    key_id: Arc<str>,
+    created_at: Timestamp,
+    outcome: Option<Recorded>,
+}
+
+/// A serve's recorded outcome, as memory or the database holds it.
+enum Recorded {
+    Recent(OutcomeClass, Option<u16>),
+    Stored(StoredOutcome),
+}
+
+impl Recorded {
+    fn class(&self) -> &str {
+        match self {
+            Recorded::Recent(class, _) => class.as_str(),
+            Recorded::Stored(stored) => &stored.class,
+        }
+    }
+
+    fn status(&self) -> Option<i64> {
+        match self {
+            Recorded::Recent(_, status) => status.map(i64::from),
+            Recorded::Stored(stored) => stored.status,
+        }
+    }
+}
+
 /// The serve (from the ledger's recent serves, else the database), if this caller may report
-/// on it and it is recent enough.
+/// on it and it is recent enough. A recent serve is read without allocating.
 async fn find_serve(
     state: &SharedState,
     caller: &Caller,
     serve_id: &str,
     uuid: u128,
-) -> Result<UsageEvent, ApiError> {
-    let found = match state.ledger.recent.get(uuid) {
-        Some(recent) => Some(UsageEvent {
-            id: serve_id.to_owned(),
-            key_id: recent.key_id.to_string(),
-            consumer_id: recent.consumer_id.to_string(),
-            feature: String::new(),
-            created_at: recent.created_at,
-            // Reports read neither the feature nor the cost of a serve.
-            cost: 1,
-            outcome: recent.outcome.map(|(class, status)| StoredOutcome {
-                class: class.as_str().to_owned(),
-                status: status.map(i64::from),
-                reported_at: None,
-            }),
-        }),
-        None => state.ledger.lookups.find(serve_id).await?,
+) -> Result<FoundServe, ApiError> {
+    let mine = |consumer_id: &str| match caller {
+        Caller::Admin => true,
+        Caller::Consumer(c) => *c.id == *consumer_id,
     };
-    let serve = found
-        .filter(|s| match caller {
-            Caller::Admin => true,
-            Caller::Consumer(c) => *c.id == *s.consumer_id,
-        })
-        .ok_or_else(|| ApiError::NotFound(UNKNOWN_SERVE.into()))?;
+    let found = match state.ledger.recent.get(uuid) {
+        Some(recent) => mine(&recent.consumer_id).then(|| FoundServe {
+            key_id: recent.key_id,
+            created_at: recent.created_at,
+            outcome: recent
+                .outcome
+                .map(|(class, status)| Recorded::Recent(class, status)),
+        }),
+        None => state
+            .ledger
+            .lookups
+            .find(serve_id)
+            .await?
+            .filter(|s| mine(&s.consumer_id))
+            .map(|s| FoundServe {
+                key_id: Arc::from(s.key_id),
+                created_at: s.created_at,
+                outcome: s.outcome.map(Recorded::Stored),
+            }),
+    };
+    let serve = found.ok_or_else(|| ApiError::NotFound(UNKNOWN_SERVE.into()))?;
     let age = (chrono::Utc::now() - serve.created_at)
         .to_std()
         .unwrap_or(Duration::ZERO);
@@ -242,21 +274,23 @@ async fn find_serve(
 /// For a serve with an outcome: 200 for the same report, 409 for another.
 fn already_reported(
     state: &SharedState,
-    serve: &UsageEvent,
+    serve_id: &str,
+    serve: &FoundServe,
     outcome: &Outcome,
 ) -> Result<Option<Json<ReportAnswer>>, ApiError> {
     let Some(stored) = &serve.outcome else {
         return Ok(None);
     };
-    if stored.class == outcome.class.as_str() && stored.status == outcome.status.map(i64::from) {
+    if stored.class() == outcome.class.as_str() && stored.status() == outcome.status.map(i64::from)
+    {
         let key_state = state.pool.key(&serve.key_id).map(|k| k.health().state);
-        return Ok(Some(answer(&serve.id, outcome.class, key_state)));
+        return Ok(Some(answer(serve_id, outcome.class, key_state)));
     }
     Err(ApiError::Conflict(format!(
         "this serve's outcome was already reported as {}{}; the first report wins",
-        stored.class,
+        stored.class(),
         stored
-            .status
+            .status()
             .map(|s| format!(" (status {s})"))
             .unwrap_or_default()
     )))
@@ -274,22 +308,25 @@ fn answer(
     })
 }
 
-/// Applies the report to the pool, commits it with the changes it made, and answers.
+/// Applies the report to the pool, commits it with the changes it made, and answers. Runs in
+/// the request's own task (no hop); from the moment memory changed, the rest runs to its end
+/// even if the request is dropped (`RunToEnd`).
 async fn apply(
-    state: SharedState,
+    state: &SharedState,
     slot: Slot,
-    serve: UsageEvent,
+    serve_id: &str,
+    serve: FoundServe,
     outcome: Outcome,
 ) -> Result<Json<ReportAnswer>, ApiError> {
     let now = Now::read();
     let write = OutcomeWrite {
-        serve_id: serve.id.clone(),
+        serve_id: serve_id.to_owned(),
         class: outcome.class.as_str(),
         status: outcome.status,
         reported_at: now.wall,
     };
     let serve_ref = ServeRef {
-        id: &serve.id,
+        id: serve_id,
         at: serve.created_at,
     };
     let ledger = &state.ledger;
@@ -306,20 +343,74 @@ async fn apply(
         Jitter::random(),
         |changes, tier| ledger.submit_health(job(changes, tier)),
     ) {
-        Some(r) => (Some(r.key_state), r.changes, r.out.await),
+        Some(r) => (Some(r.key_state), r.changes, r.out),
         // The key was deleted: the outcome is still recorded on the audit row.
-        None => (None, Vec::new(), ledger.submit_health(job(&[], None)).await),
+        None => (None, Vec::new(), ledger.submit_health(job(&[], None))),
     };
-    land_health(&state, changes, committed, "outcome", || {
-        outcome_landed(&state, &write)
+    let state = state.clone();
+    RunToEnd::new(async move {
+        land_health(&state, changes, committed.await, "outcome", || {
+            outcome_landed(&state, &write)
+        })
+        .await?;
+        state
+            .ledger
+            .recent
+            .set_outcome(slot.serve, outcome.class, outcome.status);
+        state.outcome_meters.record(outcome.class);
+        Ok(answer(&write.serve_id, outcome.class, key_state))
     })
-    .await?;
-    state
-        .ledger
-        .recent
-        .set_outcome(slot.serve, outcome.class, outcome.status);
-    state.outcome_meters.record(outcome.class);
-    Ok(answer(&serve.id, outcome.class, key_state))
+    .await
+}
+
+/// A future that runs to its end: polled in place, and handed to a task of its own if it is
+/// dropped before it finished (a client that disconnects), so a report whose memory changes
+/// are made still waits for its commit and undoes them if it failed. Spawning only then
+/// spares every report a task and a wake-up.
+struct RunToEnd<F: Future + Send + 'static>(Option<Pin<Box<F>>>)
+where
+    F::Output: Send;
+
+impl<F: Future + Send + 'static> RunToEnd<F>
+where
+    F::Output: Send,
+{
+    fn new(future: F) -> Self {
+        RunToEnd(Some(Box::pin(future)))
+    }
+}
+
+impl<F: Future + Send + 'static> Future for RunToEnd<F>
+where
+    F::Output: Send,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let Some(future) = self.0.as_mut() else {
+            return Poll::Pending;
+        };
+        let out = std::task::ready!(future.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(out)
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for RunToEnd<F>
+where
+    F::Output: Send,
+{
+    fn drop(&mut self) {
+        if let Some(future) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(future);
+                }
+                // No runtime: the process is ending; the database stays the truth.
+                Err(_) => tracing::warn!("an outcome report was dropped before its commit"),
+            }
+        }
+    }
 }
 
 /// After a commit of unknown outcome: whether this report's outcome is the one stored. Read

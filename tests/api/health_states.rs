@@ -619,4 +619,95 @@ async fn concurrent_reports_on_serves_read_from_the_database_each_get_their_own_
     }
     assert_eq!(app.count("SELECT COUNT(*) FROM usage_events WHERE outcome_class = 'ok'").await, 24);
 }
+
+}
+
+// Issue 9 item 9: a report runs in its request's task (no task of its own any more); a caller
+// that disconnects while the report waits for its commit still gets its outcome recorded with
+// the health change it made, and one whose commit then fails has that change undone in memory.
+// SQLite only: the write lock held from outside is what makes the commit wait or fail (the
+// remote test server queues a blocked write its own way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_whose_caller_disconnects_still_lands_or_is_undone() {
+    let app = spawn_app_with(&[("DB_BUSY_TIMEOUT_MS", "5000")]).await;
+    let (ids, token) = pool_of(&app, 4).await;
+    let body = json!({ "status": 429, "retry_after_seconds": 600 });
+    let gone = |serve: &str| {
+        app.client
+            .post(app.url(&format!("/serves/{serve}/outcome")))
+            .bearer_auth(&token)
+            .json(&body)
+            .timeout(Duration::from_millis(300))
+            .send()
+    };
+    let blocker = app.db().await;
+
+    // Lands: the write lock is released while the commit still waits for it.
+    let serve = serve_of(&app, &token, &ids[0]).await;
+    let mut conn = blocker.acquire().await.expect("connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .expect("write lock");
+    assert!(
+        gone(&serve).await.is_err(),
+        "the caller gave up while the commit waited"
+    );
+    sqlx::query("ROLLBACK")
+        .execute(&mut *conn)
+        .await
+        .expect("release");
+    drop(conn);
+    let recorded = "SELECT COUNT(*) FROM usage_events WHERE outcome_class = 'rate_limited'";
+    assert!(
+        eventually(Duration::from_secs(10), async || app.count(recorded).await
+            == 1)
+        .await
+    );
+    assert_eq!(app.health_of(&ids[0]).await["state"], "cooling");
+    let stored = app
+        .rows(&format!(
+            "SELECT state FROM key_health WHERE key_id = '{}'",
+            ids[0]
+        ))
+        .await;
+    assert_eq!(stored, vec![vec![Some("cooling".into())]]);
+    let again = app.report(&serve, &token, body.clone()).await;
+    assert_eq!(
+        (again.status, again.body["key_state"].clone()),
+        (StatusCode::OK, json!("cooling")),
+        "{}",
+        again.text
+    );
+
+    // Undone: the lock is held past the busy timeout, so the commit fails after the caller left.
+    let serve = serve_of(&app, &token, &ids[1]).await;
+    let mut conn = blocker.acquire().await.expect("connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .expect("write lock");
+    assert!(
+        gone(&serve).await.is_err(),
+        "the caller gave up while the commit waited"
+    );
+    let undone = eventually(Duration::from_secs(15), async || {
+        app.health_of(&ids[1]).await["state"] == "active"
+    })
+    .await;
+    sqlx::query("ROLLBACK")
+        .execute(&mut *conn)
+        .await
+        .expect("release");
+    drop(conn);
+    blocker.close().await;
+    assert!(
+        undone,
+        "the cooldown of a report whose commit failed is undone in memory"
+    );
+    assert_eq!(
+        app.count(recorded).await,
+        1,
+        "only the first report is recorded"
+    );
 }
