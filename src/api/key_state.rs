@@ -397,6 +397,7 @@ async fn apply(
                     outcome: None,
                     health: Vec::new(),
                     tiers: Vec::new(),
+                    detached: false,
                 })
                 .await;
         }
@@ -442,6 +443,7 @@ async fn set_enabled(state: &SharedState, id: &str, enabled: bool) -> Result<(),
                     outcome: None,
                     health: health_writes(changes),
                     tiers: Vec::new(),
+                    detached: false,
                 })
             })
         })
