@@ -54,7 +54,22 @@ struct Inner {
 /// hold one serve more than its limit, in commit-time order, and the cause is not found yet;
 /// exactness comes first. One request per commit still gathers every caller waiting during a
 /// round trip into the next batch (README, Running several replicas).
-const REMOTE_COMMITS_IN_FLIGHT: usize = 1;
+const REMOTE_COMMITS_IN_FLIGHT: usize = 8;
+
+/// Issue 14 item 4: refuses a batch (`commit_guard`'s CHECK, so a conflict the ledger
+/// re-decides) when one of its window deltas names a window the database does not hold: one
+/// neither the stored window (its start within 7 ms: 5 ms between two serves' placements of one
+/// start, 1 ms rounding each side) nor one starting after it ended. Migration 012's rules alone
+/// count such a delta in the stored window — serves of a window that has since been reset (a
+/// commit overtaken by a later one, or re-decided late) or made after the stored window ended
+/// (a replica whose window opened later) — so the window they were made in could hold more
+/// than its limit. Each stored window thus holds only serves made inside it.
+const GUARD_WINDOW_STARTS: &str = "INSERT INTO commit_guard (refused) SELECT 'window start' \
+    FROM json_each(?) AS b JOIN rate_windows AS w ON w.key_id = b.value ->> 0 \
+    AND w.feature = b.value ->> 1 AND w.window_seconds = b.value ->> 2 \
+    WHERE julianday(w.window_start) IS NOT NULL \
+    AND (julianday(b.value ->> 3) - julianday(w.window_start)) * 86400.0 < w.window_seconds - 0.002 \
+    AND abs(julianday(b.value ->> 3) - julianday(w.window_start)) * 86400.0 > 0.007 LIMIT 1";
 
 pub(crate) fn host_of(url: &str) -> String {
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
@@ -637,6 +652,7 @@ impl LibsqlStore {
             (sql::GUARD_USAGE, fast.clone()),
             (sql::UPDATE_USAGE, fast),
             (sql::INSERT_USAGE_DELTAS, slow),
+            (GUARD_WINDOW_STARTS, sql::window_parameter(batch.windows)),
             (sql::GUARD_WINDOWS, fast_w.clone()),
             (sql::UPSERT_WINDOWS, fast_w),
             (sql::INSERT_WINDOW_DELTAS, slow_w),

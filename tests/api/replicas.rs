@@ -460,6 +460,8 @@ struct KeyRow {
     units: i64,
     /// `created_at` of the key's `scrape` audit rows, µs since the epoch, ascending.
     scrape_at: Vec<i64>,
+    /// DEBUG (time µs, rowid) of scrape rows.
+    scrape_rows: Vec<(i64, i64)>,
 }
 
 async fn committed(cluster: &Cluster) -> (HashMap<String, KeyRow>, i64) {
@@ -487,6 +489,26 @@ async fn committed(cluster: &Cluster) -> (HashMap<String, KeyRow>, i64) {
         .fetch_one(&db)
         .await
         .expect("sum the key's audit rows");
+        let dbg: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT CAST(created_at AS TEXT), rowid FROM usage_events WHERE key_id = ? AND feature = 'scrape'",
+        )
+        .bind(id)
+        .fetch_all(&db)
+        .await
+        .expect("dbg");
+        let mut scrape_rows: Vec<(i64, i64)> = dbg
+            .iter()
+            .map(|(t, r)| {
+                (
+                    chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f")
+                        .unwrap()
+                        .and_utc()
+                        .timestamp_micros(),
+                    *r,
+                )
+            })
+            .collect();
+        scrape_rows.sort_unstable();
         let times: Vec<String> = sqlx::query_scalar(
             "SELECT CAST(created_at AS TEXT) FROM usage_events WHERE key_id = ? AND feature = 'scrape'",
         )
@@ -511,6 +533,7 @@ async fn committed(cluster: &Cluster) -> (HashMap<String, KeyRow>, i64) {
                 events,
                 units,
                 scrape_at,
+                scrape_rows,
             },
         );
     }
@@ -623,6 +646,15 @@ fn assert_exact(
             plan.per_hour
         );
         let (most, at) = fullest_window(&row.scrape_at, 1_000_000);
+        if most as i64 > plan.per_second {
+            let near: Vec<String> = row
+                .scrape_rows
+                .iter()
+                .filter(|(t, _)| *t > at - 2_500_000 && *t < at + 2_500_000)
+                .map(|(t, r)| format!("{:+} r{r}", t - at))
+                .collect();
+            eprintln!("DEBUG window {id} at {at}: {near:?}");
+        }
         assert!(
             most as i64 <= plan.per_second,
             "key {id}: {most} scrape serves in the 1 s window opened at {at} µs since the epoch \
