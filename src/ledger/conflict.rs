@@ -207,7 +207,11 @@ mod tests {
             .iter()
             .map(Option::is_some)
             .collect();
-        assert_eq!(kept, [false, true, true], "a start a few µs off is the same window");
+        assert_eq!(
+            kept,
+            [false, true, true],
+            "a start a few µs off is the same window"
+        );
         assert_eq!(counters.windows[&("a".into(), "f".into(), 60)], (t0(), 3));
 
         let mut counters = Counters::default();

@@ -50,26 +50,26 @@ struct Inner {
 }
 
 /// Group commits a replica keeps in flight at most (each one request; see `commits_in_flight`).
-/// One: with 8 overlapping, the three-replica test (tests/api/replicas.rs) saw a 1 s window
-/// hold one serve more than its limit, in commit-time order, and the cause is not found yet;
-/// exactness comes first. One request per commit still gathers every caller waiting during a
-/// round trip into the next batch (README, Running several replicas).
-const REMOTE_COMMITS_IN_FLIGHT: usize = 8;
+/// One. With 8 a 1 s window held one serve over its limit: a commit overtaken by a later one
+/// was counted in the window that one opened (fixed: `GUARD_WINDOW_STARTS`, `ledger::conflict`).
+/// With 2 or 4 the benchmark meets its goal, but the three-replica `kill -9` test then saw a
+/// surviving replica answer in 2.1–4.6 s (bound 2 s) in 3 of 9 runs on a loaded machine (1 of 3
+/// with 2, 2 of 6 with 4), against none of 3 with one; cause not found, so one stays. One
+/// request per commit still gathers every caller waiting during a round trip into the next
+/// batch (README, Running several replicas).
+const REMOTE_COMMITS_IN_FLIGHT: usize = 1;
 
 /// Issue 14 item 4: refuses a batch (`commit_guard`'s CHECK, so a conflict the ledger
-/// re-decides) when one of its window deltas names a window the database does not hold: one
-/// neither the stored window (its start within 7 ms: 5 ms between two serves' placements of one
-/// start, 1 ms rounding each side) nor one starting after it ended. Migration 012's rules alone
-/// count such a delta in the stored window — serves of a window that has since been reset (a
-/// commit overtaken by a later one, or re-decided late) or made after the stored window ended
-/// (a replica whose window opened later) — so the window they were made in could hold more
-/// than its limit. Each stored window thus holds only serves made inside it.
+/// re-decides) when one of its window deltas starts more than 7 ms before the window the
+/// database holds (5 ms between two serves' placements of one start, 1 ms rounding each side):
+/// a commit that landed after another reset that window — overtaken by a later commit in
+/// flight beside it, or re-sent late. Migration 012's rules alone count such a delta in the
+/// newer window, so the window its serves were made in escaped its limit (6 serves of 5 in the
+/// three-replica test with 8 commits in flight).
 const GUARD_WINDOW_STARTS: &str = "INSERT INTO commit_guard (refused) SELECT 'window start' \
     FROM json_each(?) AS b JOIN rate_windows AS w ON w.key_id = b.value ->> 0 \
     AND w.feature = b.value ->> 1 AND w.window_seconds = b.value ->> 2 \
-    WHERE julianday(w.window_start) IS NOT NULL \
-    AND (julianday(b.value ->> 3) - julianday(w.window_start)) * 86400.0 < w.window_seconds - 0.002 \
-    AND abs(julianday(b.value ->> 3) - julianday(w.window_start)) * 86400.0 > 0.007 LIMIT 1";
+    WHERE (julianday(w.window_start) - julianday(b.value ->> 3)) * 86400.0 > 0.007 LIMIT 1";
 
 pub(crate) fn host_of(url: &str) -> String {
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
