@@ -54,7 +54,7 @@ struct Inner {
 /// was counted in the window that one opened (fixed: `GUARD_WINDOW_STARTS`, `ledger::conflict`).
 /// With 2 or 4 the benchmark nears or meets its goal, but the three-replica `kill -9` test saw a
 /// surviving replica answer in 2.1–4.6 s (bound 2 s) in 3 of 9 runs on a loaded machine (1 of 3
-/// with 2, 2 of 6 with 4); with one, 1 of 8 (0 of 3 alone, 1 of 5 beside the module's other
+/// with 2, 2 of 6 with 4); with one, 1 of 12 (0 of 3 alone, 1 of 9 beside the module's other
 /// tests). Cause not found (the guard's extra re-decides are a suspect), so one stays. One
 /// request per commit still gathers every caller waiting during a round trip into the next
 /// batch (README, Running several replicas).
