@@ -4,11 +4,11 @@
 //! committed, so a 200 never leaves for an uncounted or unaudited serve.
 //!
 //! Batching policy, no timer: on SQLite one commit is written at a time (remotely up to
-//! `Db::commits_in_flight`, 8, overlap: their deltas commute); whatever queues while they are
-//! written (up to `MAX_BATCH`) is gathered, given its audit row, and becomes the next commit
-//! the moment a slot frees. An idle writer yields once before committing, so requests already
-//! running join the batch. An idle server thus commits each serve at once and a busy one
-//! amortises one transaction over many serves.
+//! `Db::commits_in_flight`, one for now, overlap: their deltas commute); whatever queues while
+//! they are written (up to `MAX_BATCH`) is gathered, given its audit row, and becomes the next
+//! commit the moment a slot frees. An idle writer yields once before committing, so requests
+//! already running join the batch. An idle server thus commits each serve at once and a busy
+//! one amortises one transaction over many serves.
 //!
 //! The database decides (SPEC §8.7, issue 14): a commit carries per-key budget deltas and
 //! per-window deltas, which migration 012's triggers apply only if they fit. A refused batch is
@@ -292,7 +292,8 @@ async fn run(
             tokio::task::yield_now().await;
             drain(&mut inbox, &mut batch, &mut stopping);
         }
-        // Up to `overlap` commits run at once (deltas commute; SQLite keeps one, in order);
+        // Up to `overlap` commits run at once (deltas commute, and one that lands after a later
+        // one reset a window it names is refused and re-decided; SQLite keeps one, in order);
         // this batch was gathered while they were written and takes whatever arrived
         // meanwhile. Health jobs stay in order: a batch with jobs waits for every commit
         // in flight that carries jobs (their records are absolute, the last must win).

@@ -56,11 +56,21 @@ pub fn redecide(serves: &[ServeFacts], counters: &mut Counters) -> Vec<Option<Cl
                 None if s.regbot => (UsageState::ZERO, s.budget),
                 None => (UsageState::ZERO, UsageBudget::UNLIMITED),
             };
+            // A serve made before the window the database holds now opened (it was re-decided
+            // or landed late, while another commit moved the window on) cannot be counted in
+            // that window: the one it was made in is gone from the database and can no longer
+            // refuse it. It is redrawn, at the time of the redraw.
+            if budget.usage_window_seconds.is_some()
+                && state.window_start.is_some_and(|start| before(s.at, start))
+            {
+                return None;
+            }
             let usage = gates::usage_after_serve(state, budget, s.at, s.cost).ok()?;
             let mut windows = Vec::with_capacity(s.windows.len());
             for &(seconds, limit) in &s.windows {
                 let slot = (s.key_id.to_string(), s.feature.to_string(), seconds);
                 let window = match counters.windows.get(&slot) {
+                    Some(&(start, _)) if before(s.at, start) => return None,
                     Some(&(start, count)) if !ended(start, seconds, s.at) => {
                         (count < limit).then_some((start, count + 1))?
                     }
@@ -93,6 +103,15 @@ pub fn redecide(serves: &[ServeFacts], counters: &mut Counters) -> Vec<Option<Cl
         })
         .collect()
 }
+
+/// Whether a serve at `at` was made before the window opened at `start`. Starts placed on wall
+/// time per serve differ by microseconds (two clocks), hence the tolerance.
+fn before(at: Timestamp, start: Timestamp) -> bool {
+    at < start - SAME_WINDOW
+}
+
+/// Two wall-time starts of one window as placed by different serves differ by less.
+const SAME_WINDOW: chrono::TimeDelta = chrono::TimeDelta::milliseconds(5);
 
 /// Whether the window opened at `start` has ended by `at` (as `gates` decides for budgets).
 fn ended(start: Timestamp, seconds: i64, at: Timestamp) -> bool {
@@ -168,6 +187,45 @@ mod tests {
         assert_eq!(claim.windows[0].start, later);
         assert_eq!(claim.budget_at, later);
         assert_eq!(counters.windows[&("a".into(), "f".into(), 60)], (later, 1));
+    }
+
+    // Issue 14 item 4: with commits overlapped, a refused batch is re-decided after others
+    // landed; a serve made before the window the database holds now opened was counted in it,
+    // so the window it was made in held one more than its limit (three-replica libSQL test).
+    #[test]
+    fn a_serve_made_before_the_stored_window_opened_is_refused() {
+        let mut counters = Counters::default();
+        counters
+            .windows
+            .insert(("a".into(), "f".into(), 60), (t0(), 1));
+        let serves = [
+            serve("a", 1, t0() - TimeDelta::seconds(2)),
+            serve("a", 1, t0() - TimeDelta::microseconds(200)),
+            serve("a", 1, t0() + TimeDelta::seconds(1)),
+        ];
+        let kept: Vec<bool> = redecide(&serves, &mut counters)
+            .iter()
+            .map(Option::is_some)
+            .collect();
+        assert_eq!(
+            kept,
+            [false, true, true],
+            "a start a few µs off is the same window"
+        );
+        assert_eq!(counters.windows[&("a".into(), "f".into(), 60)], (t0(), 3));
+
+        let mut counters = Counters::default();
+        let state = UsageState {
+            count: 1,
+            window_start: Some(t0()),
+        };
+        counters
+            .usage
+            .insert("a".into(), (state, budget(10, Some(3600))));
+        let mut early = serve("a", 1, t0() - TimeDelta::seconds(2));
+        early.windows.clear();
+        assert_eq!(redecide(&[early], &mut counters)[0], None);
+        assert_eq!(counters.usage["a"].0.count, 1);
     }
 
     #[test]

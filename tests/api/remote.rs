@@ -683,3 +683,73 @@ async fn at_the_uncertain_backlog_bound_new_serves_are_refused_and_not_counted()
         (3, 3)
     );
 }
+
+// Issue 14 item 4: with several commits in flight (and several replicas), a window delta may
+// name a window the database no longer holds, one already reset by a commit that overtook it.
+// Migration 012's rules alone counted it in the newer window, so with 8 commits in flight a
+// 1 s window held 6 serves of 5 in the three-replica test. The remote commit refuses it; the
+// ledger re-decides its serves against the stored window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_delta_for_a_window_reset_since_is_refused() {
+    use chrono::TimeDelta;
+    use keypooler::store::{Batch, StoreError, WindowDelta};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let server = HranaServer::start(&dir.path().join("remote.db"), None).await;
+    let db = keypooler::store::Db::open(&config(&server.url(), None))
+        .await
+        .expect("db");
+    let t0 = chrono::Utc::now() - TimeDelta::seconds(30);
+    let commit = |offset: TimeDelta| {
+        let db = db.clone();
+        async move {
+            let windows = [WindowDelta {
+                key_id: "key-1".into(),
+                feature: "scrape".into(),
+                window_seconds: 60,
+                at: t0 + offset,
+                units: 1,
+                rate_limit: 100,
+            }];
+            db.commit_batch(&Batch {
+                events: &[],
+                usage: &[],
+                outcomes: &[],
+                health: &[],
+                tiers: &[],
+                windows: &windows,
+            })
+            .await
+        }
+    };
+    commit(TimeDelta::zero()).await.expect("opens the window");
+    commit(TimeDelta::milliseconds(3))
+        .await
+        .expect("the same start placed by another serve");
+    match commit(TimeDelta::seconds(-2)).await {
+        Err(StoreError::Refused(_)) => {}
+        other => panic!("a window reset since: {other:?}"),
+    }
+    commit(TimeDelta::milliseconds(400))
+        .await
+        .expect("a later start inside the stored window counts in it, as before");
+    commit(TimeDelta::seconds(60))
+        .await
+        .expect("a window after the stored one ended");
+    let conn = libsql::Builder::new_remote(server.url(), String::new())
+        .build()
+        .await
+        .expect("libsql")
+        .connect()
+        .expect("connect");
+    let mut rows = conn
+        .query("SELECT count FROM window_counts", ())
+        .await
+        .expect("read");
+    let row = rows.next().await.expect("row").expect("one window");
+    assert_eq!(
+        row.get::<i64>(0).expect("count"),
+        1,
+        "reset once, refused ones not counted"
+    );
+}

@@ -37,8 +37,9 @@ const CALLS: [(&str, i64); CALLERS_PER_REPLICA] = [
 /// replica's transaction left holding the database's write lock shows as a longer one.
 const STALL_BOUND: Duration = Duration::from_secs(2);
 /// A serve this close to the end of a reconstructed 1 s window may belong to the next one: not
-/// counted. The audit row's time is its replica's reservation, but the database counts a serve
-/// in the window current when its commit lands (README, What is exact), and with three
+/// counted. The audit row's time is its replica's reservation, but on one SQLite file the
+/// database counts a serve in the window current when its commit lands (README, What is exact;
+/// remotely a delta naming another window than the stored one is refused), and with three
 /// replicas and the whole suite on 2 loaded cores a commit can land a few hundred ms later. An over-serving pool still fails by far: each
 /// replica fills the window in its first milliseconds.
 const WINDOW_EDGE_US: i64 = 300_000;
@@ -460,6 +461,8 @@ struct KeyRow {
     units: i64,
     /// `created_at` of the key's `scrape` audit rows, µs since the epoch, ascending.
     scrape_at: Vec<i64>,
+    /// (`created_at`, rowid) of the same rows: the rowid tells the order they were committed in.
+    scrape_rows: Vec<(i64, i64)>,
 }
 
 async fn committed(cluster: &Cluster) -> (HashMap<String, KeyRow>, i64) {
@@ -487,23 +490,25 @@ async fn committed(cluster: &Cluster) -> (HashMap<String, KeyRow>, i64) {
         .fetch_one(&db)
         .await
         .expect("sum the key's audit rows");
-        let times: Vec<String> = sqlx::query_scalar(
-            "SELECT CAST(created_at AS TEXT) FROM usage_events WHERE key_id = ? AND feature = 'scrape'",
+        let times: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT CAST(created_at AS TEXT), rowid FROM usage_events WHERE key_id = ? AND feature = 'scrape'",
         )
         .bind(id)
         .fetch_all(&db)
         .await
         .expect("read the key's scrape audit rows");
-        let mut scrape_at: Vec<i64> = times
+        let mut scrape_rows: Vec<(i64, i64)> = times
             .iter()
-            .map(|t| {
-                chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f")
+            .map(|(t, rowid)| {
+                let at = chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f")
                     .unwrap_or_else(|e| panic!("audit row time {t:?}: {e}"))
                     .and_utc()
-                    .timestamp_micros()
+                    .timestamp_micros();
+                (at, *rowid)
             })
             .collect();
-        scrape_at.sort_unstable();
+        scrape_rows.sort_unstable();
+        let scrape_at: Vec<i64> = scrape_rows.iter().map(|&(at, _)| at).collect();
         rows.insert(
             id.clone(),
             KeyRow {
@@ -511,6 +516,7 @@ async fn committed(cluster: &Cluster) -> (HashMap<String, KeyRow>, i64) {
                 events,
                 units,
                 scrape_at,
+                scrape_rows,
             },
         );
     }
@@ -626,8 +632,14 @@ fn assert_exact(
         assert!(
             most as i64 <= plan.per_second,
             "key {id}: {most} scrape serves in the 1 s window opened at {at} µs since the epoch \
-             (limit {}); {row:?}",
-            plan.per_second
+             (limit {}); {row:?}; its rows and their neighbours (µs from its start, rowid = \
+             commit order): {:?}",
+            plan.per_second,
+            row.scrape_rows
+                .iter()
+                .filter(|(t, _)| (at - 2_000_000..at + 3_000_000).contains(t))
+                .map(|(t, rowid)| format!("{:+} r{rowid}", t - at))
+                .collect::<Vec<_>>()
         );
         delivered_total += mine.len();
     }
