@@ -6,7 +6,8 @@
 //! of serves is ONE pipeline request (`commit_in_one_request`: `BEGIN IMMEDIATE`, the batch's
 //! three statements each reading a bound JSON parameter through `json_each`, `COMMIT`, steps
 //! conditioned, `ROLLBACK` unless committed), so no replica can hold the write lock between
-//! requests; one with outcomes or health stays an interactive transaction. Deltas are not
+//! requests; so is each background write (rollup, prune, side index: idempotent, retried once);
+//! a commit with outcomes or health stays an interactive transaction. Deltas are not
 //! idempotent: a commit whose answer was lost is read back (its first audit row) and re-sent
 //! once only if missing. An admin write is retried only if it failed before anything reached
 //! the server; after that its outcome is `Uncertain` and the caller reads the row back
@@ -867,14 +868,33 @@ impl LibsqlStore {
             .await
     }
 
-    /// Idempotent (the day's rows are replaced), so a lost answer may be retried.
+    /// Idempotent (the day's rows are replaced), so a lost answer may be retried. One request
+    /// (`write_in_one_request`).
     pub async fn write_rollup(&self, params: &[Param]) -> Result<(), StoreError> {
-        let statements = vec![
-            (sql::DELETE_ROLLUP_DAY.to_string(), values(&params[..1])),
-            (sql::INSERT_ROLLUP.to_string(), values(&params[1..3])),
-            (sql::SET_ROLLUP_THROUGH.to_string(), values(&params[3..])),
-        ];
-        self.transaction(&statements, true, |_, _| Ok(())).await
+        self.write_in_one_request(&[
+            (sql::DELETE_ROLLUP_DAY, params[..1].to_vec()),
+            (sql::INSERT_ROLLUP, params[1..3].to_vec()),
+            (sql::SET_ROLLUP_THROUGH, params[3..].to_vec()),
+        ])
+        .await
+    }
+
+    /// An idempotent background write (rollup, prune, side index) as one pipeline request, like
+    /// a group commit: a replica killed meanwhile cannot leave the write lock held until its
+    /// stream expires (as an interactive transaction did, stalling every other replica's
+    /// commits). An answer lost is retried once: running it twice changes nothing.
+    async fn write_in_one_request(
+        &self,
+        statements: &[(&str, Vec<Param>)],
+    ) -> Result<(), StoreError> {
+        let body = pipeline_body_of(statements);
+        match self.commit_in_one_request(&body).await {
+            Err(StoreError::Uncertain(detail) | StoreError::Unavailable(detail)) => {
+                tracing::warn!(error = %detail, "libSQL background write failed; retrying once");
+                self.commit_in_one_request(&body).await
+            }
+            other => other,
+        }
     }
 
     pub async fn prune_candidates(
@@ -887,22 +907,22 @@ impl LibsqlStore {
 
     /// Deleting rows already deleted changes nothing, so a lost answer may be retried.
     pub async fn prune_rows(&self, rows: &str) -> Result<(), StoreError> {
-        let statements: Vec<(String, Vec<Value>)> =
+        let statements: Vec<(&str, Vec<Param>)> =
             [sql::PRUNE_BY_KEY, sql::PRUNE_BY_CONSUMER, sql::PRUNE_ROWS]
-                .iter()
-                .map(|q| (q.to_string(), vec![Value::Text(rows.to_string())]))
+                .into_iter()
+                .map(|q| (q, vec![Param::Text(rows.to_string())]))
                 .collect();
-        self.transaction(&statements, true, |_, _| Ok(())).await
+        self.write_in_one_request(&statements).await
     }
 
     /// Idempotent (inserts are ignored when present, the end is absolute).
     pub async fn write_index(&self, params: &[Param]) -> Result<(), StoreError> {
-        let statements = vec![
-            (sql::INDEX_BY_KEY.to_string(), values(&params[..2])),
-            (sql::INDEX_BY_CONSUMER.to_string(), values(&params[2..4])),
-            (sql::SET_INDEXED_THROUGH.to_string(), values(&params[4..])),
-        ];
-        self.transaction(&statements, true, |_, _| Ok(())).await
+        self.write_in_one_request(&[
+            (sql::INDEX_BY_KEY, params[..2].to_vec()),
+            (sql::INDEX_BY_CONSUMER, params[2..4].to_vec()),
+            (sql::SET_INDEXED_THROUGH, params[4..].to_vec()),
+        ])
+        .await
     }
 
     /// Reads one row by id; `settled`: inside `BEGIN IMMEDIATE`, so what is read is final
@@ -1028,11 +1048,26 @@ fn pipeline_url(url: &str) -> String {
 /// where each step runs only if the step before it succeeded, then `ROLLBACK` unless the
 /// COMMIT step succeeded; the stream is closed in the same request.
 fn pipeline_body(statements: &[(&str, String)]) -> String {
+    let statements: Vec<(&str, Vec<Param>)> = statements
+        .iter()
+        .map(|(sql, parameter)| (*sql, vec![Param::Text(parameter.clone())]))
+        .collect();
+    pipeline_body_of(&statements)
+}
+
+/// `pipeline_body` for statements with any parameters (Hrana values: integers as strings).
+fn pipeline_body_of(statements: &[(&str, Vec<Param>)]) -> String {
     use serde_json::json;
+    let arg = |p: &Param| match p {
+        Param::Text(t) => json!({ "type": "text", "value": t }),
+        Param::Int(n) => json!({ "type": "integer", "value": n.to_string() }),
+        Param::Null => json!({ "type": "null" }),
+    };
     let mut steps = vec![json!({ "stmt": { "sql": "BEGIN IMMEDIATE" } })];
-    for (sql, parameter) in statements {
+    for (sql, parameters) in statements {
+        let args: Vec<serde_json::Value> = parameters.iter().map(arg).collect();
         steps.push(json!({
-            "stmt": { "sql": sql, "args": [{ "type": "text", "value": parameter }] },
+            "stmt": { "sql": sql, "args": args },
             "condition": { "type": "ok", "step": steps.len() - 1 },
         }));
     }
@@ -1166,6 +1201,25 @@ mod tests {
             pipeline_url("http://127.0.0.1:9"),
             "http://127.0.0.1:9/v3/pipeline"
         );
+    }
+
+    #[test]
+    fn a_background_write_binds_typed_values() {
+        let body: serde_json::Value = serde_json::from_str(&pipeline_body_of(&[(
+            "INSERT 2",
+            vec![Param::Text("t".into()), Param::Int(-7), Param::Null],
+        )]))
+        .unwrap();
+        let steps = &body["requests"][0]["batch"]["steps"];
+        assert_eq!(
+            steps[1]["stmt"]["args"],
+            serde_json::json!([
+                { "type": "text", "value": "t" },
+                { "type": "integer", "value": "-7" },
+                { "type": "null" },
+            ])
+        );
+        assert_eq!(steps[2]["stmt"]["sql"], "COMMIT");
     }
 
     #[test]
