@@ -4,7 +4,7 @@
 //! committed, so a 200 never leaves for an uncounted or unaudited serve.
 //!
 //! Batching policy, no timer: on SQLite one commit is written at a time (remotely up to
-//! `Db::commits_in_flight`, four, overlap: their deltas commute); whatever queues while
+//! `Db::commits_in_flight`, two, overlap: their deltas commute); whatever queues while
 //! they are written (up to `MAX_BATCH`) is gathered, given its audit row, and becomes the next
 //! commit the moment a slot frees. An idle writer yields once before committing, so requests
 //! already running join the batch. An idle server thus commits each serve at once and a busy
