@@ -14,7 +14,13 @@ CREATE TABLE IF NOT EXISTS window_counts (
     window_seconds INTEGER NOT NULL,
     window_start   TIMESTAMP NOT NULL,
     count          INTEGER NOT NULL,
-    UNIQUE (key_id, feature, window_seconds)
+    -- The limit the last commit checked this window against (its process's, from the delta);
+    -- NULL for rows carried over below. The CHECK refuses a commit that takes `count` past
+    -- it, as `commit_guard` does (`CHECK constraint failed: keypooler_refused`), with no guard
+    -- statement of its own in the group commit.
+    rate_limit     INTEGER,
+    UNIQUE (key_id, feature, window_seconds),
+    CONSTRAINT keypooler_refused CHECK (rate_limit IS NULL OR count <= rate_limit)
 );
 
 -- The windows as they stand, in the keys' creation order (which is also their rotation order).
@@ -27,8 +33,8 @@ INSERT OR IGNORE INTO window_counts (key_id, feature, window_seconds, window_sta
 DROP TRIGGER IF EXISTS window_deltas_apply;
 CREATE TRIGGER window_deltas_apply INSTEAD OF INSERT ON window_deltas
 BEGIN
-    INSERT OR IGNORE INTO window_counts (key_id, feature, window_seconds, window_start, count)
-        VALUES (NEW.key_id, NEW.feature, NEW.window_seconds, NEW.at, 0);
+    INSERT OR IGNORE INTO window_counts (key_id, feature, window_seconds, window_start, count,
+        rate_limit) VALUES (NEW.key_id, NEW.feature, NEW.window_seconds, NEW.at, 0, NEW.rate_limit);
     SELECT RAISE(ABORT, 'keypooler_refused: rate window') FROM window_counts AS w
     WHERE w.key_id = NEW.key_id AND w.feature = NEW.feature
       AND w.window_seconds = NEW.window_seconds
@@ -42,6 +48,16 @@ BEGIN
            THEN 0 ELSE count END) + NEW.units,
         window_start = CASE WHEN julianday(window_start) IS NULL
             OR (julianday(NEW.at) - julianday(window_start)) * 86400.0 >= window_seconds - 0.002
-           THEN NEW.at ELSE window_start END
+           THEN NEW.at ELSE window_start END,
+        rate_limit = NEW.rate_limit
     WHERE key_id = NEW.key_id AND feature = NEW.feature AND window_seconds = NEW.window_seconds;
+END;
+
+-- A key's budget, decided where its count is written: an update that takes `usage_count` past
+-- `usage_limit` is refused (the group commit's fast path then needs no guard statement; a
+-- reset to 0 always fits). Same message as migration 012's trigger.
+CREATE TRIGGER IF NOT EXISTS keys_budget_refused BEFORE UPDATE OF usage_count ON keys
+WHEN NEW.usage_limit IS NOT NULL AND NEW.usage_count > NEW.usage_limit
+BEGIN
+    SELECT RAISE(ABORT, 'keypooler_refused: budget');
 END;

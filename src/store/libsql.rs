@@ -653,11 +653,9 @@ impl LibsqlStore {
         let (fast, slow, fast_w, slow_w) = sql::delta_parameters(batch.usage, batch.windows);
         let mut statements = vec![
             (sql::INSERT_EVENTS, events_json),
-            (sql::GUARD_USAGE, fast.clone()),
             (sql::UPDATE_USAGE, fast),
             (sql::INSERT_USAGE_DELTAS, slow),
             (GUARD_WINDOW_STARTS, sql::window_parameter(batch.windows)),
-            (sql::GUARD_WINDOWS, fast_w.clone()),
             (sql::UPSERT_WINDOWS, fast_w),
             (sql::INSERT_WINDOW_DELTAS, slow_w),
         ];

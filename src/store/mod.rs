@@ -1527,15 +1527,8 @@ pub mod sql {
         };
     }
     /// The fast path of migration 012's rules for a batch whose keys each have one row
-    /// (`[[key_id, units, at, null], …]`, stored keys only): refuses the commit when a row does
-    /// not fit, then applies them all in one UPDATE (bound to the same array).
-    pub const GUARD_USAGE: &str = concat!(
-        "INSERT INTO commit_guard (refused) SELECT 'budget' FROM json_each(?) AS b \
-        JOIN keys ON keys.id = b.value ->> 0 WHERE keys.usage_limit IS NOT NULL \
-        AND (CASE WHEN ",
-        key_window_ended!(),
-        " THEN 0 ELSE keys.usage_count END) + (b.value ->> 1) > keys.usage_limit LIMIT 1"
-    );
+    /// (`[[key_id, units, at, null], …]`, stored keys only): applies them all in one UPDATE;
+    /// migration 014's trigger refuses a count taken past its limit.
     pub const UPDATE_USAGE: &str = concat!(
         "UPDATE keys SET usage_count = (CASE WHEN ",
         key_window_ended!(),
@@ -1555,19 +1548,14 @@ pub mod sql {
             )
         };
     }
-    /// The fast path for windows that each have one row (`INSERT_WINDOW_DELTAS`'s array).
-    pub const GUARD_WINDOWS: &str = concat!(
-        "INSERT INTO commit_guard (refused) SELECT 'rate window' FROM json_each(?) AS b \
-        WHERE (b.value ->> 4) > (b.value ->> 5) OR EXISTS (SELECT 1 FROM window_counts \
-        WHERE window_counts.key_id = b.value ->> 0 AND window_counts.feature = b.value ->> 1 \
-        AND window_counts.window_seconds = b.value ->> 2 AND NOT ",
-        rate_window_ended!("b.value ->> 3"),
-        " AND window_counts.count + (b.value ->> 4) > (b.value ->> 5)) LIMIT 1"
-    );
+    /// The fast path for windows that each have one row (`INSERT_WINDOW_DELTAS`'s array);
+    /// migration 014's CHECK refuses a count taken past the row's limit.
     pub const UPSERT_WINDOWS: &str = concat!(
-        "INSERT INTO window_counts (key_id, feature, window_seconds, window_start, count) \
-        SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 FROM json_each(?) \
-        WHERE true ON CONFLICT (key_id, feature, window_seconds) DO UPDATE SET \
+        "INSERT INTO window_counts (key_id, feature, window_seconds, window_start, count, \
+        rate_limit) SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
+        value ->> 5 FROM json_each(?) WHERE true \
+        ON CONFLICT (key_id, feature, window_seconds) DO UPDATE SET \
+        rate_limit = excluded.rate_limit, \
         count = (CASE WHEN ",
         rate_window_ended!("excluded.window_start"),
         " THEN 0 ELSE window_counts.count END) + excluded.count, window_start = CASE WHEN ",

@@ -120,14 +120,13 @@ async fn settle(conn: &mut SqliteConnection) -> bool {
         && sqlx::query("ROLLBACK").execute(&mut *conn).await.is_ok()
 }
 
-/// A batch's deltas (see `sql::delta_parameters`): the fast path's guard and update for budgets,
-/// the triggers' view, then the same for windows — seven parameters.
+/// A batch's deltas (see `sql::delta_parameters`): the fast path's update for budgets, the
+/// triggers' view, then the same for windows — four parameters. The fast path needs no guard
+/// statement: migration 014 refuses a count past its limit where it is written.
 static DELTAS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     [
-        sql::GUARD_USAGE,
         sql::UPDATE_USAGE,
         sql::INSERT_USAGE_DELTAS,
-        sql::GUARD_WINDOWS,
         sql::UPSERT_WINDOWS,
         sql::INSERT_WINDOW_DELTAS,
     ]
@@ -151,9 +150,7 @@ static COMMIT_FAST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     [
         "BEGIN IMMEDIATE",
         sql::INSERT_EVENTS,
-        sql::GUARD_USAGE,
         sql::UPDATE_USAGE,
-        sql::GUARD_WINDOWS,
         sql::UPSERT_WINDOWS,
         "COMMIT",
     ]
@@ -221,25 +218,17 @@ impl Serves {
         self.slow == "[]" && self.slow_w == "[]"
     }
 
-    /// Binds `COMMIT_FAST`'s parameters, each fast-path array twice (guard, then apply).
+    /// Binds `COMMIT_FAST`'s parameters.
     fn bind_fast<'q>(self, query: Query<'q>) -> Query<'q> {
-        query
-            .bind(self.events)
-            .bind(self.fast.clone())
-            .bind(self.fast)
-            .bind(self.fast_w.clone())
-            .bind(self.fast_w)
+        query.bind(self.events).bind(self.fast).bind(self.fast_w)
     }
 
-    /// Binds every parameter — fast arrays twice (guard, then apply), trigger arrays once — in
-    /// the order `COMMIT_BATCH` and `COMMIT_WITH_HEALTH` start with.
+    /// Binds every parameter, in the order `COMMIT_BATCH` and `COMMIT_WITH_HEALTH` start with.
     fn bind<'q>(self, query: Query<'q>) -> Query<'q> {
         query
             .bind(self.events)
-            .bind(self.fast.clone())
             .bind(self.fast)
             .bind(self.slow)
-            .bind(self.fast_w.clone())
             .bind(self.fast_w)
             .bind(self.slow_w)
     }
