@@ -95,9 +95,6 @@ pub struct HealthJob {
     pub health: Vec<HealthWrite>,
     /// A tier's host-throttling cooldown that began.
     pub tiers: Vec<TierCooldownWrite>,
-    /// Nobody waits for its answer (the proxy's own outcome records): an outcome alone, with no
-    /// health change, may then wait up to `DEFER_FOR` to ride with the next commit of serves.
-    pub detached: bool,
 }
 
 /// How a health job's commit ended.
@@ -114,23 +111,6 @@ struct Job {
     job: HealthJob,
     ack: oneshot::Sender<JobOutcome>,
 }
-
-impl Job {
-    /// An outcome record nobody waits for and that changes no health state: its order against
-    /// other jobs does not matter (the first outcome of a serve wins, and its report holds the
-    /// serve's slot until this commit ends), so it may wait for the next commit of serves.
-    fn deferrable(&self) -> bool {
-        self.job.detached && self.job.health.is_empty() && self.job.tiers.is_empty()
-    }
-}
-
-/// How long a deferrable outcome waits at most for a commit of serves to ride with (issue 13:
-/// a proxied request's outcome then costs no commit of its own, and the next callers' serves
-/// no longer queue behind one). A `kill -9` may lose outcomes this young; their serves stay.
-const DEFER_FOR: std::time::Duration = std::time::Duration::from_millis(50);
-
-/// Deferred outcomes held at most before they are committed on their own.
-const MAX_DEFERRED: usize = 256;
 
 // A serve carries its windows inline (a fixed array, SPEC §8.4): moved once into the queue,
 // where a box would cost an allocation per serve.
@@ -252,10 +232,6 @@ async fn run(
         std::collections::VecDeque::new();
     let overlap = db.commits_in_flight().max(1);
     let mut carry = Uncertain::default();
-    // Outcome records waiting for a commit of serves (see `DEFER_FOR`), oldest first, and
-    // since when (monotonic).
-    let mut deferred: Vec<Job> = Vec::new();
-    let mut deferred_since: Option<std::time::Instant> = None;
     // Commits of unknown outcome, published by a commit task before it answers their serves
     // (so the next batch's backlog check sees them, however the tasks overlap).
     let pending: Arc<parking_lot::Mutex<Uncertain>> = Arc::default();
@@ -264,17 +240,12 @@ async fn run(
         // With a commit outstanding, wake up after a while even without serves, so rows whose
         // outcome it left unknown are resolved.
         let idle = in_flight.is_empty() && carry.is_empty() && pending.lock().is_empty();
-        let received = match deferred_since {
-            Some(since) => {
-                let wait = DEFER_FOR.saturating_sub(since.elapsed());
-                tokio::time::timeout(wait.min(UNCERTAIN_RETRY), inbox.recv())
-                    .await
-                    .ok()
-            }
-            None if idle => Some(inbox.recv().await),
-            None => tokio::time::timeout(UNCERTAIN_RETRY, inbox.recv())
+        let received = if idle {
+            Some(inbox.recv().await)
+        } else {
+            tokio::time::timeout(UNCERTAIN_RETRY, inbox.recv())
                 .await
-                .ok(),
+                .ok()
         };
         match received {
             Some(Some(Message::Shutdown)) | Some(None) => stopping = true,
@@ -312,25 +283,6 @@ async fn run(
             }
         }
         carry.merge(std::mem::take(&mut *pending.lock()));
-        let defer = !stopping
-            && batch.serves.is_empty()
-            && carry.is_empty()
-            && batch.jobs.iter().all(Job::deferrable)
-            && deferred.len() + batch.jobs.len() <= MAX_DEFERRED
-            && deferred_since.is_none_or(|since| since.elapsed() < DEFER_FOR);
-        if defer {
-            if !batch.jobs.is_empty() {
-                deferred_since.get_or_insert_with(std::time::Instant::now);
-                deferred.append(&mut batch.jobs);
-            }
-            continue;
-        }
-        if !deferred.is_empty() {
-            // Older than this batch's jobs, so first.
-            deferred.append(&mut batch.jobs);
-            batch.jobs = std::mem::take(&mut deferred);
-        }
-        deferred_since = None;
         if batch.is_empty() && carry.is_empty() {
             continue;
         }

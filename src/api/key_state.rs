@@ -397,7 +397,6 @@ async fn apply(
                     outcome: None,
                     health: Vec::new(),
                     tiers: Vec::new(),
-                    detached: false,
                 })
                 .await;
         }
@@ -443,7 +442,6 @@ async fn set_enabled(state: &SharedState, id: &str, enabled: bool) -> Result<(),
                     outcome: None,
                     health: health_writes(changes),
                     tiers: Vec::new(),
-                    detached: false,
                 })
             })
         })

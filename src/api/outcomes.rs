@@ -157,29 +157,21 @@ pub async fn report(
     let outcome = parse_report(body)?
         .validate()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    record(
-        &state,
-        &caller,
-        &serve_id,
-        uuid.as_u128(),
-        outcome,
-        false,
-        || marker.begin_write(),
-    )
+    record(&state, &caller, &serve_id, uuid.as_u128(), outcome, || {
+        marker.begin_write()
+    })
     .await
 }
 
 /// Records `outcome` on serve `serve_id` (its UUID's bits: `uuid`) as `caller` reports it: the
 /// one path behind `POST /serves/{serve_id}/outcome`, which the proxy also takes for each of its
-/// attempts (SPEC §8.6). `begin_write` claims the answer just before the outcome is applied;
-/// `detached` says nobody awaits the answer (see `HealthJob::detached`).
+/// attempts (SPEC §8.6). `begin_write` claims the answer just before the outcome is applied.
 pub async fn record(
     state: &SharedState,
     caller: &Caller,
     serve_id: &str,
     uuid: u128,
     outcome: Outcome,
-    detached: bool,
     begin_write: impl Fn() -> bool,
 ) -> Result<Json<ReportAnswer>, ApiError> {
     loop {
@@ -199,7 +191,7 @@ pub async fn record(
                         "request timed out; nothing was changed".into(),
                     ));
                 }
-                return apply(state, slot, serve_id, serve, outcome, detached).await;
+                return apply(state, slot, serve_id, serve, outcome).await;
             }
         }
     }
@@ -318,14 +310,13 @@ fn answer(
 
 /// Applies the report to the pool, commits it with the changes it made, and answers. Runs in
 /// the request's own task (no hop); from the moment memory changed, the rest runs to its end
-/// even if the request is dropped (`RunToEnd`). `detached`: see `HealthJob::detached`.
+/// even if the request is dropped (`RunToEnd`).
 async fn apply(
     state: &SharedState,
     slot: Slot,
     serve_id: &str,
     serve: FoundServe,
     outcome: Outcome,
-    detached: bool,
 ) -> Result<Json<ReportAnswer>, ApiError> {
     let now = Now::read();
     let write = OutcomeWrite {
@@ -343,7 +334,6 @@ async fn apply(
         outcome: Some(write.clone()),
         health: health_writes(changes),
         tiers: tier.into_iter().collect(),
-        detached,
     };
     let (key_state, changes, committed) = match state.pool.report(
         &serve.key_id,

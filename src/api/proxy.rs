@@ -174,7 +174,7 @@ pub async fn forward(
         let pooled = committed.key.clone();
         tried.push(pooled.id.clone());
         let serve_id = committed.serve_id;
-        let record = |r: OutcomeReport| report(&state, &caller, &serve_id, r, false);
+        let record = |r: OutcomeReport| report(&state, &caller, &serve_id, r);
         let Some((tier, upstream)) = state.pool.tier_upstream(&pooled.tier_id) else {
             // The tier lost its upstream between the check and the draw.
             record(class_report(OutcomeClass::ClientError)).await;
@@ -452,28 +452,13 @@ fn class_report(class: OutcomeClass) -> OutcomeReport {
 }
 
 /// Records an attempt's outcome as `POST /serves/{serve_id}/outcome` would. A report that
-/// cannot be recorded is logged; the caller's answer does not depend on it. `detached`: nobody
-/// awaits it, so an outcome that changes no health state may ride a later commit of serves.
-async fn report(
-    state: &SharedState,
-    caller: &Caller,
-    serve_id: &str,
-    report: OutcomeReport,
-    detached: bool,
-) {
+/// cannot be recorded is logged; the caller's answer does not depend on it.
+async fn report(state: &SharedState, caller: &Caller, serve_id: &str, report: OutcomeReport) {
     let (Ok(outcome), Ok(uuid)) = (report.validate(), uuid::Uuid::try_parse(serve_id)) else {
         return;
     };
-    if let Err(e) = outcomes::record(
-        state,
-        caller,
-        serve_id,
-        uuid.as_u128(),
-        outcome,
-        detached,
-        || true,
-    )
-    .await
+    if let Err(e) =
+        outcomes::record(state, caller, serve_id, uuid.as_u128(), outcome, || true).await
     {
         tracing::warn!(serve_id, error = ?e, "proxy: an attempt's outcome could not be recorded");
     }
@@ -483,7 +468,7 @@ async fn report(
 /// its commit.
 fn spawn_report(state: &SharedState, caller: &Caller, serve_id: &str, outcome: OutcomeReport) {
     let (state, caller, serve_id) = (state.clone(), caller.clone(), serve_id.to_owned());
-    tokio::spawn(async move { report(&state, &caller, &serve_id, outcome, true).await });
+    tokio::spawn(async move { report(&state, &caller, &serve_id, outcome).await });
 }
 
 /// Reports a streamed answer's outcome when its body ends: its status if it ended or the
@@ -500,7 +485,7 @@ fn reporter(state: &SharedState, caller: &Caller, serve_id: &str, status: u16) -
             End::Failed => class_report(OutcomeClass::UpstreamError),
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { report(&state, &caller, &serve_id, outcome, true).await });
+            runtime.spawn(async move { report(&state, &caller, &serve_id, outcome).await });
         }
     })
 }

@@ -17,7 +17,6 @@ mod go_database;
 mod health;
 mod health_states;
 mod import_rekey;
-mod ledger;
 mod observe;
 mod openapi;
 mod operate;
