@@ -622,6 +622,24 @@ async fn concurrent_reports_on_serves_read_from_the_database_each_get_their_own_
 
 }
 
+/// Takes the database's write lock, then sends `report`, whose caller gives up while the
+/// report's commit waits for the lock; answers the connection that holds it.
+async fn leave_while_locked(
+    blocker: &sqlx::SqlitePool,
+    report: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+) -> sqlx::pool::PoolConnection<sqlx::Sqlite> {
+    let mut conn = blocker.acquire().await.expect("connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .expect("write lock");
+    assert!(
+        report.await.is_err(),
+        "the caller gave up while the commit waited"
+    );
+    conn
+}
+
 // Issue 9 item 9: a report runs in its request's task (no task of its own any more); a caller
 // that disconnects while the report waits for its commit still gets its outcome recorded with
 // the health change it made, and one whose commit then fails has that change undone in memory.
@@ -644,15 +662,7 @@ async fn a_report_whose_caller_disconnects_still_lands_or_is_undone() {
 
     // Lands: the write lock is released while the commit still waits for it.
     let serve = serve_of(&app, &token, &ids[0]).await;
-    let mut conn = blocker.acquire().await.expect("connection");
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *conn)
-        .await
-        .expect("write lock");
-    assert!(
-        gone(&serve).await.is_err(),
-        "the caller gave up while the commit waited"
-    );
+    let mut conn = leave_while_locked(&blocker, gone(&serve)).await;
     sqlx::query("ROLLBACK")
         .execute(&mut *conn)
         .await
@@ -682,15 +692,7 @@ async fn a_report_whose_caller_disconnects_still_lands_or_is_undone() {
 
     // Undone: the lock is held past the busy timeout, so the commit fails after the caller left.
     let serve = serve_of(&app, &token, &ids[1]).await;
-    let mut conn = blocker.acquire().await.expect("connection");
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *conn)
-        .await
-        .expect("write lock");
-    assert!(
-        gone(&serve).await.is_err(),
-        "the caller gave up while the commit waited"
-    );
+    let mut conn = leave_while_locked(&blocker, gone(&serve)).await;
     let undone = eventually(Duration::from_secs(15), async || {
         app.health_of(&ids[1]).await["state"] == "active"
     })
