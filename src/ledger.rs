@@ -628,7 +628,8 @@ fn deltas(carry: &Group, live: &[Serve], claims: &[Claim]) -> (Vec<UsageDelta>, 
     (usage, windows)
 }
 
-/// Two wall-time starts of one rate window as placed by different serves differ by less.
+/// Two wall-time starts of one rate window as placed by different serves differ by less (the
+/// batch builder and `conflict`'s re-decisions share it).
 const SAME_WINDOW: chrono::TimeDelta = chrono::TimeDelta::milliseconds(5);
 
 /// Item 2 of issue 14: whether each uncertain commit landed, read back (its first audit row)

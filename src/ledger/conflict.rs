@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use super::SAME_WINDOW;
 use crate::pool::gates::{self, UsageBudget, UsageState};
 use crate::pool::WindowClaim;
 use crate::timestamp::Timestamp;
@@ -109,9 +110,6 @@ pub fn redecide(serves: &[ServeFacts], counters: &mut Counters) -> Vec<Option<Cl
 fn before(at: Timestamp, start: Timestamp) -> bool {
     at < start - SAME_WINDOW
 }
-
-/// Two wall-time starts of one window as placed by different serves differ by less.
-const SAME_WINDOW: chrono::TimeDelta = chrono::TimeDelta::milliseconds(5);
 
 /// Whether the window opened at `start` has ended by `at` (as `gates` decides for budgets).
 fn ended(start: Timestamp, seconds: i64, at: Timestamp) -> bool {
