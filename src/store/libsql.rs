@@ -651,11 +651,17 @@ impl LibsqlStore {
     pub async fn commit_batch(&self, batch: &Batch<'_>) -> Result<(), StoreError> {
         let (events_json, _) = sql::batch_parameters(batch.events, &[]);
         let (fast, slow, fast_w, slow_w) = sql::delta_parameters(batch.usage, batch.windows);
+        // Every window delta goes one way or the other, so the guard's array is the non-empty one.
+        let all_w = if slow_w == "[]" {
+            fast_w.clone()
+        } else {
+            slow_w.clone()
+        };
         let mut statements = vec![
             (sql::INSERT_EVENTS, events_json),
             (sql::UPDATE_USAGE, fast),
             (sql::INSERT_USAGE_DELTAS, slow),
-            (GUARD_WINDOW_STARTS, sql::window_parameter(batch.windows)),
+            (GUARD_WINDOW_STARTS, all_w),
             (sql::UPSERT_WINDOWS, fast_w),
             (sql::INSERT_WINDOW_DELTAS, slow_w),
         ];
