@@ -158,6 +158,25 @@ fn config(url: &str, token: Option<&str>) -> keypooler::config::Config {
     keypooler::config::Config::from_vars(vars).expect("config")
 }
 
+/// A test libSQL server on a file in `dir` and our store opened on it.
+async fn remote_db(dir: &std::path::Path) -> (HranaServer, keypooler::store::Db) {
+    let server = HranaServer::start(&dir.join("remote.db"), None).await;
+    let db = keypooler::store::Db::open(&config(&server.url(), None))
+        .await
+        .expect("db");
+    (server, db)
+}
+
+/// A plain libsql connection to `server`, to read what the store wrote.
+async fn raw_connection(server: &HranaServer) -> libsql::Connection {
+    libsql::Builder::new_remote(server.url(), String::new())
+        .build()
+        .await
+        .expect("libsql")
+        .connect()
+        .expect("connect")
+}
+
 async fn startup_error(config: &keypooler::config::Config) -> String {
     match keypooler::build(config).await {
         Ok(_) => panic!("startup should fail"),
@@ -584,10 +603,7 @@ async fn at_the_uncertain_backlog_bound_new_serves_are_refused_and_not_counted()
     use keypooler::pool::{Caller, Draw, Now, Pool};
 
     let dir = tempfile::tempdir().expect("dir");
-    let server = HranaServer::start(&dir.path().join("remote.db"), None).await;
-    let db = keypooler::store::Db::open(&config(&server.url(), None))
-        .await
-        .expect("db");
+    let (server, db) = remote_db(dir.path()).await;
     let tier = TierRecord {
         id: "tier-1".into(),
         name: "t".into(),
@@ -661,12 +677,7 @@ async fn at_the_uncertain_backlog_bound_new_serves_are_refused_and_not_counted()
     }
     assert_eq!(counted(), 3);
     ledger.shutdown().await;
-    let conn = libsql::Builder::new_remote(server.url(), String::new())
-        .build()
-        .await
-        .expect("libsql")
-        .connect()
-        .expect("connect");
+    let conn = raw_connection(&server).await;
     let mut rows = conn
         .query(
             "SELECT (SELECT usage_count FROM keys), (SELECT COUNT(*) FROM usage_events)",
@@ -695,10 +706,7 @@ async fn a_window_delta_for_a_window_reset_since_is_refused() {
     use keypooler::store::{Batch, StoreError, WindowDelta};
 
     let dir = tempfile::tempdir().expect("dir");
-    let server = HranaServer::start(&dir.path().join("remote.db"), None).await;
-    let db = keypooler::store::Db::open(&config(&server.url(), None))
-        .await
-        .expect("db");
+    let (server, db) = remote_db(dir.path()).await;
     let t0 = chrono::Utc::now() - TimeDelta::seconds(30);
     let commit = |offset: TimeDelta| {
         let db = db.clone();
@@ -736,12 +744,7 @@ async fn a_window_delta_for_a_window_reset_since_is_refused() {
     commit(TimeDelta::seconds(60))
         .await
         .expect("a window after the stored one ended");
-    let conn = libsql::Builder::new_remote(server.url(), String::new())
-        .build()
-        .await
-        .expect("libsql")
-        .connect()
-        .expect("connect");
+    let conn = raw_connection(&server).await;
     let mut rows = conn
         .query("SELECT count FROM window_counts", ())
         .await
