@@ -1563,6 +1563,87 @@ pub mod sql {
         " THEN excluded.window_start ELSE window_counts.window_start END"
     );
 
+    /// Whether a key's budget window (as stored) has ended by the delta's `at`, read by
+    /// position `k.key` from the flat array `?4` (`UPDATE_USAGE_COLUMNS`).
+    macro_rules! key_window_ended_at_column {
+        () => {
+            "keys.usage_window_seconds > 0 AND (julianday(keys.usage_window_start) IS NULL \
+            OR (julianday(?4 ->> k.key) - julianday(keys.usage_window_start)) * 86400.0 \
+            >= keys.usage_window_seconds - 0.002)"
+        };
+    }
+    /// `UPDATE_USAGE` (same rules, same refusal) for SQLite's `COMMIT_FAST`, its rows bound
+    /// as one flat JSON array per column (`fast_columns`): key ids `?2`, units `?3`, `at` `?4`,
+    /// read by position. Issue 14 item 5: a nested row is handed back by `json_each` as text
+    /// and re-parsed by every `value ->> N`; a scalar element is read as is, and `?N ->> k.key`
+    /// finds the parsed array in SQLite's per-statement JSON cache by its pointer. The
+    /// parameter numbers are fixed: the audit rows are `?1`.
+    pub const UPDATE_USAGE_COLUMNS: &str = concat!(
+        "UPDATE keys SET usage_count = (CASE WHEN ",
+        key_window_ended_at_column!(),
+        " THEN 0 ELSE keys.usage_count END) + (?3 ->> k.key), usage_window_start = CASE WHEN ",
+        key_window_ended_at_column!(),
+        " THEN ?4 ->> k.key ELSE keys.usage_window_start END \
+        FROM json_each(?2) AS k WHERE keys.id = k.value"
+    );
+    /// `UPSERT_WINDOWS` (same rules, same refusal) with flat column arrays as above: key ids
+    /// `?5`, features `?6`, window lengths `?7`, starts `?8`, units `?9`, limits `?10`.
+    pub const UPSERT_WINDOWS_COLUMNS: &str = concat!(
+        "INSERT INTO window_counts (key_id, feature, window_seconds, window_start, count, \
+        rate_limit) SELECT k.value, ?6 ->> k.key, ?7 ->> k.key, ?8 ->> k.key, ?9 ->> k.key, \
+        ?10 ->> k.key FROM json_each(?5) AS k WHERE true \
+        ON CONFLICT (key_id, feature, window_seconds) DO UPDATE SET \
+        rate_limit = excluded.rate_limit, \
+        count = (CASE WHEN ",
+        rate_window_ended!("excluded.window_start"),
+        " THEN 0 ELSE window_counts.count END) + excluded.count, window_start = CASE WHEN ",
+        rate_window_ended!("excluded.window_start"),
+        " THEN excluded.window_start ELSE window_counts.window_start END"
+    );
+
+    /// The nine flat arrays `?2`–`?10` of `UPDATE_USAGE_COLUMNS` and `UPSERT_WINDOWS_COLUMNS`,
+    /// or `None` when some delta must go through migration 012's triggers (the rule of
+    /// `delta_parameters`: a RegBot key, or a key or window with more than one row).
+    pub fn fast_columns(
+        usage: &[super::UsageDelta],
+        windows: &[super::WindowDelta],
+    ) -> Option<[String; 9]> {
+        use crate::timestamp::to_db;
+        use std::collections::HashSet;
+        let mut keys = HashSet::with_capacity(usage.len());
+        let stored_once = usage.iter().all(|u| {
+            !u.key_id.starts_with(super::regbot::KEY_PREFIX) && keys.insert(u.key_id.as_str())
+        });
+        let mut slots = HashSet::with_capacity(windows.len());
+        let windows_once = windows
+            .iter()
+            .all(|w| slots.insert((w.key_id.as_str(), w.feature.as_str(), w.window_seconds)));
+        if !stored_once || !windows_once {
+            return None;
+        }
+        Some([
+            json(&usage.iter().map(|u| u.key_id.as_str()).collect::<Vec<_>>()),
+            json(&usage.iter().map(|u| u.units).collect::<Vec<_>>()),
+            json(&usage.iter().map(|u| to_db(u.at)).collect::<Vec<_>>()),
+            json(
+                &windows
+                    .iter()
+                    .map(|w| w.key_id.as_str())
+                    .collect::<Vec<_>>(),
+            ),
+            json(
+                &windows
+                    .iter()
+                    .map(|w| w.feature.as_str())
+                    .collect::<Vec<_>>(),
+            ),
+            json(&windows.iter().map(|w| w.window_seconds).collect::<Vec<_>>()),
+            json(&windows.iter().map(|w| to_db(w.at)).collect::<Vec<_>>()),
+            json(&windows.iter().map(|w| w.units).collect::<Vec<_>>()),
+            json(&windows.iter().map(|w| w.rate_limit).collect::<Vec<_>>()),
+        ])
+    }
+
     /// A batch's budget deltas from one bound JSON array `[[key_id, units, at,
     /// regbot_limit], …]`, applied in order by migration 012's trigger (which refuses one that
     /// does not fit, aborting the commit).
