@@ -1563,35 +1563,43 @@ pub mod sql {
         " THEN excluded.window_start ELSE window_counts.window_start END"
     );
 
+    /// `INSERT_EVENTS` for SQLite's `COMMIT_FAST`, the audit rows bound as one flat JSON array
+    /// per column (`fast_columns`) and read by position: ids `?1`, key ids `?2`, consumer ids
+    /// `?3`, features `?4`, and `created_at` and cost interleaved in `?5`. Issue 14 item 5: a
+    /// nested row is handed back by `json_each` as text and re-parsed by every `value ->> N`;
+    /// a scalar element is read as is, and `?N ->> e.key` finds its parsed array in SQLite's
+    /// per-statement JSON cache by the pointer. That cache holds four arrays, so no statement
+    /// reads more than four this way (a fifth read in turn with them was parsed every time).
+    pub const INSERT_EVENTS_COLUMNS: &str =
+        "INSERT INTO usage_events (id, key_id, consumer_id, feature, created_at, cost) \
+        SELECT e.value, ?2 ->> e.key, ?3 ->> e.key, ?4 ->> e.key, ?5 ->> (2 * e.key), \
+        ?5 ->> (2 * e.key + 1) FROM json_each(?1) AS e";
     /// Whether a key's budget window (as stored) has ended by the delta's `at`, read by
-    /// position `k.key` from the flat array `?4` (`UPDATE_USAGE_COLUMNS`).
+    /// position `k.key` from the flat array `?8` (`UPDATE_USAGE_COLUMNS`).
     macro_rules! key_window_ended_at_column {
         () => {
             "keys.usage_window_seconds > 0 AND (julianday(keys.usage_window_start) IS NULL \
-            OR (julianday(?4 ->> k.key) - julianday(keys.usage_window_start)) * 86400.0 \
+            OR (julianday(?8 ->> k.key) - julianday(keys.usage_window_start)) * 86400.0 \
             >= keys.usage_window_seconds - 0.002)"
         };
     }
-    /// `UPDATE_USAGE` (same rules, same refusal) for SQLite's `COMMIT_FAST`, its rows bound
-    /// as one flat JSON array per column (`fast_columns`): key ids `?2`, units `?3`, `at` `?4`,
-    /// read by position. Issue 14 item 5: a nested row is handed back by `json_each` as text
-    /// and re-parsed by every `value ->> N`; a scalar element is read as is, and `?N ->> k.key`
-    /// finds the parsed array in SQLite's per-statement JSON cache by its pointer. The
-    /// parameter numbers are fixed: the audit rows are `?1`.
+    /// `UPDATE_USAGE` (same rules, same refusal) with flat column arrays as above: key ids
+    /// `?6`, units `?7`, `at` `?8`.
     pub const UPDATE_USAGE_COLUMNS: &str = concat!(
         "UPDATE keys SET usage_count = (CASE WHEN ",
         key_window_ended_at_column!(),
-        " THEN 0 ELSE keys.usage_count END) + (?3 ->> k.key), usage_window_start = CASE WHEN ",
+        " THEN 0 ELSE keys.usage_count END) + (?7 ->> k.key), usage_window_start = CASE WHEN ",
         key_window_ended_at_column!(),
-        " THEN ?4 ->> k.key ELSE keys.usage_window_start END \
-        FROM json_each(?2) AS k WHERE keys.id = k.value"
+        " THEN ?8 ->> k.key ELSE keys.usage_window_start END \
+        FROM json_each(?6) AS k WHERE keys.id = k.value"
     );
     /// `UPSERT_WINDOWS` (same rules, same refusal) with flat column arrays as above: key ids
-    /// `?5`, features `?6`, window lengths `?7`, starts `?8`, units `?9`, limits `?10`.
+    /// `?9`, features `?10`, window lengths `?11`, starts `?12`, and units and limits
+    /// interleaved in `?13` (`[units, limit, units, limit, …]`).
     pub const UPSERT_WINDOWS_COLUMNS: &str = concat!(
         "INSERT INTO window_counts (key_id, feature, window_seconds, window_start, count, \
-        rate_limit) SELECT k.value, ?6 ->> k.key, ?7 ->> k.key, ?8 ->> k.key, ?9 ->> k.key, \
-        ?10 ->> k.key FROM json_each(?5) AS k WHERE true \
+        rate_limit) SELECT k.value, ?10 ->> k.key, ?11 ->> k.key, ?12 ->> k.key, \
+        ?13 ->> (2 * k.key), ?13 ->> (2 * k.key + 1) FROM json_each(?9) AS k WHERE true \
         ON CONFLICT (key_id, feature, window_seconds) DO UPDATE SET \
         rate_limit = excluded.rate_limit, \
         count = (CASE WHEN ",
@@ -1601,13 +1609,15 @@ pub mod sql {
         " THEN excluded.window_start ELSE window_counts.window_start END"
     );
 
-    /// The nine flat arrays `?2`–`?10` of `UPDATE_USAGE_COLUMNS` and `UPSERT_WINDOWS_COLUMNS`,
+    /// The thirteen flat arrays `?1`–`?13` of `INSERT_EVENTS_COLUMNS`, `UPDATE_USAGE_COLUMNS`
+    /// and `UPSERT_WINDOWS_COLUMNS`,
     /// or `None` when some delta must go through migration 012's triggers (the rule of
     /// `delta_parameters`: a RegBot key, or a key or window with more than one row).
     pub fn fast_columns(
+        events: &[crate::model::UsageEvent],
         usage: &[super::UsageDelta],
         windows: &[super::WindowDelta],
-    ) -> Option<[String; 9]> {
+    ) -> Option<[String; 13]> {
         use crate::timestamp::to_db;
         use std::collections::HashSet;
         let mut keys = HashSet::with_capacity(usage.len());
@@ -1621,7 +1631,26 @@ pub mod sql {
         if !stored_once || !windows_once {
             return None;
         }
+        let created_and_cost: Vec<serde_json::Value> = events
+            .iter()
+            .flat_map(|e| [to_db(e.created_at).into(), e.cost.into()])
+            .collect();
         Some([
+            json(&events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>()),
+            json(&events.iter().map(|e| e.key_id.as_str()).collect::<Vec<_>>()),
+            json(
+                &events
+                    .iter()
+                    .map(|e| e.consumer_id.as_str())
+                    .collect::<Vec<_>>(),
+            ),
+            json(
+                &events
+                    .iter()
+                    .map(|e| e.feature.as_str())
+                    .collect::<Vec<_>>(),
+            ),
+            json(&created_and_cost),
             json(&usage.iter().map(|u| u.key_id.as_str()).collect::<Vec<_>>()),
             json(&usage.iter().map(|u| u.units).collect::<Vec<_>>()),
             json(&usage.iter().map(|u| to_db(u.at)).collect::<Vec<_>>()),
@@ -1639,8 +1668,12 @@ pub mod sql {
             ),
             json(&windows.iter().map(|w| w.window_seconds).collect::<Vec<_>>()),
             json(&windows.iter().map(|w| to_db(w.at)).collect::<Vec<_>>()),
-            json(&windows.iter().map(|w| w.units).collect::<Vec<_>>()),
-            json(&windows.iter().map(|w| w.rate_limit).collect::<Vec<_>>()),
+            json(
+                &windows
+                    .iter()
+                    .flat_map(|w| [w.units, w.rate_limit])
+                    .collect::<Vec<_>>(),
+            ),
         ])
     }
 

@@ -146,13 +146,13 @@ static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// The common group commit (issue 14 item 5): serves only, each key and each window once, all
 /// stored keys — every delta takes the fast path, so the two trigger statements (whose arrays
 /// would be empty, yet each still opens its view) are left out. The same guards refuse it.
-/// The deltas are bound as flat column arrays (`sql::fast_columns`), `?2`–`?10` after the
-/// audit rows' `?1`: sqlx binds a numbered parameter by its number across the whole text (and
-/// the lower numbers a statement leaves unused to arguments it does not read).
+/// Its rows are bound as flat column arrays (`sql::fast_columns`, `?1`–`?13`): sqlx binds a
+/// numbered parameter by its number across the whole text (and the lower numbers a statement
+/// leaves unused to arguments it does not read).
 static COMMIT_FAST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     [
         "BEGIN IMMEDIATE",
-        sql::INSERT_EVENTS,
+        sql::INSERT_EVENTS_COLUMNS,
         sql::UPDATE_USAGE_COLUMNS,
         sql::UPSERT_WINDOWS_COLUMNS,
         "COMMIT",
@@ -775,15 +775,10 @@ impl SqliteStore {
                 Serves::of(batch).bind(sqlx::query(COMMIT_WITH_HEALTH.as_str())),
                 batch,
             ),
-            (_, false) => match sql::fast_columns(batch.usage, batch.windows) {
-                Some(columns) => {
-                    let (events, _) = sql::batch_parameters(batch.events, &[]);
-                    columns
-                        .into_iter()
-                        .fold(sqlx::query(COMMIT_FAST.as_str()).bind(events), |q, c| {
-                            q.bind(c)
-                        })
-                }
+            (_, false) => match sql::fast_columns(batch.events, batch.usage, batch.windows) {
+                Some(columns) => columns
+                    .into_iter()
+                    .fold(sqlx::query(COMMIT_FAST.as_str()), |q, c| q.bind(c)),
                 None => Serves::of(batch).bind(sqlx::query(COMMIT_BATCH.as_str())),
             },
         };

@@ -1,8 +1,10 @@
-//! Issue 14 item 5: SQLite's common group commit (`COMMIT_FAST`) binds its budget and window
-//! deltas as flat column arrays read by position; it counts, resets and refuses exactly as
-//! migration 012's per-row rules do (a wrong parameter number would count the wrong column).
+//! Issue 14 item 5: SQLite's common group commit (`COMMIT_FAST`) binds its audit rows, budget
+//! and window deltas as flat column arrays read by position; it writes the same rows and
+//! counts, resets and refuses exactly as migration 012's per-row rules do (a wrong parameter
+//! number or position would write the wrong column).
 
 use chrono::TimeDelta;
+use keypooler::model::UsageEvent;
 use keypooler::store::{Batch, Db, StoreError, UsageDelta, WindowDelta};
 use keypooler::timestamp::{to_db, Timestamp};
 use serde_json::json;
@@ -29,9 +31,30 @@ fn window(key: &str, seconds: i64, at: Timestamp, units: i64, limit: i64) -> Win
     }
 }
 
+fn event(id: &str, key: &str, at: Timestamp, cost: i64) -> UsageEvent {
+    UsageEvent {
+        id: id.into(),
+        key_id: key.into(),
+        consumer_id: "admin".into(),
+        feature: "scrape".into(),
+        created_at: at,
+        outcome: None,
+        cost,
+    }
+}
+
 async fn commit(db: &Db, usage: &[UsageDelta], windows: &[WindowDelta]) -> Result<(), StoreError> {
+    commit_with(db, &[], usage, windows).await
+}
+
+async fn commit_with(
+    db: &Db,
+    events: &[UsageEvent],
+    usage: &[UsageDelta],
+    windows: &[WindowDelta],
+) -> Result<(), StoreError> {
     db.commit_batch(&Batch {
-        events: &[],
+        events,
         usage,
         outcomes: &[],
         health: &[],
@@ -55,8 +78,9 @@ async fn the_fast_commit_counts_resets_and_refuses_like_the_per_row_rules() {
     let db = Db::open(&config).await.expect("db");
     let t0 = chrono::Utc::now() - TimeDelta::seconds(300);
 
-    commit(
+    commit_with(
         &db,
+        &[event("e1", &a, t0, 2), event("e2", &b, t0, 3)],
         &[usage(&a, 2, t0), usage(&b, 3, t0)],
         &[window(&a, 60, t0, 2, 3), window(&b, 60, t0, 3, 3)],
     )
@@ -105,5 +129,14 @@ async fn the_fast_commit_counts_resets_and_refuses_like_the_per_row_rules() {
         [row(2, later, 3), row(3, t0, 3), row(1, later, 1)],
         "a reset once; refused deltas not counted"
     );
+    let events = app
+        .rows("SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT), cost FROM usage_events ORDER BY id")
+        .await;
+    let audit = |id: &str, key: &str, cost: &str| {
+        [id, key, "admin", "scrape", &to_db(t0), cost]
+            .map(|c| Some(c.to_string()))
+            .to_vec()
+    };
+    assert_eq!(events, [audit("e1", &a, "2"), audit("e2", &b, "3")]);
     db.close().await;
 }
