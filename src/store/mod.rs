@@ -1864,6 +1864,67 @@ pub mod sql {
             );
             assert_eq!(u, r#"[["k",7,"2023-11-14 22:13:20.000000",null]]"#);
         }
+
+        // Issue 14 item 5: `COMMIT_FAST`'s thirteen column arrays, and the batches it must not take.
+        #[test]
+        fn fast_columns_are_flat_arrays_or_none_for_the_trigger_path() {
+            use super::super::{regbot::KEY_PREFIX, UsageDelta, WindowDelta};
+            let t = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+            let at = "2023-11-14 22:13:20.000000";
+            let event = crate::model::UsageEvent {
+                id: "e1".into(),
+                key_id: "k".into(),
+                consumer_id: "c".into(),
+                feature: "f".into(),
+                created_at: t,
+                outcome: None,
+                cost: 3,
+            };
+            let usage = |key: &str| UsageDelta {
+                key_id: key.into(),
+                units: 3,
+                at: t,
+                regbot_limit: None,
+            };
+            let window = |seconds: i64| WindowDelta {
+                key_id: "k".into(),
+                feature: "f".into(),
+                window_seconds: seconds,
+                at: t,
+                units: 1,
+                rate_limit: 9,
+            };
+            let columns = super::fast_columns(
+                std::slice::from_ref(&event),
+                &[usage("k")],
+                &[window(1), window(60)],
+            )
+            .expect("fast");
+            let want = [
+                r#"["e1"]"#.to_string(),
+                r#"["k"]"#.into(),
+                r#"["c"]"#.into(),
+                r#"["f"]"#.into(),
+                format!(r#"["{at}",3]"#),
+                r#"["k"]"#.into(),
+                "[3]".into(),
+                format!(r#"["{at}"]"#),
+                r#"["k","k"]"#.into(),
+                r#"["f","f"]"#.into(),
+                "[1,60]".into(),
+                format!(r#"["{at}","{at}"]"#),
+                "[1,9,1,9]".into(),
+            ];
+            assert_eq!(columns, want);
+            let regbot = format!("{KEY_PREFIX}1");
+            for (usage, windows) in [
+                (vec![usage("k"), usage("k")], vec![]),
+                (vec![usage(&regbot)], vec![]),
+                (vec![], vec![window(1), window(1)]),
+            ] {
+                assert!(super::fast_columns(&[], &usage, &windows).is_none());
+            }
+        }
     }
 }
 
