@@ -1563,6 +1563,120 @@ pub mod sql {
         " THEN excluded.window_start ELSE window_counts.window_start END"
     );
 
+    /// `INSERT_EVENTS` for SQLite's `COMMIT_FAST`, the audit rows bound as one flat JSON array
+    /// per column (`fast_columns`) and read by position: ids `?1`, key ids `?2`, consumer ids
+    /// `?3`, features `?4`, and `created_at` and cost interleaved in `?5`. Issue 14 item 5: a
+    /// nested row is handed back by `json_each` as text and re-parsed by every `value ->> N`;
+    /// a scalar element is read as is, and `?N ->> e.key` finds its parsed array in SQLite's
+    /// per-statement JSON cache by the pointer. That cache holds four arrays, so no statement
+    /// reads more than four this way (a fifth read in turn with them was parsed every time).
+    pub const INSERT_EVENTS_COLUMNS: &str =
+        "INSERT INTO usage_events (id, key_id, consumer_id, feature, created_at, cost) \
+        SELECT e.value, ?2 ->> e.key, ?3 ->> e.key, ?4 ->> e.key, ?5 ->> (2 * e.key), \
+        ?5 ->> (2 * e.key + 1) FROM json_each(?1) AS e";
+    /// Whether a key's budget window (as stored) has ended by the delta's `at`, read by
+    /// position `k.key` from the flat array `?8` (`UPDATE_USAGE_COLUMNS`).
+    macro_rules! key_window_ended_at_column {
+        () => {
+            "keys.usage_window_seconds > 0 AND (julianday(keys.usage_window_start) IS NULL \
+            OR (julianday(?8 ->> k.key) - julianday(keys.usage_window_start)) * 86400.0 \
+            >= keys.usage_window_seconds - 0.002)"
+        };
+    }
+    /// `UPDATE_USAGE` (same rules, same refusal) with flat column arrays as above: key ids
+    /// `?6`, units `?7`, `at` `?8`.
+    pub const UPDATE_USAGE_COLUMNS: &str = concat!(
+        "UPDATE keys SET usage_count = (CASE WHEN ",
+        key_window_ended_at_column!(),
+        " THEN 0 ELSE keys.usage_count END) + (?7 ->> k.key), usage_window_start = CASE WHEN ",
+        key_window_ended_at_column!(),
+        " THEN ?8 ->> k.key ELSE keys.usage_window_start END \
+        FROM json_each(?6) AS k WHERE keys.id = k.value"
+    );
+    /// `UPSERT_WINDOWS` (same rules, same refusal) with flat column arrays as above: key ids
+    /// `?9`, features `?10`, window lengths `?11`, starts `?12`, and units and limits
+    /// interleaved in `?13` (`[units, limit, units, limit, …]`).
+    pub const UPSERT_WINDOWS_COLUMNS: &str = concat!(
+        "INSERT INTO window_counts (key_id, feature, window_seconds, window_start, count, \
+        rate_limit) SELECT k.value, ?10 ->> k.key, ?11 ->> k.key, ?12 ->> k.key, \
+        ?13 ->> (2 * k.key), ?13 ->> (2 * k.key + 1) FROM json_each(?9) AS k WHERE true \
+        ON CONFLICT (key_id, feature, window_seconds) DO UPDATE SET \
+        rate_limit = excluded.rate_limit, \
+        count = (CASE WHEN ",
+        rate_window_ended!("excluded.window_start"),
+        " THEN 0 ELSE window_counts.count END) + excluded.count, window_start = CASE WHEN ",
+        rate_window_ended!("excluded.window_start"),
+        " THEN excluded.window_start ELSE window_counts.window_start END"
+    );
+
+    /// The thirteen flat arrays `?1`–`?13` of `INSERT_EVENTS_COLUMNS`, `UPDATE_USAGE_COLUMNS`
+    /// and `UPSERT_WINDOWS_COLUMNS`,
+    /// or `None` when some delta must go through migration 012's triggers (the rule of
+    /// `delta_parameters`: a RegBot key, or a key or window with more than one row).
+    pub fn fast_columns(
+        events: &[crate::model::UsageEvent],
+        usage: &[super::UsageDelta],
+        windows: &[super::WindowDelta],
+    ) -> Option<[String; 13]> {
+        use crate::timestamp::to_db;
+        use std::collections::HashSet;
+        let mut keys = HashSet::with_capacity(usage.len());
+        let stored_once = usage.iter().all(|u| {
+            !u.key_id.starts_with(super::regbot::KEY_PREFIX) && keys.insert(u.key_id.as_str())
+        });
+        let mut slots = HashSet::with_capacity(windows.len());
+        let windows_once = windows
+            .iter()
+            .all(|w| slots.insert((w.key_id.as_str(), w.feature.as_str(), w.window_seconds)));
+        if !stored_once || !windows_once {
+            return None;
+        }
+        let created_and_cost: Vec<serde_json::Value> = events
+            .iter()
+            .flat_map(|e| [to_db(e.created_at).into(), e.cost.into()])
+            .collect();
+        Some([
+            json(&events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>()),
+            json(&events.iter().map(|e| e.key_id.as_str()).collect::<Vec<_>>()),
+            json(
+                &events
+                    .iter()
+                    .map(|e| e.consumer_id.as_str())
+                    .collect::<Vec<_>>(),
+            ),
+            json(
+                &events
+                    .iter()
+                    .map(|e| e.feature.as_str())
+                    .collect::<Vec<_>>(),
+            ),
+            json(&created_and_cost),
+            json(&usage.iter().map(|u| u.key_id.as_str()).collect::<Vec<_>>()),
+            json(&usage.iter().map(|u| u.units).collect::<Vec<_>>()),
+            json(&usage.iter().map(|u| to_db(u.at)).collect::<Vec<_>>()),
+            json(
+                &windows
+                    .iter()
+                    .map(|w| w.key_id.as_str())
+                    .collect::<Vec<_>>(),
+            ),
+            json(
+                &windows
+                    .iter()
+                    .map(|w| w.feature.as_str())
+                    .collect::<Vec<_>>(),
+            ),
+            json(&windows.iter().map(|w| w.window_seconds).collect::<Vec<_>>()),
+            json(&windows.iter().map(|w| to_db(w.at)).collect::<Vec<_>>()),
+            json(
+                &windows
+                    .iter()
+                    .flat_map(|w| [w.units, w.rate_limit])
+                    .collect::<Vec<_>>(),
+            ),
+        ])
+    }
+
     /// A batch's budget deltas from one bound JSON array `[[key_id, units, at,
     /// regbot_limit], …]`, applied in order by migration 012's trigger (which refuses one that
     /// does not fit, aborting the commit).
@@ -1749,6 +1863,67 @@ pub mod sql {
                 r#"[["e\"1","k","admin","f","2023-11-14 22:13:20.000000",5]]"#
             );
             assert_eq!(u, r#"[["k",7,"2023-11-14 22:13:20.000000",null]]"#);
+        }
+
+        // Issue 14 item 5: `COMMIT_FAST`'s thirteen column arrays, and the batches it must not take.
+        #[test]
+        fn fast_columns_are_flat_arrays_or_none_for_the_trigger_path() {
+            use super::super::{regbot::KEY_PREFIX, UsageDelta, WindowDelta};
+            let t = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+            let at = "2023-11-14 22:13:20.000000";
+            let event = crate::model::UsageEvent {
+                id: "e1".into(),
+                key_id: "k".into(),
+                consumer_id: "c".into(),
+                feature: "f".into(),
+                created_at: t,
+                outcome: None,
+                cost: 3,
+            };
+            let usage = |key: &str| UsageDelta {
+                key_id: key.into(),
+                units: 3,
+                at: t,
+                regbot_limit: None,
+            };
+            let window = |seconds: i64| WindowDelta {
+                key_id: "k".into(),
+                feature: "f".into(),
+                window_seconds: seconds,
+                at: t,
+                units: 1,
+                rate_limit: 9,
+            };
+            let columns = super::fast_columns(
+                std::slice::from_ref(&event),
+                &[usage("k")],
+                &[window(1), window(60)],
+            )
+            .expect("fast");
+            let want = [
+                r#"["e1"]"#.to_string(),
+                r#"["k"]"#.into(),
+                r#"["c"]"#.into(),
+                r#"["f"]"#.into(),
+                format!(r#"["{at}",3]"#),
+                r#"["k"]"#.into(),
+                "[3]".into(),
+                format!(r#"["{at}"]"#),
+                r#"["k","k"]"#.into(),
+                r#"["f","f"]"#.into(),
+                "[1,60]".into(),
+                format!(r#"["{at}","{at}"]"#),
+                "[1,9,1,9]".into(),
+            ];
+            assert_eq!(columns, want);
+            let regbot = format!("{KEY_PREFIX}1");
+            for (usage, windows) in [
+                (vec![usage("k"), usage("k")], vec![]),
+                (vec![usage(&regbot)], vec![]),
+                (vec![], vec![window(1), window(1)]),
+            ] {
+                assert!(super::fast_columns(&[], &usage, &windows).is_none());
+            }
         }
     }
 }

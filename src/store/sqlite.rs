@@ -146,12 +146,15 @@ static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// The common group commit (issue 14 item 5): serves only, each key and each window once, all
 /// stored keys — every delta takes the fast path, so the two trigger statements (whose arrays
 /// would be empty, yet each still opens its view) are left out. The same guards refuse it.
+/// Its rows are bound as flat column arrays (`sql::fast_columns`, `?1`–`?13`): sqlx binds a
+/// numbered parameter by its number across the whole text (and the lower numbers a statement
+/// leaves unused to arguments it does not read).
 static COMMIT_FAST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     [
         "BEGIN IMMEDIATE",
-        sql::INSERT_EVENTS,
-        sql::UPDATE_USAGE,
-        sql::UPSERT_WINDOWS,
+        sql::INSERT_EVENTS_COLUMNS,
+        sql::UPDATE_USAGE_COLUMNS,
+        sql::UPSERT_WINDOWS_COLUMNS,
         "COMMIT",
     ]
     .join("; ")
@@ -211,16 +214,6 @@ impl Serves {
             fast_w,
             slow_w,
         }
-    }
-
-    /// Whether every delta takes the fast path (`COMMIT_FAST` fits).
-    fn all_fast(&self) -> bool {
-        self.slow == "[]" && self.slow_w == "[]"
-    }
-
-    /// Binds `COMMIT_FAST`'s parameters.
-    fn bind_fast<'q>(self, query: Query<'q>) -> Query<'q> {
-        query.bind(self.events).bind(self.fast).bind(self.fast_w)
     }
 
     /// Binds every parameter, in the order `COMMIT_BATCH` and `COMMIT_WITH_HEALTH` start with.
@@ -782,14 +775,12 @@ impl SqliteStore {
                 Serves::of(batch).bind(sqlx::query(COMMIT_WITH_HEALTH.as_str())),
                 batch,
             ),
-            (_, false) => {
-                let serves = Serves::of(batch);
-                if serves.all_fast() {
-                    serves.bind_fast(sqlx::query(COMMIT_FAST.as_str()))
-                } else {
-                    serves.bind(sqlx::query(COMMIT_BATCH.as_str()))
-                }
-            }
+            (_, false) => match sql::fast_columns(batch.events, batch.usage, batch.windows) {
+                Some(columns) => columns
+                    .into_iter()
+                    .fold(sqlx::query(COMMIT_FAST.as_str()), |q, c| q.bind(c)),
+                None => Serves::of(batch).bind(sqlx::query(COMMIT_BATCH.as_str())),
+            },
         };
         self.on_writer(query).await.map(|_| ())
     }

@@ -13,6 +13,7 @@ mod disk_full;
 mod draw;
 mod durability;
 mod exact;
+mod fast_commit;
 mod go_database;
 mod health;
 mod health_states;

@@ -1,0 +1,142 @@
+//! Issue 14 item 5: SQLite's common group commit (`COMMIT_FAST`) binds its audit rows, budget
+//! and window deltas as flat column arrays read by position; it writes the same rows and
+//! counts, resets and refuses exactly as migration 012's per-row rules do (a wrong parameter
+//! number or position would write the wrong column).
+
+use chrono::TimeDelta;
+use keypooler::model::UsageEvent;
+use keypooler::store::{Batch, Db, StoreError, UsageDelta, WindowDelta};
+use keypooler::timestamp::{to_db, Timestamp};
+use serde_json::json;
+
+use crate::helpers::*;
+
+fn usage(key: &str, units: i64, at: Timestamp) -> UsageDelta {
+    UsageDelta {
+        key_id: key.into(),
+        units,
+        at,
+        regbot_limit: None,
+    }
+}
+
+fn window(key: &str, seconds: i64, at: Timestamp, units: i64, limit: i64) -> WindowDelta {
+    WindowDelta {
+        key_id: key.into(),
+        feature: "scrape".into(),
+        window_seconds: seconds,
+        at,
+        units,
+        rate_limit: limit,
+    }
+}
+
+fn event(id: &str, key: &str, at: Timestamp, cost: i64) -> UsageEvent {
+    UsageEvent {
+        id: id.into(),
+        key_id: key.into(),
+        consumer_id: "admin".into(),
+        feature: "scrape".into(),
+        created_at: at,
+        outcome: None,
+        cost,
+    }
+}
+
+async fn commit(db: &Db, usage: &[UsageDelta], windows: &[WindowDelta]) -> Result<(), StoreError> {
+    commit_with(db, &[], usage, windows).await
+}
+
+async fn commit_with(
+    db: &Db,
+    events: &[UsageEvent],
+    usage: &[UsageDelta],
+    windows: &[WindowDelta],
+) -> Result<(), StoreError> {
+    db.commit_batch(&Batch {
+        events,
+        usage,
+        outcomes: &[],
+        health: &[],
+        tiers: &[],
+        windows,
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_commit_counts_resets_and_refuses_like_the_per_row_rules() {
+    let app = spawn_app().await;
+    app.create_tier("t", &[("scrape", 1000, 60)]).await;
+    let a = app
+        .add_key(json!({ "name": "a", "key": "va", "tier": "t", "usage_limit": 5 }))
+        .await;
+    let b = app
+        .add_key(json!({ "name": "b", "key": "vb", "tier": "t" }))
+        .await;
+    let config = keypooler::config::Config::from_vars(app.env.clone()).expect("config");
+    let db = Db::open(&config).await.expect("db");
+    let t0 = chrono::Utc::now() - TimeDelta::seconds(300);
+
+    commit_with(
+        &db,
+        &[event("e1", &a, t0, 2), event("e2", &b, t0, 3)],
+        &[usage(&a, 2, t0), usage(&b, 3, t0)],
+        &[window(&a, 60, t0, 2, 3), window(&b, 60, t0, 3, 3)],
+    )
+    .await
+    .expect("both fit");
+    for (refused_usage, refused_windows) in [
+        (vec![], vec![window(&a, 60, t0, 2, 3)]),
+        (vec![usage(&a, 4, t0)], vec![]),
+    ] {
+        match commit(&db, &refused_usage, &refused_windows).await {
+            Err(StoreError::Refused(_)) => {}
+            other => panic!("past a window's or a budget's limit: {other:?}"),
+        }
+    }
+    // a's window ended (reset to the new start), a new 1 s window for b, a's budget to its limit.
+    let later = t0 + TimeDelta::seconds(61);
+    commit(
+        &db,
+        &[usage(&a, 3, later)],
+        &[window(&a, 60, later, 2, 3), window(&b, 1, later, 1, 1)],
+    )
+    .await
+    .expect("fits");
+    // A key twice in one batch takes the per-row trigger path: the same counts follow.
+    commit(&db, &[usage(&b, 1, later), usage(&b, 1, later)], &[])
+        .await
+        .expect("unlimited");
+
+    let counts = app
+        .rows("SELECT name, usage_count FROM keys ORDER BY name")
+        .await;
+    let want = |n: &str, c: &str| vec![Some(n.to_string()), Some(c.to_string())];
+    assert_eq!(counts, [want("a", "5"), want("b", "5")]);
+    let windows = app
+        .rows_with(
+            "SELECT count, CAST(window_start AS TEXT), rate_limit FROM window_counts \
+             WHERE key_id IN (?, ?) ORDER BY key_id = ? DESC, window_seconds DESC",
+            &[&a, &b, &a],
+        )
+        .await;
+    let row = |c: i64, at: Timestamp, l: i64| {
+        vec![Some(c.to_string()), Some(to_db(at)), Some(l.to_string())]
+    };
+    assert_eq!(
+        windows,
+        [row(2, later, 3), row(3, t0, 3), row(1, later, 1)],
+        "a reset once; refused deltas not counted"
+    );
+    let events = app
+        .rows("SELECT id, key_id, consumer_id, feature, CAST(created_at AS TEXT), cost FROM usage_events ORDER BY id")
+        .await;
+    let audit = |id: &str, key: &str, cost: &str| {
+        [id, key, "admin", "scrape", &to_db(t0), cost]
+            .map(|c| Some(c.to_string()))
+            .to_vec()
+    };
+    assert_eq!(events, [audit("e1", &a, "2"), audit("e2", &b, "3")]);
+    db.close().await;
+}
