@@ -238,17 +238,14 @@ async fn find_serve(
         Caller::Admin => true,
         Caller::Consumer(c) => *c.id == *consumer_id,
     };
-    let recent = state.ledger.recent.with(uuid, |recent| {
-        mine(&recent.consumer_id).then(|| FoundServe {
-            key_id: recent.key_id.clone(),
+    let found = match state.ledger.recent.get(uuid) {
+        Some(recent) => mine(&recent.consumer_id).then(|| FoundServe {
+            key_id: recent.key_id,
             created_at: recent.created_at,
             outcome: recent
                 .outcome
                 .map(|(class, status)| Recorded::Recent(class, status)),
-        })
-    });
-    let found = match recent {
-        Some(found) => found,
+        }),
         None => state
             .ledger
             .lookups

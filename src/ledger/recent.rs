@@ -7,7 +7,6 @@
 //! database stays the truth; this only saves the read.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -30,38 +29,9 @@ pub struct RecentServe {
     pub outcome: Option<(OutcomeClass, Option<u16>)>,
 }
 
-/// Hashes a serve id (a UUID v7's bits) with one folded multiply instead of SipHash: the ids
-/// are not chosen by callers (a report only looks up, and a miss reads the database), and 62
-/// of their bits are random, so a keyed hash buys nothing here.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-
-    fn write_u128(&mut self, id: u128) {
-        self.write_u64(id as u64 ^ (id >> 64) as u64);
-    }
-
-    fn write_u64(&mut self, word: u64) {
-        // Both halves of the 128-bit product folded: every input bit reaches the low bits
-        // (the bucket) and the top ones (hashbrown's tag), though a shard's ids share low bits.
-        let product = u128::from(self.0 ^ word) * 0x9e37_79b9_7f4a_7c15;
-        self.0 = product as u64 ^ (product >> 64) as u64;
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
 #[derive(Default)]
 struct Shard {
-    serves: HashMap<u128, RecentServe, BuildHasherDefault<IdHasher>>,
+    serves: HashMap<u128, RecentServe>,
     order: VecDeque<u128>,
 }
 
@@ -97,11 +67,8 @@ impl RecentServes {
         }
     }
 
-    /// `read` applied to the serve, if kept, under its shard's lock: a caller takes only what it
-    /// needs (a report checks the consumer in place instead of cloning both shared `Arc`s,
-    /// whose counts every report on every core would otherwise bump).
-    pub fn with<T>(&self, id: u128, read: impl FnOnce(&RecentServe) -> T) -> Option<T> {
-        self.shard(id).lock().serves.get(&id).map(read)
+    pub fn get(&self, id: u128) -> Option<RecentServe> {
+        self.shard(id).lock().serves.get(&id).cloned()
     }
 
     /// Notes a serve's committed outcome (if the serve is still kept).
@@ -131,37 +98,14 @@ mod tests {
         for id in 0..(CAPACITY as u128 + SHARDS as u128) {
             recent.insert(id, serve());
         }
-        let get = |id| recent.with(id, RecentServe::clone);
-        assert!(get(0).is_none(), "the oldest are forgotten");
+        assert!(recent.get(0).is_none(), "the oldest are forgotten");
         let newest = CAPACITY as u128 + SHARDS as u128 - 1;
-        assert!(get(newest).is_some());
+        assert!(recent.get(newest).is_some());
         recent.set_outcome(newest, OutcomeClass::Ok, Some(200));
         recent.set_outcome(newest, OutcomeClass::RateLimited, Some(429));
         assert_eq!(
-            get(newest).unwrap().outcome,
+            recent.get(newest).unwrap().outcome,
             Some((OutcomeClass::Ok, Some(200)))
         );
-    }
-
-    #[test]
-    fn a_shards_ids_spread_over_buckets_and_tags() {
-        use std::hash::BuildHasher;
-        // One shard's ids share their low 4 bits; their hashes must not (the bucket index is
-        // the hash's low bits, hashbrown's tag its top 7).
-        let hasher = BuildHasherDefault::<IdHasher>::default();
-        let mut low = std::collections::HashSet::new();
-        let mut top = std::collections::HashSet::new();
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        for _ in 0..4096 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let id = (0x0190_0000_0000_7000_u128 << 64) | u128::from(x << 4 | 0x3);
-            let h = hasher.hash_one(id);
-            low.insert(h & 0xfff);
-            top.insert(h >> 57);
-        }
-        assert!(low.len() > 2000, "{} of 4096 low values", low.len());
-        assert_eq!(top.len(), 128);
     }
 }
