@@ -5,13 +5,14 @@
 //! Each commit serves the next 16 keys in rowid (rotation) order with 1 s windows, as the
 //! 10,000-key benchmark does. A variant lists the statements run between `BEGIN IMMEDIATE` and
 //! `COMMIT`, joined by `+`: `ev` / `us` / `win` (the per-row JSON texts `INSERT_EVENTS`,
-//! `UPDATE_USAGE`, `UPSERT_WINDOWS`), `evc` / `usc` / `winc` (the flat-column texts
-//! `COMMIT_FAST` runs), `none`; any other name is an environment variable holding a statement bound to the
+//! `UPDATE_USAGE`, `UPSERT_WINDOWS`), `evc` / `usc` / `winc` (the flat-column texts),
+//! `winr` (`UPDATE_WINDOWS_BY_ROW`, by the rows' rowids, which `COMMIT_FAST` runs), `none`; any other name is an environment variable holding a statement bound to the
 //! per-row usage array (if it names `keys`) or window array. Variants run interleaved, 150
 //! commits each per round; printed: the median and first quartile over rounds of the thread's
 //! CPU time per serve (so other load on the machine moves it less than wall time).
 //! `EXTRA` runs SQL on the connection first (e.g. `DROP TRIGGER keys_budget_refused`).
 
+use std::collections::HashMap;
 use std::error::Error;
 use std::time::Duration;
 
@@ -98,9 +99,21 @@ struct Params {
     usage: String,
     windows: String,
     columns: [String; 13],
+    by_row: [String; 4],
 }
 
-fn params(s: &Serves) -> Result<Params, Box<dyn Error>> {
+fn params(s: &Serves, rowids: &HashMap<String, i64>) -> Result<Params, Box<dyn Error>> {
+    let known = s
+        .windows
+        .iter()
+        .map(|w| {
+            Ok((
+                w,
+                *rowids.get(&w.key_id).ok_or("a key without a window row")?,
+            ))
+        })
+        .collect::<Result<Vec<_>, Box<dyn Error>>>()?;
+    let by_row = sql::window_row_columns(&known);
     let (events, _) = sql::batch_parameters(&s.events, &[]);
     let (usage, _, windows, _) = sql::delta_parameters(&s.usage, &s.windows);
     let columns = sql::fast_columns(&s.events, &s.usage, &s.windows).ok_or("not a fast batch")?;
@@ -109,6 +122,7 @@ fn params(s: &Serves) -> Result<Params, Box<dyn Error>> {
         usage,
         windows,
         columns,
+        by_row,
     })
 }
 
@@ -118,6 +132,7 @@ fn run(conn: &Connection, variant: &str, p: &Params) -> Result<(), Box<dyn Error
         usage,
         windows,
         columns,
+        by_row,
     } = p;
     conn.execute_batch("BEGIN IMMEDIATE")?;
     for part in variant.split('+') {
@@ -138,6 +153,12 @@ fn run(conn: &Connection, variant: &str, p: &Params) -> Result<(), Box<dyn Error
             "winc" => conn
                 .prepare_cached(sql::UPSERT_WINDOWS_COLUMNS)?
                 .execute(rusqlite::params_from_iter(&columns[..]))?,
+            "winr" => {
+                // `COMMIT_FAST` binds these after the thirteen (see `FAST_PADDING` there).
+                let args = columns.iter().chain(by_row);
+                conn.prepare_cached(sql::UPDATE_WINDOWS_BY_ROW)?
+                    .execute(rusqlite::params_from_iter(args))?
+            }
             other => {
                 let text = std::env::var(other)?;
                 let array = if text.contains("keys") {
@@ -179,6 +200,11 @@ fn main() -> Result<(), Box<dyn Error>> {
         return Err("no keys in the database".into());
     }
     let consumer: String = conn.query_row("SELECT id FROM consumers LIMIT 1", [], |r| r.get(0))?;
+    // Every key's 1 s window row (the benchmark database has served each key).
+    let rowids: HashMap<String, i64> = conn
+        .prepare("SELECT key_id, rowid FROM window_counts WHERE window_seconds = 1")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
     let mut starts = vec![chrono::Utc::now(); keys.len()];
     let mut next = 0;
     let mut samples = vec![Vec::new(); variants.len()];
@@ -186,7 +212,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         for (variant, samples) in variants.iter().zip(&mut samples) {
             let mut cpu = Duration::ZERO;
             for _ in 0..COMMITS_PER_ROUND {
-                let p = params(&serves(&keys, &consumer, &mut starts, &mut next))?;
+                let p = params(&serves(&keys, &consumer, &mut starts, &mut next), &rowids)?;
                 let t0 = thread_cpu();
                 run(&conn, variant, &p)?;
                 cpu += thread_cpu() - t0;

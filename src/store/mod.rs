@@ -1593,21 +1593,97 @@ pub mod sql {
         " THEN ?8 ->> k.key ELSE keys.usage_window_start END \
         FROM json_each(?6) AS k WHERE keys.id = k.value"
     );
+    /// `UPSERT_WINDOWS_COLUMNS`, and with a RETURNING clause `UPSERT_WINDOWS_COLUMNS_RETURNING`.
+    macro_rules! upsert_windows_columns {
+        () => {
+            concat!(
+                "INSERT INTO window_counts (key_id, feature, window_seconds, window_start, count, \
+                rate_limit) SELECT k.value, ?10 ->> k.key, ?11 ->> k.key, ?12 ->> k.key, \
+                ?13 ->> (2 * k.key), ?13 ->> (2 * k.key + 1) FROM json_each(?9) AS k WHERE true \
+                ON CONFLICT (key_id, feature, window_seconds) DO UPDATE SET \
+                rate_limit = excluded.rate_limit, \
+                count = (CASE WHEN ",
+                rate_window_ended!("excluded.window_start"),
+                " THEN 0 ELSE window_counts.count END) + excluded.count, window_start = CASE WHEN ",
+                rate_window_ended!("excluded.window_start"),
+                " THEN excluded.window_start ELSE window_counts.window_start END"
+            )
+        };
+    }
     /// `UPSERT_WINDOWS` (same rules, same refusal) with flat column arrays as above: key ids
     /// `?9`, features `?10`, window lengths `?11`, starts `?12`, and units and limits
     /// interleaved in `?13` (`[units, limit, units, limit, …]`).
-    pub const UPSERT_WINDOWS_COLUMNS: &str = concat!(
-        "INSERT INTO window_counts (key_id, feature, window_seconds, window_start, count, \
-        rate_limit) SELECT k.value, ?10 ->> k.key, ?11 ->> k.key, ?12 ->> k.key, \
-        ?13 ->> (2 * k.key), ?13 ->> (2 * k.key + 1) FROM json_each(?9) AS k WHERE true \
-        ON CONFLICT (key_id, feature, window_seconds) DO UPDATE SET \
-        rate_limit = excluded.rate_limit, \
-        count = (CASE WHEN ",
-        rate_window_ended!("excluded.window_start"),
-        " THEN 0 ELSE window_counts.count END) + excluded.count, window_start = CASE WHEN ",
-        rate_window_ended!("excluded.window_start"),
-        " THEN excluded.window_start ELSE window_counts.window_start END"
+    pub const UPSERT_WINDOWS_COLUMNS: &str = upsert_windows_columns!();
+
+    /// `UPSERT_WINDOWS_COLUMNS` answering each row's slot and rowid, which SQLite's store keeps
+    /// so the next commits update the row by rowid (`UPDATE_WINDOWS_BY_ROW`).
+    pub const UPSERT_WINDOWS_COLUMNS_RETURNING: &str = concat!(
+        upsert_windows_columns!(),
+        " RETURNING key_id, feature, window_seconds, rowid"
     );
+    /// Whether a stored window has ended by the delta's start (SQLite's by-rowid update): its
+    /// start is at or before the cutoff the process computed, `at` less the window plus the
+    /// 2 ms every other text allows (`to_db` text in both, fixed width, so text order is time
+    /// order; this store writes every start with `to_db`).
+    macro_rules! window_ended_by_cutoff {
+        () => {
+            "(window_counts.window_start IS NULL \
+            OR window_counts.window_start <= ?16 ->> (2 * k.key + 1))"
+        };
+    }
+    /// The same rules and refusal as `UPSERT_WINDOWS_COLUMNS` (migration 014's CHECK) for
+    /// windows whose row SQLite's store already knows (issue 14 item 5): each found by its rowid
+    /// `?14` instead of the UNIQUE index on three columns, after no attempted insert, with the
+    /// window's end decided on text (`window_ended_by_cutoff`) instead of two `julianday`
+    /// parses. Key ids `?15`, `[start, cutoff, …]` `?16`, `[units, limit, …]` `?17`. A row is
+    /// deleted only with its key (a tier's forced delete), so a rowid that no longer holds this
+    /// key's row — gone, or reused by another key's — updates nothing, and nothing is lost: its
+    /// key is gone too.
+    pub const UPDATE_WINDOWS_BY_ROW: &str = concat!(
+        "UPDATE window_counts SET rate_limit = ?17 ->> (2 * k.key + 1), count = (CASE WHEN ",
+        window_ended_by_cutoff!(),
+        " THEN 0 ELSE window_counts.count END) + (?17 ->> (2 * k.key)), window_start = CASE WHEN ",
+        window_ended_by_cutoff!(),
+        " THEN ?16 ->> (2 * k.key) ELSE window_counts.window_start END \
+        FROM json_each(?14) AS k \
+        WHERE window_counts.rowid = k.value AND window_counts.key_id = ?15 ->> k.key"
+    );
+    /// The four arrays `?14`–`?17` of `UPDATE_WINDOWS_BY_ROW`, for windows with their rowids.
+    pub fn window_row_columns(windows: &[(&super::WindowDelta, i64)]) -> [String; 4] {
+        use crate::timestamp::to_db;
+        let cutoff = |w: &super::WindowDelta| {
+            w.at - chrono::TimeDelta::milliseconds(w.window_seconds.saturating_mul(1000) - 2)
+        };
+        [
+            json(&windows.iter().map(|(_, row)| *row).collect::<Vec<_>>()),
+            json(
+                &windows
+                    .iter()
+                    .map(|(w, _)| w.key_id.as_str())
+                    .collect::<Vec<_>>(),
+            ),
+            json(
+                &windows
+                    .iter()
+                    .flat_map(|(w, _)| [to_db(w.at), to_db(cutoff(w))])
+                    .collect::<Vec<_>>(),
+            ),
+            json(
+                &windows
+                    .iter()
+                    .flat_map(|(w, _)| [w.units, w.rate_limit])
+                    .collect::<Vec<_>>(),
+            ),
+        ]
+    }
+
+    /// Whether each window of a batch has one delta (the fast path's rule for windows).
+    pub fn windows_once(windows: &[super::WindowDelta]) -> bool {
+        let mut slots = std::collections::HashSet::with_capacity(windows.len());
+        windows
+            .iter()
+            .all(|w| slots.insert((w.key_id.as_str(), w.feature.as_str(), w.window_seconds)))
+    }
 
     /// The thirteen flat arrays `?1`–`?13` of `INSERT_EVENTS_COLUMNS`, `UPDATE_USAGE_COLUMNS`
     /// and `UPSERT_WINDOWS_COLUMNS`,
@@ -1624,11 +1700,7 @@ pub mod sql {
         let stored_once = usage.iter().all(|u| {
             !u.key_id.starts_with(super::regbot::KEY_PREFIX) && keys.insert(u.key_id.as_str())
         });
-        let mut slots = HashSet::with_capacity(windows.len());
-        let windows_once = windows
-            .iter()
-            .all(|w| slots.insert((w.key_id.as_str(), w.feature.as_str(), w.window_seconds)));
-        if !stored_once || !windows_once {
+        if !stored_once || !windows_once(windows) {
             return None;
         }
         let created_and_cost: Vec<serde_json::Value> = events

@@ -26,6 +26,50 @@ pub struct SqliteStore {
     writer: Arc<tokio::sync::Mutex<Writer>>,
     /// To reopen the writer.
     options: Arc<SqliteConnectOptions>,
+    /// The rowid of each rate window's row the fast commit has written (`WindowRows`).
+    window_rows: Arc<std::sync::Mutex<WindowRows>>,
+}
+
+/// Rowids of `window_counts` rows by key id, then (feature, window length): the fast group
+/// commit updates a known row by its rowid (`sql::UPDATE_WINDOWS_BY_ROW`) and learns the
+/// others' from its upsert's RETURNING rows. Facts about the file, valid across a reopened
+/// writer and other processes' commits: a row is deleted only with its key.
+#[derive(Default)]
+struct WindowRows {
+    by_key: std::collections::HashMap<String, Vec<(String, i64, i64)>>,
+    len: usize,
+}
+
+/// Rows `WindowRows` keeps before it starts over (~100 bytes each; a pool's windows are
+/// keys × features × windows, and keys deleted since leave theirs behind until then).
+const WINDOW_ROWS_KEPT: usize = 262_144;
+
+impl WindowRows {
+    fn get(&self, w: &super::WindowDelta) -> Option<i64> {
+        self.by_key.get(w.key_id.as_str()).and_then(|slots| {
+            slots
+                .iter()
+                .find(|(feature, seconds, _)| *feature == w.feature && *seconds == w.window_seconds)
+                .map(|(_, _, row)| *row)
+        })
+    }
+
+    fn learn(&mut self, key_id: String, feature: String, window_seconds: i64, row: i64) {
+        if self.len >= WINDOW_ROWS_KEPT {
+            *self = WindowRows::default();
+        }
+        let slots = self.by_key.entry(key_id).or_default();
+        match slots
+            .iter_mut()
+            .find(|(f, seconds, _)| *f == feature && *seconds == window_seconds)
+        {
+            Some(slot) => slot.2 = row,
+            None => {
+                slots.push((feature, window_seconds, row));
+                self.len += 1;
+            }
+        }
+    }
 }
 
 enum Writer {
@@ -146,15 +190,31 @@ static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// The common group commit (issue 14 item 5): serves only, each key and each window once, all
 /// stored keys — every delta takes the fast path, so the two trigger statements (whose arrays
 /// would be empty, yet each still opens its view) are left out. The same guards refuse it.
-/// Its rows are bound as flat column arrays (`sql::fast_columns`, `?1`–`?13`): sqlx binds a
-/// numbered parameter by its number across the whole text (and the lower numbers a statement
-/// leaves unused to arguments it does not read).
+/// Its rows are bound as flat column arrays (`sql::fast_columns`, `?1`–`?13`, and
+/// `sql::window_row_columns`, `?14`–`?17`): sqlx binds a numbered parameter by its number across
+/// the whole text (and the lower numbers a statement leaves unused to arguments it does not
+/// read). Windows whose row the store knows are updated by rowid; `COMMIT_FAST_LEARN` also
+/// upserts the others and answers their rowids.
 static COMMIT_FAST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     [
         "BEGIN IMMEDIATE",
         sql::INSERT_EVENTS_COLUMNS,
         sql::UPDATE_USAGE_COLUMNS,
-        sql::UPSERT_WINDOWS_COLUMNS,
+        sql::UPDATE_WINDOWS_BY_ROW,
+        "COMMIT",
+    ]
+    .join("; ")
+});
+/// NULL arguments after `COMMIT_FAST_LEARN`'s seventeen: its statements leave 5, 13 and 8
+/// lower numbers unused, which sqlx binds to consecutive arguments (the last up to the 26th).
+const FAST_PADDING: usize = 9;
+static COMMIT_FAST_LEARN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    [
+        "BEGIN IMMEDIATE",
+        sql::INSERT_EVENTS_COLUMNS,
+        sql::UPDATE_USAGE_COLUMNS,
+        sql::UPDATE_WINDOWS_BY_ROW,
+        sql::UPSERT_WINDOWS_COLUMNS_RETURNING,
         "COMMIT",
     ]
     .join("; ")
@@ -424,6 +484,7 @@ impl SqliteStore {
             pool,
             writer: Arc::new(tokio::sync::Mutex::new(Writer::Open(writer))),
             options: Arc::new(options),
+            window_rows: Arc::default(),
         };
         store.migrate().await?;
         Ok(store)
@@ -775,14 +836,61 @@ impl SqliteStore {
                 Serves::of(batch).bind(sqlx::query(COMMIT_WITH_HEALTH.as_str())),
                 batch,
             ),
-            (_, false) => match sql::fast_columns(batch.events, batch.usage, batch.windows) {
-                Some(columns) => columns
-                    .into_iter()
-                    .fold(sqlx::query(COMMIT_FAST.as_str()), |q, c| q.bind(c)),
+            (_, false) => match self.commit_fast(batch).await {
+                Some(done) => return done,
                 None => Serves::of(batch).bind(sqlx::query(COMMIT_BATCH.as_str())),
             },
         };
         self.on_writer(query).await.map(|_| ())
+    }
+
+    /// A batch of serves through `COMMIT_FAST` (or `COMMIT_FAST_LEARN` while some window's
+    /// row is not known yet, keeping the rowids it answers once the commit is in); `None`
+    /// when some delta must go through migration 012's triggers (`sql::fast_columns`).
+    async fn commit_fast(&self, batch: &Batch<'_>) -> Option<Result<(), StoreError>> {
+        if !sql::windows_once(batch.windows) {
+            return None;
+        }
+        let mut known = Vec::with_capacity(batch.windows.len());
+        let mut new = Vec::new();
+        {
+            let rows = self.window_rows.lock().unwrap_or_else(|e| e.into_inner());
+            for w in batch.windows {
+                match rows.get(w) {
+                    Some(row) => known.push((w, row)),
+                    None => new.push(w.clone()),
+                }
+            }
+        }
+        let columns = sql::fast_columns(batch.events, batch.usage, &new)?;
+        let text = if new.is_empty() {
+            &COMMIT_FAST
+        } else {
+            &COMMIT_FAST_LEARN
+        };
+        let query = columns
+            .into_iter()
+            .chain(sql::window_row_columns(&known))
+            .fold(sqlx::query(text.as_str()), |q, c| q.bind(c));
+        // sqlx hands a statement's unused lower numbers the arguments after those the
+        // statements before it took that way, and stops binding (leaving the rest NULL) at the
+        // first past the end: padded so every statement's own numbers are reached.
+        let query = (0..FAST_PADDING).fold(query, |q, _| q.bind(None::<&str>));
+        let rows = match self.on_writer(query).await {
+            Ok(rows) => rows,
+            Err(e) => return Some(Err(e)),
+        };
+        if !rows.is_empty() {
+            let mut known = self.window_rows.lock().unwrap_or_else(|e| e.into_inner());
+            for r in &rows {
+                if let (Some(key_id), Some(feature), Some(seconds), Some(row)) =
+                    (r.text(0), r.text(1), r.int(2), r.int(3))
+                {
+                    known.learn(key_id, feature, seconds, row);
+                }
+            }
+        }
+        Some(Ok(()))
     }
 
     /// Runs `query` on the group commit's own connection: writes serialise behind the
@@ -792,7 +900,7 @@ impl SqliteStore {
     async fn on_writer<'q>(
         &self,
         query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
-    ) -> Result<sqlx::sqlite::SqliteQueryResult, StoreError> {
+    ) -> Result<Vec<SqliteRow>, StoreError> {
         let mut writer = self.writer.lock().await;
         if let Writer::Lost = *writer {
             let conn = self.options.connect().await.map_err(map_err)?;
@@ -802,8 +910,8 @@ impl SqliteStore {
         let Writer::Open(conn) = &mut *writer else {
             return Err(StoreError::Unavailable("the database is closed".into()));
         };
-        match query.execute(&mut *conn).await {
-            Ok(done) => Ok(done),
+        match query.fetch_all(&mut *conn).await {
+            Ok(rows) => Ok(rows),
             Err(e) => {
                 // Whichever statement failed, nothing of the batch may stay applied, and no
                 // transaction may stay open holding the write lock.
@@ -969,5 +1077,55 @@ impl SqliteStore {
             }
         }
         Ok(rows.assemble())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{WindowRows, WINDOW_ROWS_KEPT};
+    use crate::store::WindowDelta;
+
+    fn slot(key: &str, feature: &str, window_seconds: i64) -> WindowDelta {
+        WindowDelta {
+            key_id: key.into(),
+            feature: feature.into(),
+            window_seconds,
+            at: chrono::Utc::now(),
+            units: 1,
+            rate_limit: 10,
+        }
+    }
+
+    #[test]
+    fn window_rows_are_found_by_key_feature_and_length() {
+        let mut rows = WindowRows::default();
+        rows.learn("k1".into(), "scrape".into(), 1, 10);
+        rows.learn("k1".into(), "scrape".into(), 60, 11);
+        rows.learn("k1".into(), "search".into(), 1, 12);
+        rows.learn("k2".into(), "scrape".into(), 1, 13);
+        assert_eq!(rows.get(&slot("k1", "scrape", 1)), Some(10));
+        assert_eq!(rows.get(&slot("k1", "scrape", 60)), Some(11));
+        assert_eq!(rows.get(&slot("k1", "search", 1)), Some(12));
+        assert_eq!(rows.get(&slot("k2", "scrape", 1)), Some(13));
+        assert_eq!(rows.get(&slot("k2", "scrape", 60)), None);
+        assert_eq!(rows.get(&slot("k3", "scrape", 1)), None);
+        // A slot learned again keeps one entry with the newer rowid.
+        rows.learn("k1".into(), "scrape".into(), 1, 20);
+        assert_eq!(rows.get(&slot("k1", "scrape", 1)), Some(20));
+        assert_eq!(rows.len, 4);
+    }
+
+    #[test]
+    fn window_rows_start_over_past_their_bound() {
+        let mut rows = WindowRows::default();
+        for i in 0..WINDOW_ROWS_KEPT {
+            rows.learn(format!("k{i}"), "f".into(), 1, i as i64);
+        }
+        assert_eq!(rows.len, WINDOW_ROWS_KEPT);
+        assert_eq!(rows.get(&slot("k0", "f", 1)), Some(0));
+        rows.learn("new".into(), "f".into(), 1, -1);
+        assert_eq!(rows.len, 1, "started over, then learned the new row");
+        assert_eq!(rows.get(&slot("k0", "f", 1)), None);
+        assert_eq!(rows.get(&slot("new", "f", 1)), Some(-1));
     }
 }

@@ -140,3 +140,99 @@ async fn the_fast_commit_counts_resets_and_refuses_like_the_per_row_rules() {
     assert_eq!(events, [audit("e1", &a, "2"), audit("e2", &b, "3")]);
     db.close().await;
 }
+
+/// SQLite's fast commit updates a window whose row it has written before by the row's rowid,
+/// deciding the window's end on text: a delta 3 ms short of the window's length still counts
+/// in it, one 2 ms short (the tolerance every other text allows) starts the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_window_row_counts_and_resets_at_the_same_boundary() {
+    let app = spawn_app().await;
+    app.create_tier("t", &[("scrape", 1000, 60)]).await;
+    let a = app
+        .add_key(json!({ "name": "a", "key": "va", "tier": "t" }))
+        .await;
+    let config = keypooler::config::Config::from_vars(app.env.clone()).expect("config");
+    let db = Db::open(&config).await.expect("db");
+    let t0 = chrono::Utc::now() - TimeDelta::seconds(300);
+    let in_window = t0 + TimeDelta::milliseconds(60_000 - 3);
+    let next = t0 + TimeDelta::milliseconds(60_000 - 2);
+    let count = || async {
+        app.rows_with(
+            "SELECT count, CAST(window_start AS TEXT) FROM window_counts WHERE key_id = ?",
+            &[&a],
+        )
+        .await
+    };
+    let row = |c: i64, at: Timestamp| vec![vec![Some(c.to_string()), Some(to_db(at))]];
+    // The first commit writes the row (and learns its rowid); the next ones find it by rowid.
+    for (at, start, units, want) in [
+        (t0, t0, 2, 2),
+        (in_window, t0, 1, 3),
+        (next, next, 4, 4),
+        (next, next, 1, 5),
+    ] {
+        commit(&db, &[], &[window(&a, 60, at, units, 5)])
+            .await
+            .expect("fits");
+        assert_eq!(count().await, row(want, start), "after a delta at {at}");
+    }
+    match commit(&db, &[], &[window(&a, 60, next, 1, 5)]).await {
+        Err(StoreError::Refused(_)) => {}
+        other => panic!("a sixth unit in a window of 5: {other:?}"),
+    }
+    assert_eq!(
+        count().await,
+        row(5, next),
+        "the refused delta is not counted"
+    );
+    db.close().await;
+}
+
+/// A window row is deleted only with its key (a tier's forced delete). A rowid the fast
+/// commit knew that another key's new row took since updates nothing: that key's count stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_rowid_taken_by_another_keys_row_is_left_alone() {
+    let app = spawn_app().await;
+    app.create_tier("t", &[("scrape", 1000, 60)]).await;
+    let a = app
+        .add_key(json!({ "name": "a", "key": "va", "tier": "t" }))
+        .await;
+    let b = app
+        .add_key(json!({ "name": "b", "key": "vb", "tier": "t" }))
+        .await;
+    let config = keypooler::config::Config::from_vars(app.env.clone()).expect("config");
+    let db = Db::open(&config).await.expect("db");
+    let t0 = chrono::Utc::now() - TimeDelta::seconds(30);
+    commit(&db, &[], &[window(&a, 60, t0, 1, 100)])
+        .await
+        .expect("a's row");
+    let rowid = |key: &str| {
+        let key = key.to_string();
+        let app = &app;
+        async move {
+            app.rows_with("SELECT rowid FROM window_counts WHERE key_id = ?", &[&key])
+                .await
+        }
+    };
+    let a_row = rowid(&a).await;
+    // a's row goes as a forced tier delete would take it; b's new row takes the highest
+    // rowid, which is a's old one.
+    app.rows_with("DELETE FROM window_counts WHERE key_id = ?", &[&a])
+        .await;
+    commit(&db, &[], &[window(&b, 60, t0, 7, 100)])
+        .await
+        .expect("b's row");
+    assert_eq!(rowid(&b).await, a_row, "b's row reuses a's rowid");
+    commit(&db, &[], &[window(&a, 60, t0, 1, 100)])
+        .await
+        .expect("a late delta for a");
+    let b_count = app
+        .rows_with("SELECT count FROM window_counts WHERE key_id = ?", &[&b])
+        .await;
+    assert_eq!(
+        b_count,
+        [vec![Some("7".to_string())]],
+        "b's count untouched"
+    );
+    db.close().await;
+}
