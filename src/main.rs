@@ -6,6 +6,7 @@ use keypooler::config::Config;
 
 /// mimalloc instead of glibc's malloc: glibc consolidates its fast bins on every request of
 /// a kilobyte or more, and malloc and free were ~9 % of the server's CPU on durable `/key`.
+/// Built without transparent huge pages (feature `no_thp`), which inflated peak RSS by ~25 MiB.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
