@@ -114,6 +114,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "window_counts",
         include_str!("../../migrations/014_window_counts.sql"),
     ),
+    (
+        15,
+        "window_rows_missed",
+        include_str!("../../migrations/015_window_rows_missed.sql"),
+    ),
 ];
 
 /// A value bound to a statement of an admin write.
@@ -1635,19 +1640,27 @@ pub mod sql {
     /// windows whose row SQLite's store already knows (issue 14 item 5): each found by its rowid
     /// `?14` instead of the UNIQUE index on three columns, after no attempted insert, with the
     /// window's end decided on text (`window_ended_by_cutoff`) instead of two `julianday`
-    /// parses. Key ids `?15`, `[start, cutoff, …]` `?16`, `[units, limit, …]` `?17`. A row is
-    /// deleted only with its key (a tier's forced delete), so a rowid that no longer holds this
-    /// key's row — gone, or reused by another key's — updates nothing, and nothing is lost: its
-    /// key is gone too.
+    /// parses. `[key id, feature, …]` `?15`, `[start, cutoff, …]` `?16`, `[units, limit, window
+    /// length, …]` `?17`. A rowid that no longer names its window's row (deleted with its key,
+    /// renumbered by a VACUUM, reused) updates nothing; `WINDOW_ROWS_MISSED` then aborts the
+    /// commit.
     pub const UPDATE_WINDOWS_BY_ROW: &str = concat!(
-        "UPDATE window_counts SET rate_limit = ?17 ->> (2 * k.key + 1), count = (CASE WHEN ",
+        "UPDATE window_counts SET rate_limit = ?17 ->> (3 * k.key + 1), count = (CASE WHEN ",
         window_ended_by_cutoff!(),
-        " THEN 0 ELSE window_counts.count END) + (?17 ->> (2 * k.key)), window_start = CASE WHEN ",
+        " THEN 0 ELSE window_counts.count END) + (?17 ->> (3 * k.key)), window_start = CASE WHEN ",
         window_ended_by_cutoff!(),
         " THEN ?16 ->> (2 * k.key) ELSE window_counts.window_start END \
-        FROM json_each(?14) AS k \
-        WHERE window_counts.rowid = k.value AND window_counts.key_id = ?15 ->> k.key"
+        FROM json_each(?14) AS k WHERE window_counts.rowid = k.value \
+        AND window_counts.key_id = ?15 ->> (2 * k.key) \
+        AND window_counts.feature = ?15 ->> (2 * k.key + 1) \
+        AND window_counts.window_seconds = ?17 ->> (3 * k.key + 2)"
     );
+    /// Run right after `UPDATE_WINDOWS_BY_ROW`: aborts the commit (migration 015's trigger,
+    /// `WINDOW_ROWS_MISSED_MESSAGE`) when that update changed fewer rows than it named.
+    pub const WINDOW_ROWS_MISSED: &str = "INSERT INTO window_rows_missed (named, changed) \
+        SELECT json_array_length(?14), changes() WHERE changes() != json_array_length(?14)";
+    /// The error `WINDOW_ROWS_MISSED` raises.
+    pub const WINDOW_ROWS_MISSED_MESSAGE: &str = "keypooler_window_rows_missed";
     /// The four arrays `?14`–`?17` of `UPDATE_WINDOWS_BY_ROW`, for windows with their rowids.
     pub fn window_row_columns(windows: &[(&super::WindowDelta, i64)]) -> [String; 4] {
         use crate::timestamp::to_db;
@@ -1659,7 +1672,7 @@ pub mod sql {
             json(
                 &windows
                     .iter()
-                    .map(|(w, _)| w.key_id.as_str())
+                    .flat_map(|(w, _)| [w.key_id.as_str(), w.feature.as_str()])
                     .collect::<Vec<_>>(),
             ),
             json(
@@ -1671,7 +1684,7 @@ pub mod sql {
             json(
                 &windows
                     .iter()
-                    .flat_map(|(w, _)| [w.units, w.rate_limit])
+                    .flat_map(|(w, _)| [w.units, w.rate_limit, w.window_seconds])
                     .collect::<Vec<_>>(),
             ),
         ]

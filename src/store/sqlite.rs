@@ -195,30 +195,58 @@ static COMMIT_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// the whole text (and the lower numbers a statement leaves unused to arguments it does not
 /// read). Windows whose row the store knows are updated by rowid; `COMMIT_FAST_LEARN` also
 /// upserts the others and answers their rowids.
-static COMMIT_FAST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    [
-        "BEGIN IMMEDIATE",
+static COMMIT_FAST: std::sync::LazyLock<(String, usize)> = std::sync::LazyLock::new(|| {
+    fast_text(&[
         sql::INSERT_EVENTS_COLUMNS,
         sql::UPDATE_USAGE_COLUMNS,
         sql::UPDATE_WINDOWS_BY_ROW,
-        "COMMIT",
-    ]
-    .join("; ")
+        sql::WINDOW_ROWS_MISSED,
+    ])
 });
-/// NULL arguments after `COMMIT_FAST_LEARN`'s seventeen: its statements leave 5, 13 and 8
-/// lower numbers unused, which sqlx binds to consecutive arguments (the last up to the 26th).
-const FAST_PADDING: usize = 9;
-static COMMIT_FAST_LEARN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    [
-        "BEGIN IMMEDIATE",
+static COMMIT_FAST_LEARN: std::sync::LazyLock<(String, usize)> = std::sync::LazyLock::new(|| {
+    fast_text(&[
         sql::INSERT_EVENTS_COLUMNS,
         sql::UPDATE_USAGE_COLUMNS,
         sql::UPDATE_WINDOWS_BY_ROW,
+        sql::WINDOW_ROWS_MISSED,
         sql::UPSERT_WINDOWS_COLUMNS_RETURNING,
-        "COMMIT",
-    ]
-    .join("; ")
+    ])
 });
+
+/// `statements` in one transaction, with the number of arguments to bind (`arguments_reached`).
+fn fast_text(statements: &[&str]) -> (String, usize) {
+    let text = [&["BEGIN IMMEDIATE"], statements, &["COMMIT"]]
+        .concat()
+        .join("; ");
+    let reached = arguments_reached(&text);
+    (text, reached)
+}
+
+/// How many arguments sqlx reaches binding `text`, whose statements use numbered parameters
+/// only: it binds a statement's unused lower numbers to consecutive arguments, continuing
+/// from where the statements before left off, and stops binding (leaving the rest NULL) at
+/// the first number past the last argument. The fast texts are padded with NULLs up to it.
+fn arguments_reached(text: &str) -> usize {
+    let (mut taken, mut reached) = (0, 0);
+    for statement in text.split(';') {
+        let mut numbers = std::collections::BTreeSet::new();
+        let mut rest = statement;
+        while let Some(at) = rest.find('?') {
+            rest = &rest[at + 1..];
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            if let Ok(n) = rest[..digits].parse::<usize>() {
+                numbers.insert(n);
+            }
+        }
+        let Some(&highest) = numbers.last() else {
+            continue;
+        };
+        let unused = highest - numbers.len();
+        reached = reached.max(highest).max(taken + unused);
+        taken += unused;
+    }
+    reached
+}
 
 /// A group commit that also records outcomes and health changes (serves-only batches keep
 /// the shorter text above, so the hot path runs no extra statement).
@@ -847,10 +875,24 @@ impl SqliteStore {
     /// A batch of serves through `COMMIT_FAST` (or `COMMIT_FAST_LEARN` while some window's
     /// row is not known yet, keeping the rowids it answers once the commit is in); `None`
     /// when some delta must go through migration 012's triggers (`sql::fast_columns`).
+    /// A rowid that no longer names its window's row (`sql::WINDOW_ROWS_MISSED`: nothing of
+    /// that commit stayed) makes it forget every rowid it knew and commit the batch again,
+    /// every window through the upsert.
     async fn commit_fast(&self, batch: &Batch<'_>) -> Option<Result<(), StoreError>> {
         if !sql::windows_once(batch.windows) {
             return None;
         }
+        match self.commit_fast_once(batch).await? {
+            Err(StoreError::Other(e)) if e.contains(sql::WINDOW_ROWS_MISSED_MESSAGE) => {
+                tracing::info!("rate-window rows moved (a VACUUM, or a key deleted): relearning");
+                *self.window_rows.lock().unwrap_or_else(|e| e.into_inner()) = WindowRows::default();
+                self.commit_fast_once(batch).await
+            }
+            done => Some(done),
+        }
+    }
+
+    async fn commit_fast_once(&self, batch: &Batch<'_>) -> Option<Result<(), StoreError>> {
         let mut known = Vec::with_capacity(batch.windows.len());
         let mut new = Vec::new();
         {
@@ -863,19 +905,16 @@ impl SqliteStore {
             }
         }
         let columns = sql::fast_columns(batch.events, batch.usage, &new)?;
-        let text = if new.is_empty() {
-            &COMMIT_FAST
+        let (text, reached) = if new.is_empty() {
+            &*COMMIT_FAST
         } else {
-            &COMMIT_FAST_LEARN
+            &*COMMIT_FAST_LEARN
         };
         let query = columns
             .into_iter()
             .chain(sql::window_row_columns(&known))
             .fold(sqlx::query(text.as_str()), |q, c| q.bind(c));
-        // sqlx hands a statement's unused lower numbers the arguments after those the
-        // statements before it took that way, and stops binding (leaving the rest NULL) at the
-        // first past the end: padded so every statement's own numbers are reached.
-        let query = (0..FAST_PADDING).fold(query, |q, _| q.bind(None::<&str>));
+        let query = (17..*reached).fold(query, |q, _| q.bind(None::<&str>));
         let rows = match self.on_writer(query).await {
             Ok(rows) => rows,
             Err(e) => return Some(Err(e)),
@@ -1082,7 +1121,7 @@ impl SqliteStore {
 
 #[cfg(test)]
 mod tests {
-    use super::{WindowRows, WINDOW_ROWS_KEPT};
+    use super::{arguments_reached, WindowRows, COMMIT_FAST, COMMIT_FAST_LEARN, WINDOW_ROWS_KEPT};
     use crate::store::WindowDelta;
 
     fn slot(key: &str, feature: &str, window_seconds: i64) -> WindowDelta {
@@ -1127,5 +1166,17 @@ mod tests {
         assert_eq!(rows.len, 1, "started over, then learned the new row");
         assert_eq!(rows.get(&slot("k0", "f", 1)), None);
         assert_eq!(rows.get(&slot("new", "f", 1)), Some(-1));
+    }
+
+    #[test]
+    fn arguments_reached_follows_sqlx_binding_unused_numbers_in_turn() {
+        // ?2 alone leaves ?1 unused: it takes argument 1; the next statement's ?1 is argument 1.
+        assert_eq!(arguments_reached("SELECT ?2; SELECT ?1"), 2);
+        // Each statement's unused lower numbers take the arguments after the last one's.
+        assert_eq!(arguments_reached("SELECT ?3; SELECT ?3; SELECT ?1"), 4);
+        assert_eq!(arguments_reached("BEGIN; COMMIT"), 0);
+        // The fast texts: unused 0, 5, 13, 13 (and 8) lower numbers in turn.
+        assert_eq!(COMMIT_FAST.1, 31);
+        assert_eq!(COMMIT_FAST_LEARN.1, 39);
     }
 }

@@ -234,5 +234,89 @@ async fn a_known_rowid_taken_by_another_keys_row_is_left_alone() {
         [vec![Some("7".to_string())]],
         "b's count untouched"
     );
+    let a_count = app
+        .rows_with("SELECT count FROM window_counts WHERE key_id = ?", &[&a])
+        .await;
+    assert_eq!(
+        a_count,
+        [vec![Some("1".to_string())]],
+        "a's delta upserted again"
+    );
+    db.close().await;
+}
+
+/// A VACUUM may renumber rowids: a known rowid that now names another window's row of the same
+/// key changes nothing there, and the commit goes again through the upsert (migration 015).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renumbered_window_rows_are_found_again_and_nothing_is_miscounted() {
+    let app = spawn_app().await;
+    app.create_tier("t", &[("scrape", 1000, 60)]).await;
+    let a = app
+        .add_key(json!({ "name": "a", "key": "va", "tier": "t" }))
+        .await;
+    let config = keypooler::config::Config::from_vars(app.env.clone()).expect("config");
+    let db = Db::open(&config).await.expect("db");
+    let t0 = chrono::Utc::now() - TimeDelta::milliseconds(100);
+    commit(
+        &db,
+        &[],
+        &[window(&a, 1, t0, 1, 100), window(&a, 60, t0, 2, 100)],
+    )
+    .await
+    .expect("both rows written");
+    let counts = || async {
+        app.rows_with(
+            "SELECT window_seconds, count FROM window_counts WHERE key_id = ? \
+             ORDER BY window_seconds",
+            &[&a],
+        )
+        .await
+    };
+    let want = |one: i64, sixty: i64| {
+        vec![
+            vec![Some("1".to_string()), Some(one.to_string())],
+            vec![Some("60".to_string()), Some(sixty.to_string())],
+        ]
+    };
+    assert_eq!(counts().await, want(1, 2));
+    // The two rows swap rowids, as a VACUUM renumbering them could.
+    let rowids = app
+        .rows_with(
+            "SELECT CAST(rowid AS TEXT) FROM window_counts WHERE key_id = ? \
+             ORDER BY window_seconds",
+            &[&a],
+        )
+        .await;
+    let [one, sixty] = [&rowids[0][0], &rowids[1][0]].map(|r| r.clone().expect("rowid"));
+    for (from, to) in [(one.as_str(), "-1"), (&sixty, &one), ("-1", &sixty)] {
+        app.rows_with(
+            "UPDATE window_counts SET rowid = CAST(?2 AS INTEGER) \
+             WHERE rowid = CAST(?1 AS INTEGER)",
+            &[from, to],
+        )
+        .await;
+    }
+    let moved = app
+        .rows_with(
+            "SELECT CAST(rowid AS TEXT) FROM window_counts WHERE key_id = ? \
+             ORDER BY window_seconds",
+            &[&a],
+        )
+        .await;
+    assert_eq!(
+        moved,
+        [vec![Some(sixty)], vec![Some(one)]],
+        "rowids swapped"
+    );
+    for (units, want_one) in [(5, 6), (1, 7)] {
+        commit(&db, &[], &[window(&a, 1, t0, units, 100)])
+            .await
+            .expect("fits");
+        assert_eq!(
+            counts().await,
+            want(want_one, 2),
+            "the 60 s window untouched"
+        );
+    }
     db.close().await;
 }
