@@ -1553,19 +1553,27 @@ pub mod sql {
             )
         };
     }
+    /// What an upsert of `window_counts` does to a row it finds: migration 012's rules.
+    macro_rules! window_upsert_conflict {
+        () => {
+            concat!(
+                " ON CONFLICT (key_id, feature, window_seconds) DO UPDATE SET \
+                rate_limit = excluded.rate_limit, count = (CASE WHEN ",
+                rate_window_ended!("excluded.window_start"),
+                " THEN 0 ELSE window_counts.count END) + excluded.count, \
+                window_start = CASE WHEN ",
+                rate_window_ended!("excluded.window_start"),
+                " THEN excluded.window_start ELSE window_counts.window_start END"
+            )
+        };
+    }
     /// The fast path for windows that each have one row (`INSERT_WINDOW_DELTAS`'s array);
     /// migration 014's CHECK refuses a count taken past the row's limit.
     pub const UPSERT_WINDOWS: &str = concat!(
         "INSERT INTO window_counts (key_id, feature, window_seconds, window_start, count, \
         rate_limit) SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
-        value ->> 5 FROM json_each(?) WHERE true \
-        ON CONFLICT (key_id, feature, window_seconds) DO UPDATE SET \
-        rate_limit = excluded.rate_limit, \
-        count = (CASE WHEN ",
-        rate_window_ended!("excluded.window_start"),
-        " THEN 0 ELSE window_counts.count END) + excluded.count, window_start = CASE WHEN ",
-        rate_window_ended!("excluded.window_start"),
-        " THEN excluded.window_start ELSE window_counts.window_start END"
+        value ->> 5 FROM json_each(?) WHERE true",
+        window_upsert_conflict!()
     );
 
     /// `INSERT_EVENTS` for SQLite's `COMMIT_FAST`, the audit rows bound as one flat JSON array
@@ -1604,14 +1612,8 @@ pub mod sql {
             concat!(
                 "INSERT INTO window_counts (key_id, feature, window_seconds, window_start, count, \
                 rate_limit) SELECT k.value, ?10 ->> k.key, ?11 ->> k.key, ?12 ->> k.key, \
-                ?13 ->> (2 * k.key), ?13 ->> (2 * k.key + 1) FROM json_each(?9) AS k WHERE true \
-                ON CONFLICT (key_id, feature, window_seconds) DO UPDATE SET \
-                rate_limit = excluded.rate_limit, \
-                count = (CASE WHEN ",
-                rate_window_ended!("excluded.window_start"),
-                " THEN 0 ELSE window_counts.count END) + excluded.count, window_start = CASE WHEN ",
-                rate_window_ended!("excluded.window_start"),
-                " THEN excluded.window_start ELSE window_counts.window_start END"
+                ?13 ->> (2 * k.key), ?13 ->> (2 * k.key + 1) FROM json_each(?9) AS k WHERE true",
+                window_upsert_conflict!()
             )
         };
     }

@@ -64,6 +64,24 @@ async fn commit_with(
     .await
 }
 
+/// A server with tier `t` (`scrape`, 1,000 a minute) and one unlimited key per name, and a
+/// store of its own on the same database.
+async fn keys_and_store(names: &[&str]) -> (TestApp, Vec<String>, Db) {
+    let app = spawn_app().await;
+    app.create_tier("t", &[("scrape", 1000, 60)]).await;
+    let mut ids = Vec::new();
+    for name in names {
+        let key = format!("v{name}");
+        ids.push(
+            app.add_key(json!({ "name": name, "key": key, "tier": "t" }))
+                .await,
+        );
+    }
+    let config = keypooler::config::Config::from_vars(app.env.clone()).expect("config");
+    let db = Db::open(&config).await.expect("db");
+    (app, ids, db)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fast_commit_counts_resets_and_refuses_like_the_per_row_rules() {
     let app = spawn_app().await;
@@ -146,13 +164,8 @@ async fn the_fast_commit_counts_resets_and_refuses_like_the_per_row_rules() {
 /// in it, one 2 ms short (the tolerance every other text allows) starts the next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_known_window_row_counts_and_resets_at_the_same_boundary() {
-    let app = spawn_app().await;
-    app.create_tier("t", &[("scrape", 1000, 60)]).await;
-    let a = app
-        .add_key(json!({ "name": "a", "key": "va", "tier": "t" }))
-        .await;
-    let config = keypooler::config::Config::from_vars(app.env.clone()).expect("config");
-    let db = Db::open(&config).await.expect("db");
+    let (app, ids, db) = keys_and_store(&["a"]).await;
+    let a = ids[0].clone();
     let t0 = chrono::Utc::now() - TimeDelta::seconds(300);
     let in_window = t0 + TimeDelta::milliseconds(60_000 - 3);
     let next = t0 + TimeDelta::milliseconds(60_000 - 2);
@@ -188,20 +201,13 @@ async fn a_known_window_row_counts_and_resets_at_the_same_boundary() {
     db.close().await;
 }
 
-/// A window row is deleted only with its key (a tier's forced delete). A rowid the fast
-/// commit knew that another key's new row took since updates nothing: that key's count stays.
+/// A window row is deleted with its key (a tier's forced delete). A rowid the fast commit knew
+/// that another key's new row took since changes nothing there: that key's count stays, and
+/// the late delta goes again through the upsert.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_known_rowid_taken_by_another_keys_row_is_left_alone() {
-    let app = spawn_app().await;
-    app.create_tier("t", &[("scrape", 1000, 60)]).await;
-    let a = app
-        .add_key(json!({ "name": "a", "key": "va", "tier": "t" }))
-        .await;
-    let b = app
-        .add_key(json!({ "name": "b", "key": "vb", "tier": "t" }))
-        .await;
-    let config = keypooler::config::Config::from_vars(app.env.clone()).expect("config");
-    let db = Db::open(&config).await.expect("db");
+    let (app, ids, db) = keys_and_store(&["a", "b"]).await;
+    let (a, b) = (ids[0].clone(), ids[1].clone());
     let t0 = chrono::Utc::now() - TimeDelta::seconds(30);
     commit(&db, &[], &[window(&a, 60, t0, 1, 100)])
         .await
@@ -249,13 +255,8 @@ async fn a_known_rowid_taken_by_another_keys_row_is_left_alone() {
 /// key changes nothing there, and the commit goes again through the upsert (migration 015).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renumbered_window_rows_are_found_again_and_nothing_is_miscounted() {
-    let app = spawn_app().await;
-    app.create_tier("t", &[("scrape", 1000, 60)]).await;
-    let a = app
-        .add_key(json!({ "name": "a", "key": "va", "tier": "t" }))
-        .await;
-    let config = keypooler::config::Config::from_vars(app.env.clone()).expect("config");
-    let db = Db::open(&config).await.expect("db");
+    let (app, ids, db) = keys_and_store(&["a"]).await;
+    let a = ids[0].clone();
     let t0 = chrono::Utc::now() - TimeDelta::milliseconds(100);
     commit(
         &db,
