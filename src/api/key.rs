@@ -28,11 +28,12 @@ const MAX_REDRAWS: usize = 8;
 /// The largest `cost` one serve may take (SPEC §8.4).
 pub const MAX_COST: i64 = 10_000;
 
-/// `cost`: absent or empty is 1; else a whole number 1–10,000 written in digits.
+/// `cost`: absent is 1; else a whole number 1–10,000 written in digits (`cost=` with no
+/// value is refused like any other value that is not one, as the OpenAPI document's integer
+/// type says).
 fn cost(raw: Option<&str>) -> Result<i64, ApiError> {
-    let raw = match raw {
-        None | Some("") => return Ok(1),
-        Some(raw) => raw,
+    let Some(raw) = raw else {
+        return Ok(1);
     };
     raw.parse::<i64>()
         .ok()
