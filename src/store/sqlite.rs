@@ -33,7 +33,8 @@ pub struct SqliteStore {
 /// Rowids of `window_counts` rows by key id, then (feature, window length): the fast group
 /// commit updates a known row by its rowid (`sql::UPDATE_WINDOWS_BY_ROW`) and learns the
 /// others' from its upsert's RETURNING rows. Facts about the file, valid across a reopened
-/// writer and other processes' commits: a row is deleted only with its key.
+/// writer and other processes' commits, until a row goes (with its key) or a VACUUM renumbers
+/// rows: the by-rowid update then misses, the commit aborts and this map starts over.
 #[derive(Default)]
 struct WindowRows {
     by_key: std::collections::HashMap<String, Vec<(String, i64, i64)>>,
@@ -910,11 +911,15 @@ impl SqliteStore {
         } else {
             &*COMMIT_FAST_LEARN
         };
-        let query = columns
+        let arguments: Vec<String> = columns
             .into_iter()
             .chain(sql::window_row_columns(&known))
+            .collect();
+        let padding = reached.saturating_sub(arguments.len());
+        let query = arguments
+            .into_iter()
             .fold(sqlx::query(text.as_str()), |q, c| q.bind(c));
-        let query = (17..*reached).fold(query, |q, _| q.bind(None::<&str>));
+        let query = (0..padding).fold(query, |q, _| q.bind(None::<&str>));
         let rows = match self.on_writer(query).await {
             Ok(rows) => rows,
             Err(e) => return Some(Err(e)),
