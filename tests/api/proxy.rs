@@ -987,3 +987,119 @@ async fn the_answer_does_not_wait_for_its_outcome_commit_which_still_lands() {
     }
     db.close().await;
 }
+
+/// A raw TCP upstream for one connection: it reads the request head, then either never
+/// answers (`drip == false`) or sends a chunked 200 and a chunk every 20 ms (up to 10 s). It
+/// signals `received` once the head arrived and `closed` when the proxy closed the connection
+/// (a read of 0 bytes, or a failed write) — what cancelling the upstream request looks like
+/// from the upstream's side, independent of any HTTP server's own detection.
+async fn start_raw_upstream(
+    drip: bool,
+) -> (
+    String,
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let (received_tx, received) = tokio::sync::oneshot::channel();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let (mut read, mut write) = stream.into_split();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = received_tx.send(());
+        let eof = async move {
+            loop {
+                match read.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let writes = async move {
+            if !drip {
+                return std::future::pending::<()>().await;
+            }
+            let head =
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n";
+            if write.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            for _ in 0..500 {
+                if write.write_all(b"6\r\nchunk;\r\n").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            () = eof => {}
+            () = writes => {}
+        }
+        let _ = closed_tx.send(());
+    });
+    (base, received, closed)
+}
+
+// Issue 13 item 3: a caller that disconnects cancels the upstream request — while waiting for
+// the upstream's response head, and while its body streams — so the upstream sees its
+// connection closed at once instead of working on for nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_disconnects_cancels_the_upstream_request() {
+    let app = spawn_app().await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    for (tier, drip) in [("waiting", false), ("streaming", true)] {
+        let (base, received, closed) = start_raw_upstream(drip).await;
+        let upstream = json!({ "base_url": base, "auth": { "header": "x-api-key" } });
+        proxied_tier(&app, tier, tier, upstream).await;
+        app.add_key(
+            json!({ "name": format!("{tier}-key"), "key": format!("{tier}-key"), "tier": tier }),
+        )
+        .await;
+        let mut caller = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let request = format!(
+            "GET /proxy/{tier}/v1/x HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\r\n"
+        );
+        caller.write_all(request.as_bytes()).await.expect("write");
+        tokio::time::timeout(Duration::from_secs(10), received)
+            .await
+            .expect("the request reaches the upstream")
+            .expect("signalled");
+        if drip {
+            // The caller reads until the body has begun streaming to it.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !String::from_utf8_lossy(&got).contains("chunk;") {
+                let n = tokio::time::timeout(Duration::from_secs(10), caller.read(&mut buf))
+                    .await
+                    .expect("bytes arrive")
+                    .expect("read");
+                assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+        }
+        drop(caller);
+        tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{tier}: the upstream connection stayed open after the caller left")
+            })
+            .expect("signalled");
+    }
+}
