@@ -83,6 +83,50 @@ pub struct Config {
     pub railway: Option<Railway>,
     /// `REGBOT_DATABASE_URL` and friends (SPEC §8.5); `None` = the RegBot source is off.
     pub regbot: Option<RegbotConfig>,
+    /// `UPSTREAM_CA_FILE`: PEM root certificates proxy mode trusts for `https` upstreams
+    /// beside the built-in web roots (an upstream behind a private CA); `None` = built-in only.
+    pub upstream_ca: Option<UpstreamCa>,
+}
+
+/// The certificates of `UPSTREAM_CA_FILE`, read and checked at startup.
+#[derive(Clone, Debug)]
+pub struct UpstreamCa {
+    pub path: PathBuf,
+    /// The file's PEM text, holding at least one certificate reqwest accepts.
+    pub pem: Vec<u8>,
+}
+
+impl UpstreamCa {
+    /// Reads `path`; an unreadable file, one without a certificate, or one whose certificates
+    /// a TLS client cannot take is an error naming it.
+    fn read(path: &str) -> Result<UpstreamCa, ConfigError> {
+        let bad = |why: String| {
+            ConfigError(format!(
+                "invalid configuration: UPSTREAM_CA_FILE={path:?} {why}"
+            ))
+        };
+        let pem = std::fs::read(path).map_err(|e| bad(format!("cannot be read: {e}")))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+            .ok()
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| {
+                bad("holds no PEM certificate (expected -----BEGIN CERTIFICATE----- blocks)".into())
+            })?;
+        certificates
+            .into_iter()
+            .fold(reqwest::Client::builder(), |b, c| b.add_root_certificate(c))
+            .build()
+            .map_err(|e| bad(format!("holds a certificate TLS cannot use: {e}")))?;
+        Ok(UpstreamCa {
+            path: PathBuf::from(path),
+            pem,
+        })
+    }
+
+    /// The certificates (checked when read, so none is dropped here).
+    pub fn certificates(&self) -> Vec<reqwest::Certificate> {
+        reqwest::Certificate::from_pem_bundle(&self.pem).unwrap_or_default()
+    }
 }
 
 /// RegBot's database, read-only (SPEC §8.5).
@@ -138,6 +182,7 @@ struct RawConfig {
     regbot_database_url: Option<String>,
     regbot_auth_token: Option<String>,
     regbot_refresh_seconds: Option<String>,
+    upstream_ca_file: Option<String>,
     railway_environment: Option<OsString>,
     railway_volume_mount_path: Option<OsString>,
 }
@@ -171,6 +216,7 @@ impl RawConfig {
             "REGBOT_DATABASE_URL" => &mut self.regbot_database_url,
             "REGBOT_AUTH_TOKEN" => &mut self.regbot_auth_token,
             "REGBOT_REFRESH_SECONDS" => &mut self.regbot_refresh_seconds,
+            "UPSTREAM_CA_FILE" => &mut self.upstream_ca_file,
             _ => return None,
         })
     }
@@ -521,7 +567,12 @@ impl RawConfig {
             )?;
         }
 
+        let upstream_ca = present(&self.upstream_ca_file)
+            .map(UpstreamCa::read)
+            .transpose()?;
+
         Ok(Config {
+            upstream_ca,
             admin_token,
             encryption_key,
             encryption_key_previous,
@@ -1038,5 +1089,41 @@ mod tests {
             e.contains("REGBOT_DATABASE_URL") && !e.contains("SECRET"),
             "{e}"
         );
+    }
+
+    // Issue 13 item 2: UPSTREAM_CA_FILE, read and checked at startup.
+    #[test]
+    fn upstream_ca_file_is_read_and_checked() {
+        assert!(cfg(&[("ADMIN_TOKEN", "t")]).unwrap().upstream_ca.is_none());
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/upstream_tls/ca.pem"
+        );
+        let c = cfg(&[("ADMIN_TOKEN", "t"), ("UPSTREAM_CA_FILE", fixture)]).unwrap();
+        let ca = c.upstream_ca.expect("set");
+        assert_eq!(ca.certificates().len(), 1);
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let broken = dir.path().join("broken.pem");
+        std::fs::write(
+            &broken,
+            "-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let missing = dir.path().join("missing.pem");
+        for (path, why) in [
+            (&missing, "cannot be read"),
+            (&empty, "holds no PEM certificate"),
+            (&broken, "TLS cannot use"),
+        ] {
+            let e = cfg(&[
+                ("ADMIN_TOKEN", "t"),
+                ("UPSTREAM_CA_FILE", path.to_str().unwrap()),
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("UPSTREAM_CA_FILE") && e.contains(why), "{e}");
+        }
     }
 }

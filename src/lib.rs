@@ -121,6 +121,9 @@ pub async fn build(config: &Config) -> Result<App, StartupError> {
         config.metrics_token.as_ref(),
     );
     state.outcome_window = config.outcome_window;
+    if let Some(ca) = &config.upstream_ca {
+        state.upstream_client = proxy::Client::trusting(ca.certificates());
+    }
     state.changes = Some(tokio::sync::Mutex::new(sync::Poller::new(
         sync_from,
         sync::LogBound::default(),

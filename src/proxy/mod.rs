@@ -57,8 +57,20 @@ pub struct Client(Result<reqwest::Client, String>);
 
 impl Default for Client {
     fn default() -> Client {
+        Client::trusting(Vec::new())
+    }
+}
+
+impl Client {
+    /// The client, trusting `roots` (`UPSTREAM_CA_FILE`) beside the built-in web roots.
+    pub fn trusting(roots: Vec<reqwest::Certificate>) -> Client {
+        let builder = roots
+            .into_iter()
+            .fold(reqwest::Client::builder(), |b, root| {
+                b.add_root_certificate(root)
+            });
         Client(
-            reqwest::Client::builder()
+            builder
                 .connect_timeout(CONNECT_TIMEOUT)
                 .pool_idle_timeout(Duration::from_secs(90))
                 .redirect(reqwest::redirect::Policy::none())
@@ -68,9 +80,7 @@ impl Default for Client {
                 .map_err(|e| e.without_url().to_string()),
         )
     }
-}
 
-impl Client {
     pub fn get(&self) -> Result<&reqwest::Client, &str> {
         self.0.as_ref().map_err(String::as_str)
     }
