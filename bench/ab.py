@@ -1,15 +1,22 @@
-"""Paired A/B of durable GET /key: server CPU per serve and req/s, binaries side by side.
+"""Paired A/B of durable GET /key (or outcome reports): CPU per request and req/s, side by side.
 
-Usage: python3 bench/ab.py BINARY... (N=10 for a small pool, default 10,000 keys; ROUNDS=4;
-SECS=3). Starts every binary once on its own temp database, sets up N keys with 1 s windows,
-serves each key once, then alternates wrk runs between the servers (the order reversed every
+Usage: python3 bench/ab.py BINARY... (N=10 for a small pool, default 10,000 keys, 10 with
+MODE=reports; ROUNDS=4; SECS=3; MODE=reports for outcome reports instead of /key). Starts
+every binary once on its own temp database, sets up N keys with 1 s windows, serves each key
+once, then alternates wrk runs between the servers (the order reversed every
 round) and reads each server's CPU time from /proc per thread (the SQLite worker threads
 apart). Prints each run and the medians: the binaries meet the same machine state within
 seconds of each other, which a noisy shared machine needs; run it several times for fresh
 instances.
+
+MODE=reports (issue 9 item 9): each round first draws serves on every server for 2 s, then,
+alternating, runs /health for 1 s and POST /serves/{id}/outcome for 1 s on that server's
+newest 50,000 serves (bench/report.lua, as bench.py's "recent serves" case), printing report
+req/s, their ratio to that server's /health just before, and server CPU per report.
 """
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -18,9 +25,12 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 
-N = int(os.environ.get("N", "10000"))
 ROUNDS = int(os.environ.get("ROUNDS", "4"))
 SECS = int(os.environ.get("SECS", "3"))
+MODE = os.environ.get("MODE", "key")
+# Keys in the pool: 10,000 for /key; 10 for reports (bench.py's "recent serves" case).
+N = int(os.environ.get("N", "10" if MODE == "reports" else "10000"))
+REPORT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.lua")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -60,6 +70,52 @@ def start(binary):
     return srv, workdir, url, c["token"]
 
 
+def serve_file(workdir, url, token, name):
+    """Draws serves for 2 s; writes the newest 50,000 serve ids to a file; its path."""
+    db_path = os.path.join(workdir, "pool.db")
+
+    def ids(query, *args):
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        try:
+            return db.execute(query, args).fetchall()
+        finally:
+            db.close()
+
+    (before,), = ids("SELECT COALESCE(MAX(rowid), 0) FROM usage_events")
+    bench.wrk(url, token, seconds=2)
+    rows = ids("SELECT id FROM usage_events WHERE rowid > ? ORDER BY rowid", before)[-50_000:]
+    path = os.path.join(workdir, name)
+    with open(path, "w") as f:
+        f.write("\n".join(r[0] for r in rows) + "\n")
+    return path
+
+
+def reports(binaries, pairs, results):
+    """MODE=reports: see the module doc."""
+    for r in range(ROUNDS):
+        order = pairs if r % 2 == 0 else pairs[::-1]
+        files = {b: serve_file(workdir, url, token, f"serves-{r}.txt")
+                 for b, (_, workdir, url, token) in order}
+        for b, (srv, _, url, token) in order:
+            base = url.split("/key")[0]
+            health = bench.wrk(base + "/health", seconds=1)
+            t0 = cpu(srv.pid)
+            w = bench.wrk(base, token, REPORT_SCRIPT, (files[b], "2"), 1)
+            t1 = cpu(srv.pid)
+            n = max(w["total"], 1)
+            row = (w["rps"], w["rps"] / health["rps"], (t1[0] - t0[0]) / n * 1e6,
+                   (t1[1] - t0[1]) / n * 1e6)
+            results[b].append(row)
+            print(f"{os.path.basename(b):20} {row[0]:8.0f} reports/s  {row[1]:.2f}x /health  "
+                  f"CPU per report {row[2]:5.1f} µs (SQLite threads {row[3]:4.1f})", flush=True)
+    print(f"medians over {ROUNDS} rounds:")
+    first = statistics.median(x[0] for x in results[binaries[0]])
+    for b in binaries:
+        rps, ratio, us, sq = (statistics.median(x[i] for x in results[b]) for i in range(4))
+        print(f"  {os.path.basename(b):20} {rps:8.0f} reports/s ({rps / first - 1:+.1%})  "
+              f"{ratio:.2f}x /health  CPU per report {us:5.1f} µs (SQLite threads {sq:4.1f})")
+
+
 def main():
     binaries = sys.argv[1:]
     if not binaries:
@@ -72,6 +128,8 @@ def main():
         for b in binaries:
             servers.append(start(b))
         pairs = list(zip(binaries, servers))
+        if MODE == "reports":
+            return reports(binaries, pairs, results)
         for r in range(ROUNDS):
             for b, (srv, _, url, token) in pairs if r % 2 == 0 else pairs[::-1]:
                 t0 = cpu(srv.pid)
