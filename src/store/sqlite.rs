@@ -181,12 +181,21 @@ struct WriteTx {
     conn: PoolConnection<Sqlite>,
     /// Not yet known to be outside a transaction.
     open: bool,
+    /// Woken after the commit, as after a group commit (`checkpoint_behind`).
+    checkpoints: Arc<Checkpoints>,
 }
 
 impl WriteTx {
-    async fn begin(pool: &SqlitePool) -> Result<WriteTx, StoreError> {
+    async fn begin(
+        pool: &SqlitePool,
+        checkpoints: &Arc<Checkpoints>,
+    ) -> Result<WriteTx, StoreError> {
         let conn = pool.acquire().await.map_err(map_err)?;
-        let mut tx = WriteTx { conn, open: true };
+        let mut tx = WriteTx {
+            conn,
+            open: true,
+            checkpoints: checkpoints.clone(),
+        };
         match sqlx::query("BEGIN IMMEDIATE").execute(&mut *tx.conn).await {
             Ok(_) => Ok(tx),
             Err(e) => Err(tx.abort(e).await),
@@ -209,6 +218,7 @@ impl WriteTx {
         match sqlx::query("COMMIT").execute(&mut *self.conn).await {
             Ok(_) => {
                 self.open = false;
+                self.checkpoints.wake.notify_one();
                 Ok(value)
             }
             Err(e) => Err(self.abort(e).await),
@@ -449,19 +459,20 @@ static WRITE_INDEX: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 
 /// WAL pages (4 KiB) after which a committing connection checkpoints (PASSIVE) right after
 /// its commit: the bound that holds even if the background checkpointer (`checkpoint_behind`)
-/// falls behind or fails. It normally never fires: that task has the WAL start over at
-/// `RESTART_FRAMES`. Either way the WAL stays inside the first 32 KiB of the `-shm` index
-/// (4,062 frames), which so never needs to grow on a full disk. (History: a checkpointer of its
+/// falls behind or fails (8 MiB). It normally never fires: that task has the WAL start over at
+/// `RESTART_FRAMES` (2 MiB). Either way the WAL stays inside the first 32 KiB of the `-shm`
+/// index (4,062 frames), which so never needs to grow on a full disk. (History: a checkpointer of its
 /// own alone never let the WAL start over under steady load — commits kept appending while it
 /// copied — and the WAL grew to 80 MB; the committer alone stalled every commit behind each
 /// copy and its `fsync`s.)
-const AUTOCHECKPOINT_PAGES: &str = "1024";
-/// WAL frames from which the background checkpointer has the WAL start over (~2 MiB).
+const AUTOCHECKPOINT_PAGES: &str = "2048";
+/// WAL frames from which the background checkpointer has the WAL start over (2 MiB; under
+/// load commits add ~100–300 frames while it catches up, so the WAL peaks near 2–3.5 MiB).
 const RESTART_FRAMES: i64 = 512;
 /// How long the background checkpointer lets commits gather after one woke it.
 const CHECKPOINT_GAP: std::time::Duration = std::time::Duration::from_millis(5);
 /// Size a larger WAL file (after a big transaction) is cut back to when it starts over
-/// (`journal_size_limit`, bytes); a WAL within the autocheckpoint is reused in place.
+/// (`journal_size_limit`, bytes); a WAL within it is reused in place.
 const WAL_SIZE_LIMIT: &str = "4194304";
 /// SQLite page cache per connection, in KiB (negative = KiB in SQLite's convention).
 const CACHE_SIZE: &str = "-16384";
@@ -661,7 +672,7 @@ impl SqliteStore {
             }
             // The bookkeeping row goes first: a replica starting at the same moment that
             // applied this migration already makes the INSERT fail, so no body runs twice.
-            let mut tx = WriteTx::begin(&self.pool).await?;
+            let mut tx = WriteTx::begin(&self.pool, &self.checkpoints).await?;
             let outcome = async {
                 sqlx::query(sql::RECORD_MIGRATION)
                     .bind(version)
@@ -709,7 +720,7 @@ impl SqliteStore {
     }
 
     pub async fn create_tier(&self, tier: &TierRecord) -> Result<(), StoreError> {
-        let mut tx = WriteTx::begin(&self.pool).await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.checkpoints).await?;
         let outcome = async {
             sqlx::query(sql::INSERT_TIER)
                 .bind(&tier.id)
@@ -727,7 +738,7 @@ impl SqliteStore {
     }
 
     pub async fn update_tier(&self, tier: &TierRecord) -> Result<(), StoreError> {
-        let mut tx = WriteTx::begin(&self.pool).await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.checkpoints).await?;
         let outcome = async {
             let updated = sqlx::query(sql::UPDATE_TIER)
                 .bind(&tier.name)
@@ -758,7 +769,7 @@ impl SqliteStore {
         key: &KeyRecord,
         value_hash: Option<&str>,
     ) -> Result<(), StoreError> {
-        let mut tx = WriteTx::begin(&self.pool).await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.checkpoints).await?;
         let outcome = async {
             sqlx::query(sql::INSERT_KEY)
                 .bind(&key.id)
@@ -837,7 +848,7 @@ impl SqliteStore {
         statements: &[(&str, Vec<Param>)],
         check: impl Fn(usize, u64) -> Result<(), StoreError>,
     ) -> Result<Vec<u64>, StoreError> {
-        let mut tx = WriteTx::begin(&self.pool).await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.checkpoints).await?;
         let outcome = async {
             let mut counts = Vec::with_capacity(statements.len());
             for (i, (statement, params)) in statements.iter().enumerate() {
@@ -869,8 +880,9 @@ impl SqliteStore {
             .bind(to_db(chrono::Utc::now()))
             .execute(&self.pool)
             .await
-            .map_err(map_err)
-            .map(|_| ())
+            .map_err(map_err)?;
+        self.checkpoints.wake.notify_one();
+        Ok(())
     }
 
     pub async fn delete_consumer(&self, id: &str) -> Result<(), StoreError> {
@@ -884,7 +896,7 @@ impl SqliteStore {
         children: &str,
         id: &str,
     ) -> Result<(), StoreError> {
-        let mut tx = WriteTx::begin(&self.pool).await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.checkpoints).await?;
         let outcome = async {
             sqlx::query(children)
                 .bind(id)
@@ -911,8 +923,9 @@ impl SqliteStore {
             .bind(tier_id)
             .execute(&self.pool)
             .await
-            .map_err(map_err)
-            .map(|_| ())
+            .map_err(map_err)?;
+        self.checkpoints.wake.notify_one();
+        Ok(())
     }
 
     /// Runs `statements` in one `BEGIN IMMEDIATE` transaction (see `Db::write`).
