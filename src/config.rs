@@ -91,14 +91,13 @@ pub struct Config {
 /// The certificates of `UPSTREAM_CA_FILE`, read and checked at startup.
 #[derive(Clone, Debug)]
 pub struct UpstreamCa {
-    pub path: PathBuf,
-    /// The file's PEM text, holding at least one certificate reqwest accepts.
-    pub pem: Vec<u8>,
+    /// At least one, each one the proxy's client accepts.
+    certificates: Vec<reqwest::Certificate>,
 }
 
 impl UpstreamCa {
     /// Reads `path`; an unreadable file, one without a certificate, or one whose certificates
-    /// a TLS client cannot take is an error naming it.
+    /// the proxy's client (`proxy::Client::trusting`) cannot take is an error naming it.
     fn read(path: &str) -> Result<UpstreamCa, ConfigError> {
         let bad = |why: String| {
             ConfigError(format!(
@@ -112,20 +111,14 @@ impl UpstreamCa {
             .ok_or_else(|| {
                 bad("holds no PEM certificate (expected -----BEGIN CERTIFICATE----- blocks)".into())
             })?;
-        certificates
-            .into_iter()
-            .fold(reqwest::Client::builder(), |b, c| b.add_root_certificate(c))
-            .build()
+        crate::proxy::Client::trusting(certificates.clone())
+            .get()
             .map_err(|e| bad(format!("holds a certificate TLS cannot use: {e}")))?;
-        Ok(UpstreamCa {
-            path: PathBuf::from(path),
-            pem,
-        })
+        Ok(UpstreamCa { certificates })
     }
 
-    /// The certificates (checked when read, so none is dropped here).
     pub fn certificates(&self) -> Vec<reqwest::Certificate> {
-        reqwest::Certificate::from_pem_bundle(&self.pem).unwrap_or_default()
+        self.certificates.clone()
     }
 }
 

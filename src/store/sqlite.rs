@@ -32,12 +32,19 @@ pub struct SqliteStore {
     checkpoints: Arc<Checkpoints>,
 }
 
-/// The background checkpointer's controls: woken after each group commit, stopped by `close`.
+/// The background checkpointer's controls: woken after each commit, stopped by `close`.
 #[derive(Default)]
 struct Checkpoints {
     wake: tokio::sync::Notify,
     stop: std::sync::atomic::AtomicBool,
     task: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Checkpoints {
+    /// After any commit: the checkpointer looks at the WAL (`checkpoint_behind`).
+    fn committed(&self) {
+        self.wake.notify_one();
+    }
 }
 
 /// Copies the WAL back into the database on a connection of its own, so the group commit's
@@ -67,19 +74,12 @@ async fn checkpoint_behind(
         if checkpoints.stop.load(Ordering::Acquire) {
             break;
         }
-        if conn.is_none() {
-            conn = match options.connect().await {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    if !std::mem::replace(&mut failing, true) {
-                        tracing::warn!(error = %e, "background checkpoint: cannot connect; the commits' own checkpoints bound the WAL meanwhile");
-                    }
-                    continue;
-                }
-            };
-        }
-        let Some(c) = conn.as_mut() else { continue };
         let done = async {
+            let c = match conn.take() {
+                Some(c) => c,
+                None => options.connect().await?,
+            };
+            let c = conn.insert(c);
             let frames = passive_checkpoint(c).await?;
             if frames >= RESTART_FRAMES {
                 passive_checkpoint(c).await?;
@@ -218,7 +218,7 @@ impl WriteTx {
         match sqlx::query("COMMIT").execute(&mut *self.conn).await {
             Ok(_) => {
                 self.open = false;
-                self.checkpoints.wake.notify_one();
+                self.checkpoints.committed();
                 Ok(value)
             }
             Err(e) => Err(self.abort(e).await),
@@ -632,6 +632,11 @@ impl SqliteStore {
         Ok(store)
     }
 
+    /// An admin write transaction on a pool connection (`WriteTx`).
+    async fn write_tx(&self) -> Result<WriteTx, StoreError> {
+        WriteTx::begin(&self.pool, &self.checkpoints).await
+    }
+
     /// The pool and the group commit's own connection.
     async fn connect(
         options: &SqliteConnectOptions,
@@ -672,7 +677,7 @@ impl SqliteStore {
             }
             // The bookkeeping row goes first: a replica starting at the same moment that
             // applied this migration already makes the INSERT fail, so no body runs twice.
-            let mut tx = WriteTx::begin(&self.pool, &self.checkpoints).await?;
+            let mut tx = self.write_tx().await?;
             let outcome = async {
                 sqlx::query(sql::RECORD_MIGRATION)
                     .bind(version)
@@ -720,7 +725,7 @@ impl SqliteStore {
     }
 
     pub async fn create_tier(&self, tier: &TierRecord) -> Result<(), StoreError> {
-        let mut tx = WriteTx::begin(&self.pool, &self.checkpoints).await?;
+        let mut tx = self.write_tx().await?;
         let outcome = async {
             sqlx::query(sql::INSERT_TIER)
                 .bind(&tier.id)
@@ -738,7 +743,7 @@ impl SqliteStore {
     }
 
     pub async fn update_tier(&self, tier: &TierRecord) -> Result<(), StoreError> {
-        let mut tx = WriteTx::begin(&self.pool, &self.checkpoints).await?;
+        let mut tx = self.write_tx().await?;
         let outcome = async {
             let updated = sqlx::query(sql::UPDATE_TIER)
                 .bind(&tier.name)
@@ -769,7 +774,7 @@ impl SqliteStore {
         key: &KeyRecord,
         value_hash: Option<&str>,
     ) -> Result<(), StoreError> {
-        let mut tx = WriteTx::begin(&self.pool, &self.checkpoints).await?;
+        let mut tx = self.write_tx().await?;
         let outcome = async {
             sqlx::query(sql::INSERT_KEY)
                 .bind(&key.id)
@@ -848,7 +853,7 @@ impl SqliteStore {
         statements: &[(&str, Vec<Param>)],
         check: impl Fn(usize, u64) -> Result<(), StoreError>,
     ) -> Result<Vec<u64>, StoreError> {
-        let mut tx = WriteTx::begin(&self.pool, &self.checkpoints).await?;
+        let mut tx = self.write_tx().await?;
         let outcome = async {
             let mut counts = Vec::with_capacity(statements.len());
             for (i, (statement, params)) in statements.iter().enumerate() {
@@ -881,7 +886,7 @@ impl SqliteStore {
             .execute(&self.pool)
             .await
             .map_err(map_err)?;
-        self.checkpoints.wake.notify_one();
+        self.checkpoints.committed();
         Ok(())
     }
 
@@ -896,7 +901,7 @@ impl SqliteStore {
         children: &str,
         id: &str,
     ) -> Result<(), StoreError> {
-        let mut tx = WriteTx::begin(&self.pool, &self.checkpoints).await?;
+        let mut tx = self.write_tx().await?;
         let outcome = async {
             sqlx::query(children)
                 .bind(id)
@@ -924,7 +929,7 @@ impl SqliteStore {
             .execute(&self.pool)
             .await
             .map_err(map_err)?;
-        self.checkpoints.wake.notify_one();
+        self.checkpoints.committed();
         Ok(())
     }
 
@@ -1071,7 +1076,7 @@ impl SqliteStore {
         };
         match query.fetch_all(&mut *conn).await {
             Ok(rows) => {
-                self.checkpoints.wake.notify_one();
+                self.checkpoints.committed();
                 Ok(rows)
             }
             Err(e) => {

@@ -64,17 +64,20 @@ impl Stub {
     }
 }
 
+/// Path and query of a request as sent.
+fn target_of(uri: &axum::http::Uri) -> String {
+    uri.path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default()
+}
+
 async fn stub_handler(State(state): State<Arc<StubState>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, usize::MAX)
         .await
         .unwrap_or_default()
         .to_vec();
-    let target = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_default();
+    let target = target_of(&parts.uri);
     let seen = Seen {
         method: parts.method.to_string(),
         target: target.clone(),
@@ -1153,11 +1156,7 @@ async fn start_h2_upstream() -> (String, Arc<parking_lot::Mutex<Vec<SeenH2>>>) {
                                 .await
                                 .map(|b| b.to_bytes().to_vec())
                                 .unwrap_or_default();
-                            let target = parts
-                                .uri
-                                .path_and_query()
-                                .map(|p| p.as_str().to_owned())
-                                .unwrap_or_default();
+                            let target = target_of(&parts.uri);
                             let answer = json!({ "version": format!("{:?}", parts.version), "length": body.len() });
                             record.lock().push((
                                 parts.version,
