@@ -95,6 +95,18 @@ pub struct HealthJob {
     pub health: Vec<HealthWrite>,
     /// A tier's host-throttling cooldown that began.
     pub tiers: Vec<TierCooldownWrite>,
+    pub urgency: Urgency,
+}
+
+/// Whether anyone's answer waits for a health job's commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Urgency {
+    /// A caller's answer (or a retry's draw) waits for it: it goes with the next commit.
+    Awaited,
+    /// Nobody waits: a proxied attempt's outcome, recorded while (or after) its answer goes
+    /// out. One that changes no health record is only an audit-row update; it may wait up to
+    /// `LATER` so the serves queued meanwhile commit first (see `Later`).
+    Background,
 }
 
 /// How a health job's commit ended.
@@ -110,6 +122,65 @@ pub enum JobOutcome {
 struct Job {
     job: HealthJob,
     ack: oneshot::Sender<JobOutcome>,
+}
+
+impl Job {
+    /// An outcome nobody waits for that changes no health record: it orders against nothing
+    /// (a serve's outcome is written once, after its serve committed).
+    fn can_wait(&self) -> bool {
+        self.job.urgency == Urgency::Background
+            && self.job.health.is_empty()
+            && self.job.tiers.is_empty()
+    }
+}
+
+/// How long an outcome nobody waits for may be held back for serves to commit first: about
+/// the time a wave of 32 answers and their callers' next draws takes on two cores
+/// (`bench/proxy.py`'s lockstep case: 2 ms held its draws at ~1.3 ms on average, 5 ms at
+/// ~0.9 ms, 10 ms no better).
+pub const LATER: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Outcomes held back (issue 13 item 6). A proxied answer ends, its outcome is queued, and its
+/// caller's next request draws at once: committed in arrival order, every draw of a wave of
+/// answers waits behind the wave's outcomes. Held back instead, they are committed `hold`
+/// after the oldest of them arrived: alone if the writer is idle then (the upstream's time),
+/// else with the batch it gathered (one commit fewer under load), and at once when
+/// `MAX_BATCH` of them wait or the writer stops. A held outcome's report keeps its serve's
+/// report slot, so a caller's own report of that serve waits for it (at most `hold`).
+struct Later {
+    hold: std::time::Duration,
+    jobs: Vec<Job>,
+    since: Option<tokio::time::Instant>,
+}
+
+impl Later {
+    /// Moves the jobs that can wait out of `jobs`.
+    fn hold(&mut self, jobs: &mut Vec<Job>) {
+        if !jobs.iter().any(Job::can_wait) {
+            return;
+        }
+        let (wait, now): (Vec<Job>, Vec<Job>) =
+            std::mem::take(jobs).into_iter().partition(Job::can_wait);
+        *jobs = now;
+        self.since.get_or_insert_with(tokio::time::Instant::now);
+        self.jobs.extend(wait);
+    }
+
+    fn due_at(&self) -> Option<tokio::time::Instant> {
+        self.since.map(|since| since + self.hold)
+    }
+
+    /// The held jobs, if their time has come (or `now` is forced).
+    fn release(&mut self, force: bool) -> Vec<Job> {
+        let due = self
+            .due_at()
+            .is_some_and(|at| at <= tokio::time::Instant::now());
+        if !(force || due || self.jobs.len() >= MAX_BATCH) {
+            return Vec::new();
+        }
+        self.since = None;
+        std::mem::take(&mut self.jobs)
+    }
 }
 
 // A serve carries its windows inline (a fixed array, SPEC §8.4): moved once into the queue,
@@ -161,15 +232,28 @@ pub struct Ledger {
 impl Ledger {
     /// Starts the writer task on the current runtime, recording into `meters`.
     pub fn start(db: Db, meters: LedgerMeters) -> Ledger {
-        Ledger::spawn(db, BacklogLimits::default(), meters)
+        Ledger::spawn(db, BacklogLimits::default(), meters, LATER)
     }
 
     /// Starts the writer with its uncertain backlog bounded by `limits` (records no metrics).
     pub fn start_with_limits(db: Db, limits: BacklogLimits) -> Ledger {
-        Ledger::spawn(db, limits, crate::metrics::Metrics::disabled().ledger())
+        let meters = crate::metrics::Metrics::disabled().ledger();
+        Ledger::spawn(db, limits, meters, LATER)
     }
 
-    fn spawn(db: Db, limits: BacklogLimits, meters: LedgerMeters) -> Ledger {
+    /// Starts the writer holding back outcomes nobody waits for up to `hold` instead of
+    /// `LATER` (records no metrics).
+    pub fn start_holding(db: Db, hold: std::time::Duration) -> Ledger {
+        let meters = crate::metrics::Metrics::disabled().ledger();
+        Ledger::spawn(db, BacklogLimits::default(), meters, hold)
+    }
+
+    fn spawn(
+        db: Db,
+        limits: BacklogLimits,
+        meters: LedgerMeters,
+        hold: std::time::Duration,
+    ) -> Ledger {
         let (queue, inbox) = mpsc::unbounded_channel();
         let backlog = Arc::new(Backlog {
             limits,
@@ -177,7 +261,8 @@ impl Ledger {
         });
         let recent = Arc::new(RecentServes::default());
         let lookups = lookup::ServeLookups::start(db.clone());
-        let worker = tokio::spawn(run(db, inbox, backlog, Arc::new(meters), recent.clone()));
+        let meters = Arc::new(meters);
+        let worker = tokio::spawn(run(db, inbox, backlog, meters, recent.clone(), hold));
         Ledger {
             queue,
             worker: parking_lot::Mutex::new(Some(worker)),
@@ -225,6 +310,7 @@ async fn run(
     backlog: Arc<Backlog>,
     meters: Arc<LedgerMeters>,
     recent: Arc<RecentServes>,
+    hold: std::time::Duration,
 ) {
     let mut stopping = false;
     // Commits in flight, oldest first, each with whether it carries health jobs.
@@ -235,17 +321,27 @@ async fn run(
     // Commits of unknown outcome, published by a commit task before it answers their serves
     // (so the next batch's backlog check sees them, however the tasks overlap).
     let pending: Arc<parking_lot::Mutex<Uncertain>> = Arc::default();
+    let mut later = Later {
+        hold,
+        jobs: Vec::new(),
+        since: None,
+    };
     while !stopping {
         let mut batch = Gathered::default();
         // With a commit outstanding, wake up after a while even without serves, so rows whose
-        // outcome it left unknown are resolved.
+        // outcome it left unknown are resolved; with outcomes held back, when they are due.
         let idle = in_flight.is_empty() && carry.is_empty() && pending.lock().is_empty();
-        let received = if idle {
-            Some(inbox.recv().await)
-        } else {
-            tokio::time::timeout(UNCERTAIN_RETRY, inbox.recv())
-                .await
-                .ok()
+        let wake = match (idle, later.due_at()) {
+            (true, None) => None,
+            (true, Some(due)) => Some(due),
+            (false, due) => {
+                let retry = tokio::time::Instant::now() + UNCERTAIN_RETRY;
+                Some(due.map_or(retry, |due| due.min(retry)))
+            }
+        };
+        let received = match wake {
+            None => Some(inbox.recv().await),
+            Some(at) => tokio::time::timeout_at(at, inbox.recv()).await.ok(),
         };
         match received {
             Some(Some(Message::Shutdown)) | Some(None) => stopping = true,
@@ -268,6 +364,7 @@ async fn run(
         // this batch was gathered while they were written and takes whatever arrived
         // meanwhile. Health jobs stay in order: a batch with jobs waits for every commit
         // in flight that carries jobs (their records are absolute, the last must win).
+        later.hold(&mut batch.jobs);
         let has_jobs = !batch.jobs.is_empty();
         while in_flight.len() >= overlap || (has_jobs && in_flight.iter().any(|(_, jobs)| *jobs)) {
             let Some((oldest, _)) = in_flight.pop_front() else {
@@ -283,6 +380,8 @@ async fn run(
             }
         }
         carry.merge(std::mem::take(&mut *pending.lock()));
+        later.hold(&mut batch.jobs);
+        batch.jobs.append(&mut later.release(stopping));
         if batch.is_empty() && carry.is_empty() {
             continue;
         }
@@ -338,6 +437,10 @@ async fn run(
         });
         in_flight.push_back((commit_task, has_jobs));
     }
+    debug_assert!(
+        later.jobs.is_empty(),
+        "held outcomes are released on shutdown"
+    );
     while let Some((last, _)) = in_flight.pop_front() {
         carry.merge(finished(last).await);
     }
@@ -1097,6 +1200,134 @@ mod tests {
             .map(|w| w.units)
             .collect();
         assert_eq!(short, [2, 1], "{windows:?}");
+    }
+
+    /// A SQLite store in `dir` with tier `t` (feature `f`) and key `k`, its pool, and a ledger
+    /// holding background outcomes up to `hold`.
+    async fn store(
+        dir: &std::path::Path,
+        hold: std::time::Duration,
+    ) -> (Db, crate::pool::Pool, Ledger) {
+        use crate::model::{FeatureLimit, TierRecord};
+        let path = dir.join("pool.db");
+        let config = crate::config::Config::from_vars([
+            ("ADMIN_TOKEN".to_string(), "t".to_string()),
+            ("DB_PATH".to_string(), path.display().to_string()),
+        ])
+        .expect("config");
+        let db = Db::open(&config).await.expect("open");
+        let limit = FeatureLimit {
+            rate_limit: 1000,
+            window_seconds: 60,
+        };
+        db.create_tier(&TierRecord {
+            id: "t".into(),
+            name: "t".into(),
+            description: String::new(),
+            features: [("f".to_string(), vec![limit])].into(),
+            source: None,
+            upstream: None,
+        })
+        .await
+        .expect("tier");
+        db.create_key(&crate::pool::tests::key("k", "t"))
+            .await
+            .expect("key");
+        let snapshot = db.load_snapshot().await.expect("snapshot");
+        let pool = crate::pool::Pool::load(snapshot, &crate::crypto::Sealer::new(None));
+        let ledger = Ledger::start_holding(db.clone(), hold);
+        (db, pool, ledger)
+    }
+
+    async fn serve(pool: &crate::pool::Pool, ledger: &Ledger) -> String {
+        use crate::pool::{Caller, Draw};
+        let Draw::Served(pending) =
+            pool.draw(&Caller::Admin, "f", Now::read(), |r, _| ledger.submit(r))
+        else {
+            panic!("the key serves");
+        };
+        pending.committed().await.expect("committed").serve_id
+    }
+
+    fn ok_outcome(serve_id: &str, urgency: Urgency) -> HealthJob {
+        HealthJob {
+            outcome: Some(OutcomeWrite {
+                serve_id: serve_id.to_owned(),
+                class: "ok",
+                status: Some(200),
+                reported_at: chrono::Utc::now(),
+            }),
+            health: Vec::new(),
+            tiers: Vec::new(),
+            urgency,
+        }
+    }
+
+    async fn stored_class(db: &Db, serve_id: &str) -> Option<String> {
+        let row = db.read_serve(serve_id, false).await.expect("read");
+        row.expect("the serve exists").outcome.map(|o| o.class)
+    }
+
+    // Issue 13 item 6: an outcome nobody waits for lets the serves queued after it commit
+    // first; it lands by itself once held `hold`, and at once on shutdown.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_background_outcome_lets_later_serves_commit_first() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (db, pool, ledger) = store(dir.path(), std::time::Duration::from_secs(3600)).await;
+        let first = serve(&pool, &ledger).await;
+        let held = tokio::spawn(ledger.submit_health(ok_outcome(&first, Urgency::Background)));
+        for _ in 0..3 {
+            serve(&pool, &ledger).await;
+        }
+        assert_eq!(
+            stored_class(&db, &first).await,
+            None,
+            "held behind the serves"
+        );
+        assert!(!held.is_finished());
+        ledger.shutdown().await;
+        assert_eq!(held.await.expect("joined"), JobOutcome::Committed);
+        assert_eq!(stored_class(&db, &first).await.as_deref(), Some("ok"));
+        db.close().await;
+
+        let dir = tempfile::tempdir().expect("dir");
+        let (db, pool, ledger) = store(dir.path(), std::time::Duration::from_millis(20)).await;
+        let first = serve(&pool, &ledger).await;
+        let done = ledger.submit_health(ok_outcome(&first, Urgency::Background));
+        // Nothing else arrives: the writer wakes for it.
+        let landed = tokio::time::timeout(std::time::Duration::from_secs(30), done).await;
+        assert_eq!(landed, Ok(JobOutcome::Committed));
+        assert_eq!(stored_class(&db, &first).await.as_deref(), Some("ok"));
+        ledger.shutdown().await;
+        db.close().await;
+    }
+
+    // An awaited report, or one that changes a key's health, is never held back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_awaited_outcome_or_a_health_change_is_not_held() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (db, pool, ledger) = store(dir.path(), std::time::Duration::from_secs(3600)).await;
+        let first = serve(&pool, &ledger).await;
+        let within = std::time::Duration::from_secs(30);
+        let awaited = ledger.submit_health(ok_outcome(&first, Urgency::Awaited));
+        assert_eq!(
+            tokio::time::timeout(within, awaited).await,
+            Ok(JobOutcome::Committed)
+        );
+        let second = serve(&pool, &ledger).await;
+        let mut job = ok_outcome(&second, Urgency::Background);
+        let key = pool.key("k").expect("key");
+        job.health.push(HealthWrite {
+            key_id: "k".into(),
+            record: key.health(),
+        });
+        assert_eq!(
+            tokio::time::timeout(within, ledger.submit_health(job)).await,
+            Ok(JobOutcome::Committed)
+        );
+        assert_eq!(stored_class(&db, &second).await.as_deref(), Some("ok"));
+        ledger.shutdown().await;
+        db.close().await;
     }
 
     #[test]

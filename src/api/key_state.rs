@@ -31,7 +31,7 @@ use super::outcomes::{health_writes, land_health};
 use super::write::{admin_write, read_back, settle, WriteMarker};
 use super::SharedState;
 use crate::error::{ApiError, ErrorBody};
-use crate::ledger::{HealthJob, JobOutcome};
+use crate::ledger::{HealthJob, JobOutcome, Urgency};
 use crate::model::KeyRecord;
 use crate::pool::health::StateKind;
 use crate::pool::{Now, PoolKey};
@@ -397,6 +397,7 @@ async fn apply(
                     outcome: None,
                     health: Vec::new(),
                     tiers: Vec::new(),
+                    urgency: Urgency::Awaited,
                 })
                 .await;
         }
@@ -442,6 +443,7 @@ async fn set_enabled(state: &SharedState, id: &str, enabled: bool) -> Result<(),
                     outcome: None,
                     health: health_writes(changes),
                     tiers: Vec::new(),
+                    urgency: Urgency::Awaited,
                 })
             })
         })

@@ -32,7 +32,7 @@ use super::openapi::{JsonBodyErrors, StorageErrors, Unauthorized};
 use super::write::{read_back, WriteMarker};
 use super::SharedState;
 use crate::error::{ApiError, ErrorBody};
-use crate::ledger::{HealthJob, JobOutcome};
+use crate::ledger::{HealthJob, JobOutcome, Urgency};
 use crate::model::{HealthWrite, OutcomeWrite, StoredOutcome, TierCooldownWrite};
 use crate::pool::health::{
     HealthRecord, Jitter, Outcome, OutcomeClass, OutcomeReport, ServeRef, TransportError,
@@ -157,9 +157,15 @@ pub async fn report(
     let outcome = parse_report(body)?
         .validate()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    record(&state, &caller, &serve_id, uuid.as_u128(), outcome, || {
-        marker.begin_write()
-    })
+    record(
+        &state,
+        &caller,
+        &serve_id,
+        uuid.as_u128(),
+        outcome,
+        Urgency::Awaited,
+        || marker.begin_write(),
+    )
     .await
 }
 
@@ -172,6 +178,7 @@ pub async fn record(
     serve_id: &str,
     uuid: u128,
     outcome: Outcome,
+    urgency: Urgency,
     begin_write: impl Fn() -> bool,
 ) -> Result<Json<ReportAnswer>, ApiError> {
     loop {
@@ -191,7 +198,7 @@ pub async fn record(
                         "request timed out; nothing was changed".into(),
                     ));
                 }
-                return apply(state, slot, serve_id, serve, outcome).await;
+                return apply(state, slot, serve_id, serve, outcome, urgency).await;
             }
         }
     }
@@ -317,6 +324,7 @@ async fn apply(
     serve_id: &str,
     serve: FoundServe,
     outcome: Outcome,
+    urgency: Urgency,
 ) -> Result<Json<ReportAnswer>, ApiError> {
     let now = Now::read();
     let write = OutcomeWrite {
@@ -334,6 +342,7 @@ async fn apply(
         outcome: Some(write.clone()),
         health: health_writes(changes),
         tiers: tier.into_iter().collect(),
+        urgency,
     };
     let (key_state, changes, committed) = match state.pool.report(
         &serve.key_id,

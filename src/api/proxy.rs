@@ -27,6 +27,7 @@ use super::openapi::{StorageErrors, Unauthorized};
 use super::write::WriteMarker;
 use super::{key, outcomes, SharedState};
 use crate::error::{ApiError, ErrorBody};
+use crate::ledger::Urgency;
 use crate::model::upstream::TierUpstream;
 use crate::pool::health::{self, OutcomeClass, OutcomeReport, TransportError};
 use crate::pool::{Caller, Draw};
@@ -174,7 +175,7 @@ pub async fn forward(
         let pooled = committed.key.clone();
         tried.push(pooled.id.clone());
         let serve_id = committed.serve_id;
-        let record = |r: OutcomeReport| report(&state, &caller, &serve_id, r);
+        let record = |r: OutcomeReport| report(&state, &caller, &serve_id, r, Urgency::Awaited);
         let Some((tier, upstream)) = state.pool.tier_upstream(&pooled.tier_id) else {
             // The tier lost its upstream between the check and the draw.
             record(class_report(OutcomeClass::ClientError)).await;
@@ -453,12 +454,18 @@ fn class_report(class: OutcomeClass) -> OutcomeReport {
 
 /// Records an attempt's outcome as `POST /serves/{serve_id}/outcome` would. A report that
 /// cannot be recorded is logged; the caller's answer does not depend on it.
-async fn report(state: &SharedState, caller: &Caller, serve_id: &str, report: OutcomeReport) {
+async fn report(
+    state: &SharedState,
+    caller: &Caller,
+    serve_id: &str,
+    report: OutcomeReport,
+    urgency: Urgency,
+) {
     let (Ok(outcome), Ok(uuid)) = (report.validate(), uuid::Uuid::try_parse(serve_id)) else {
         return;
     };
-    if let Err(e) =
-        outcomes::record(state, caller, serve_id, uuid.as_u128(), outcome, || true).await
+    let uuid = uuid.as_u128();
+    if let Err(e) = outcomes::record(state, caller, serve_id, uuid, outcome, urgency, || true).await
     {
         tracing::warn!(serve_id, error = ?e, "proxy: an attempt's outcome could not be recorded");
     }
@@ -468,7 +475,9 @@ async fn report(state: &SharedState, caller: &Caller, serve_id: &str, report: Ou
 /// its commit.
 fn spawn_report(state: &SharedState, caller: &Caller, serve_id: &str, outcome: OutcomeReport) {
     let (state, caller, serve_id) = (state.clone(), caller.clone(), serve_id.to_owned());
-    tokio::spawn(async move { report(&state, &caller, &serve_id, outcome).await });
+    tokio::spawn(
+        async move { report(&state, &caller, &serve_id, outcome, Urgency::Background).await },
+    );
 }
 
 /// Reports a streamed answer's outcome when its body ends: its status if it ended or the
@@ -485,7 +494,9 @@ fn reporter(state: &SharedState, caller: &Caller, serve_id: &str, status: u16) -
             End::Failed => class_report(OutcomeClass::UpstreamError),
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { report(&state, &caller, &serve_id, outcome).await });
+            runtime.spawn(async move {
+                report(&state, &caller, &serve_id, outcome, Urgency::Background).await
+            });
         }
     })
 }
