@@ -20,7 +20,9 @@ The headline is the stub with a service time and independent callers: against a 
 the proxy's cost is the latency it adds (one durable serve plus a second HTTP exchange), and
 the 0.5x / 1 ms goals are judged there; the lockstep run is printed beside it. The instant
 stub is printed too, as the proxy's whole CPU cost per request beside the stub's; it is bounded
-by GET /key alone (each proxied request makes that durable serve). For each proxied case the
+by GET /key alone (each proxied request makes that durable serve), and printed beside nginx as a
+plain reverse proxy to the same stub when nginx is installed: a proxy that draws no key and
+writes nothing, the bound of any proxy on these shared cores. For each proxied case the
 split of the proxy's time comes from its /metrics: the wait for the attempt's durable serve
 (keypooler_proxy_draw_duration_seconds: average, and the share within 0.5 / 1 / 2.5 ms) and the
 upstream exchange up to the response head (keypooler_proxy_upstream_duration_seconds, average).
@@ -137,6 +139,46 @@ def stream_all(port, path, headers):
     return total, took
 
 
+NGINX_CONF = """worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/nginx-body;
+  proxy_temp_path {dir}/nginx-proxy;
+  upstream stub {{ server 127.0.0.1:{stub}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://stub;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header x-api-key "sk-reference";
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+def reference_proxy(workdir, stub_port):
+    """nginx as a plain reverse proxy to the stub (keep-alive upstream, one worker: its best
+    on these cores), if installed: the bound of a proxy that draws no key and writes nothing."""
+    import shutil
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if not nginx:
+        return None, None
+    port = free_port()
+    conf = os.path.join(workdir, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_CONF.format(dir=workdir, stub=stub_port, port=port))
+    proc = subprocess.Popen([nginx, "-c", conf, "-p", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
+
+
 def main():
     for path in (BINARY, STUB):
         if not os.path.exists(path):
@@ -147,6 +189,7 @@ def main():
     port = free_port()
     env = server_env(workdir, port)
     server = subprocess.Popen([BINARY], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nginx = None
     try:
         wait_port(port)
         wait_port(stub_port)
@@ -165,6 +208,11 @@ def main():
         # Warm both paths once more and measure again; the second pair is reported too.
         direct2 = wrk(f"http://127.0.0.1:{stub_port}/small")
         proxied2 = proxied_wrk(port, "/proxy/bench/small")
+        # The same through a plain reverse proxy: on two cores shared by wrk, the stub and the
+        # proxy, a proxy makes two HTTP exchanges where direct makes one.
+        nginx, nginx_port = reference_proxy(workdir, stub_port)
+        reference = wrk(f"http://127.0.0.1:{nginx_port}/small") if nginx else None
+        direct3 = wrk(f"http://127.0.0.1:{stub_port}/small") if nginx else None
 
         # An upstream with a service time: throughput is then bounded by concurrency ÷ latency,
         # so what the proxy adds shows as latency (and the throughput it costs).
@@ -230,13 +278,23 @@ def main():
               f"{key_only['rps'] / direct['rps']:.2f}x / {key_only['rps'] / direct2['rps']:.2f}x direct here):")
         verdict("  instant stub, run 1", direct, proxied)
         verdict("  instant stub, run 2", direct2, proxied2)
+        if reference:
+            print(f"  reference: nginx as a plain reverse proxy to the same stub (keep-alive, no key drawn, nothing "
+                  f"written): {reference['rps']:.0f} req/s, {reference['rps'] / direct3['rps']:.2f}x direct "
+                  f"({direct3['rps']:.0f} req/s, measured right after), added p50 {reference['p50'] - direct3['p50']:.3f} ms; "
+                  f"keypooler's /proxy reached {proxied2['rps'] / reference['rps']:.2f}x nginx's throughput")
+        else:
+            print("  reference: nginx is not installed (apt-get install nginx-light), so no plain reverse proxy "
+                  "was measured beside it")
         print(f"first SSE event (median of {SSE_SAMPLES}): direct {sse_direct:.3f} ms, proxied {sse_proxied:.3f} ms, "
               f"added {sse_proxied - sse_direct:.3f} ms (goal <= 5 ms: {met(sse_proxied - sse_direct <= 5)})")
         print(f"{BIG_MIB} MiB streamed through /proxy in {took:.2f} s ({total / took / 2**20:.0f} MiB/s; "
               f"direct {direct_total / direct_took / 2**20:.0f} MiB/s); keypooler RSS idle {idle_rss / 1024:.1f} MiB, "
               f"peak while streaming {peak.peak / 1024:.1f} MiB")
     finally:
-        for p in (server, stub):
+        for p in (server, stub, nginx):
+            if p is None:
+                continue
             p.terminate()
             try:
                 p.wait(timeout=30)
