@@ -134,10 +134,10 @@ impl Job {
     }
 }
 
-/// How long an outcome nobody waits for may be held back for serves to commit first: about
-/// the time a wave of 32 answers and their callers' next draws takes on two cores
-/// (`bench/proxy.py`'s lockstep case: 2 ms held its draws at ~1.3 ms on average, 5 ms at
-/// ~0.9 ms, 10 ms no better).
+/// How long an outcome nobody waits for may be held back for serves to commit first: a little
+/// more than a wave of 32 answers and their callers' next draws takes on two cores. Paired
+/// (`bench/proxy_ab.py`, lockstep, six rounds): added p50 1.41 ms held 2 ms, 1.22 ms held 5 ms,
+/// 1.48 ms held 10 ms.
 pub const LATER: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Outcomes held back (issue 13 item 6). A proxied answer ends, its outcome is queued, and its
