@@ -12,9 +12,13 @@ instances.
 MODE=reports (issue 9 item 9): each round first draws serves on every server for 2 s, then,
 alternating, runs /health for 1 s and POST /serves/{id}/outcome for 1 s on that server's
 newest 50,000 serves (bench/report.lua, as bench.py's "recent serves" case), printing report
-req/s, their ratio to that server's /health just before, and server CPU per report.
+req/s, their ratio to that server's /health just before, and per request of each: the server's
+CPU, wrk's CPU and the machine's idle share (two cores shared by both: a report's ratio is
+what its CPU and the cores' idle time leave). BENCH_CONNECTIONS (default 32) sets wrk's
+connections for both.
 """
 import os
+import resource
 import shutil
 import sqlite3
 import statistics
@@ -98,22 +102,42 @@ def reports(binaries, pairs, results):
                  for b, (_, workdir, url, token) in order}
         for b, (srv, _, url, token) in order:
             base = url.split("/key")[0]
-            health = bench.wrk(base + "/health", seconds=1)
-            t0 = cpu(srv.pid)
-            w = bench.wrk(base, token, REPORT_SCRIPT, (files[b], "2"), 1)
-            t1 = cpu(srv.pid)
-            n = max(w["total"], 1)
-            row = (w["rps"], w["rps"] / health["rps"], (t1[0] - t0[0]) / n * 1e6,
-                   (t1[1] - t0[1]) / n * 1e6)
+            health, h_split = split(srv, lambda: bench.wrk(base + "/health", seconds=1))
+            w, w_split = split(srv, lambda: bench.wrk(base, token, REPORT_SCRIPT, (files[b], "2"), 1))
+            row = (w["rps"], w["rps"] / health["rps"], *w_split, *h_split)
             results[b].append(row)
             print(f"{os.path.basename(b):20} {row[0]:8.0f} reports/s  {row[1]:.2f}x /health  "
-                  f"CPU per report {row[2]:5.1f} µs (SQLite threads {row[3]:4.1f})", flush=True)
+                  f"CPU per report {row[2]:5.1f} µs (SQLite threads {row[3]:4.1f}), wrk {row[4]:4.1f} µs, "
+                  f"idle {row[5]:4.1f} %  | /health: CPU {row[6]:4.1f} µs, wrk {row[8]:4.1f} µs, "
+                  f"idle {row[9]:4.1f} %", flush=True)
     print(f"medians over {ROUNDS} rounds:")
     first = statistics.median(x[0] for x in results[binaries[0]])
     for b in binaries:
-        rps, ratio, us, sq = (statistics.median(x[i] for x in results[b]) for i in range(4))
+        rps, ratio, us, sq, wrk_us, idle, h_us, _, h_wrk, h_idle = (
+            statistics.median(x[i] for x in results[b]) for i in range(10))
         print(f"  {os.path.basename(b):20} {rps:8.0f} reports/s ({rps / first - 1:+.1%})  "
-              f"{ratio:.2f}x /health  CPU per report {us:5.1f} µs (SQLite threads {sq:4.1f})")
+              f"{ratio:.2f}x /health  CPU per report {us:5.1f} µs (SQLite threads {sq:4.1f}), "
+              f"wrk {wrk_us:4.1f} µs, idle {idle:4.1f} %  | /health: CPU {h_us:4.1f} µs, "
+              f"wrk {h_wrk:4.1f} µs, idle {h_idle:4.1f} %")
+
+
+def idle_ticks():
+    """(idle + iowait, all) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return values[3] + values[4], sum(values)
+
+
+def split(srv, run):
+    """Runs `run` (a wrk run); returns its result and, per request: the server's CPU µs (all
+    threads, SQLite threads), wrk's CPU µs, and the machine's idle share in %."""
+    r0, s0, i0 = resource.getrusage(resource.RUSAGE_CHILDREN), cpu(srv.pid), idle_ticks()
+    w = run()
+    r1, s1, i1 = resource.getrusage(resource.RUSAGE_CHILDREN), cpu(srv.pid), idle_ticks()
+    n = max(w["total"], 1)
+    wrk_s = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    idle = (i1[0] - i0[0]) / max(i1[1] - i0[1], 1) * 100
+    return w, ((s1[0] - s0[0]) / n * 1e6, (s1[1] - s0[1]) / n * 1e6, wrk_s / n * 1e6, idle)
 
 
 def main():
