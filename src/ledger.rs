@@ -170,7 +170,7 @@ impl Later {
         self.since.map(|since| since + self.hold)
     }
 
-    /// The held jobs, if their time has come (or `now` is forced).
+    /// The held jobs, if their time has come, `MAX_BATCH` of them wait, or `force` (stopping).
     fn release(&mut self, force: bool) -> Vec<Job> {
         let due = self
             .due_at()
@@ -243,7 +243,8 @@ impl Ledger {
 
     /// Starts the writer holding back outcomes nobody waits for up to `hold` instead of
     /// `LATER` (records no metrics).
-    pub fn start_holding(db: Db, hold: std::time::Duration) -> Ledger {
+    #[cfg(test)]
+    fn start_holding(db: Db, hold: std::time::Duration) -> Ledger {
         let meters = crate::metrics::Metrics::disabled().ledger();
         Ledger::spawn(db, BacklogLimits::default(), meters, hold)
     }
