@@ -179,6 +179,18 @@ def reference_proxy(workdir, stub_port):
     return proc, port
 
 
+def set_up_tier(port, stub_port):
+    """Feature `bench` on a tier whose upstream is the stub, with 8 keys and no effective limit."""
+    admin = Admin(port)
+    admin.ok("POST", "/admin/tiers", {
+        "name": "proxied",
+        "features": {"bench": {"rate_limit": 1_000_000_000, "window_seconds": 1}},
+        "upstream": {"base_url": f"http://127.0.0.1:{stub_port}", "auth": {"header": "x-api-key"}},
+    })
+    for i in range(8):
+        admin.ok("POST", "/admin/keys", {"name": f"k{i}", "key": f"sk-bench-{i}", "tier": "proxied"})
+
+
 def main():
     for path in (BINARY, STUB):
         if not os.path.exists(path):
@@ -193,14 +205,7 @@ def main():
     try:
         wait_port(port)
         wait_port(stub_port)
-        admin = Admin(port)
-        admin.ok("POST", "/admin/tiers", {
-            "name": "proxied",
-            "features": {"bench": {"rate_limit": 1_000_000_000, "window_seconds": 1}},
-            "upstream": {"base_url": f"http://127.0.0.1:{stub_port}", "auth": {"header": "x-api-key"}},
-        })
-        for i in range(8):
-            admin.ok("POST", "/admin/keys", {"name": f"k{i}", "key": f"sk-bench-{i}", "tier": "proxied"})
+        set_up_tier(port, stub_port)
         auth = {"Authorization": f"Bearer {ADMIN}"}
 
         direct = wrk(f"http://127.0.0.1:{stub_port}/small")

@@ -18,7 +18,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import proxy  # noqa: E402
-from bench import Admin, free_port, server_env, wait_port, wrk  # noqa: E402
+from bench import free_port, server_env, wait_port, wrk  # noqa: E402
 
 ROUNDS = int(os.environ.get("ROUNDS", "8"))
 
@@ -29,14 +29,7 @@ def start(binary, stub_port):
     server = subprocess.Popen([binary], env=server_env(workdir, port), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     wait_port(port)
-    admin = Admin(port)
-    admin.ok("POST", "/admin/tiers", {
-        "name": "proxied",
-        "features": {"bench": {"rate_limit": 1_000_000_000, "window_seconds": 1}},
-        "upstream": {"base_url": f"http://127.0.0.1:{stub_port}", "auth": {"header": "x-api-key"}},
-    })
-    for i in range(8):
-        admin.ok("POST", "/admin/keys", {"name": f"k{i}", "key": f"sk-bench-{i}", "tier": "proxied"})
+    proxy.set_up_tier(port, stub_port)
     return server, port
 
 
