@@ -154,16 +154,13 @@ struct Later {
 }
 
 impl Later {
-    /// Moves the jobs that can wait out of `jobs`.
+    /// Keeps the jobs a batch set aside (`Gathered::held`).
     fn hold(&mut self, jobs: &mut Vec<Job>) {
-        if !jobs.iter().any(Job::can_wait) {
+        if jobs.is_empty() {
             return;
         }
-        let (wait, now): (Vec<Job>, Vec<Job>) =
-            std::mem::take(jobs).into_iter().partition(Job::can_wait);
-        *jobs = now;
         self.since.get_or_insert_with(tokio::time::Instant::now);
-        self.jobs.extend(wait);
+        self.jobs.append(jobs);
     }
 
     fn due_at(&self) -> Option<tokio::time::Instant> {
@@ -332,14 +329,8 @@ async fn run(
         // With a commit outstanding, wake up after a while even without serves, so rows whose
         // outcome it left unknown are resolved; with outcomes held back, when they are due.
         let idle = in_flight.is_empty() && carry.is_empty() && pending.lock().is_empty();
-        let wake = match (idle, later.due_at()) {
-            (true, None) => None,
-            (true, Some(due)) => Some(due),
-            (false, due) => {
-                let retry = tokio::time::Instant::now() + UNCERTAIN_RETRY;
-                Some(due.map_or(retry, |due| due.min(retry)))
-            }
-        };
+        let retry = (!idle).then(|| tokio::time::Instant::now() + UNCERTAIN_RETRY);
+        let wake = retry.into_iter().chain(later.due_at()).min();
         let received = match wake {
             None => Some(inbox.recv().await),
             Some(at) => tokio::time::timeout_at(at, inbox.recv()).await.ok(),
@@ -365,7 +356,6 @@ async fn run(
         // this batch was gathered while they were written and takes whatever arrived
         // meanwhile. Health jobs stay in order: a batch with jobs waits for every commit
         // in flight that carries jobs (their records are absolute, the last must win).
-        later.hold(&mut batch.jobs);
         let has_jobs = !batch.jobs.is_empty();
         while in_flight.len() >= overlap || (has_jobs && in_flight.iter().any(|(_, jobs)| *jobs)) {
             let Some((oldest, _)) = in_flight.pop_front() else {
@@ -381,7 +371,7 @@ async fn run(
             }
         }
         carry.merge(std::mem::take(&mut *pending.lock()));
-        later.hold(&mut batch.jobs);
+        later.hold(&mut batch.held);
         batch.jobs.append(&mut later.release(stopping));
         if batch.is_empty() && carry.is_empty() {
             continue;
@@ -591,23 +581,28 @@ impl Backlog {
 struct Gathered {
     serves: Vec<Prepared>,
     jobs: Vec<Job>,
+    /// Jobs that can wait (`Job::can_wait`), for `Later`.
+    held: Vec<Job>,
 }
 
 impl Gathered {
     fn take(&mut self, message: Message) {
         match message {
             Message::Serve(s) => self.serves.push(prepare(s)),
+            Message::Health(job) if job.can_wait() => self.held.push(job),
             Message::Health(job) => self.jobs.push(job),
             Message::Shutdown => {}
         }
     }
 
+    /// Messages gathered (the drain's bound).
     fn len(&self) -> usize {
-        self.serves.len() + self.jobs.len()
+        self.serves.len() + self.jobs.len() + self.held.len()
     }
 
+    /// Nothing to commit now (held jobs wait in `Later`).
     fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.serves.is_empty() && self.jobs.is_empty()
     }
 }
 
