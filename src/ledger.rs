@@ -1326,6 +1326,39 @@ mod tests {
         db.close().await;
     }
 
+    // A batch of reports alone commits in place (`store::sqlite::Inline`), which never waits
+    // for the write lock: while another connection holds it, the batch goes sqlx's way and
+    // waits there, and lands once the lock is free (not an error).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_report_batch_waits_for_a_write_lock_held_elsewhere() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (db, pool, ledger) = store(dir.path(), std::time::Duration::from_secs(3600)).await;
+        let within = std::time::Duration::from_secs(30);
+        let first = serve(&pool, &ledger).await;
+        let awaited = ledger.submit_health(ok_outcome(&first, Urgency::Awaited));
+        assert_eq!(
+            tokio::time::timeout(within, awaited).await,
+            Ok(JobOutcome::Committed),
+            "in place"
+        );
+        assert_eq!(stored_class(&db, &first).await.as_deref(), Some("ok"));
+
+        let second = serve(&pool, &ledger).await;
+        let other = rusqlite::Connection::open(dir.path().join("pool.db")).expect("open");
+        other.execute_batch("BEGIN IMMEDIATE").expect("lock");
+        let report = tokio::spawn(ledger.submit_health(ok_outcome(&second, Urgency::Awaited)));
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!report.is_finished(), "waits for the lock");
+        other.execute_batch("ROLLBACK").expect("unlock");
+        assert_eq!(
+            tokio::time::timeout(within, report).await.map(Result::ok),
+            Ok(Some(JobOutcome::Committed))
+        );
+        assert_eq!(stored_class(&db, &second).await.as_deref(), Some("ok"));
+        ledger.shutdown().await;
+        db.close().await;
+    }
+
     #[test]
     fn the_backlog_is_full_at_either_bound_and_clears_when_drained() {
         let by_count = backlog(2, usize::MAX);
