@@ -39,7 +39,7 @@ pub struct SqliteStore {
 /// hops there and back, and its results wake the ledger once per statement. A report batch's
 /// commit is one small UPDATE (tens of µs with `synchronous=NORMAL`, which syncs nothing), so
 /// running it right on the ledger's task, through rusqlite on the same bundled SQLite, spares
-/// every batch those wake-ups: outcome reports +10–20 % (README, Benchmarks). It never waits:
+/// every batch those wake-ups: outcome reports +10–38 % (README, Benchmarks). It never waits:
 /// its busy timeout is zero, and a batch that finds the write lock held (an admin write, another
 /// replica) or cannot open this connection goes the usual way (`on_writer`), which waits for the
 /// lock on sqlx's thread. With `DB_SYNCHRONOUS=FULL` a commit syncs the disk, which must not
