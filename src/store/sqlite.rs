@@ -47,9 +47,13 @@ pub struct SqliteStore {
 /// writer's lock, so group commits stay one at a time.
 struct Inline {
     path: std::path::PathBuf,
-    conn: parking_lot::Mutex<Option<rusqlite::Connection>>,
-    /// When the connection last gave its page cache back (`SHRINK_EVERY`).
-    shrunk: parking_lot::Mutex<std::time::Instant>,
+    conn: parking_lot::Mutex<Option<InlineConn>>,
+}
+
+struct InlineConn {
+    conn: rusqlite::Connection,
+    /// When it last gave its page cache back (`SHRINK_EVERY`).
+    shrunk: std::time::Instant,
 }
 
 /// How often the in-place connection gives back its page cache (`PRAGMA shrink_memory`).
@@ -60,7 +64,7 @@ struct Inline {
 const SHRINK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Inline {
-    fn open(&self) -> rusqlite::Result<rusqlite::Connection> {
+    fn open(&self) -> rusqlite::Result<InlineConn> {
         use rusqlite::OpenFlags;
         let conn = rusqlite::Connection::open_with_flags(
             &self.path,
@@ -72,7 +76,10 @@ impl Inline {
              PRAGMA cache_size = {INLINE_CACHE_SIZE}; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}; \
              PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES};"
         ))?;
-        Ok(conn)
+        Ok(InlineConn {
+            conn,
+            shrunk: std::time::Instant::now(),
+        })
     }
 
     /// Commits `outcomes` (`SET_OUTCOMES`'s JSON array) in place; `None` when the batch must go
@@ -90,20 +97,18 @@ impl Inline {
                 }
             }
         }
-        let conn = slot.as_mut()?;
-        let done = conn
-            .prepare_cached("BEGIN IMMEDIATE")
-            .and_then(|mut begin| begin.execute([]))
-            .and_then(|_| {
-                conn.prepare_cached(sql::SET_OUTCOMES)?
-                    .execute([outcomes])?;
-                conn.prepare_cached("COMMIT")?.execute([])
-            });
+        let open = slot.as_mut()?;
+        let conn = &open.conn;
+        let done = (|| {
+            conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+            conn.prepare_cached(sql::SET_OUTCOMES)?
+                .execute([outcomes])?;
+            conn.prepare_cached("COMMIT")?.execute([])
+        })();
         let Err(e) = done else {
-            let mut shrunk = self.shrunk.lock();
-            if shrunk.elapsed() >= SHRINK_EVERY {
-                *shrunk = std::time::Instant::now();
-                if let Err(e) = conn.execute_batch("PRAGMA shrink_memory") {
+            if open.shrunk.elapsed() >= SHRINK_EVERY {
+                open.shrunk = std::time::Instant::now();
+                if let Err(e) = open.conn.execute_batch("PRAGMA shrink_memory") {
                     tracing::debug!(error = %e, "shrink_memory failed");
                 }
             }
@@ -112,33 +117,19 @@ impl Inline {
         if !conn.is_autocommit() {
             let _ = conn.execute_batch("ROLLBACK");
         }
+        let code = e.sqlite_error().map(|f| i64::from(f.extended_code));
         if !conn.is_autocommit() {
             tracing::warn!(
                 "closing the in-place commit connection: its transaction could not be ended"
             );
             *slot = None;
-            return Some(Err(inline_err(e)));
+        } else if code.is_some_and(busy_code) {
+            return None;
         }
-        match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => None,
-            _ => Some(Err(inline_err(e))),
-        }
-    }
-}
-
-/// `map_err` for the in-place connection's errors.
-fn inline_err(e: rusqlite::Error) -> StoreError {
-    let message = e.to_string();
-    match e.sqlite_error_code() {
-        _ if message.contains(super::REFUSED) => StoreError::Refused(message),
-        Some(
-            rusqlite::ErrorCode::DatabaseBusy
-            | rusqlite::ErrorCode::DatabaseLocked
-            | rusqlite::ErrorCode::SystemIoFailure
-            | rusqlite::ErrorCode::DiskFull
-            | rusqlite::ErrorCode::CannotOpen,
-        ) => StoreError::Unavailable(message),
-        _ => StoreError::Other(message),
+        let message = e.to_string();
+        Some(Err(
+            classify(&message, code).unwrap_or(StoreError::Other(message))
+        ))
     }
 }
 
@@ -360,7 +351,27 @@ fn is_busy(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .and_then(|d| d.code())
         .and_then(|code| code.parse::<i64>().ok())
-        .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+        .is_some_and(busy_code)
+}
+
+fn busy_code(code: i64) -> bool {
+    matches!(code & 0xff, 5 | 6)
+}
+
+/// A database error that is a refusal (migration 012's guards) or that the database cannot
+/// take a write now but may later (`map_err`), from its message and result code; `None` for
+/// any other. Shared by sqlx's errors and the in-place connection's (`Inline`).
+fn classify(message: &str, code: Option<i64>) -> Option<StoreError> {
+    // Primary result codes (the low byte of an extended one): BUSY and LOCKED (another writer
+    // held the file too long), IOERR, FULL (the disk) and CANTOPEN (a journal or index file
+    // that cannot be created). SQLite rolls back what failed, so nothing was stored: 503.
+    if message.contains(super::REFUSED) {
+        Some(StoreError::Refused(message.to_string()))
+    } else if code.is_some_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13 | 14)) {
+        Some(StoreError::Unavailable(message.to_string()))
+    } else {
+        None
+    }
 }
 
 /// Ends whatever transaction `conn` may be in; true when it is then known to be in autocommit
@@ -591,21 +602,13 @@ const CACHE_SIZE: &str = "-16384";
 const INLINE_CACHE_SIZE: &str = "-2048";
 
 fn map_err(e: sqlx::Error) -> StoreError {
-    // Primary result codes (the low byte of an extended one) of a database that cannot take a
-    // write now but may later: BUSY and LOCKED (another writer held the file too long), IOERR,
-    // FULL (the disk) and CANTOPEN (a journal or index file that cannot be created). SQLite
-    // rolls back what failed, so nothing was stored and the answer is 503.
-    let transient = |code: Option<&str>| {
-        code.and_then(|c| c.parse::<i64>().ok())
-            .is_some_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13 | 14))
-    };
     match &e {
-        sqlx::Error::Database(db) if db.message().contains(super::REFUSED) => {
-            StoreError::Refused(db.message().to_string())
-        }
-        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict,
-        sqlx::Error::Database(db) if transient(db.code().as_deref()) => {
-            StoreError::Unavailable(db.message().to_string())
+        sqlx::Error::Database(db) => {
+            let code = db.code().and_then(|c| c.parse::<i64>().ok());
+            classify(db.message(), code).unwrap_or_else(|| match db.is_unique_violation() {
+                true => StoreError::Conflict,
+                false => StoreError::Other(e.to_string()),
+            })
         }
         sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
@@ -738,7 +741,6 @@ impl SqliteStore {
                 Arc::new(Inline {
                     path: path.to_path_buf(),
                     conn: parking_lot::Mutex::new(None),
-                    shrunk: parking_lot::Mutex::new(std::time::Instant::now()),
                 })
             }),
         };
