@@ -81,6 +81,8 @@ pub struct PoolKey {
     /// Lets a draw step over spent keys with one atomic load instead of taking their lock.
     /// Shared with the key's other versions like `counters`, since a rollback of either frees it.
     budget_free_at: Arc<AtomicI64>,
+    /// This version's number among the versions sharing `counters` (`budget_version`).
+    version: u64,
     /// When the key last served, on the monotonic clock (`mono_micros`; 0 = not yet): a tier's
     /// report counts the keys served in the last minute (host throttling, SPEC §8.2).
     last_served: AtomicI64,
@@ -94,6 +96,11 @@ struct KeyCounters {
     rates: HashMap<String, RateWindows>,
     /// Bumped when a failed commit rolls the usage back; serves reserved before are void.
     generation: u64,
+    /// The version of the key (`PoolKey::version`) whose budget decides: each new version
+    /// (PATCH, RegBot refresh) takes it over. Only that version marks the shared
+    /// `budget_free_at` spent, so a draw still running on an older version (its Arc taken
+    /// before the swap) cannot mark a raised budget spent.
+    budget_version: u64,
     /// Active, held or disabled (SPEC §8.2); `is_active` is the draw's one branch.
     health: Health,
 }
@@ -404,6 +411,7 @@ impl PoolKey {
                 },
                 rates: HashMap::new(),
                 generation: 0,
+                budget_version: 0,
                 // An inactive key (operator, or a Go row) is disabled whatever else is stored.
                 health: if record.is_active {
                     Health::default()
@@ -412,6 +420,7 @@ impl PoolKey {
                 },
             })),
             budget_free_at: Arc::new(AtomicI64::new(0)),
+            version: 0,
             last_served: AtomicI64::new(0),
             regbot: None,
         }
@@ -437,12 +446,23 @@ impl PoolKey {
     pub fn patched(&self, record: KeyRecord, sealer: &Sealer, paused: bool) -> PoolKey {
         let mut key = PoolKey::from_record(record, sealer);
         key.counters = self.counters.clone();
-        // The budget may have changed: "not known to be spent" until a draw checks it again.
         key.budget_free_at = self.budget_free_at.clone();
-        key.budget_free_at.store(0, Ordering::Relaxed);
+        key.take_over_budget();
         key.paused = paused;
         key.last_served = AtomicI64::new(self.last_served.load(Ordering::Relaxed));
         key
+    }
+
+    /// Makes this new version (sharing an older one's `counters` and `budget_free_at`) the one
+    /// whose budget decides, and clears the spent mark: the budget may have changed, so it is
+    /// "not known to be spent" until a draw checks it again. Under the counters' lock, so a
+    /// draw of an older version either marked it before (and the mark is cleared here) or
+    /// finds itself no longer the budget's version and leaves the mark alone.
+    fn take_over_budget(&mut self) {
+        let mut counters = self.counters.lock();
+        counters.budget_version += 1;
+        self.version = counters.budget_version;
+        self.budget_free_at.store(0, Ordering::Relaxed);
     }
 
     /// Opens a usage window at `at` for a count that has none (a window given by PATCH), so
@@ -556,7 +576,9 @@ impl PoolKey {
                 let rate_wait = rate.err().unwrap_or(Duration::ZERO);
                 // Remembered only when even one unit is refused: a costly serve's refusal
                 // says nothing about a cheaper one.
-                let spent = gates::budget_spent(counters.usage, self.budget, now.wall);
+                // Only the budget's current version marks it: an older one's limit is gone.
+                let spent = counters.budget_version == self.version
+                    && gates::budget_spent(counters.usage, self.budget, now.wall);
                 if let (Err(usage_wait), true) = (usage, spent) {
                     let free_at = usage_wait
                         .and_then(|w| self.free_before_expiry(now.wall, w))

@@ -89,6 +89,7 @@ impl PoolKey {
                     },
                     rates: HashMap::new(),
                     generation: 0,
+                    budget_version: 0,
                     health: stored_health
                         .map(|h| Health::restore(h, now))
                         .unwrap_or_default(),
@@ -96,8 +97,6 @@ impl PoolKey {
                 (Arc::new(Mutex::new(counters)), Arc::default(), 0)
             }
         };
-        // The budget may have changed: "not known to be spent" until a draw checks it again.
-        budget_free_at.store(0, Ordering::Relaxed);
         let (seen_used, seen_at, seen_fingerprint) = match previous.and_then(|p| p.regbot.as_ref())
         {
             Some(q) => (Some(q.used), q.usage_at_seen, Some(q.fingerprint.clone())),
@@ -148,7 +147,7 @@ impl PoolKey {
             usage_at_seen,
             fingerprint: credential.fingerprint,
         };
-        let key = PoolKey {
+        let mut key = PoolKey {
             id,
             name: credential.name,
             tier_id,
@@ -166,9 +165,13 @@ impl PoolKey {
             counters,
             paused: false,
             budget_free_at,
+            version: 0,
             last_served: AtomicI64::new(last_served),
             regbot: Some(Arc::new(quota)),
         };
+        // The budget may have changed: this version takes it over, "not known to be spent"
+        // until a draw checks it again.
+        key.take_over_budget();
         (key, writes)
     }
 

@@ -861,6 +861,49 @@ fn a_rollback_of_an_old_version_serve_frees_the_new_version() {
     );
 }
 
+// Issue 10 item 1: a draw still running on a key's old version (its Arc taken before a PATCH
+// swapped the key) finds the old budget spent; it must not mark the shared budget spent for
+// the new, raised one. CI saw every draw after a PATCH from 40 to 70 refused as "budgets
+// spent" this way (tests/api/operate.rs).
+#[test]
+fn an_old_version_finding_its_budget_spent_does_not_mark_a_raised_one_spent() {
+    let mut k = key("k", "t");
+    k.usage_limit = Some(1);
+    let limits = [FeatureLimit {
+        rate_limit: 100,
+        window_seconds: 60,
+    }];
+    let p = pool(vec![tier("t", &[("f", 100, 60)])], vec![k.clone()], vec![]);
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "f", t0()),
+        Draw::Served("k".into())
+    );
+    let old = p.key("k").unwrap();
+    k.usage_limit = Some(5);
+    p.replace_key(Arc::new(old.patched(k, &Sealer::new(None), false)));
+    // The old version's draw, after the swap: refused by its own limit of 1.
+    assert!(old
+        .try_reserve("f", &limits, 1, &Caller::Admin, at(t0()))
+        .is_err());
+    assert_eq!(
+        draw_id(&p, &Caller::Admin, "f", t0()),
+        Draw::Served("k".into()),
+        "the raised budget serves"
+    );
+    // The current version still marks its own spent budget.
+    for _ in 0..3 {
+        assert_eq!(
+            draw_id(&p, &Caller::Admin, "f", t0()),
+            Draw::Served("k".into())
+        );
+    }
+    assert!(matches!(
+        draw_id(&p, &Caller::Admin, "f", t0()),
+        Draw::Exhausted { retry_after: None }
+    ));
+    assert!(p.key("k").unwrap().known_spent(t0()).is_some());
+}
+
 // Issue 11 item 3: a stored rate window is placed on the monotonic clock by the wall time
 // elapsed since it opened; a start in the future (the wall clock stepped back while the
 // process was down) holds the window for its whole length, and an elapsed one is dropped.

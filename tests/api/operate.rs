@@ -430,10 +430,13 @@ async fn concurrent_patches_and_draws_never_mix_versions_or_exceed_limits() {
             let mut served: Vec<(String, String)> = Vec::new();
             let mut refused = 0;
             // Until refused once the last PATCH is in force, however long the PATCHes take on
-            // this machine (a fixed number of tries ran out before them on a loaded one).
+            // this machine (a fixed number of tries ran out before them on a loaded one). In
+            // force: the draw was sent after the last PATCH was answered. A 429 to a draw sent
+            // before it may predate it.
             let deadline = std::time::Instant::now() + Duration::from_secs(120);
             loop {
                 assert!(std::time::Instant::now() < deadline, "the PATCHes never finished");
+                let sent_after_last_patch = done.load(Ordering::SeqCst);
                 let r = app.draw("f", ADMIN_TOKEN).await;
                 match r.status {
                     StatusCode::OK => served.push((
@@ -442,7 +445,7 @@ async fn concurrent_patches_and_draws_never_mix_versions_or_exceed_limits() {
                     )),
                     StatusCode::TOO_MANY_REQUESTS => {
                         refused += 1;
-                        if done.load(Ordering::SeqCst) {
+                        if sent_after_last_patch {
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(2)).await;
