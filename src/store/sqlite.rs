@@ -354,6 +354,8 @@ fn is_busy(e: &sqlx::Error) -> bool {
         .is_some_and(busy_code)
 }
 
+/// BUSY or LOCKED (primary result codes, the low byte of an extended one): another writer
+/// holds the file.
 fn busy_code(code: i64) -> bool {
     matches!(code & 0xff, 5 | 6)
 }
@@ -362,12 +364,12 @@ fn busy_code(code: i64) -> bool {
 /// take a write now but may later (`map_err`), from its message and result code; `None` for
 /// any other. Shared by sqlx's errors and the in-place connection's (`Inline`).
 fn classify(message: &str, code: Option<i64>) -> Option<StoreError> {
-    // Primary result codes (the low byte of an extended one): BUSY and LOCKED (another writer
-    // held the file too long), IOERR, FULL (the disk) and CANTOPEN (a journal or index file
-    // that cannot be created). SQLite rolls back what failed, so nothing was stored: 503.
+    // Busy (`busy_code`: another writer held the file too long), or the primary result codes
+    // IOERR, FULL (the disk) and CANTOPEN (a journal or index file that cannot be created).
+    // SQLite rolls back what failed, so nothing was stored: 503.
     if message.contains(super::REFUSED) {
         Some(StoreError::Refused(message.to_string()))
-    } else if code.is_some_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13 | 14)) {
+    } else if code.is_some_and(|c| busy_code(c) || matches!(c & 0xff, 10 | 13 | 14)) {
         Some(StoreError::Unavailable(message.to_string()))
     } else {
         None
