@@ -245,14 +245,17 @@ async fn find_serve(
         Caller::Admin => true,
         Caller::Consumer(c) => *c.id == *consumer_id,
     };
-    let found = match state.ledger.recent.get(uuid) {
-        Some(recent) => mine(&recent.consumer_id).then(|| FoundServe {
-            key_id: recent.key_id,
+    let recent = state.ledger.recent.with(uuid, |recent| {
+        mine(&recent.consumer_id).then(|| FoundServe {
+            key_id: recent.key_id.clone(),
             created_at: recent.created_at,
             outcome: recent
                 .outcome
                 .map(|(class, status)| Recorded::Recent(class, status)),
-        }),
+        })
+    });
+    let found = match recent {
+        Some(mine) => mine,
         None => state
             .ledger
             .lookups

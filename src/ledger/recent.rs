@@ -68,7 +68,14 @@ impl RecentServes {
     }
 
     pub fn get(&self, id: u128) -> Option<RecentServe> {
-        self.shard(id).lock().serves.get(&id).cloned()
+        self.with(id, RecentServe::clone)
+    }
+
+    /// What `f` takes from a kept serve, read under its shard's lock: a report takes only what
+    /// it needs, so the shared `Arc`s of ids it only compares are not cloned (an atomic write on
+    /// a cache line every core touches).
+    pub fn with<T>(&self, id: u128, f: impl FnOnce(&RecentServe) -> T) -> Option<T> {
+        self.shard(id).lock().serves.get(&id).map(f)
     }
 
     /// Notes a serve's committed outcome (if the serve is still kept).

@@ -14,7 +14,7 @@ use super::{
     SnapshotRows, StoreError, SummaryRow, MIGRATIONS,
 };
 use crate::config::{Config, Synchronous};
-use crate::model::{ConsumerRecord, KeyRecord, Snapshot, TierRecord, UsageEvent};
+use crate::model::{ConsumerRecord, KeyRecord, OutcomeWrite, Snapshot, TierRecord, UsageEvent};
 use crate::pool::health::HealthRecord;
 use crate::timestamp::to_db;
 
@@ -37,7 +37,7 @@ pub struct SqliteStore {
 /// The group commit's in-place connection, for batches of outcome reports alone — the common
 /// batch under report load. sqlx runs every statement on a worker thread of its own: a commit
 /// hops there and back, and its results wake the ledger once per statement. A report batch's
-/// commit is one small UPDATE (tens of µs with `synchronous=NORMAL`, which syncs nothing), so
+/// commit is a few small UPDATEs (tens of µs with `synchronous=NORMAL`, which syncs nothing), so
 /// running it right on the ledger's task, through rusqlite on the same bundled SQLite, spares
 /// every batch those wake-ups: outcome reports +10–38 % (README, Benchmarks). It never waits:
 /// its busy timeout is zero, and a batch that finds the write lock held (an admin write, another
@@ -82,11 +82,12 @@ impl Inline {
         })
     }
 
-    /// Commits `outcomes` (`SET_OUTCOMES`'s JSON array) in place; `None` when the batch must go
+    /// Commits `outcomes` in place, one `SET_OUTCOME` per report with its values bound (no JSON
+    /// to build and parse, as `SET_OUTCOMES` needs on sqlx's path); `None` when the batch must go
     /// the usual way: the write lock is held elsewhere, or this connection cannot be opened.
     /// Nothing of a batch it hands back was stored (a failed transaction is rolled back; a
     /// connection left inside one is dropped, which rolls it back).
-    fn commit(&self, outcomes: &str) -> Option<Result<(), StoreError>> {
+    fn commit(&self, outcomes: &[OutcomeWrite]) -> Option<Result<(), StoreError>> {
         let mut slot = self.conn.lock();
         if slot.is_none() {
             match self.open() {
@@ -101,8 +102,16 @@ impl Inline {
         let conn = &open.conn;
         let done = (|| {
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-            conn.prepare_cached(sql::SET_OUTCOMES)?
-                .execute([outcomes])?;
+            let mut set = conn.prepare_cached(sql::SET_OUTCOME)?;
+            for o in outcomes {
+                set.execute(rusqlite::params![
+                    o.serve_id,
+                    o.class,
+                    o.status,
+                    to_db(o.reported_at)
+                ])?;
+            }
+            drop(set);
             conn.prepare_cached("COMMIT")?.execute([])
         })();
         let Err(e) = done else {
@@ -1101,10 +1110,10 @@ impl SqliteStore {
             !batch.events.is_empty() || !batch.usage.is_empty() || !batch.windows.is_empty();
         let query = match (serves, batch.has_health()) {
             (false, true) if batch.health.is_empty() && batch.tiers.is_empty() => {
-                let (outcomes_json, _) = sql::health_parameters(batch.outcomes, &[]);
-                if let Some(done) = self.commit_inline(&outcomes_json).await {
+                if let Some(done) = self.commit_inline(batch.outcomes).await {
                     return done;
                 }
+                let (outcomes_json, _) = sql::health_parameters(batch.outcomes, &[]);
                 sqlx::query(COMMIT_OUTCOMES.as_str()).bind(outcomes_json)
             }
             (false, true) => bind_health(sqlx::query(COMMIT_REPORTS.as_str()), batch),
@@ -1186,7 +1195,7 @@ impl SqliteStore {
 
     /// A batch of outcome reports through `Inline`, holding the writer's lock; `None` when it
     /// must go the usual way.
-    async fn commit_inline(&self, outcomes: &str) -> Option<Result<(), StoreError>> {
+    async fn commit_inline(&self, outcomes: &[OutcomeWrite]) -> Option<Result<(), StoreError>> {
         let inline = self.inline.as_ref()?;
         let writer = self.writer.lock().await;
         if let Writer::Closed = *writer {
@@ -1404,8 +1413,66 @@ impl SqliteStore {
 
 #[cfg(test)]
 mod tests {
-    use super::{arguments_reached, WindowRows, COMMIT_FAST, COMMIT_FAST_LEARN, WINDOW_ROWS_KEPT};
+    use super::{
+        arguments_reached, Inline, WindowRows, COMMIT_FAST, COMMIT_FAST_LEARN, WINDOW_ROWS_KEPT,
+    };
+    use crate::model::OutcomeWrite;
     use crate::store::WindowDelta;
+
+    #[test]
+    fn in_place_commit_sets_each_outcome_once_and_keeps_a_recorded_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let db = rusqlite::Connection::open(&path).unwrap();
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL; CREATE TABLE usage_events (id TEXT PRIMARY KEY, \
+             outcome_class TEXT, outcome_status INTEGER, outcome_reported_at TEXT); \
+             INSERT INTO usage_events (id) VALUES ('a'), ('b'), ('c'); \
+             UPDATE usage_events SET outcome_class = 'ok', outcome_status = 200 WHERE id = 'c';",
+        )
+        .unwrap();
+        let inline = Inline {
+            path,
+            conn: parking_lot::Mutex::new(None),
+        };
+        let at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let write = |serve_id: &str, class, status| OutcomeWrite {
+            serve_id: serve_id.into(),
+            class,
+            status,
+            reported_at: at,
+        };
+        let batch = [
+            write("a", "rate_limited", Some(429)),
+            write("b", "timeout", None),
+            write("c", "server_error", Some(503)),
+            write("unknown", "ok", Some(200)),
+        ];
+        assert!(matches!(inline.commit(&batch), Some(Ok(()))));
+        type Row = (String, Option<String>, Option<i64>, Option<String>);
+        let rows: Vec<Row> = db
+            .prepare("SELECT id, outcome_class, outcome_status, outcome_reported_at FROM usage_events ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let stamp = Some(crate::timestamp::to_db(at));
+        assert_eq!(
+            rows,
+            [
+                (
+                    "a".into(),
+                    Some("rate_limited".into()),
+                    Some(429),
+                    stamp.clone()
+                ),
+                ("b".into(), Some("timeout".into()), None, stamp),
+                ("c".into(), Some("ok".into()), Some(200), None),
+            ],
+            "each report on its own row, a missing status stays NULL, a recorded outcome stays"
+        );
+    }
 
     fn slot(key: &str, feature: &str, window_seconds: i64) -> WindowDelta {
         WindowDelta {
