@@ -58,9 +58,13 @@ struct InlineConn {
 
 /// How often the in-place connection gives back its page cache (`PRAGMA shrink_memory`).
 /// Measured: its cache grew past its `cache_size` to 18–30 MiB under `bench/bench.py`'s report
-/// load (`SQLITE_DBSTATUS_CACHE_USED`, with `cache_size` reading back −2048), which sqlx's
-/// connection doing the same updates did not; why is not found yet. Refilling what it needs
-/// once a second costs a few reads from the OS's cache.
+/// load (`SQLITE_DBSTATUS_CACHE_USED`, with `cache_size` reading back −2048). The cause (found
+/// with uprobes on SQLite's page cache, eleventh session): libsqlite3-sys builds the bundled
+/// SQLite with `SQLITE_ENABLE_MEMORY_MANAGEMENT`, so every connection of the process shares one
+/// page-cache group, bounded by the sum of their `cache_size`s; the busiest connection, this one,
+/// recycles the idle connections' pages into its own cache (about 3 pages a millisecond here,
+/// every page recyclable). So nothing leaks, but this connection's share is bounded only by the
+/// group's. Refilling what it needs once a second costs a few reads from the OS's cache.
 const SHRINK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Inline {
