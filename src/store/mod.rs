@@ -1475,13 +1475,13 @@ pub mod sql {
         FROM json_each(?)";
     /// Reported outcomes from one bound JSON array `[[serve_id, class, status, reported_at], …]`;
     /// a serve that has an outcome keeps it (the first report wins, across processes too).
-    /// One report of `SET_OUTCOMES`, its values bound: serve id, class, status, reported at.
-    pub const SET_OUTCOME: &str = "UPDATE usage_events SET outcome_class = ?2, \
-        outcome_status = ?3, outcome_reported_at = ?4 WHERE id = ?1 AND outcome_class IS NULL";
     pub const SET_OUTCOMES: &str = "UPDATE usage_events SET outcome_class = batch.value ->> 1, \
         outcome_status = batch.value ->> 2, outcome_reported_at = batch.value ->> 3 \
         FROM json_each(?) AS batch WHERE usage_events.id = batch.value ->> 0 \
         AND usage_events.outcome_class IS NULL";
+    /// One report of `SET_OUTCOMES`, its values bound: serve id, class, status, reported at.
+    pub const SET_OUTCOME: &str = "UPDATE usage_events SET outcome_class = ?2, \
+        outcome_status = ?3, outcome_reported_at = ?4 WHERE id = ?1 AND outcome_class IS NULL";
     /// Health records from one bound JSON array `[[key_id, state, reason, until, last_status,
     /// strikes, changed_at, rate_step, rate_rested_from, breaker_step, breaker_rested_from,
     /// auth_serve_id, auth_at], …]`, in array order (the last of a key wins).
