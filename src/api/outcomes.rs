@@ -255,7 +255,7 @@ async fn find_serve(
         })
     });
     let found = match recent {
-        Some(mine) => mine,
+        Some(kept) => kept,
         None => state
             .ledger
             .lookups

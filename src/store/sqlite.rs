@@ -115,7 +115,6 @@ impl Inline {
                     to_db(o.reported_at)
                 ])?;
             }
-            drop(set);
             conn.prepare_cached("COMMIT")?.execute([])
         })();
         let Err(e) = done else {
